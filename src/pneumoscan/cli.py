@@ -1,0 +1,231 @@
+"""Command-line entry points: ``pneumoscan train | evaluate | predict``.
+
+Each ``*_main(argv)`` parses flags, configures logging once, and returns an exit code:
+0 success, 1 some inputs failed (the rest were processed), 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import PneumoscanError
+
+log = logging.getLogger("pneumoscan")
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def configure_logging(log_file: Path | None = None, verbose: bool = False) -> None:
+    """Send the package's log to stderr (and ``log_file``); called once per entry point."""
+    root = logging.getLogger("pneumoscan")
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="a"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    root.propagate = False
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    from .augment import LEVELS
+    from .config import EVAL_METRICS, LOSSES, PRESETS
+    from .model import ARCHITECTURES
+
+    p = argparse.ArgumentParser(
+        prog="pneumoscan train",
+        description="Train a pneumonia classifier on DIR/{train,val,test}/{NORMAL,PNEUMONIA}.")
+    p.add_argument("--data_dir", required=True, help="data set root (holds train/, optional val/ test/)")
+    p.add_argument("--output_dir", help="where the model, plots, logs and results go (./training_output)")
+    p.add_argument("--preset", default="full", choices=list(PRESETS),
+                   help="full: the shipped model's recipe; fast: about 10 minutes on a 2-core CPU")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--lr", type=float, help="Adam learning rate")
+    p.add_argument("--weight_decay", type=float)
+    p.add_argument("--image_size", type=int, help="square input size in pixels, multiple of 32 (224)")
+    p.add_argument("--in_channels", type=int, choices=(1, 3))
+    p.add_argument("--arch", choices=list(ARCHITECTURES))
+    p.add_argument("--width", type=float, help="channel-width multiplier (1.0 = the seed's)")
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--loss", choices=LOSSES)
+    p.add_argument("--focal_gamma", type=float)
+    p.add_argument("--augment", choices=list(LEVELS))
+    p.add_argument("--eval_metric", choices=list(EVAL_METRICS),
+                   help="validation metric for best checkpoint, LR schedule and early stopping")
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs")
+    p.add_argument("--lr_patience", type=int)
+    p.add_argument("--val_fraction", type=float, help="share of patients for validation when val/ is absent")
+    p.add_argument("--target_sensitivity", type=float, help="operating threshold's validation sensitivity")
+    p.add_argument("--max_train_minutes", type=float, help="stop before an epoch would pass this budget")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--num_threads", type=int, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--cache_dir", help="decoded-image cache (default ~/.cache/pneumoscan; 'none' disables)")
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="stop before training if any file cannot be decoded (default: skip and list them)")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue from OUTPUT_DIR/checkpoint_last.pth")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``pneumoscan train`` / ``train_medical_model.py``."""
+    from .config import TrainConfig
+    from .train import run_training
+
+    args = _train_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("preset", "verbose")}
+    try:
+        cfg = TrainConfig.from_overrides(args.preset, **overrides)
+    except ValueError as exc:
+        _train_parser().error(str(exc))
+    configure_logging(Path(cfg.output_dir) / "training.log", args.verbose)
+    try:
+        results = run_training(cfg)
+    except PneumoscanError as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        log.error("interrupted; the last finished epoch is in %s/checkpoint_last.pth: continue with --resume",
+                  cfg.output_dir)
+        return 130
+    log.info("model written to %s; summary in %s/training_summary.txt", results["model_path"], cfg.output_dir)
+    return EXIT_OK
+
+
+def _predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pneumoscan predict",
+                                description="Predict pneumonia on one image or every image in a folder.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image_path", help="one image file")
+    src.add_argument("--image_dir", help="a folder of images (searched recursively)")
+    p.add_argument("--model_path", help="checkpoint from pneumoscan train")
+    p.add_argument("--output_path", help="write the results as JSON here (default: print JSON to stdout)")
+    p.add_argument("--threshold", type=float, help="override the model's operating threshold on P(PNEUMONIA)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--no_recursive", action="store_true", help="only the top level of --image_dir")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _summary_line(r) -> str:
+    return (f"{r.image_path}: {r.prediction} (P(PNEUMONIA) = {r.probabilities['PNEUMONIA']:.3f}, "
+            f"threshold {r.threshold:.3f}{'' if r.calibrated else ', uncalibrated'}), "
+            f"confidence {r.confidence:.3f}, uncertainty {r.uncertainty:.3f}, risk {r.risk_level}")
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    """``pneumoscan predict`` / ``run_inference.py``."""
+    from .inference import InferenceFailure, MedicalImageInference
+    from .results import dumps, write_json
+
+    parser = _predict_parser()
+    args = parser.parse_args(argv)
+    configure_logging(verbose=args.verbose)
+    if args.model_path is None:
+        parser.error("--model_path is required (no model is shipped with this version yet)")
+    if args.image_path is not None and not Path(args.image_path).is_file():
+        log.error("image_path %r does not exist or is not a file", args.image_path)
+        return EXIT_BAD_INPUT
+    try:
+        engine = MedicalImageInference(args.model_path, device=args.device, threshold=args.threshold,
+                                       batch_size=args.batch_size)
+        if args.image_path is not None:
+            outcomes = engine.predict_batch([args.image_path])
+        else:
+            outcomes = engine.predict_directory(args.image_dir, recursive=not args.no_recursive)
+    except (PneumoscanError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    results = [o for o in outcomes if not isinstance(o, InferenceFailure)]
+    errors = [o for o in outcomes if isinstance(o, InferenceFailure)]
+    document = {"model": engine.info, "summary": {"files": len(outcomes), "predicted": len(results),
+                                                  "failed": len(errors)},
+                "results": results, "errors": errors}
+    if args.output_path:
+        write_json(document, args.output_path)
+        log.info("%d prediction(s), %d error(s) written to %s", len(results), len(errors), args.output_path)
+    else:
+        sys.stdout.write(dumps(document) + "\n")
+    if args.image_path is not None and sys.stdout.isatty():
+        for r in results:
+            sys.stdout.write(_summary_line(r) + "\n")
+        for e in errors:
+            sys.stdout.write(f"{e.image_path}: FAILED: {e.error}\n")
+    return EXIT_SOME_FAILED if errors else EXIT_OK
+
+
+def _evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pneumoscan evaluate",
+                                description="Measure a model on labelled images, with 95% CIs.")
+    p.add_argument("--model_path", required=True)
+    p.add_argument("--data_dir", required=True,
+                   help="a folder with NORMAL/ and PNEUMONIA/, or a data set root (its --split is used)")
+    p.add_argument("--split", default="test", help="split under a data set root (default test)")
+    p.add_argument("--output_path", help="metrics JSON (default: evaluation.json beside nothing: stdout only)")
+    p.add_argument("--threshold", type=float, help="override the model's operating threshold")
+    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--cache_dir", default="", help="decoded-image cache ('none' disables)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """``pneumoscan evaluate``: metrics table on stdout, JSON to ``--output_path``."""
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .data import load_labelled_folder
+    from .evaluate import evaluate_imageset, resolve_device
+    from .metrics import format_metrics_table
+    from .results import write_json
+
+    args = _evaluate_parser().parse_args(argv)
+    configure_logging(verbose=args.verbose)
+    try:
+        ckpt = load_checkpoint(args.model_path)
+        device = resolve_device(args.device)
+        model = model_from_checkpoint(ckpt).to(device)
+        data, bad = load_labelled_folder(args.data_dir, ckpt["image_size"], args.split, args.cache_dir)
+        report, _ = evaluate_imageset(model, data, ckpt, device, args.threshold, args.n_boot)
+    except (PneumoscanError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    report.update({"model_path": args.model_path, "model_version": ckpt.get("model_version"),
+                   "data_dir": args.data_dir,
+                   "skipped_files": [{"path": p, "reason": r} for p, r in bad]})
+    cal = "calibrated" if report["calibrated"] else "uncalibrated (checkpoint has no temperature)"
+    sys.stdout.write(f"{args.model_path} on {args.data_dir}: {cal}, ECE(15 bins) {report['ece_15']:.4f}\n")
+    sys.stdout.write(format_metrics_table(report) + "\n")
+    if args.output_path:
+        write_json(report, args.output_path)
+        log.info("metrics written to %s", args.output_path)
+    return EXIT_SOME_FAILED if bad else EXIT_OK
+
+
+COMMANDS = {"train": train_main, "predict": predict_main, "evaluate": evaluate_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pneumoscan <command> [flags]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        sys.stderr.write("usage: pneumoscan {train,evaluate,predict} [flags]\n"
+                         "       pneumoscan <command> --help for its flags\n")
+        return EXIT_OK if argv and argv[0] in ("-h", "--help") else EXIT_BAD_INPUT
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The one training configuration: a typed dataclass, validated on creation.
+
+CLI flags override its defaults; the resolved config is written to the run folder
+and into every checkpoint so that a run can be repeated and a model explained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .model import ARCHITECTURES
+
+LOSSES = ("weighted_ce", "ce", "focal")
+AUGMENTS = ("none", "light", "strong")
+EVAL_METRICS = {"auroc": "max", "loss": "min"}
+DEVICES = ("auto", "cpu", "cuda")
+
+# Presets set defaults; any flag the user gives explicitly still wins.
+PRESETS: dict[str, dict] = {
+    "full": {},
+    # Fits in about 10 minutes on a 2-core CPU: small input, short schedule, a time cap.
+    "fast": {"image_size": 96, "epochs": 12, "batch_size": 32, "lr": 2e-3,
+             "patience": 5, "max_train_minutes": 8.0},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. Unknown values raise ``ValueError``."""
+
+    data_dir: str = ""
+    output_dir: str = "./training_output"
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    image_size: int = 224
+    in_channels: int = 3
+    arch: str = "medical_cnn"
+    width: float = 1.0
+    dropout: float = 0.5
+    loss: str = "weighted_ce"
+    focal_gamma: float = 2.0
+    augment: str = "light"
+    eval_metric: str = "auroc"
+    patience: int = 10
+    lr_patience: int = 3
+    lr_factor: float = 0.5
+    min_lr: float = 1e-6
+    val_fraction: float = 0.15
+    min_val_images: int = 100
+    target_sensitivity: float = 0.95
+    seed: int = 42
+    device: str = "auto"
+    num_threads: int = 0
+    strict: bool = False
+    cache_dir: str = ""
+    resume: bool = False
+    max_train_minutes: float = 0.0
+    preset: str = "full"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        choices = {"arch": tuple(ARCHITECTURES), "loss": LOSSES, "augment": AUGMENTS,
+                   "eval_metric": tuple(EVAL_METRICS), "device": DEVICES, "preset": tuple(PRESETS)}
+        for name, valid in choices.items():
+            value = getattr(self, name)
+            if value not in valid:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(valid)}")
+        positive = ("epochs", "batch_size", "lr", "image_size", "width", "patience")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.image_size < 32 or self.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32 and >= 32 (five 2x2 poolings), "
+                             f"got {self.image_size}")
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.5 <= self.target_sensitivity < 1.0:
+            raise ValueError(f"target_sensitivity must be in [0.5, 1), got {self.target_sensitivity}")
+
+    @property
+    def metric_mode(self) -> str:
+        return EVAL_METRICS[self.eval_metric]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_overrides(cls, preset: str = "full", **overrides) -> TrainConfig:
+        """Defaults, then the preset's values, then the explicit overrides."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(preset=preset, **values)

@@ -1,0 +1,418 @@
+"""Finding, checking, splitting and caching labelled chest X-ray folders.
+
+Layout: ``DIR/{train,val,test}/{NORMAL,PNEUMONIA}`` (also found one or two folders
+down, as in the Kaggle zip's ``chest_xray/chest_xray``). Every file is read once,
+hashed, decoded and resized once; the decoded set is cached on disk keyed by the
+files' content, so later epochs and later runs never decode a JPEG again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError, ImageError
+from .preprocess import PREPROCESS_VERSION, is_image_file, load_image
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+SPLITS = ("train", "val", "test")
+_SKIP_DIRS = {"__macosx"}
+
+_PERSON = re.compile(r"^person(\d+)_", re.IGNORECASE)
+_NORMAL_IM = re.compile(r"^(?:NORMAL2-)?IM-(\d+)-", re.IGNORECASE)
+
+
+@dataclass
+class Record:
+    """One labelled file."""
+
+    path: Path
+    label: int
+    patient: str
+    sha1: str = ""
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split, in memory: uint8 (N, S, S) and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    paths: list[str]
+    patients: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def class_counts(self) -> dict[str, int]:
+        return {name: int((self.labels == i).sum()) for i, name in enumerate(CLASS_NAMES)}
+
+
+@dataclass
+class DataSplits:
+    """What training uses: the three splits, the files that could not be used, and how it was split."""
+
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet | None
+    bad_files: list[tuple[str, str]] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+def patient_id(filename: str) -> str:
+    """The patient a Kermany-style file name belongs to.
+
+    ``personN_bacteria_M`` and ``personN_virus_M`` both map to ``personN`` (the data set
+    does not say whether they are the same child, so we group them to be safe);
+    ``IM-NNNN-MMMM`` and ``NORMAL2-IM-NNNN-MMMM`` map to ``IM-NNNN`` for the same reason.
+    Unknown names are their own patient (the file stem).
+    """
+    m = _PERSON.match(filename)
+    if m:
+        return f"person{int(m.group(1))}"
+    m = _NORMAL_IM.match(filename)
+    if m:
+        return f"IM-{int(m.group(1)):04d}"
+    return Path(filename).stem
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and p.name.lower() not in _SKIP_DIRS)
+
+
+def _child_named(folder: Path, name: str) -> Path | None:
+    for p in _visible_dirs(folder):
+        if p.name.lower() == name.lower():
+            return p
+    return None
+
+
+def find_dataset_root(data_dir: str | os.PathLike) -> Path:
+    """The folder holding ``train/`` (searched up to two levels below ``data_dir``).
+
+    Raises:
+        DataError: ``data_dir`` is missing or no ``train/`` folder is found; says what is there.
+    """
+    base = Path(data_dir).expanduser()
+    if not base.is_dir():
+        raise DataError(f"data_dir {str(base)!r} does not exist or is not a folder")
+    frontier = [base]
+    for _ in range(3):
+        for folder in frontier:
+            if _child_named(folder, "train") is not None:
+                return folder
+        frontier = [d for f in frontier for d in _visible_dirs(f)]
+    found = ", ".join(p.name for p in _visible_dirs(base)) or "no sub-folders"
+    raise DataError(
+        f"no train/ folder found in {str(base)!r} or two levels below it (found: {found}). "
+        f"Expected DIR/train/NORMAL and DIR/train/PNEUMONIA (plus optional val/ and test/)."
+    )
+
+
+def list_images(folder: Path) -> tuple[list[Path], int]:
+    """Image files under ``folder`` (recursive, sorted) and how many other files were ignored."""
+    images, ignored = [], 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in _SKIP_DIRS)
+        for name in filenames:
+            path = Path(dirpath) / name
+            if is_image_file(path):
+                images.append(path)
+            elif not name.startswith("."):
+                ignored += 1
+    return sorted(images), ignored
+
+
+def discover_labelled(folder: Path) -> list[Record]:
+    """Records of ``folder/NORMAL`` and ``folder/PNEUMONIA``.
+
+    Raises:
+        DataError: a class folder is missing or holds no images; names what was found.
+    """
+    records: list[Record] = []
+    for label, cls in enumerate(CLASS_NAMES):
+        cls_dir = _child_named(folder, cls)
+        if cls_dir is None:
+            found = ", ".join(p.name for p in _visible_dirs(folder)) or "nothing"
+            raise DataError(f"{folder}: missing class folder {cls}/ (found: {found}); "
+                            f"expected {' and '.join(c + '/' for c in CLASS_NAMES)}")
+        files, ignored = list_images(cls_dir)
+        if ignored:
+            log.warning("%s: ignored %d file(s) without a .jpg/.jpeg/.png extension", cls_dir, ignored)
+        if not files:
+            raise DataError(f"{cls_dir}: no .jpg, .jpeg or .png images found")
+        records += [Record(p, label, patient_id(p.name)) for p in files]
+    return records
+
+
+def discover_splits(root: Path) -> dict[str, list[Record] | None]:
+    """Records of each split under ``root``; None for a split folder that does not exist."""
+    out: dict[str, list[Record] | None] = {}
+    for split in SPLITS:
+        folder = _child_named(root, split)
+        out[split] = discover_labelled(folder) if folder is not None else None
+    return out
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pneumoscan"
+
+
+def _hash_file(path: Path) -> tuple[str, str]:
+    """(sha1 of the bytes, '') or ('', why the file cannot be read)."""
+    try:
+        return hashlib.sha1(path.read_bytes()).hexdigest(), ""
+    except OSError as exc:
+        return "", f"cannot read file ({exc.strerror or exc})"
+
+
+def _decode_file(path: Path, size: int) -> tuple[np.ndarray | None, str]:
+    try:
+        return load_image(path, size), ""
+    except ImageError as exc:
+        return None, str(exc).removeprefix(f"{path}: ")
+
+
+def decode_records(records: list[Record], size: int, cache_dir: Path | None = None,
+                   workers: int | None = None) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+    """Hash and decode every record once; fill ``record.sha1``.
+
+    Returns the decoded images by content hash and the (path, reason) of every file that
+    could not be used. The decoded set is cached in ``cache_dir`` under a key made of the
+    files' content hashes, the size and the preprocessing version.
+    """
+    workers = workers or min(8, 2 * (os.cpu_count() or 1))
+    bad: list[tuple[str, str]] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for rec, (digest, err) in zip(records, pool.map(lambda r: _hash_file(r.path), records)):
+            rec.sha1 = digest
+            if err:
+                bad.append((str(rec.path), err))
+    hashes = sorted({r.sha1 for r in records if r.sha1})
+    key = hashlib.sha1(f"{PREPROCESS_VERSION}|{size}|{','.join(hashes)}".encode()).hexdigest()[:20]
+    cache_file = Path(cache_dir) / f"images-{size}px-{key}.npz" if cache_dir is not None else None
+    cache: dict[str, np.ndarray] = {}
+    if cache_file is not None and cache_file.exists():
+        try:
+            with np.load(cache_file) as z:
+                cache = dict(zip(z["hashes"].tolist(), z["images"]))
+            log.info("loaded %d decoded images from cache %s", len(cache), cache_file)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("ignoring unreadable image cache %s (%s)", cache_file, exc)
+            cache = {}
+    todo = {}
+    for r in records:
+        if r.sha1 and r.sha1 not in cache and r.sha1 not in todo:
+            todo[r.sha1] = r
+    if todo:
+        log.info("decoding %d image(s) at %d px", len(todo), size)
+    failed: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for digest, (arr, err) in zip(todo, pool.map(lambda r: _decode_file(r.path, size), todo.values())):
+            if err:
+                failed[digest] = err
+            else:
+                cache[digest] = arr
+    bad += [(str(r.path), failed[r.sha1]) for r in records if r.sha1 in failed]
+    if len(todo) > len(failed) and cache_file is not None:
+        _write_cache(cache_file, cache)
+    return cache, bad
+
+
+def _write_cache(cache_file: Path, cache: dict[str, np.ndarray]) -> None:
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npz")
+        hashes = sorted(cache)
+        np.savez(tmp, hashes=np.array(hashes), images=np.stack([cache[h] for h in hashes]))
+        os.replace(tmp, cache_file)
+        log.info("cached %d decoded images in %s", len(hashes), cache_file)
+    except OSError as exc:
+        log.warning("could not write image cache %s (%s); continuing without it", cache_file, exc)
+
+
+def dedupe(records: list[Record]) -> tuple[list[Record], int]:
+    """Drop byte-identical copies (keep the first); copies with conflicting labels are all dropped."""
+    labels: dict[str, set[int]] = {}
+    for r in records:
+        labels.setdefault(r.sha1, set()).add(r.label)
+    seen: set[str] = set()
+    kept = []
+    for r in records:
+        if r.sha1 in seen:
+            continue
+        seen.add(r.sha1)
+        if len(labels[r.sha1]) > 1:
+            log.warning("dropping %s: byte-identical copies carry different labels", r.path)
+            continue
+        kept.append(r)
+    return kept, len(records) - len(kept)
+
+
+def patient_groups(records: list[Record]) -> list[list[int]]:
+    """Indices grouped so that one patient, and byte-identical files, share a group."""
+    parent = list(range(len(records)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, r in enumerate(records):
+        for key in (f"p:{r.patient}", f"h:{r.sha1}" if r.sha1 else None):
+            if key is None:
+                continue
+            if key in first:
+                parent[find(i)] = find(first[key])
+            else:
+                first[key] = i
+    groups: dict[int, list[int]] = {}
+    for i in range(len(records)):
+        groups.setdefault(find(i), []).append(i)
+    return sorted(groups.values(), key=lambda g: str(records[g[0]].path))
+
+
+def patient_split(records: list[Record], val_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Split into (train, val) by patient, stratified by class; no group is on both sides."""
+    groups = patient_groups(records)
+    rng = random.Random(seed)
+    val_idx: set[int] = set()
+    for label in range(len(CLASS_NAMES)):
+        own = [g for g in groups if np.bincount([records[i].label for i in g],
+                                                minlength=len(CLASS_NAMES)).argmax() == label]
+        target = val_fraction * sum(len(g) for g in own)
+        rng.shuffle(own)
+        taken = 0
+        for g in own:
+            if taken >= target:
+                break
+            val_idx.update(g)
+            taken += len(g)
+    train = [r for i, r in enumerate(records) if i not in val_idx]
+    val = [r for i, r in enumerate(records) if i in val_idx]
+    return train, val
+
+
+def to_imageset(records: list[Record], decoded: dict[str, np.ndarray], size: int) -> ImageSet:
+    images = np.stack([decoded[r.sha1] for r in records]) if records else np.zeros((0, size, size), np.uint8)
+    return ImageSet(
+        images=torch.from_numpy(images),
+        labels=torch.tensor([r.label for r in records], dtype=torch.long),
+        paths=[str(r.path) for r in records],
+        patients=[r.patient for r in records],
+    )
+
+
+def _resolve_cache(cache_dir: str) -> Path | None:
+    if cache_dir.lower() == "none":
+        return None
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
+def _usable(records: list[Record], bad: list[tuple[str, str]]) -> list[Record]:
+    bad_paths = {p for p, _ in bad}
+    return [r for r in records if str(r.path) not in bad_paths]
+
+
+def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min_val_images: int = 100,
+                 seed: int = 42, strict: bool = False, cache_dir: str = "") -> DataSplits:
+    """Discover, check, decode and split a data set for training.
+
+    Validation comes from ``val/`` when it holds at least ``min_val_images`` images;
+    otherwise it is built from ``train/`` (plus the tiny ``val/``) by patient.
+    ``test/`` is decoded for the single final evaluation only.
+
+    Raises:
+        DataError: the layout is wrong, or ``strict`` and some files cannot be decoded
+            (every bad file is named), or too few images remain.
+    """
+    root = find_dataset_root(data_dir)
+    found = discover_splits(root)
+    all_records = [r for recs in found.values() if recs for r in recs]
+    log.info("data set root %s: %s", root, ", ".join(
+        f"{s}={len(v) if v is not None else 'absent'}" for s, v in found.items()))
+    decoded, bad = decode_records(all_records, image_size, _resolve_cache(cache_dir))
+    if bad:
+        listing = "\n".join(f"  {p}: {why}" for p, why in bad)
+        if strict:
+            raise DataError(f"{len(bad)} file(s) cannot be used (--strict stops here, nothing trained):\n{listing}")
+        log.warning("skipping %d file(s) that cannot be used:\n%s", len(bad), listing)
+
+    train_recs = _usable(found["train"] or [], bad)
+    val_recs = _usable(found["val"] or [], bad)
+    info: dict = {"root": str(root), "bad_files": len(bad)}
+    if len(val_recs) >= min_val_images:
+        info["validation"] = "val/ folder"
+    else:
+        why = "missing" if found["val"] is None else f"only {len(val_recs)} images"
+        pool = train_recs + val_recs
+        pool, n_dup = dedupe(pool)
+        train_recs, val_recs = patient_split(pool, val_fraction, seed)
+        info["validation"] = (f"built from train/ by patient ({val_fraction:.0%} of patients per class, "
+                              f"seed {seed}) because val/ is {why}")
+        info["duplicates_dropped"] = n_dup
+        log.info("validation %s; dropped %d byte-identical duplicate(s)", info["validation"], n_dup)
+    train_recs, _ = dedupe(train_recs)
+    val_recs, _ = dedupe(val_recs)
+    test_recs = _usable(found["test"] or [], bad) if found["test"] is not None else None
+    for name, recs in (("train", train_recs), ("val", val_recs)):
+        labels = {r.label for r in recs}
+        if len(labels) < len(CLASS_NAMES):
+            raise DataError(f"{name} split needs images of both classes; got {len(recs)} image(s) "
+                            f"of {sorted(CLASS_NAMES[i] for i in labels)} (add data or lower --val_fraction)")
+    splits = DataSplits(
+        train=to_imageset(train_recs, decoded, image_size),
+        val=to_imageset(val_recs, decoded, image_size),
+        test=to_imageset(test_recs, decoded, image_size) if test_recs else None,
+        bad_files=bad,
+        info=info,
+    )
+    for name in ("train", "val", "test"):
+        s = getattr(splits, name)
+        if s is not None:
+            info[name] = {"images": len(s), "patients": len(set(s.patients)), **s.class_counts()}
+            log.info("%-5s %5d images, %4d patients, %s", name, len(s), len(set(s.patients)), s.class_counts())
+    return splits
+
+
+def load_labelled_folder(data_dir: str, image_size: int, split: str = "test",
+                         cache_dir: str = "") -> tuple[ImageSet, list[tuple[str, str]]]:
+    """Images of a folder holding NORMAL/ and PNEUMONIA/, or of ``split`` under a data set root.
+
+    Raises:
+        DataError: neither layout is found, or no usable image remains.
+    """
+    base = Path(data_dir).expanduser()
+    if not base.is_dir():
+        raise DataError(f"data_dir {str(base)!r} does not exist or is not a folder")
+    if _child_named(base, CLASS_NAMES[0]) is not None or _child_named(base, CLASS_NAMES[1]) is not None:
+        folder = base
+    else:
+        root = find_dataset_root(base) if _child_named(base, split) is None else base
+        folder = _child_named(root, split)
+        if folder is None:
+            raise DataError(f"{root} has no {split}/ folder; pass a folder holding NORMAL/ and PNEUMONIA/ "
+                            f"or a data set root with {split}/")
+    records = discover_labelled(folder)
+    decoded, bad = decode_records(records, image_size, _resolve_cache(cache_dir))
+    for p, why in bad:
+        log.warning("skipping %s: %s", p, why)
+    usable = _usable(records, bad)
+    if not usable:
+        raise DataError(f"{folder}: none of the {len(records)} images could be decoded")
+    return to_imageset(usable, decoded, image_size), bad

@@ -1,0 +1,17 @@
+"""Exceptions that say what went wrong and what to do about it."""
+
+
+class PneumoscanError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class DataError(PneumoscanError, ValueError):
+    """A data folder is missing, empty, or laid out in a way we cannot use."""
+
+
+class ImageError(PneumoscanError, ValueError):
+    """One image cannot be read or decoded."""
+
+
+class CheckpointError(PneumoscanError, ValueError):
+    """A checkpoint file is missing, unreadable, or not a pneumoscan checkpoint."""

@@ -1,0 +1,63 @@
+"""Running a model over decoded images and measuring it."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .calibration import calibrated_probs
+from .data import ImageSet
+from .metrics import expected_calibration_error, metrics_with_ci
+from .preprocess import to_model_input
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalization: dict, in_channels: int,
+                   device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """Logits (N, 2) on the CPU for uint8 images (N, S, S), in eval mode, in batches."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_model_input(images[start:start + batch_size].to(device), normalization["mean"],
+                           normalization["std"], in_channels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros((0, 2))
+
+
+def evaluate_imageset(model: torch.nn.Module, data: ImageSet, ckpt: dict, device: torch.device,
+                      threshold: float | None = None, n_boot: int = 1000) -> dict:
+    """Metrics with patient-level bootstrap CIs and calibration of ``model`` on ``data``.
+
+    Probabilities are calibrated with the checkpoint's temperature when it has one; the
+    threshold is the checkpoint's unless one is given.
+    """
+    logits = predict_logits(model, data.images, ckpt["normalization"], ckpt["in_channels"], device)
+    temperature = ckpt.get("temperature") or 1.0
+    prob = calibrated_probs(logits, temperature)[:, 1].numpy()
+    y = data.labels.numpy()
+    thr = ckpt.get("threshold", 0.5) if threshold is None else threshold
+    report = metrics_with_ci(y, prob, thr, n_boot=n_boot, groups=data.patients)
+    report["temperature"] = temperature
+    report["calibrated"] = ckpt.get("temperature") is not None
+    report["ece_15"] = expected_calibration_error(y, prob)
+    report["class_counts"] = data.class_counts()
+    return report, prob
+
+
+def probabilities(logits: torch.Tensor, temperature: float | None) -> np.ndarray:
+    """P(PNEUMONIA) as numpy, calibrated when a temperature is given."""
+    return calibrated_probs(logits, temperature or 1.0)[:, 1].numpy()

@@ -1,0 +1,155 @@
+"""Clinical metrics for a binary screen (positive class: PNEUMONIA), with bootstrap CIs.
+
+Names follow clinical use: sensitivity (recall, TPR), specificity (TNR), PPV
+(precision), NPV, F1, AUROC. A metric whose denominator is zero is NaN, never 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "auroc")
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else float("nan")
+
+
+def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve by the Mann-Whitney rank statistic (ties count half)."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # average ranks over ties
+    boundaries = np.flatnonzero(np.diff(sorted_s)) + 1
+    starts = np.concatenate(([0], boundaries))
+    ends = np.concatenate((boundaries, [len(s)]))
+    avg = (starts + ends + 1) / 2.0
+    ranks[order] = np.repeat(avg, ends - starts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def confusion(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, int]:
+    """TP/FP/TN/FN with PNEUMONIA predicted when ``prob >= threshold``."""
+    y = np.asarray(y_true).astype(bool)
+    pred = np.asarray(prob) >= threshold
+    return {"tp": int((pred & y).sum()), "fp": int((pred & ~y).sum()),
+            "tn": int((~pred & ~y).sum()), "fn": int((~pred & y).sum())}
+
+
+def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Accuracy, sensitivity, specificity, PPV, NPV, F1 at ``threshold``, and AUROC."""
+    c = confusion(y_true, prob, threshold)
+    tp, fp, tn, fn = c["tp"], c["fp"], c["tn"], c["fn"]
+    sens, ppv = _ratio(tp, tp + fn), _ratio(tp, tp + fp)
+    return {
+        "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
+        "sensitivity": sens,
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": ppv,
+        "npv": _ratio(tn, tn + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "auroc": auroc(y_true, prob),
+    }
+
+
+def bootstrap_ci(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5, n_boot: int = 1000,
+                 alpha: float = 0.05, seed: int = 0, groups: list | np.ndarray | None = None,
+                 ) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap (1 - alpha) CIs for every metric.
+
+    With ``groups`` (e.g. patient ids) whole groups are resampled, which keeps the
+    correlation between images of one patient and gives honest, wider intervals.
+    """
+    y = np.asarray(y_true)
+    p = np.asarray(prob, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    if groups is not None:
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+    samples = {m: [] for m in METRIC_NAMES}
+    for _ in range(n_boot):
+        if groups is not None:
+            pick = rng.integers(0, len(members), len(members))
+            idx = np.concatenate([members[g] for g in pick])
+        else:
+            idx = rng.integers(0, len(y), len(y))
+        for name, value in binary_metrics(y[idx], p[idx], threshold).items():
+            samples[name].append(value)
+    out = {}
+    for name, vals in samples.items():
+        v = np.asarray(vals)
+        v = v[~np.isnan(v)]
+        out[name] = ((float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2)))
+                     if len(v) else (float("nan"), float("nan")))
+    return out
+
+
+def metrics_with_ci(y_true, prob, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
+                    groups=None) -> dict:
+    """``{"threshold", "n", "confusion", "metrics": {name: {"value", "ci_low", "ci_high"}}}``."""
+    point = binary_metrics(y_true, prob, threshold)
+    ci = bootstrap_ci(y_true, prob, threshold, n_boot=n_boot, seed=seed, groups=groups)
+    return {
+        "threshold": float(threshold),
+        "n": int(len(y_true)),
+        "n_positive": int(np.sum(y_true)),
+        "confusion": confusion(y_true, prob, threshold),
+        "ci_method": f"percentile bootstrap, {n_boot} resamples, "
+                     + ("resampling patients" if groups is not None else "resampling images"),
+        "metrics": {m: {"value": point[m], "ci_low": ci[m][0], "ci_high": ci[m][1]} for m in METRIC_NAMES},
+    }
+
+
+def format_metrics_table(report: dict) -> str:
+    """A plain-text table of ``metrics_with_ci`` output."""
+    lines = [f"threshold {report['threshold']:.4f}, n = {report['n']} "
+             f"({report['n_positive']} PNEUMONIA), 95% CI: {report['ci_method']}",
+             f"{'metric':<12} {'value':>7}   95% CI"]
+    for name, m in report["metrics"].items():
+        lines.append(f"{name:<12} {m['value']:7.4f}   [{m['ci_low']:.4f}, {m['ci_high']:.4f}]")
+    c = report["confusion"]
+    lines.append(f"confusion: TP {c['tp']}  FN {c['fn']}  TN {c['tn']}  FP {c['fp']}")
+    return "\n".join(lines)
+
+
+def reliability_bins(y_true: np.ndarray, prob: np.ndarray, n_bins: int = 15) -> list[dict]:
+    """Per-bin confidence, accuracy and count, confidence being that of the predicted class at 0.5."""
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(prob, dtype=np.float64)
+    pred = (p >= 0.5).astype(int)
+    conf = np.where(pred == 1, p, 1.0 - p)
+    correct = (pred == y).astype(float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        mask = (conf > lo) & (conf <= hi)
+        n = int(mask.sum())
+        bins.append({"low": float(lo), "high": float(hi), "count": n,
+                     "confidence": float(conf[mask].mean()) if n else float("nan"),
+                     "accuracy": float(correct[mask].mean()) if n else float("nan")})
+    return bins
+
+
+def expected_calibration_error(y_true: np.ndarray, prob: np.ndarray, n_bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): count-weighted mean |accuracy - confidence| over equal-width bins."""
+    bins = reliability_bins(y_true, prob, n_bins)
+    total = sum(b["count"] for b in bins)
+    return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]) / total)
+
+
+def threshold_for_sensitivity(y_true: np.ndarray, prob: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity is still >= ``target`` (the best specificity at that sensitivity)."""
+    y = np.asarray(y_true).astype(bool)
+    pos = np.sort(np.asarray(prob, dtype=np.float64)[y])[::-1]
+    if len(pos) == 0:
+        raise ValueError("cannot choose a threshold for sensitivity without positive cases")
+    k = math.ceil(target * len(pos))  # need at least k positives at or above the threshold
+    return float(pos[k - 1])

@@ -1,0 +1,55 @@
+"""Training-history and calibration figures (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """Loss, accuracy, sensitivity/specificity, AUROC and learning rate per epoch in one PNG."""
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    panels = [
+        ("Loss", [("train", "train_loss"), ("validation", "val_loss")]),
+        ("Accuracy", [("train", "train_accuracy"), ("validation", "val_accuracy")]),
+        ("Validation sensitivity / specificity", [("sensitivity", "val_sensitivity"),
+                                                  ("specificity", "val_specificity")]),
+        ("Validation AUROC", [("AUROC", "val_auroc")]),
+        ("Learning rate", [("lr", "lr")]),
+    ]
+    for ax, (title, series) in zip(axes, panels):
+        for label, key in series:
+            ax.plot(ep, [h[key] for h in history], marker="o", ms=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+    axes[-1].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_reliability(bins: list[dict], path: Path, title: str = "") -> None:
+    """Reliability diagram: accuracy against confidence per bin, with bin counts."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    used = [b for b in bins if b["count"]]
+    ax.plot([0.5, 1], [0.5, 1], "k--", lw=1, label="perfect calibration")
+    ax.bar([(b["low"] + b["high"]) / 2 for b in used], [b["accuracy"] for b in used],
+           width=[b["high"] - b["low"] for b in used], alpha=0.6, edgecolor="k", label="accuracy")
+    ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], "ro-", ms=3, label="per bin")
+    ax.set_xlim(0.5, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (predicted class)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability diagram {title}".strip())
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

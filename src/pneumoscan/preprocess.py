@@ -1,0 +1,119 @@
+"""Image decoding and model-input preparation: the one place both training and inference use.
+
+An image becomes a grayscale uint8 array stretched to ``size`` x ``size`` (no aspect
+ratio kept: that is how the reference 224 px training set was made from the originals,
+and a bilinear stretch reproduces it best, measured on ``fullres_sample/``). The model
+input is that array scaled to [0, 1], normalised with the training set's mean and std,
+and replicated to the model's channel count.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+PREPROCESS_VERSION = "gray-stretch-bilinear-v1"
+DEFAULT_NORMALIZATION = {"mean": 0.5, "std": 0.25}
+
+# Large originals are decoded at reduced scale (JPEG draft) and decompression bombs refused.
+Image.MAX_IMAGE_PIXELS = 100_000_000
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a visible file with an image extension (case-insensitive)."""
+    name = path.name
+    return not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _high_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Scale integer/float pixel data wider than 8 bits to 0..255 by its apparent bit depth.
+
+    The bit depth is the smallest of 8, 10, 12, 14, 16 that holds the maximum value, so a
+    12-bit radiograph in a 16-bit container is not rendered four times too dark, and an
+    8-bit image widened by x257 comes back unchanged.
+    """
+    arr = arr.astype(np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0 or not math.isfinite(hi):
+        span = hi - lo if hi > lo else 1.0
+        return np.clip((arr - lo) / span * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    bits = next((b for b in (8, 10, 12, 14, 16) if hi < 2**b), 16)
+    return np.clip(arr / (2**bits - 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def to_grayscale(img: Image.Image) -> Image.Image:
+    """Any PIL mode (1, L, P, RGB, RGBA, LA, CMYK, I;16, I, F) to 8-bit 'L', orientation applied."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return Image.fromarray(_high_bit_to_uint8(np.asarray(img)))
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    if img.mode != "L":
+        img = img.convert("RGB").convert("L")
+    return img
+
+
+def open_image(source: str | os.PathLike | bytes, size: int | None = None) -> Image.Image:
+    """Decode a file or bytes into a grayscale PIL image at original geometry.
+
+    With ``size``, JPEGs are decoded in draft mode at the smallest scale still at least
+    ``size`` on both sides (fast for multi-megapixel originals).
+
+    Raises:
+        ImageError: empty, truncated, unknown-format or otherwise undecodable data.
+    """
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
+    if not data:
+        raise ImageError(f"{name}: file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if size is not None and img.format == "JPEG":
+                img.draft("L", (size, size))
+            img.load()
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{name}: not a recognised image (expected JPEG or PNG)") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: cannot decode image, file may be truncated or corrupt ({exc})") from exc
+    if img.width < 2 or img.height < 2:
+        raise ImageError(f"{name}: image is {img.width}x{img.height} pixels, too small to be a radiograph")
+    return to_grayscale(img)
+
+
+def resize_gray(img: Image.Image, size: int) -> np.ndarray:
+    """Stretch-resize a grayscale image to ``size`` x ``size`` uint8 (bilinear, antialiased)."""
+    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def load_image(source: str | os.PathLike | bytes, size: int) -> np.ndarray:
+    """Decode an image file (or bytes) into the model's square uint8 grayscale array."""
+    return resize_gray(open_image(source, size), size)
+
+
+def to_model_input(
+    images: torch.Tensor, mean: float, std: float, in_channels: int
+) -> torch.Tensor:
+    """uint8 (N, H, W) or float [0, 1] (N, 1, H, W) images to the normalised model input (N, C, H, W)."""
+    x = images.float().div_(255.0).unsqueeze(1) if images.dtype == torch.uint8 else images
+    x = (x - mean) / std
+    if in_channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    return x.contiguous(memory_format=torch.channels_last)
