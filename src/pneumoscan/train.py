@@ -125,6 +125,8 @@ def run_training(cfg: TrainConfig) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     log.info("pneumoscan %s, torch %s, device %s, %d CPU threads", versions()["pneumoscan"],
              torch.__version__, device, torch.get_num_threads())
     log.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
