@@ -25,10 +25,24 @@ log = logging.getLogger(__name__)
 
 FORMAT = "pneumoscan-checkpoint"
 FORMAT_VERSION = 1
+SHIPPED_MODEL = "pneumoscan-v1.pth"
+
+
+def default_model_path() -> Path:
+    """The model shipped inside the package, used when no ``--model_path`` is given.
+
+    Raises:
+        CheckpointError: the installed package lacks its weights (a broken install).
+    """
+    path = Path(__file__).parent / "weights" / SHIPPED_MODEL
+    if not path.is_file():
+        raise CheckpointError(f"the shipped model {path} is missing: reinstall pneumoscan, "
+                              f"or pass --model_path to a checkpoint of your own")
+    return path
 
 
 def versions() -> dict[str, str]:
-    return {"pneumoscan": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    return {"pneumoscan": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
 def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:

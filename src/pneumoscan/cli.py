@@ -110,7 +110,7 @@ def _predict_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image_path", help="one image file")
     src.add_argument("--image_dir", help="a folder of images (searched recursively)")
-    p.add_argument("--model_path", help="checkpoint from pneumoscan train")
+    p.add_argument("--model_path", help="checkpoint from pneumoscan train (default: the shipped model)")
     p.add_argument("--output_path", help="write the results as JSON here (default: print JSON to stdout)")
     p.add_argument("--threshold", type=float, help="override the model's operating threshold on P(PNEUMONIA)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -134,8 +134,6 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser = _predict_parser()
     args = parser.parse_args(argv)
     configure_logging(verbose=args.verbose)
-    if args.model_path is None:
-        parser.error("--model_path is required (no model is shipped with this version yet)")
     if args.image_path is not None and not Path(args.image_path).is_file():
         log.error("image_path %r does not exist or is not a file", args.image_path)
         return EXIT_BAD_INPUT
@@ -170,7 +168,7 @@ def predict_main(argv: list[str] | None = None) -> int:
 def _evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pneumoscan evaluate",
                                 description="Measure a model on labelled images, with 95% CIs.")
-    p.add_argument("--model_path", required=True)
+    p.add_argument("--model_path", help="checkpoint to evaluate (default: the shipped model)")
     p.add_argument("--data_dir", required=True,
                    help="a folder with NORMAL/ and PNEUMONIA/, or a data set root (its --split is used)")
     p.add_argument("--split", default="test", help="split under a data set root (default test)")
@@ -185,7 +183,7 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     """``pneumoscan evaluate``: metrics table on stdout, JSON to ``--output_path``."""
-    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .checkpoint import default_model_path, load_checkpoint, model_from_checkpoint
     from .data import load_labelled_folder
     from .evaluate import evaluate_imageset, resolve_device
     from .metrics import format_metrics_table
@@ -194,6 +192,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     args = _evaluate_parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
     try:
+        args.model_path = args.model_path or str(default_model_path())
         ckpt = load_checkpoint(args.model_path)
         device = resolve_device(args.device)
         model = model_from_checkpoint(ckpt).to(device)

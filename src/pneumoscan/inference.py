@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import default_model_path, load_checkpoint, model_from_checkpoint
 from .errors import DataError, ImageError
 from .evaluate import predict_logits, resolve_device
 from .preprocess import is_image_file, load_image
@@ -87,7 +87,7 @@ class MedicalImageInference:
     """A loaded model that predicts on images.
 
     Args:
-        model_path: a checkpoint written by ``pneumoscan train``.
+        model_path: a checkpoint written by ``pneumoscan train``; None uses the shipped model.
         device: ``auto``, ``cpu`` or ``cuda``.
         threshold: overrides the checkpoint's operating threshold on P(PNEUMONIA).
         batch_size: images per forward pass in folder prediction.
@@ -96,8 +96,10 @@ class MedicalImageInference:
         CheckpointError: the checkpoint is missing or not a usable pneumoscan checkpoint.
     """
 
-    def __init__(self, model_path: str | os.PathLike, device: str = "auto",
+    def __init__(self, model_path: str | os.PathLike | None = None, device: str = "auto",
                  threshold: float | None = None, batch_size: int = 16) -> None:
+        if model_path is None:
+            model_path = default_model_path()
         self.model_path = str(model_path)
         self.checkpoint = load_checkpoint(model_path)
         self.device = resolve_device(device)
