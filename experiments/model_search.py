@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
         })
         (out / "search.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| run | config | epochs (best) | val AUROC [95% CI] | sens @thr | spec @thr | thr | ECE before/after | train s |",
+    lines = ["| run | config | epochs (best) | val AUROC [95% CI] | sens @thr | spec @thr | thr "
+             "| ECE before/after | train s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def ci(m):

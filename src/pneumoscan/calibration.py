@@ -27,3 +27,28 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 def calibrated_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Class probabilities ``softmax(logits / temperature)``."""
     return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def cross_fitted_ece(logits: torch.Tensor, labels: torch.Tensor, groups: list[str], n_bins: int = 15,
+                     seed: int = 0) -> float:
+    """ECE of temperature scaling measured honestly: fit on half the patients, measure on the other.
+
+    Two folds by patient; returns the count-weighted ECE over both held-out halves.
+    """
+    from .metrics import expected_calibration_error
+
+    rng = torch.Generator().manual_seed(seed)
+    patients = sorted(set(groups))
+    order = torch.randperm(len(patients), generator=rng).tolist()
+    fold_of = {patients[i]: k % 2 for k, i in enumerate(order)}
+    fold = torch.tensor([fold_of[g] for g in groups])
+    total, n = 0.0, 0
+    for k in (0, 1):
+        fit, held = fold != k, fold == k
+        if held.sum() == 0 or len(set(labels[fit].tolist())) < 2:
+            continue
+        t = fit_temperature(logits[fit], labels[fit])
+        prob = calibrated_probs(logits[held], t)[:, 1].numpy()
+        total += expected_calibration_error(labels[held].numpy(), prob, n_bins) * int(held.sum())
+        n += int(held.sum())
+    return total / n if n else float("nan")

@@ -36,20 +36,20 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_reliability(bins: list[dict], path: Path, title: str = "") -> None:
-    """Reliability diagram: accuracy against confidence per bin, with bin counts."""
-    fig, ax = plt.subplots(figsize=(5, 5))
-    used = [b for b in bins if b["count"]]
+def plot_reliability(series: dict[str, list[dict]], path: Path, title: str = "") -> None:
+    """Reliability diagram: accuracy against confidence per bin, one line per named set of bins."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0.5, 1], [0.5, 1], "k--", lw=1, label="perfect calibration")
-    ax.bar([(b["low"] + b["high"]) / 2 for b in used], [b["accuracy"] for b in used],
-           width=[b["high"] - b["low"] for b in used], alpha=0.6, edgecolor="k", label="accuracy")
-    ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], "ro-", ms=3, label="per bin")
-    ax.set_xlim(0.5, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("confidence (predicted class)")
-    ax.set_ylabel("accuracy")
+    for name, bins in series.items():
+        used = [b for b in bins if b["count"]]
+        ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], "o-", ms=4, label=name)
+    ax.set_xlim(0.5, 1.0)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("confidence of the predicted class (15 bins)")
+    ax.set_ylabel("observed accuracy")
     ax.set_title(f"Reliability diagram {title}".strip())
-    ax.legend(loc="upper left")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .augment import augment_batch
-from .calibration import fit_temperature
+from .calibration import cross_fitted_ece, fit_temperature
 from .checkpoint import load_checkpoint, model_payload, save_checkpoint, versions
 from .config import TrainConfig
 from .data import CLASS_NAMES, DataSplits, ImageSet, prepare_data
@@ -232,8 +232,9 @@ def run_training(cfg: TrainConfig) -> dict:
         "best_value": best_value,
         "eval_metric": cfg.eval_metric,
         "stop_reason": stop_reason,
-        "calibration": {k: final[k] for k in ("temperature", "threshold", "threshold_rule",
-                                              "ece_before", "ece_after", "reliability_after")},
+        "calibration": {k: final[k] for k in ("temperature", "threshold", "threshold_rule", "ece_before",
+                                              "ece_after", "ece_after_cross_fitted", "reliability_before",
+                                              "reliability_after")},
         "validation": final["validation"],
         "test": final["test"],
         "timings_s": {"data_preparation": data_prep_s, "training": train_s,
@@ -267,13 +268,15 @@ def finalize(model, splits: DataSplits, cfg: TrainConfig, norm: dict, device, cr
                  test["at_threshold"]["metrics"]["sensitivity"]["value"],
                  test["at_threshold"]["metrics"]["specificity"]["value"], threshold)
     ece_before, ece_after = expected_calibration_error(y, raw), expected_calibration_error(y, cal)
-    log.info("calibration on validation: temperature %.3f, ECE %.4f -> %.4f; threshold %.4f for "
-             "sensitivity >= %.2f", temperature, ece_before, ece_after, threshold, cfg.target_sensitivity)
+    ece_cross = cross_fitted_ece(logits, splits.val.labels, splits.val.patients)
+    log.info("calibration on validation: temperature %.3f, ECE %.4f -> %.4f (%.4f fitted on other patients); "
+             "threshold %.4f for sensitivity >= %.2f", temperature, ece_before, ece_after, ece_cross, threshold,
+             cfg.target_sensitivity)
     vm = validation["at_threshold"]["metrics"]
     return {
         "temperature": temperature, "threshold": threshold,
         "threshold_rule": f"highest threshold with validation sensitivity >= {cfg.target_sensitivity}",
-        "ece_before": ece_before, "ece_after": ece_after,
+        "ece_before": ece_before, "ece_after": ece_after, "ece_after_cross_fitted": ece_cross,
         "reliability_before": reliability_bins(y, raw), "reliability_after": reliability_bins(y, cal),
         "validation": validation, "test": test,
         "metrics_summary": {"val_" + k: v["value"] for k, v in vm.items()},
@@ -292,8 +295,10 @@ def write_outputs(results: dict, out: Path) -> None:
             writer.writeheader()
             writer.writerows(history)
         plot_history(history, out / "training_history.png")
-    plot_reliability(results["calibration"]["reliability_after"], out / "reliability_diagram.png",
-                     title=f"validation, T = {results['calibration']['temperature']:.2f}")
+    cal = results["calibration"]
+    plot_reliability({f"before (ECE {cal['ece_before']:.3f})": cal["reliability_before"],
+                      f"after T = {cal['temperature']:.2f} (ECE {cal['ece_after']:.3f})": cal["reliability_after"]},
+                     out / "reliability_diagram.png", title="validation")
     (out / "training_summary.txt").write_text(summary_text(results))
 
 
@@ -324,7 +329,8 @@ def summary_text(results: dict) -> str:
         f"total {t['total']:.0f}s on {results['device']}",
         "",
         f"calibration: temperature {cal['temperature']:.3f}; validation ECE (15 bins) "
-        f"{cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after (fitted on the same split)",
+        f"{cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after (fitted on the same split); "
+        f"{cal['ece_after_cross_fitted']:.4f} when fitted on half the patients and measured on the other half",
         f"operating threshold: {cal['threshold']:.4f} ({cal['threshold_rule']})",
         "",
         "validation (patient-level split), at the operating threshold:",

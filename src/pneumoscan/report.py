@@ -1,0 +1,195 @@
+"""The evaluation report: one self-contained HTML file (figures inlined, no network).
+
+Sections: metrics with CIs, ROC and PR curves, confusion matrix at the operating point,
+reliability diagram with ECE, a threshold table, sensitivity by pneumonia type (from file
+names), and a gallery of the most confident false positives and false negatives.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .metrics import binary_metrics, confusion, reliability_bins  # noqa: E402
+
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct score, from (0, 0) to (1, 1)."""
+    order = np.argsort(-p, kind="mergesort")
+    ys, ps = y[order].astype(bool), p[order]
+    last = np.r_[np.flatnonzero(np.diff(ps)), len(ps) - 1]
+    tp, fp = np.cumsum(ys)[last], np.cumsum(~ys)[last]
+    return np.r_[0, fp / max(fp[-1], 1)], np.r_[0, tp / max(tp[-1], 1)]
+
+
+def pr_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) at every distinct score."""
+    order = np.argsort(-p, kind="mergesort")
+    ys, ps = y[order].astype(bool), p[order]
+    last = np.r_[np.flatnonzero(np.diff(ps)), len(ps) - 1]
+    tp, fp = np.cumsum(ys)[last], np.cumsum(~ys)[last]
+    return tp / max(ys.sum(), 1), tp / np.maximum(tp + fp, 1)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score 95 % interval for a proportion k/n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    phat = k / n
+    den = 1 + z * z / n
+    centre = (phat + z * z / (2 * n)) / den
+    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / den
+    return centre - half, centre + half
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _curves(y: np.ndarray, p: np.ndarray, threshold: float, auroc: float) -> str:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.3))
+    fpr, tpr = roc_points(y, p)
+    m = binary_metrics(y, p, threshold)
+    a.plot(fpr, tpr, lw=2, label=f"AUROC {auroc:.4f}")
+    a.plot([0, 1], [0, 1], "k--", lw=1)
+    a.plot(1 - m["specificity"], m["sensitivity"], "ro", label=f"operating point (t = {threshold:.3f})")
+    a.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC curve")
+    a.legend(loc="lower right")
+    rec, prec = pr_points(y, p)
+    b.plot(rec, prec, lw=2, label=f"prevalence {y.mean():.2f}")
+    b.plot(m["sensitivity"], m["ppv"], "ro", label="operating point")
+    b.set(xlabel="sensitivity (recall)", ylabel="PPV (precision)", title="Precision-recall curve", ylim=(0, 1.02))
+    b.legend(loc="lower left")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _reliability(y: np.ndarray, p: np.ndarray, ece: float) -> str:
+    bins = [b for b in reliability_bins(y, p) if b["count"]]
+    fig, ax = plt.subplots(figsize=(5, 4.3))
+    ax.plot([0.5, 1], [0.5, 1], "k--", lw=1, label="perfect calibration")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", label=f"model (ECE {ece:.3f})")
+    ax.set(xlabel="confidence of predicted class", ylabel="observed accuracy", title="Reliability diagram",
+           xlim=(0.5, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _subtype(path: str) -> str:
+    name = Path(path).name.lower()
+    return "bacterial" if "bacteria" in name else "viral" if "virus" in name else ""
+
+
+def build_report(report: dict, y: np.ndarray, prob: np.ndarray, paths: list[str], out_path: str | Path,
+                 heatmap: Callable[[str], str | None] | None = None, gallery_size: int = 6) -> None:
+    """Write the HTML report.
+
+    Args:
+        report: ``metrics_with_ci`` output plus ``ece_15``, ``model_version``, ``data_dir``, ``calibrated``.
+        y, prob: labels (1 = PNEUMONIA) and P(PNEUMONIA) per image, in ``paths`` order.
+        heatmap: optional function from an image path to a PNG data URI of its heatmap overlay.
+    """
+    y = np.asarray(y).astype(int)
+    p = np.asarray(prob, dtype=np.float64)
+    thr = report["threshold"]
+    esc = html.escape
+    metrics_rows = "".join(
+        f"<tr><td>{esc(name)}</td><td>{_fmt(m['value'])}</td><td>[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]</td></tr>"
+        for name, m in report["metrics"].items())
+    c = confusion(y, p, thr)
+    thr_rows = ""
+    for t in sorted(set(THRESHOLDS) | {round(thr, 4)}):
+        m = binary_metrics(y, p, t)
+        mark = ' class="op"' if abs(t - thr) < 1e-4 else ""
+        thr_rows += (f"<tr{mark}><td>{t:.3f}{' (model)' if mark else ''}</td><td>{_fmt(m['sensitivity'])}</td>"
+                     f"<td>{_fmt(m['specificity'])}</td><td>{_fmt(m['ppv'])}</td><td>{_fmt(m['npv'])}</td></tr>")
+    sub_rows = ""
+    for kind in ("bacterial", "viral"):
+        idx = [i for i, path in enumerate(paths) if y[i] == 1 and _subtype(path) == kind]
+        if idx:
+            k = int((p[idx] >= thr).sum())
+            lo, hi = wilson(k, len(idx))
+            sub_rows += (f"<tr><td>{kind}</td><td>{len(idx)}</td><td>{k / len(idx):.3f}</td>"
+                         f"<td>[{lo:.3f}, {hi:.3f}]</td></tr>")
+    subtype_html = (f"<table><tr><th>pneumonia type</th><th>n</th><th>sensitivity</th><th>95% CI (Wilson)</th></tr>"
+                    f"{sub_rows}</table>" if sub_rows else
+                    "<p>No file names mark bacterial or viral pneumonia in this data set.</p>")
+
+    def gallery(title: str, idx: list[int]) -> str:
+        cards = ""
+        for i in idx:
+            src = heatmap(paths[i]) if heatmap else None
+            img = f'<img src="{src}" alt="heatmap">' if src else "<div class='noimg'>no heatmap</div>"
+            cards += (f"<figure>{img}<figcaption>{esc(Path(paths[i]).name)}<br>P(PNEUMONIA) = {p[i]:.3f}"
+                      f"</figcaption></figure>")
+        return f"<h3>{esc(title)} ({len(idx)} shown)</h3><div class='gallery'>{cards or '<p>none</p>'}</div>"
+
+    fp_idx = [i for i in np.argsort(-p) if y[i] == 0 and p[i] >= thr][:gallery_size]
+    fn_idx = [i for i in np.argsort(p) if y[i] == 1 and p[i] < thr][:gallery_size]
+    cal = "calibrated (temperature scaling)" if report.get("calibrated") else "uncalibrated"
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>pneumoscan evaluation report</title>
+<style>
+body{{font-family:system-ui,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;color:#222}}
+h1{{font-size:1.6em}} h2{{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:32px}}
+table{{border-collapse:collapse;margin:8px 0}} td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+th{{background:#f0f0f0}} td:first-child{{text-align:left}} tr.op{{background:#fff3c4;font-weight:bold}}
+.cm td{{width:120px;text-align:center}} .meta{{color:#555}}
+.gallery{{display:flex;flex-wrap:wrap;gap:10px}} figure{{margin:0;width:170px;font-size:.8em}}
+figure img{{width:170px;height:170px;object-fit:contain;background:#000}}
+.noimg{{width:170px;height:170px;background:#eee;display:flex;align-items:center;justify-content:center}}
+.warn{{background:#fdecea;padding:8px;border-left:4px solid #c62828}}
+</style></head><body>
+<h1>pneumoscan evaluation report</h1>
+<p class="meta">Model <b>{esc(str(report.get('model_version', '')))}</b>
+on <b>{esc(str(report.get('data_dir', '')))}</b>
+&middot; {report['n']} images ({report['n_positive']} PNEUMONIA, {report['n'] - report['n_positive']} NORMAL)
+&middot; probabilities {cal} &middot; operating threshold {thr:.4f} &middot; generated
+{datetime.now().astimezone().isoformat(timespec='seconds')}</p>
+<p class="warn">A screening aid for frontal pediatric chest radiographs, read by a clinician; not a diagnosis.</p>
+<h2>Metrics at the operating threshold</h2>
+<table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{metrics_rows}</table>
+<p class="meta">CIs: {esc(report.get('ci_method', ''))}.</p>
+<h2>ROC and precision-recall curves</h2><img src="{_curves(y, p, thr, report['metrics']['auroc']['value'])}"
+ alt="ROC and PR curves">
+<h2>Confusion matrix (threshold {thr:.4f})</h2>
+<table class="cm"><tr><th></th><th>predicted PNEUMONIA</th><th>predicted NORMAL</th></tr>
+<tr><th>PNEUMONIA</th><td>TP {c['tp']}</td><td>FN {c['fn']}</td></tr>
+<tr><th>NORMAL</th><td>FP {c['fp']}</td><td>TN {c['tn']}</td></tr></table>
+<h2>Calibration</h2><img src="{_reliability(y, p, report['ece_15'])}" alt="reliability diagram">
+<p>Expected calibration error (15 bins): <b>{report['ece_15']:.4f}</b>.</p>
+<h2>Threshold table</h2>
+<table><tr><th>threshold</th><th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th></tr>{thr_rows}</table>
+<h2>Sensitivity by pneumonia type</h2>{subtype_html}
+<h2>Most confident errors</h2>
+{gallery("False positives: NORMAL films called PNEUMONIA", fp_idx)}
+{gallery("False negatives: PNEUMONIA films called NORMAL", fn_idx)}
+</body></html>
+"""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(page, encoding="utf-8")
