@@ -63,7 +63,7 @@ def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
 def model_payload(model: torch.nn.Module, *, arch: str, model_kw: dict, image_size: int,
                   normalization: dict, config: dict, temperature: float | None = None,
                   threshold: float = 0.5, metrics: dict | None = None, epoch: int | None = None,
-                  model_version: str = "") -> dict:
+                  model_version: str = "", ood_gate: dict | None = None) -> dict:
     """The checkpoint dict for a trained model (weights copied, not referenced)."""
     return {
         "format": FORMAT,
@@ -78,6 +78,7 @@ def model_payload(model: torch.nn.Module, *, arch: str, model_kw: dict, image_si
         "preprocess": PREPROCESS_VERSION,
         "temperature": None if temperature is None else float(temperature),
         "threshold": float(threshold),
+        "ood_gate": ood_gate,
         "metrics": metrics or {},
         "epoch": epoch,
         "model_version": model_version,

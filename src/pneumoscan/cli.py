@@ -172,7 +172,8 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", required=True,
                    help="a folder with NORMAL/ and PNEUMONIA/, or a data set root (its --split is used)")
     p.add_argument("--split", default="test", help="split under a data set root (default test)")
-    p.add_argument("--output_path", help="metrics JSON (default: evaluation.json beside nothing: stdout only)")
+    p.add_argument("--output_path", help="write the metrics as JSON here (default: table on stdout only)")
+    p.add_argument("--report", help="write a self-contained HTML report here (curves, calibration, errors)")
     p.add_argument("--threshold", type=float, help="override the model's operating threshold")
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -197,7 +198,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         model = model_from_checkpoint(ckpt).to(device)
         data, bad = load_labelled_folder(args.data_dir, ckpt["image_size"], args.split, args.cache_dir)
-        report, _ = evaluate_imageset(model, data, ckpt, device, args.threshold, args.n_boot)
+        report, prob = evaluate_imageset(model, data, ckpt, device, args.threshold, args.n_boot)
     except (PneumoscanError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
@@ -210,6 +211,13 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if args.output_path:
         write_json(report, args.output_path)
         log.info("metrics written to %s", args.output_path)
+    if args.report:
+        from .inference import MedicalImageInference
+        from .report import build_report
+
+        engine = MedicalImageInference(args.model_path, device=args.device, gate=False)
+        build_report(report, data.labels.numpy(), prob, data.paths, args.report, heatmap=engine.heatmap_data_uri)
+        log.info("report written to %s", args.report)
     return EXIT_SOME_FAILED if bad else EXIT_OK
 
 

@@ -15,3 +15,7 @@ class ImageError(PneumoscanError, ValueError):
 
 class CheckpointError(PneumoscanError, ValueError):
     """A checkpoint file is missing, unreadable, or not a pneumoscan checkpoint."""
+
+
+class OutOfScopeError(ImageError):
+    """The input decodes but is not a frontal chest radiograph, so no prediction is made."""

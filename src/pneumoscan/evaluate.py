@@ -25,22 +25,32 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalization: dict, in_channels: int,
-                   device: torch.device, batch_size: int = 64) -> torch.Tensor:
-    """Logits (N, 2) on the CPU for uint8 images (N, S, S), in eval mode, in batches."""
+def predict_outputs(model: torch.nn.Module, images: torch.Tensor, normalization: dict, in_channels: int,
+                    device: torch.device, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, 2) and pooled features (N, D) on the CPU for uint8 images (N, S, S), in eval mode."""
     model.eval()
-    out = []
+    logits, feats = [], []
     for start in range(0, len(images), batch_size):
         x = to_model_input(images[start:start + batch_size].to(device), normalization["mean"],
                            normalization["std"], in_channels)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.zeros((0, 2))
+            f = model.embed(x)
+            logits.append(model.head(f).float().cpu())
+        feats.append(f.float().cpu())
+    if not logits:
+        return torch.zeros((0, 2)), torch.zeros((0, 0))
+    return torch.cat(logits), torch.cat(feats)
+
+
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalization: dict, in_channels: int,
+                   device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """Logits (N, 2) on the CPU for uint8 images (N, S, S), in eval mode, in batches."""
+    return predict_outputs(model, images, normalization, in_channels, device, batch_size)[0]
 
 
 def evaluate_imageset(model: torch.nn.Module, data: ImageSet, ckpt: dict, device: torch.device,
-                      threshold: float | None = None, n_boot: int = 1000) -> dict:
-    """Metrics with patient-level bootstrap CIs and calibration of ``model`` on ``data``.
+                      threshold: float | None = None, n_boot: int = 1000) -> tuple[dict, np.ndarray]:
+    """Metrics with patient-level bootstrap CIs and calibration of ``model`` on ``data``, and P(PNEUMONIA).
 
     Probabilities are calibrated with the checkpoint's temperature when it has one; the
     threshold is the checkpoint's unless one is given.

@@ -22,13 +22,6 @@ DEFAULT_MAX_COLORFULNESS = 12.0
 DEFAULT_MIN_STD = 8.0
 
 
-def colorfulness(rgb: np.ndarray) -> float:
-    """Hasler & Suesstrunk (2003) colourfulness of an (H, W, 3) image; 0 for any gray image."""
-    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
-    rg, yb = r - g, 0.5 * (r + g) - b
-    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
-
-
 @dataclass
 class GateVerdict:
     """Whether an input is in scope; ``reason`` says why not."""

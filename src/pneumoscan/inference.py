@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from .checkpoint import default_model_path, load_checkpoint, model_from_checkpoint
-from .errors import DataError, ImageError
-from .evaluate import predict_logits, resolve_device
-from .preprocess import is_image_file, load_image
+from .dicom import is_dicom
+from .errors import DataError, ImageError, OutOfScopeError
+from .evaluate import predict_outputs, resolve_device
+from .gate import OutOfScopeGate
+from .preprocess import IMAGE_EXTENSIONS, DecodedImage, decode_image, resize_gray
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,14 @@ class InferenceResult:
     threshold: float = 0.5
     calibrated: bool = False
     model_version: str = ""
+    view_position: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    heatmap_path: str | None = None
 
 
 @dataclass
 class InferenceFailure:
-    """An input that produced no prediction, and why."""
+    """An input that produced no prediction, and why (``error_type`` OutOfScopeError: refused by the gate)."""
 
     image_path: str
     error: str
@@ -71,15 +76,39 @@ def risk_level(confidence: float, uncertainty: float) -> str:
     return RISK_HIGH
 
 
+def _is_input_file(path: Path) -> bool:
+    """Images by extension, .dcm, and extension-less files that carry the DICOM preamble."""
+    if path.name.startswith("."):
+        return False
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS or suffix in (".dcm", ".dicom"):
+        return True
+    if suffix == "" or suffix[1:].isdigit():
+        try:
+            with open(path, "rb") as f:
+                return is_dicom(f.read(132))
+        except OSError:
+            return True  # unreadable: let prediction report why
+    return False
+
+
 def list_inputs(directory: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Image files in ``directory`` (recursive by default, hidden files and __MACOSX skipped)."""
+    """Image and DICOM files in ``directory`` (recursive by default; hidden files and __MACOSX skipped)."""
     base = Path(directory)
     if not base.is_dir():
         raise DataError(f"image_dir {str(base)!r} does not exist or is not a folder")
     pattern = base.rglob("*") if recursive else base.glob("*")
-    files = sorted(p for p in pattern if p.is_file() and is_image_file(p)
-                   and not any(part.startswith(".") or part.lower() == "__macosx"
-                               for part in p.relative_to(base).parts[:-1]))
+    files, skipped = [], 0
+    for p in sorted(pattern):
+        if not p.is_file() or any(part.startswith(".") or part.lower() == "__macosx"
+                                  for part in p.relative_to(base).parts[:-1]):
+            continue
+        if _is_input_file(p):
+            files.append(p)
+        elif not p.name.startswith("."):
+            skipped += 1
+    if skipped:
+        log.info("%s: skipped %d file(s) that are neither JPEG/PNG nor DICOM", base, skipped)
     return files
 
 
@@ -91,13 +120,14 @@ class MedicalImageInference:
         device: ``auto``, ``cpu`` or ``cuda``.
         threshold: overrides the checkpoint's operating threshold on P(PNEUMONIA).
         batch_size: images per forward pass in folder prediction.
+        gate: refuse out-of-scope inputs when the checkpoint has a gate (default True).
 
     Raises:
         CheckpointError: the checkpoint is missing or not a usable pneumoscan checkpoint.
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, device: str = "auto",
-                 threshold: float | None = None, batch_size: int = 16) -> None:
+                 threshold: float | None = None, batch_size: int = 16, gate: bool = True) -> None:
         if model_path is None:
             model_path = default_model_path()
         self.model_path = str(model_path)
@@ -113,8 +143,12 @@ class MedicalImageInference:
         self.threshold = float(self.checkpoint.get("threshold", 0.5) if threshold is None else threshold)
         self.batch_size = batch_size
         self.model_version = self.checkpoint.get("model_version") or Path(model_path).stem
+        gate_state = self.checkpoint.get("ood_gate")
+        self.gate = OutOfScopeGate.from_dict(gate_state) if gate and gate_state else None
         if self.temperature is None:
             log.warning("%s has no calibration: probabilities are uncalibrated softmax outputs", model_path)
+        if gate and gate_state is None:
+            log.warning("%s has no out-of-scope gate: non-radiographs will get predictions", model_path)
 
     @property
     def info(self) -> dict:
@@ -122,14 +156,24 @@ class MedicalImageInference:
         return {"model_path": self.model_path, "model_version": self.model_version,
                 "arch": self.checkpoint.get("arch"), "image_size": self.image_size,
                 "threshold": self.threshold, "temperature": self.temperature,
-                "calibrated": self.temperature is not None, "class_names": self.class_names}
+                "calibrated": self.temperature is not None, "class_names": self.class_names,
+                "out_of_scope_gate": self.gate is not None}
 
-    def _result(self, logits: torch.Tensor, seconds: float, path: str | None) -> InferenceResult:
+    def _result(self, logits: torch.Tensor, seconds: float, path: str | None,
+                decoded: DecodedImage) -> InferenceResult:
         probs = torch.softmax(logits.double() / (self.temperature or 1.0), dim=-1)
         p_pos = float(probs[1])
         label = 1 if p_pos >= self.threshold else 0
         confidence = float(probs[label])
         uncertainty = normalized_entropy(probs)
+        warnings, view = [], None
+        if decoded.dicom is not None:
+            view = decoded.dicom.view_position or None
+            warnings += list(decoded.dicom.warnings)
+            if decoded.dicom.is_lateral:
+                warnings.append("lateral view: the model is trained and validated on frontal views only")
+        if self.temperature is None:
+            warnings.append("uncalibrated model: probabilities are raw softmax outputs")
         return InferenceResult(
             prediction=self.class_names[label],
             confidence=confidence,
@@ -142,63 +186,92 @@ class MedicalImageInference:
             threshold=self.threshold,
             calibrated=self.temperature is not None,
             model_version=self.model_version,
+            view_position=view,
+            warnings=warnings,
         )
 
-    def _forward(self, arrays: list) -> torch.Tensor:
-        images = torch.from_numpy(np.stack(arrays))
-        return predict_logits(self.model, images, self.checkpoint["normalization"],
-                              self.checkpoint["in_channels"], self.device, batch_size=len(arrays))
+    def model_input(self, decoded: DecodedImage) -> torch.Tensor:
+        """The uint8 (S, S) array the model sees for a decoded image."""
+        return torch.from_numpy(resize_gray(decoded.gray, self.image_size))
 
-    def predict_image(self, source: str | os.PathLike | bytes) -> InferenceResult:
+    def predict_image(self, source: str | os.PathLike | bytes, heatmap_dir: str | os.PathLike | None = None
+                      ) -> InferenceResult:
         """Predict one image (path or encoded bytes).
 
         Raises:
             ImageError: the input cannot be read or decoded.
+            OutOfScopeError: the input is not a chest radiograph (the gate refused it).
         """
-        t0 = time.perf_counter()
-        arr = load_image(source, self.image_size)
-        logits = self._forward([arr])[0]
-        path = None if isinstance(source, bytes) else str(source)
-        return self._result(logits, time.perf_counter() - t0, path)
+        outcome = self._predict([source], heatmap_dir)[0]
+        if isinstance(outcome, InferenceFailure):
+            exc = OutOfScopeError if outcome.error_type == OutOfScopeError.__name__ else ImageError
+            raise exc(outcome.error)
+        return outcome
 
-    def predict_batch(self, paths: list[str | os.PathLike]) -> list[InferenceResult | InferenceFailure]:
+    def predict_batch(self, paths: list[str | os.PathLike], heatmap_dir: str | os.PathLike | None = None
+                      ) -> list[InferenceResult | InferenceFailure]:
         """Predict many files, in order; a file that fails becomes an ``InferenceFailure``."""
-        out: list[InferenceResult | InferenceFailure | None] = [None] * len(paths)
-        pending: list[tuple[int, object, float]] = []
+        return self._predict(list(paths), heatmap_dir)
+
+    def _predict(self, sources: list, heatmap_dir) -> list[InferenceResult | InferenceFailure]:
+        out: list[InferenceResult | InferenceFailure | None] = [None] * len(sources)
+        pending: list[tuple[int, DecodedImage, float]] = []
+
+        def name(i: int) -> str:
+            return "<bytes>" if isinstance(sources[i], bytes) else str(sources[i])
+
+        def fail(i: int, exc: Exception) -> None:
+            out[i] = InferenceFailure(name(i), str(exc), type(exc).__name__)
+            log.warning("%s", exc)
 
         def flush() -> None:
             if not pending:
                 return
             t0 = time.perf_counter()
-            logits = self._forward([a for _, a, _ in pending])
+            images = torch.stack([self.model_input(d) for _, d, _ in pending])
+            logits, feats = predict_outputs(self.model, images, self.checkpoint["normalization"],
+                                            self.checkpoint["in_channels"], self.device, len(pending))
+            verdicts = self.gate.check_features(feats) if self.gate is not None else [None] * len(pending)
             share = (time.perf_counter() - t0) / len(pending)
-            for (i, _, decode_s), lg in zip(pending, logits):
-                out[i] = self._result(lg, decode_s + share, str(paths[i]))
+            for (i, decoded, decode_s), lg, verdict in zip(pending, logits, verdicts):
+                if verdict is not None and not verdict.in_scope:
+                    fail(i, OutOfScopeError(f"{name(i)}: {verdict.reason}"))
+                    continue
+                out[i] = self._result(lg, decode_s + share, None if name(i) == "<bytes>" else name(i), decoded)
+                if heatmap_dir is not None:
+                    self._write_heatmap(out[i], decoded, Path(heatmap_dir), i)
             pending.clear()
 
-        for i, path in enumerate(paths):
+        for i, source in enumerate(sources):
             t0 = time.perf_counter()
             try:
-                arr = load_image(path, self.image_size)
+                decoded = decode_image(source, self.image_size)
             except ImageError as exc:
-                out[i] = InferenceFailure(str(path), str(exc), type(exc).__name__)
-                log.warning("%s", exc)
+                fail(i, exc)
                 continue
-            pending.append((i, arr, time.perf_counter() - t0))
+            if self.gate is not None:
+                verdict = self.gate.check_pixels(np.asarray(decoded.gray), decoded.colorfulness)
+                if not verdict.in_scope:
+                    fail(i, OutOfScopeError(f"{name(i)}: {verdict.reason}"))
+                    continue
+            pending.append((i, decoded, time.perf_counter() - t0))
             if len(pending) >= self.batch_size:
                 flush()
         flush()
         return out
 
-    def predict_directory(self, directory: str | os.PathLike, recursive: bool = True
-                          ) -> list[InferenceResult | InferenceFailure]:
-        """Predict every image file under ``directory``.
+    def _write_heatmap(self, result: InferenceResult, decoded: DecodedImage, heatmap_dir: Path, index: int) -> None:
+        raise NotImplementedError
+
+    def predict_directory(self, directory: str | os.PathLike, recursive: bool = True,
+                          heatmap_dir: str | os.PathLike | None = None) -> list[InferenceResult | InferenceFailure]:
+        """Predict every image and DICOM file under ``directory``.
 
         Raises:
             DataError: the folder does not exist or holds no image files.
         """
         files = list_inputs(directory, recursive)
         if not files:
-            raise DataError(f"no .jpg, .jpeg or .png files found in {directory}")
+            raise DataError(f"no .jpg, .jpeg, .png or DICOM files found in {directory}")
         log.info("predicting %d file(s) from %s", len(files), directory)
-        return self.predict_batch(files)
+        return self.predict_batch(files, heatmap_dir)

@@ -152,4 +152,6 @@ def threshold_for_sensitivity(y_true: np.ndarray, prob: np.ndarray, target: floa
     if len(pos) == 0:
         raise ValueError("cannot choose a threshold for sensitivity without positive cases")
     k = math.ceil(target * len(pos))  # need at least k positives at or above the threshold
+    if k > 1 and (k - 1) / len(pos) >= target:  # target * n rounded up in floating point (0.56 * 25)
+        k -= 1
     return float(pos[k - 1])

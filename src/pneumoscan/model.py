@@ -103,9 +103,12 @@ class MedicalCNN(nn.Module):
         """Pooled features (N, widths[-1]) before the classifier head."""
         return torch.flatten(self.pool(self.features(x)), 1)
 
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from pooled features (the classifier after global average pooling)."""
+        return self.fc2(self.dropout(torch.relu(self.fc1(features))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.fc1(self.embed(x)))
-        return self.fc2(self.dropout(h))
+        return self.head(self.embed(x))
 
 
 ARCHITECTURES = {

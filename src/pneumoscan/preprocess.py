@@ -13,16 +13,19 @@ import io
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .dicom import is_dicom, read_dicom
 from .errors import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-PREPROCESS_VERSION = "gray-stretch-bilinear-v1"
+PREPROCESS_VERSION = "gray-stretch-bilinear-v2"
 DEFAULT_NORMALIZATION = {"mean": 0.5, "std": 0.25}
 
 # Large originals are decoded at reduced scale (JPEG draft) and decompression bombs refused.
@@ -51,22 +54,46 @@ def _high_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip(arr / (2**bits - 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def to_grayscale(img: Image.Image) -> Image.Image:
-    """Any PIL mode (1, L, P, RGB, RGBA, LA, CMYK, I;16, I, F) to 8-bit 'L', orientation applied."""
+def colorfulness(rgb: np.ndarray) -> float:
+    """Hasler & Suesstrunk (2003) colourfulness of an (H, W, 3) image; 0 for any gray image."""
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    rg, yb = r - g, 0.5 * (r + g) - b
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
+def to_grayscale(img: Image.Image) -> tuple[Image.Image, float]:
+    """Any PIL mode (1, L, P, RGB, RGBA, LA, CMYK, I;16, I, F) to 8-bit 'L', orientation applied.
+
+    Returns the grayscale image and the colourfulness of the source (0 for gray sources),
+    which the out-of-scope gate uses: radiographs carry no colour.
+    """
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return Image.fromarray(_high_bit_to_uint8(np.asarray(img)))
-    if img.mode in ("RGBA", "LA", "PA"):
+        return Image.fromarray(_high_bit_to_uint8(np.asarray(img))), 0.0
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
-    if img.mode != "L":
-        img = img.convert("RGB").convert("L")
-    return img
+    if img.mode in ("L", "1", "LA"):
+        return img.convert("L"), 0.0
+    rgb = img.convert("RGB")
+    thumb = rgb.copy()
+    thumb.thumbnail((256, 256))
+    return rgb.convert("L"), colorfulness(np.asarray(thumb))
 
 
-def open_image(source: str | os.PathLike | bytes, size: int | None = None) -> Image.Image:
-    """Decode a file or bytes into a grayscale PIL image at original geometry.
+@dataclass
+class DecodedImage:
+    """A decoded input: 8-bit grayscale at original geometry, plus what the gate and results need."""
+
+    gray: Image.Image
+    colorfulness: float = 0.0
+    source_format: str = ""
+    dicom: Any = None
+
+
+def decode_image(source: str | os.PathLike | bytes, size: int | None = None) -> DecodedImage:
+    """Decode a file or bytes (JPEG, PNG, DICOM) into grayscale at original geometry.
 
     With ``size``, JPEGs are decoded in draft mode at the smallest scale still at least
     ``size`` on both sides (fast for multi-megapixel originals).
@@ -81,21 +108,30 @@ def open_image(source: str | os.PathLike | bytes, size: int | None = None) -> Im
         raise ImageError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
     if not data:
         raise ImageError(f"{name}: file is empty (0 bytes)")
+    if is_dicom(data):
+        gray, info = read_dicom(data, name)
+        return DecodedImage(gray, 0.0, "DICOM", info)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if size is not None and img.format == "JPEG":
-                img.draft("L", (size, size))
+                img.draft(img.mode, (size, size))
             img.load()
     except UnidentifiedImageError as exc:
-        raise ImageError(f"{name}: not a recognised image (expected JPEG or PNG)") from exc
+        raise ImageError(f"{name}: not a recognised image (expected JPEG, PNG or DICOM)") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{name}: cannot decode image, file may be truncated or corrupt ({exc})") from exc
     if img.width < 2 or img.height < 2:
         raise ImageError(f"{name}: image is {img.width}x{img.height} pixels, too small to be a radiograph")
-    return to_grayscale(img)
+    gray, colour = to_grayscale(img)
+    return DecodedImage(gray, colour, img.format or "")
+
+
+def open_image(source: str | os.PathLike | bytes, size: int | None = None) -> Image.Image:
+    """Decode a file or bytes into a grayscale PIL image at original geometry (see ``decode_image``)."""
+    return decode_image(source, size).gray
 
 
 def resize_gray(img: Image.Image, size: int) -> np.ndarray:

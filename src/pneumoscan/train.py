@@ -24,7 +24,8 @@ from .checkpoint import load_checkpoint, model_payload, save_checkpoint, version
 from .config import TrainConfig
 from .data import CLASS_NAMES, DataSplits, ImageSet, prepare_data
 from .errors import CheckpointError
-from .evaluate import predict_logits, probabilities, resolve_device
+from .evaluate import predict_logits, predict_outputs, probabilities, resolve_device
+from .gate import OutOfScopeGate
 from .losses import build_loss
 from .metrics import (
     binary_metrics,
@@ -219,7 +220,8 @@ def run_training(cfg: TrainConfig) -> dict:
     save_checkpoint(model_payload(model, arch=cfg.arch, model_kw=kw, image_size=cfg.image_size,
                                   normalization=norm, config=cfg.to_dict(), temperature=final["temperature"],
                                   threshold=final["threshold"], metrics=final["metrics_summary"],
-                                  epoch=best_epoch, model_version=f"{out.name}-epoch{best_epoch}"), best_path)
+                                  epoch=best_epoch, model_version=f"{out.name}-epoch{best_epoch}",
+                                  ood_gate=final["ood_gate"]), best_path)
 
     results = {
         "config": cfg.to_dict(),
@@ -247,7 +249,11 @@ def run_training(cfg: TrainConfig) -> dict:
 
 def finalize(model, splits: DataSplits, cfg: TrainConfig, norm: dict, device, criterion) -> dict:
     """Temperature and screening threshold fitted on validation, then validation and test reports."""
-    logits = predict_logits(model, splits.val.images, norm, cfg.in_channels, device)
+    logits, val_feats = predict_outputs(model, splits.val.images, norm, cfg.in_channels, device)
+    _, train_feats = predict_outputs(model, splits.train.images, norm, cfg.in_channels, device)
+    gate = OutOfScopeGate.fit(train_feats, splits.train.labels, val_feats)
+    log.info("out-of-scope gate: feature-distance threshold %.2f (%.1f%% quantile of validation)",
+             gate.threshold, 100 * gate.quantile)
     y = splits.val.labels.numpy()
     temperature = fit_temperature(logits, splits.val.labels)
     raw, cal = probabilities(logits, None), probabilities(logits, temperature)
@@ -278,7 +284,7 @@ def finalize(model, splits: DataSplits, cfg: TrainConfig, norm: dict, device, cr
         "threshold_rule": f"highest threshold with validation sensitivity >= {cfg.target_sensitivity}",
         "ece_before": ece_before, "ece_after": ece_after, "ece_after_cross_fitted": ece_cross,
         "reliability_before": reliability_bins(y, raw), "reliability_after": reliability_bins(y, cal),
-        "validation": validation, "test": test,
+        "validation": validation, "test": test, "ood_gate": gate.to_dict(),
         "metrics_summary": {"val_" + k: v["value"] for k, v in vm.items()},
     }
 

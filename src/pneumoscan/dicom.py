@@ -1,0 +1,347 @@
+"""DICOM chest radiographs (CR, DX) to the 8-bit grayscale image every other input becomes.
+
+The rendering follows the DICOM grayscale pipeline a viewer applies: stored values limited
+to *Bits Stored*, then the Modality LUT (rescale slope/intercept), then the VOI LUT or the
+first window, then MONOCHROME1 inverted so bone is bright as in MONOCHROME2. Without a VOI
+LUT or window, 8-bit data is shown as stored (it is usually a capture of an already
+windowed image) and deeper data is stretched from its minimum to its maximum.
+
+Only image-describing attributes are read: no patient identifier (name, ID, birth date)
+is stored, logged or put into an error message.
+
+pydicom is an optional dependency (``pip install 'pneumoscan[dicom]'``), imported when a
+DICOM file is first read, so ``is_dicom`` works without it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from .errors import ImageError, OutOfScopeError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+    from pydicom.uid import UID
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_MODALITIES = ("CR", "DX")
+LATERAL_VIEWS = ("LATERAL", "LL", "RL")
+
+_MODALITY_NAMES = {
+    "CT": "computed tomography",
+    "MR": "magnetic resonance",
+    "US": "ultrasound",
+    "NM": "nuclear medicine",
+    "PT": "PET",
+    "MG": "mammography",
+    "XA": "X-ray angiography",
+    "RF": "fluoroscopy",
+    "IO": "intra-oral radiography",
+    "PX": "panoramic dental radiography",
+    "ES": "endoscopy",
+    "SM": "slide microscopy",
+    "SR": "structured report",
+    "PR": "presentation state",
+    "SEG": "segmentation",
+}
+_SECONDARY_CAPTURE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image
+    "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color Secondary Capture
+}
+_COLOR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+_GRAY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
+_CHEST_BODY_PARTS = ("", "CHEST", "THORAX", "LUNG")
+_LIBJPEG = "pip install pylibjpeg pylibjpeg-libjpeg"
+_OPENJPEG = "pip install pylibjpeg pylibjpeg-openjpeg"
+# Transfer syntax UID -> the pip packages that let pydicom decode it.
+_DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": _LIBJPEG,  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": _LIBJPEG,  # JPEG Extended
+    "1.2.840.10008.1.2.4.57": _LIBJPEG,  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": _LIBJPEG,  # JPEG Lossless, first-order prediction
+    "1.2.840.10008.1.2.4.80": _LIBJPEG + " (or pyjpegls)",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": _LIBJPEG + " (or pyjpegls)",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90": _OPENJPEG,  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": _OPENJPEG,  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": _OPENJPEG,  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": _OPENJPEG,  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": _OPENJPEG,  # HTJ2K
+    "1.2.840.10008.1.2.5": "pip install pylibjpeg pylibjpeg-rle",  # RLE Lossless
+}
+_GDCM = "pip install python-gdcm"
+
+
+@dataclass
+class DicomInfo:
+    """What a DICOM file says about its image; no patient identifiers.
+
+    ``view_position`` is (0018,5101) ViewPosition upper-cased (PA, AP, LATERAL, LL, RL, ...)
+    or "" when absent. ``warnings`` lists reasons to treat a prediction with caution.
+    """
+
+    modality: str
+    view_position: str
+    photometric_interpretation: str
+    bits_stored: int
+    transfer_syntax: str
+    is_lateral: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+def is_dicom(data: bytes) -> bool:
+    """True when ``data`` is a DICOM Part 10 file: "DICM" after the 128-byte preamble, whatever the file name."""
+    return data[128:132] == b"DICM"
+
+
+def read_dicom(data: bytes, name: str) -> tuple[Image.Image, DicomInfo]:
+    """Decode a DICOM chest radiograph into an 8-bit grayscale image at original geometry.
+
+    Args:
+        data: the whole file's bytes.
+        name: how to name the file in error messages (a path or upload name).
+
+    Returns:
+        A mode 'L' PIL image (first frame of a multi-frame file) and the file's ``DicomInfo``.
+
+    Raises:
+        ImageError: pydicom missing; not parseable as DICOM; no pixel data; a modality other
+            than CR/DX (or a secondary capture); an unsupported photometric interpretation;
+            a compressed transfer syntax no installed decoder can decode; corrupt pixel data.
+    """
+    try:
+        # Imported here so the package and ``is_dicom`` work without the optional extra.
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError as exc:
+        raise ImageError(
+            f"{name}: is a DICOM file, but pydicom is not installed; pip install 'pneumoscan[dicom]'"
+        ) from exc
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError as exc:
+        raise ImageError(f"{name}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from exc
+    except Exception as exc:  # a malformed file can fail inside pydicom's parser with many exception types
+        raise ImageError(f"{name}: cannot parse DICOM file, it may be truncated or corrupt ({_reason(exc)})") from exc
+    try:
+        return _render(ds, name)
+    except ImageError:
+        raise
+    except Exception as exc:  # pydicom parses values lazily, so a malformed attribute fails on first access
+        raise ImageError(f"{name}: DICOM image attributes are malformed ({_reason(exc)}); re-export the file") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """An exception as one line for an error message."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _render(ds: Dataset, name: str) -> tuple[Image.Image, DicomInfo]:
+    """``read_dicom`` after parsing: scope checks, decoding, grayscale rendering."""
+    if "PixelData" not in ds:
+        raise ImageError(f"{name}: DICOM file has no image (no PixelData element); it may be a report, "
+                         "presentation state or DICOMDIR: export the radiograph itself")
+
+    info = DicomInfo(
+        modality=str(ds.get("Modality", "")).strip().upper(),
+        view_position=str(ds.get("ViewPosition", "")).strip().upper(),
+        photometric_interpretation=str(ds.get("PhotometricInterpretation", "")).strip().upper(),
+        bits_stored=int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8),
+        transfer_syntax="",
+        is_lateral=False,
+    )
+    info.is_lateral = info.view_position in LATERAL_VIEWS
+    _check_scope(ds, info, name)
+
+    tsyntax = ds.file_meta.get("TransferSyntaxUID")
+    if tsyntax is None:
+        raise ImageError(f"{name}: DICOM file meta has no Transfer Syntax UID (0002,0010), so its pixel "
+                         "data cannot be interpreted; re-export it from the PACS or modality")
+    info.transfer_syntax = tsyntax.name
+
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    if rows < 2 or cols < 2:
+        raise ImageError(f"{name}: image is {cols}x{rows} pixels, too small to be a radiograph")
+    if Image.MAX_IMAGE_PIXELS and rows * cols > Image.MAX_IMAGE_PIXELS:
+        raise ImageError(f"{name}: image is {cols}x{rows} pixels, more than the {Image.MAX_IMAGE_PIXELS} "
+                         "allowed; downsample it before upload")
+
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        info.warnings.append(f"multi-frame DICOM ({frames} frames): only the first frame was used")
+
+    arr = _decode_first_frame(ds, tsyntax, name)
+    if info.photometric_interpretation in _COLOR_PHOTOMETRICS:
+        gray = _color_to_uint8(arr, info.bits_stored)
+    else:
+        gray = _gray_to_uint8(arr, ds, info)
+    log.debug("%s: DICOM %s %s %s %d-bit %s, %dx%d", name, info.modality, info.view_position or "-",
+              info.photometric_interpretation, info.bits_stored, info.transfer_syntax, cols, rows)
+    return Image.fromarray(np.ascontiguousarray(gray)), info
+
+
+def _check_scope(ds: Dataset, info: DicomInfo, name: str) -> None:
+    """Refuse what is not a radiograph; note in ``info.warnings`` what may be one but is unusual."""
+    is_secondary_capture = str(ds.get("SOPClassUID", "")) in _SECONDARY_CAPTURE_SOP_CLASSES
+    modality = info.modality
+    if modality in ACCEPTED_MODALITIES:
+        if is_secondary_capture:
+            info.warnings.append(f"secondary capture labelled {modality}: pixels may be a screenshot or "
+                                 "digitised film rather than the original radiograph")
+    elif modality in ("", "OT"):
+        what = "secondary capture" if is_secondary_capture else f"modality {modality or 'missing'}"
+        info.warnings.append(f"{what}: not marked as a CR/DX radiograph; check that it is a chest X-ray")
+    else:
+        described = f"{modality} ({_MODALITY_NAMES[modality]})" if modality in _MODALITY_NAMES else modality
+        raise OutOfScopeError(f"{name}: out of scope: DICOM modality is {described}; only CR/DX chest "
+                              "radiographs are supported: upload a chest X-ray (modality CR or DX)")
+
+    if info.photometric_interpretation not in _GRAY_PHOTOMETRICS + _COLOR_PHOTOMETRICS:
+        raise ImageError(f"{name}: DICOM photometric interpretation '{info.photometric_interpretation}' is not "
+                         f"supported; expected one of {', '.join(_GRAY_PHOTOMETRICS + _COLOR_PHOTOMETRICS)}")
+    if info.photometric_interpretation in _COLOR_PHOTOMETRICS:
+        info.warnings.append(f"colour image ({info.photometric_interpretation}) converted to grayscale: "
+                             "radiographs are grayscale, so this may be a photo or screenshot")
+    if info.is_lateral:
+        info.warnings.append(f"lateral view ({info.view_position}): the model was trained on frontal (PA/AP) "
+                             "radiographs")
+    body_part = str(ds.get("BodyPartExamined", "")).strip().upper()
+    if body_part not in _CHEST_BODY_PARTS:
+        info.warnings.append(f"body part examined is {body_part}, not CHEST")
+    if str(ds.get("PresentationIntentType", "")).strip().upper() == "FOR PROCESSING":
+        info.warnings.append("'FOR PROCESSING' image: raw detector data, which looks unlike the processed "
+                             "radiographs the model was trained on; export the 'FOR PRESENTATION' image")
+
+
+def _decode_first_frame(ds: Dataset, tsyntax: UID, name: str) -> np.ndarray:
+    """The first frame's stored values: (rows, cols) or (rows, cols, 3); YBR_FULL* becomes RGB."""
+    from pydicom.pixels import get_decoder, pixel_array
+
+    what = f"{tsyntax.name} ({tsyntax})"
+    packages = _DECODER_PACKAGES.get(str(tsyntax), _GDCM)
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError as exc:
+        raise ImageError(f"{name}: pixel data uses transfer syntax {what}, which pydicom cannot decode; "
+                         "convert the file to an uncompressed transfer syntax (e.g. dcmdjpeg, gdcmconv --raw)"
+                         ) from exc
+    if not decoder.is_available:
+        raise ImageError(f"{name}: pixel data is compressed as {what} and no decoder for it is installed; "
+                         f"{packages}")
+    try:
+        # index=0 decodes only the first frame; values are limited to Bits Stored below.
+        arr = pixel_array(ds, index=0)
+    except Exception as exc:  # decoder plugins raise many exception types on corrupt or unusual streams
+        reason = _reason(exc)
+        if not tsyntax.is_encapsulated:
+            raise ImageError(f"{name}: pixel data ({what}) is truncated or does not match the image size and "
+                             f"depth the file declares ({reason}); re-export the file") from exc
+        raise ImageError(f"{name}: cannot decode pixel data compressed as {what} ({reason}); the data may be "
+                         f"corrupt, or the installed decoder may not support this variant: {packages}") from exc
+    color = str(ds.PhotometricInterpretation).strip().upper() in _COLOR_PHOTOMETRICS
+    if arr.ndim != (3 if color else 2) or (color and arr.shape[2] != 3):
+        expected = "(rows, columns, 3)" if color else "(rows, columns)"
+        raise ImageError(f"{name}: decoded pixel data has shape {arr.shape}, expected {expected} for "
+                         f"{ds.PhotometricInterpretation}; the file's image attributes are inconsistent")
+    if np.issubdtype(arr.dtype, np.integer):
+        arr = _limit_to_bits_stored(arr, int(ds.get("BitsStored") or arr.dtype.itemsize * 8),
+                                    signed=int(ds.get("PixelRepresentation", 0)) == 1)
+    return arr
+
+
+def _limit_to_bits_stored(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
+    """Clear the bits above *Bits Stored* (overlays, garbage); sign-extend signed data from its top stored bit."""
+    container = arr.dtype.itemsize * 8
+    if bits_stored >= container:
+        return arr
+    if signed:
+        shift = container - bits_stored
+        return np.right_shift(np.left_shift(arr, shift), shift)
+    return arr & np.asarray((1 << bits_stored) - 1, dtype=arr.dtype)
+
+
+def _gray_to_uint8(arr: np.ndarray, ds: Dataset, info: DicomInfo) -> np.ndarray:
+    """Modality LUT, VOI LUT or first window (else 8-bit as is / min-max), MONOCHROME1 inverted."""
+    from pydicom.pixels import apply_modality_lut, apply_windowing
+
+    values = apply_modality_lut(arr, ds)
+    frac = None
+    voi_item = (ds.get("VOILUTSequence") or [None])[0]
+    has_window = ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, "")
+    try:
+        if voi_item is not None and "LUTDescriptor" in voi_item and "LUTData" in voi_item:
+            frac = _voi_lut_fraction(values, voi_item, little_endian=ds.original_encoding[1] is not False)
+        elif has_window:
+            lo, hi = _window_output_range(ds)
+            frac = (apply_windowing(values, ds, index=0) - lo) / (hi - lo)
+    except (ValueError, NotImplementedError, TypeError, IndexError) as exc:
+        info.warnings.append(f"VOI LUT/window unusable ({exc}); image shown without it")
+        frac = None
+    if frac is None:
+        frac = _full_range_fraction(values, ds)
+    gray = np.clip(frac * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if info.photometric_interpretation == "MONOCHROME1":
+        gray = 255 - gray
+    return gray
+
+
+def _voi_lut_fraction(values: np.ndarray, item: Dataset, little_endian: bool) -> np.ndarray:
+    """A VOI LUT Sequence item applied to ``values``, as a fraction of the LUT's output range.
+
+    Looked up here rather than with pydicom 3.0's ``apply_voi``, which computes indices in the
+    LUT's own dtype and so wraps them for an 8-bit LUT with more than 256 entries.
+    """
+    entries, first_mapped, bits = (int(v) for v in item.LUTDescriptor)
+    if not 8 <= bits <= 16:
+        raise ValueError(f"{bits} bits per VOI LUT entry; PS3.3 C.11.2.1.1 allows 8 to 16")
+    if item["LUTData"].VR == "OW":
+        lut = np.frombuffer(item.LUTData, dtype="<u2" if little_endian else ">u2")
+    else:
+        lut = np.atleast_1d(np.asarray(item.LUTData))
+    lut = lut[: entries or 2**16].astype(np.float64)  # 0 entries means 65536
+    index = np.clip(np.rint(values) - first_mapped, 0, len(lut) - 1).astype(np.intp)
+    return lut[index] / (2**bits - 1)
+
+
+def _window_output_range(ds: Dataset) -> tuple[float, float]:
+    """The (min, max) that ``apply_windowing`` maps a window onto (PS3.3 C.11.2.1.2; as pydicom computes it)."""
+    if ds.get("ModalityLUTSequence"):
+        return 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    bits = int(ds.BitsStored)
+    if int(ds.get("PixelRepresentation", 0)) == 0:
+        lo, hi = 0.0, float(2**bits - 1)
+    else:
+        lo, hi = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        lo, hi = lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)
+    if lo == hi:
+        raise ValueError("Rescale Slope is 0")
+    return lo, hi
+
+
+def _full_range_fraction(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """No usable VOI: 8-bit stored values as they are, anything deeper stretched from its min to its max."""
+    has_modality_transform = ds.get("ModalityLUTSequence") or (
+        float(ds.get("RescaleSlope", 1) or 1) != 1 or float(ds.get("RescaleIntercept", 0) or 0) != 0)
+    if int(ds.BitsStored) == 8 and int(ds.get("PixelRepresentation", 0)) == 0 and not has_modality_transform:
+        return values.astype(np.float64) / 255.0
+    values = values.astype(np.float64)
+    lo, hi = float(values.min()), float(values.max())
+    return (values - lo) / (hi - lo if hi > lo else 1.0)
+
+
+def _color_to_uint8(arr: np.ndarray, bits_stored: int) -> np.ndarray:
+    """RGB (pydicom has already turned YBR_FULL* into RGB) to 8-bit luma, ITU-R 601 weights as PIL uses."""
+    luma = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    return np.clip(luma / (2**bits_stored - 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
