@@ -116,6 +116,7 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--no_recursive", action="store_true", help="only the top level of --image_dir")
+    p.add_argument("--heatmap_dir", help="write a Grad-CAM overlay PNG per image here (original geometry)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -141,9 +142,10 @@ def predict_main(argv: list[str] | None = None) -> int:
         engine = MedicalImageInference(args.model_path, device=args.device, threshold=args.threshold,
                                        batch_size=args.batch_size)
         if args.image_path is not None:
-            outcomes = engine.predict_batch([args.image_path])
+            outcomes = engine.predict_batch([args.image_path], heatmap_dir=args.heatmap_dir)
         else:
-            outcomes = engine.predict_directory(args.image_dir, recursive=not args.no_recursive)
+            outcomes = engine.predict_directory(args.image_dir, recursive=not args.no_recursive,
+                                                heatmap_dir=args.heatmap_dir)
     except (PneumoscanError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT

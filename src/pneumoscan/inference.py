@@ -7,6 +7,7 @@ checkpoint. One bad file yields an ``InferenceFailure`` and never stops a batch.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -17,13 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .checkpoint import default_model_path, load_checkpoint, model_from_checkpoint
 from .dicom import is_dicom
 from .errors import DataError, ImageError, OutOfScopeError
 from .evaluate import predict_outputs, resolve_device
 from .gate import OutOfScopeGate
-from .preprocess import IMAGE_EXTENSIONS, DecodedImage, decode_image, resize_gray
+from .heatmap import grad_cam, overlay_png
+from .preprocess import IMAGE_EXTENSIONS, DecodedImage, decode_image, resize_gray, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +242,7 @@ class MedicalImageInference:
                     continue
                 out[i] = self._result(lg, decode_s + share, None if name(i) == "<bytes>" else name(i), decoded)
                 if heatmap_dir is not None:
-                    self._write_heatmap(out[i], decoded, Path(heatmap_dir), i)
+                    self._write_heatmap(out[i], sources[i], decoded, Path(heatmap_dir), i)
             pending.clear()
 
         for i, source in enumerate(sources):
@@ -260,8 +263,49 @@ class MedicalImageInference:
         flush()
         return out
 
-    def _write_heatmap(self, result: InferenceResult, decoded: DecodedImage, heatmap_dir: Path, index: int) -> None:
-        raise NotImplementedError
+    def gradcam(self, decoded: DecodedImage, target_class: int = 1) -> np.ndarray:
+        """Grad-CAM (224-px grid, values in [0, 1]) of ``target_class`` for a decoded image."""
+        norm = self.checkpoint["normalization"]
+        x = to_model_input(self.model_input(decoded)[None].to(self.device), norm["mean"], norm["std"],
+                           self.checkpoint["in_channels"])
+        return grad_cam(self.model, x, target_class=target_class)
+
+    def _overlay(self, source, decoded: DecodedImage, target_class: int, path: Path) -> None:
+        cam = self.gradcam(decoded, target_class)
+        # JPEGs were decoded at reduced scale (draft); the overlay is drawn on the full-size original
+        gray = decoded.gray if decoded.dicom is not None else decode_image(source).gray
+        overlay_png(gray, cam, path)
+
+    def _write_heatmap(self, result: InferenceResult, source, decoded: DecodedImage, heatmap_dir: Path,
+                       index: int) -> None:
+        stem = "bytes" if isinstance(source, bytes) else Path(source).stem
+        path = heatmap_dir / f"{index:05d}_{stem}_heatmap.png"
+        try:
+            self._overlay(source, decoded, self.class_names.index(result.prediction), path)
+        except (OSError, ValueError, ImageError) as exc:
+            result.warnings.append(f"heatmap not written: {exc}")
+            log.warning("%s: heatmap not written (%s)", result.image_path, exc)
+            return
+        result.heatmap_path = str(path)
+
+    def heatmap_data_uri(self, source: str | os.PathLike, target_class: int = 1, max_side: int = 400) -> str | None:
+        """A PNG data URI of the Grad-CAM overlay (for reports); None when the image cannot be decoded."""
+        import base64
+        import tempfile
+
+        try:
+            decoded = decode_image(source, self.image_size)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "h.png"
+                self._overlay(source, decoded, target_class, path)
+                img = Image.open(path)
+                img.thumbnail((max_side, max_side))
+                buf = io.BytesIO()
+                img.save(buf, format="PNG")
+        except (OSError, ValueError, ImageError) as exc:
+            log.warning("%s: no heatmap (%s)", source, exc)
+            return None
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
     def predict_directory(self, directory: str | os.PathLike, recursive: bool = True,
                           heatmap_dir: str | os.PathLike | None = None) -> list[InferenceResult | InferenceFailure]:

@@ -136,7 +136,7 @@ def open_image(source: str | os.PathLike | bytes, size: int | None = None) -> Im
 
 def resize_gray(img: Image.Image, size: int) -> np.ndarray:
     """Stretch-resize a grayscale image to ``size`` x ``size`` uint8 (bilinear, antialiased)."""
-    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    return np.array(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)  # a writable copy
 
 
 def load_image(source: str | os.PathLike | bytes, size: int) -> np.ndarray:
