@@ -30,11 +30,13 @@ from .losses import build_loss
 from .metrics import (
     binary_metrics,
     expected_calibration_error,
+    format_metrics_table,
     metrics_with_ci,
     reliability_bins,
     threshold_for_sensitivity,
 )
 from .model import build_model, model_kwargs
+from .plots import plot_history, plot_reliability
 from .preprocess import to_model_input
 from .results import write_json
 
@@ -291,8 +293,6 @@ def finalize(model, splits: DataSplits, cfg: TrainConfig, norm: dict, device, cr
 
 def write_outputs(results: dict, out: Path) -> None:
     """training_results.json, history.csv, training_summary.txt and the plots."""
-    from .plots import plot_history, plot_reliability
-
     write_json(results, out / "training_results.json")
     history = results["history"]
     if history:
@@ -310,8 +310,6 @@ def write_outputs(results: dict, out: Path) -> None:
 
 def summary_text(results: dict) -> str:
     """The human-readable training summary."""
-    from .metrics import format_metrics_table
-
     cfg, data, cal = results["config"], results["data"], results["calibration"]
     lines = [
         "pneumoscan training summary",
