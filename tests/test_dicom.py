@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dicom_files import IDENTIFIERS, dicom_bytes
 from PIL import Image
 
 from pneumoscan.dicom import DicomInfo, is_dicom, read_dicom
@@ -17,23 +18,19 @@ from pneumoscan.errors import ImageError
 from pneumoscan.preprocess import open_image
 
 pydicom = pytest.importorskip("pydicom")
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.pixels import convert_color_space, get_decoder  # noqa: E402
 from pydicom.uid import (  # noqa: E402
     JPEG2000,
-    ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
     SecondaryCaptureImageStorage,
-    generate_uid,
 )
 
 TRAIN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray" / "train"
 pytestmark = pytest.mark.skipif(not TRAIN.is_dir(), reason=f"real chest X-rays not found at {TRAIN}")
 
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-IDENTIFIERS = {"PatientName": "Doe^Jane", "PatientID": "PID-93417", "PatientBirthDate": "19610423"}
 
 
 def _first_image(label: str) -> Path:
@@ -48,48 +45,6 @@ def source(request) -> Path:
 def _gray(path: Path) -> np.ndarray:
     """The 8-bit grayscale pixels the JPEG path gives for the same file."""
     return np.asarray(open_image(path))
-
-
-def _dicom_bytes(tmp_path: Path, pixels: np.ndarray, *, filename: str = "image.dcm",
-                 photometric: str = "MONOCHROME2", bits_stored: int | None = None,
-                 transfer_syntax: str = ExplicitVRLittleEndian, pixel_data: bytes | None = None,
-                 drop: tuple[str, ...] = (), **attrs) -> bytes:
-    """Write a DICOM file holding ``pixels`` (rows, cols[, 3]) and return its bytes.
-
-    ``pixel_data`` replaces the raw pixel bytes (encapsulated data, extra frames); ``attrs``
-    sets or overrides any attribute by keyword; ``drop`` deletes attributes before writing.
-    """
-    sop_class = attrs.pop("SOPClassUID", DX_FOR_PRESENTATION)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax
-    path = tmp_path / filename
-    ds = FileDataset(str(path), Dataset(), file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    for keyword, value in IDENTIFIERS.items():
-        setattr(ds, keyword, value)
-    ds.Rows, ds.Columns = pixels.shape[:2]
-    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
-    if pixels.ndim == 3:
-        ds.PlanarConfiguration = 0
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = pixels.dtype.itemsize * 8
-    ds.BitsStored = bits_stored or ds.BitsAllocated
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = pixels.tobytes() if pixel_data is None else pixel_data
-    if pydicom.uid.UID(transfer_syntax).is_encapsulated:
-        ds["PixelData"].VR = "OB"
-        ds["PixelData"].is_undefined_length = True
-    for keyword, value in attrs.items():
-        setattr(ds, keyword, value)
-    for keyword in drop:
-        del ds[keyword]
-    ds.save_as(path, enforce_file_format=True)
-    return path.read_bytes()
 
 
 def _refuse(data: bytes, match: str) -> ImageError:
@@ -142,7 +97,7 @@ def _encode(case: str, p: np.ndarray) -> tuple[np.ndarray, dict]:
 def test_round_trip_gives_source_pixels(tmp_path, source, case):
     p = _gray(source)
     pixels, attrs = _encode(case, p)
-    data = _dicom_bytes(tmp_path, pixels, **attrs)
+    data = dicom_bytes(tmp_path, pixels, **attrs)
     assert is_dicom(data)
 
     img, info = read_dicom(data, str(source))
@@ -157,7 +112,7 @@ def test_round_trip_gives_source_pixels(tmp_path, source, case):
 
 def test_no_window_stretches_min_to_max(tmp_path, source):
     p = _gray(source)
-    data = _dicom_bytes(tmp_path, p.astype(np.uint16) * 16, bits_stored=12)
+    data = dicom_bytes(tmp_path, p.astype(np.uint16) * 16, bits_stored=12)
     img, _ = read_dicom(data, "x.dcm")
     lo, hi = int(p.min()), int(p.max())
     expected = np.floor((p.astype(np.float64) - lo) / (hi - lo) * 255 + 0.5)
@@ -167,7 +122,7 @@ def test_no_window_stretches_min_to_max(tmp_path, source):
 
 def test_file_without_extension(tmp_path, source):
     p = _gray(source)
-    _dicom_bytes(tmp_path, p, filename="IM000001")
+    dicom_bytes(tmp_path, p, filename="IM000001")
     data = (tmp_path / "IM000001").read_bytes()
     assert is_dicom(data)
     img, _ = read_dicom(data, "IM000001")
@@ -184,7 +139,7 @@ def test_is_dicom_false_for_jpeg_and_short_data(source):
 def test_color_becomes_grayscale(tmp_path, source, photometric):
     rgb = np.asarray(Image.open(source).convert("RGB"))
     stored = rgb if photometric == "RGB" else convert_color_space(rgb, "RGB", "YBR_FULL")
-    img, info = read_dicom(_dicom_bytes(tmp_path, stored, photometric=photometric), "x.dcm")
+    img, info = read_dicom(dicom_bytes(tmp_path, stored, photometric=photometric), "x.dcm")
     # YBR_FULL is lossy by rounding (PS3.3 C.7.6.3.1.2); its luma is still within 1 of PIL's.
     assert np.abs(np.asarray(img).astype(int) - _gray(source).astype(int)).max() <= 1
     assert info.photometric_interpretation == photometric
@@ -198,7 +153,7 @@ def test_jpeg_baseline_encapsulated(tmp_path, source):
         mode, (width, height) = jpeg.mode, jpeg.size
     color = mode != "L"
     shape = (height, width, 3) if color else (height, width)
-    data = _dicom_bytes(tmp_path, np.zeros(shape, np.uint8), transfer_syntax=JPEGBaseline8Bit,
+    data = dicom_bytes(tmp_path, np.zeros(shape, np.uint8), transfer_syntax=JPEGBaseline8Bit,
                         photometric="YBR_FULL_422" if color else "MONOCHROME2",
                         pixel_data=encapsulate([source.read_bytes()]))
     img, info = read_dicom(data, "x.dcm")
@@ -208,20 +163,20 @@ def test_jpeg_baseline_encapsulated(tmp_path, source):
 
 def test_multi_frame_uses_first_frame(tmp_path, source):
     p = _gray(source)
-    data = _dicom_bytes(tmp_path, p, pixel_data=p.tobytes() + (255 - p).tobytes(), NumberOfFrames=2)
+    data = dicom_bytes(tmp_path, p, pixel_data=p.tobytes() + (255 - p).tobytes(), NumberOfFrames=2)
     img, info = read_dicom(data, "x.dcm")
     np.testing.assert_array_equal(np.asarray(img), p)
     assert any("first frame" in w for w in info.warnings)
 
 
 def test_lateral_view(tmp_path, source):
-    _, info = read_dicom(_dicom_bytes(tmp_path, _gray(source), ViewPosition="LATERAL"), "x.dcm")
+    _, info = read_dicom(dicom_bytes(tmp_path, _gray(source), ViewPosition="LATERAL"), "x.dcm")
     assert info.is_lateral and info.view_position == "LATERAL"
     assert any("lateral" in w for w in info.warnings)
 
 
 def test_secondary_capture_accepted_with_warning(tmp_path, source):
-    data = _dicom_bytes(tmp_path, _gray(source), Modality="OT", SOPClassUID=SecondaryCaptureImageStorage)
+    data = dicom_bytes(tmp_path, _gray(source), Modality="OT", SOPClassUID=SecondaryCaptureImageStorage)
     img, info = read_dicom(data, "x.dcm")
     np.testing.assert_array_equal(np.asarray(img), _gray(source))
     assert info.modality == "OT" and any("secondary capture" in w for w in info.warnings)
@@ -230,17 +185,17 @@ def test_secondary_capture_accepted_with_warning(tmp_path, source):
 
 @pytest.mark.parametrize("modality", ["CT", "MR", "MG"])
 def test_other_modalities_refused(tmp_path, source, modality):
-    error = _refuse(_dicom_bytes(tmp_path, _gray(source), Modality=modality), modality)
+    error = _refuse(dicom_bytes(tmp_path, _gray(source), Modality=modality), modality)
     assert "only CR/DX chest radiographs" in str(error)
 
 
 def test_no_pixel_data_refused(tmp_path, source):
-    _refuse(_dicom_bytes(tmp_path, _gray(source), drop=("PixelData",)), r"no image \(no PixelData")
+    _refuse(dicom_bytes(tmp_path, _gray(source), drop=("PixelData",)), r"no image \(no PixelData")
 
 
 def test_undecodable_jpeg2000_names_transfer_syntax(tmp_path, source):
     p = _gray(source)
-    data = _dicom_bytes(tmp_path, p, transfer_syntax=JPEG2000, pixel_data=encapsulate([b"\xff\x4f garbage" * 64]))
+    data = dicom_bytes(tmp_path, p, transfer_syntax=JPEG2000, pixel_data=encapsulate([b"\xff\x4f garbage" * 64]))
     error = _refuse(data, "JPEG 2000")
     assert JPEG2000 in str(error) and "pip install" in str(error)
 
@@ -252,7 +207,7 @@ def test_non_dicom_bytes_refused(source):
 def test_missing_decoder_names_pip_package(tmp_path, source):
     if get_decoder(JPEGLosslessSV1).is_available:
         pytest.skip("a JPEG Lossless decoder is installed here")
-    data = _dicom_bytes(tmp_path, _gray(source), transfer_syntax=JPEGLosslessSV1,
+    data = dicom_bytes(tmp_path, _gray(source), transfer_syntax=JPEGLosslessSV1,
                         pixel_data=encapsulate([b"\xff\xd8 not decoded" * 64]))
     error = _refuse(data, "no decoder for it is installed")
     assert JPEGLosslessSV1 in str(error) and "pip install pylibjpeg pylibjpeg-libjpeg" in str(error)
@@ -260,18 +215,18 @@ def test_missing_decoder_names_pip_package(tmp_path, source):
 
 def test_truncated_pixel_data_refused(tmp_path, source):
     p = _gray(source)
-    _refuse(_dicom_bytes(tmp_path, p, pixel_data=p.tobytes()[: p.size // 2]), "truncated")
+    _refuse(dicom_bytes(tmp_path, p, pixel_data=p.tobytes()[: p.size // 2]), "truncated")
 
 
 def test_unusable_window_falls_back_with_warning(tmp_path, source):
     p = _gray(source)
-    img, info = read_dicom(_dicom_bytes(tmp_path, p, WindowCenter=100, WindowWidth=0), "x.dcm")
+    img, info = read_dicom(dicom_bytes(tmp_path, p, WindowCenter=100, WindowWidth=0), "x.dcm")
     np.testing.assert_array_equal(np.asarray(img), p)
     assert any("window unusable" in w for w in info.warnings)
 
 
 def test_no_identifiers_in_logs(tmp_path, source, caplog):
     caplog.set_level("DEBUG")
-    read_dicom(_dicom_bytes(tmp_path, _gray(source), ViewPosition="LL", Modality="CR"), "x.dcm")
+    read_dicom(dicom_bytes(tmp_path, _gray(source), ViewPosition="LL", Modality="CR"), "x.dcm")
     assert caplog.records
     assert not [v for v in IDENTIFIERS.values() if v in caplog.text], caplog.text

@@ -1,0 +1,96 @@
+"""The out-of-scope gate: fitted from data, refuses non-radiographs with a reason, passes real X-rays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pneumoscan.checkpoint import default_model_path, load_checkpoint, save_checkpoint
+from pneumoscan.errors import OutOfScopeError
+from pneumoscan.gate import OutOfScopeGate
+from pneumoscan.inference import InferenceFailure, InferenceResult, MedicalImageInference
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real chest X-rays not found at {DATA}")
+
+
+def test_fit_sets_threshold_at_validation_quantile():
+    gen = torch.Generator().manual_seed(0)
+    train = torch.randn(2000, 16, generator=gen)
+    labels = (torch.rand(2000, generator=gen) > 0.5).long()
+    train[labels == 1] += 3.0
+    val = torch.randn(1000, 16, generator=gen)
+    gate = OutOfScopeGate.fit(train, labels, val, quantile=0.99)
+    rejected = sum(not v.in_scope for v in gate.check_features(val))
+    assert 5 <= rejected <= 15  # 1 % of 1,000, give or take rounding at the quantile
+    far = torch.full((3, 16), 25.0)
+    assert not any(v.in_scope for v in gate.check_features(far))
+    restored = OutOfScopeGate.from_dict(gate.to_dict())
+    assert torch.allclose(restored.distances(val[:10]), gate.distances(val[:10]), atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def engine() -> MedicalImageInference:
+    eng = MedicalImageInference()
+    assert eng.gate is not None, "the shipped model must carry its out-of-scope gate"
+    return eng
+
+
+def _save(img: Image.Image | np.ndarray, path: Path) -> Path:
+    (Image.fromarray(img) if isinstance(img, np.ndarray) else img).save(path)
+    return path
+
+
+def test_real_radiographs_pass(engine):
+    files = sorted((DATA / "chest_xray/train/NORMAL").glob("*.jpeg"))[:4]
+    files += sorted((DATA / "fullres_sample/PNEUMONIA").glob("*.jpeg"))[:4]
+    outcomes = engine.predict_batch(files)
+    assert all(isinstance(o, InferenceResult) for o in outcomes), [getattr(o, "error", "") for o in outcomes]
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("blank", "blank or uniform"),
+    ("colour_photo", "colour image"),
+    ("gray_photo", "unlike the chest radiographs"),
+    ("noise", "out of scope"),
+    ("document", "out of scope"),
+])
+def test_non_radiographs_refused_with_reason(engine, tmp_path, kind, reason):
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(load_sample_images().images[0])
+    doc = Image.new("L", (600, 800), 255)
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(doc)
+    for y in range(40, 760, 18):
+        draw.text((40, y), "discharge summary: medication 5 mg twice daily, review in clinic", fill=0)
+    images = {
+        "blank": np.full((300, 300), 128, np.uint8),
+        "colour_photo": photo,
+        "gray_photo": photo.convert("L"),
+        "noise": (rng.random((400, 400)) * 255).astype(np.uint8),
+        "document": doc,
+    }
+    path = _save(images[kind], tmp_path / f"{kind}.png")
+    [outcome] = engine.predict_batch([path])
+    assert isinstance(outcome, InferenceFailure)
+    assert outcome.error_type == "OutOfScopeError"
+    assert reason in outcome.error and str(path) in outcome.error
+    with pytest.raises(OutOfScopeError, match="out of scope"):
+        engine.predict_image(path)
+
+
+def test_checkpoint_without_gate_predicts_with_warning(tmp_path, caplog):
+    ckpt = load_checkpoint(default_model_path())
+    ckpt["ood_gate"] = None
+    save_checkpoint(ckpt, tmp_path / "nogate.pth")
+    eng = MedicalImageInference(tmp_path / "nogate.pth")
+    assert "no out-of-scope gate" in caplog.text
+    path = _save(np.full((300, 300), 128, np.uint8), tmp_path / "blank.png")
+    assert isinstance(eng.predict_batch([path])[0], InferenceResult)

@@ -1,0 +1,52 @@
+"""The evaluation report: a self-contained HTML file, rendered by a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumoscan.browser import find_chromium, screenshot
+from pneumoscan.cli import evaluate_main
+
+TRAIN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray" / "train"
+pytestmark = pytest.mark.skipif(not TRAIN.is_dir(), reason=f"real chest X-rays not found at {TRAIN}")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("eval")
+    for cls, pattern in (("NORMAL", "*.jpeg"), ("PNEUMONIA", "*bacteria*.jpeg"), ("PNEUMONIA", "*virus*.jpeg")):
+        (root / cls).mkdir(exist_ok=True)
+        for f in sorted((TRAIN / cls).glob(pattern))[:12]:
+            (root / cls / f.name).symlink_to(f)
+    out = root / "report.html"
+    assert evaluate_main(["--data_dir", str(root), "--report", str(out), "--output_path", str(root / "m.json"),
+                          "--n_boot", "200"]) == 0
+    return out, json.loads((root / "m.json").read_text())
+
+
+@pytest.mark.slow
+def test_report_is_self_contained_with_every_section(report):
+    path, metrics = report
+    page = path.read_text()
+    for section in ("Metrics at the operating threshold", "ROC and precision-recall curves", "Confusion matrix",
+                    "Calibration", "Threshold table", "Sensitivity by pneumonia type", "Most confident errors"):
+        assert section in page
+    assert "bacterial" in page and "viral" in page
+    assert not re.search(r"""(src|href)=["']https?://""", page), "the report must not load anything from the network"
+    assert page.count("data:image/png;base64,") >= 2
+    assert f"{metrics['metrics']['auroc']['value']:.3f}" in page
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_chromium() is None, reason="chromium not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    png = screenshot(report[0], tmp_path / "report.png", height=2400)
+    img = np.asarray(Image.open(png).convert("L"))
+    assert img.shape == (2400, 1280)
+    assert img.std() > 20, "the rendered page looks blank"
