@@ -98,6 +98,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass --model_path to a .pth "
                               f"written by pneumoscan train")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip archive; the legacy format starts with a pickle protocol byte (0x80)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle); "
+                              f"pass --model_path to a .pth written by pneumoscan train")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -74,6 +74,11 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        non_negative = ("weight_decay", "lr_patience", "min_lr", "focal_gamma", "num_threads",
+                        "max_train_minutes", "min_val_images")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.image_size < 32 or self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 and >= 32 (five 2x2 poolings), "
                              f"got {self.image_size}")

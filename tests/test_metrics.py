@@ -1,0 +1,195 @@
+"""metrics.py against scikit-learn, NaN on empty denominators, bootstrap CIs, threshold choice, ECE."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from pneumoscan.metrics import (
+    METRIC_NAMES,
+    auroc,
+    binary_metrics,
+    bootstrap_ci,
+    confusion,
+    expected_calibration_error,
+    metrics_with_ci,
+    reliability_bins,
+    threshold_for_sensitivity,
+)
+
+RNG = np.random.default_rng(20240601)
+Y = RNG.integers(0, 2, size=400)
+# scores with many ties (21 distinct values), mildly informative
+P_TIED = np.clip(np.round((RNG.random(400) * 0.7 + 0.3 * Y) * 20) / 20, 0, 1)
+P_CONT = np.clip(RNG.normal(0.4 + 0.2 * Y, 0.2), 0, 1)
+
+
+def same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-12)
+
+
+def sklearn_metrics(y, prob, threshold) -> dict[str, float]:
+    pred = (np.asarray(prob) >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    nan = float("nan")
+    return {
+        "accuracy": accuracy_score(y, pred),
+        "sensitivity": recall_score(y, pred, zero_division=np.nan),
+        "specificity": tn / (tn + fp) if tn + fp else nan,
+        "ppv": precision_score(y, pred, zero_division=np.nan),
+        "npv": tn / (tn + fn) if tn + fn else nan,
+        "f1": f1_score(y, pred, zero_division=np.nan),
+        "auroc": roc_auc_score(y, prob),
+    }
+
+
+@pytest.mark.parametrize("scores", ["tied", "continuous"])
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 0.3, 0.5, 0.55, 0.7, 0.95, 1.0, 1.01])
+def test_binary_metrics_match_sklearn(scores, threshold):
+    prob = P_TIED if scores == "tied" else P_CONT
+    ours = binary_metrics(Y, prob, threshold)
+    theirs = sklearn_metrics(Y, prob, threshold)
+    assert set(ours) == set(METRIC_NAMES)
+    for name in METRIC_NAMES:
+        assert same(ours[name], float(theirs[name])), f"{name}: {ours[name]} != sklearn {theirs[name]}"
+
+
+def test_threshold_is_inclusive():
+    assert binary_metrics(np.array([1, 0]), np.array([0.5, 0.49]), 0.5)["accuracy"] == 1.0
+    assert confusion(np.array([1, 0]), np.array([0.5, 0.5]), 0.5) == {"tp": 1, "fp": 1, "tn": 0, "fn": 0}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_matches_sklearn_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 150)
+    s = rng.integers(0, 6, 150) / 5.0
+    assert auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_auroc_extremes():
+    y = np.array([0, 0, 1, 1])
+    assert auroc(y, np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+    assert auroc(y, np.array([0.9, 0.8, 0.2, 0.1])) == 0.0
+    assert auroc(y, np.full(4, 0.3)) == 0.5
+
+
+def test_nan_when_a_denominator_is_zero():
+    only_negatives = binary_metrics(np.zeros(5, int), np.linspace(0.1, 0.9, 5), 0.5)
+    assert math.isnan(only_negatives["sensitivity"]) and math.isnan(only_negatives["auroc"])
+    assert only_negatives["specificity"] == pytest.approx(2 / 5)  # 0.5, 0.7, 0.9 called positive
+
+    only_positives = binary_metrics(np.ones(5, int), np.linspace(0.1, 0.9, 5), 0.5)
+    assert math.isnan(only_positives["specificity"]) and math.isnan(only_positives["auroc"])
+    assert only_positives["sensitivity"] == pytest.approx(3 / 5)
+
+    y = np.array([0, 1, 0, 1])
+    none_called = binary_metrics(y, np.array([0.1, 0.2, 0.3, 0.4]), 0.9)
+    assert math.isnan(none_called["ppv"]) and none_called["npv"] == 0.5 and none_called["sensitivity"] == 0.0
+    all_called = binary_metrics(y, np.array([0.1, 0.2, 0.3, 0.4]), 0.0)
+    assert math.isnan(all_called["npv"]) and all_called["ppv"] == 0.5 and all_called["specificity"] == 0.0
+
+    empty = binary_metrics(np.array([], int), np.array([], float), 0.5)
+    assert all(math.isnan(v) for v in empty.values())
+
+
+def test_bootstrap_ci_contains_the_point_estimate_and_is_reproducible():
+    point = binary_metrics(Y, P_CONT, 0.5)
+    ci = bootstrap_ci(Y, P_CONT, 0.5, n_boot=300, seed=11)
+    assert set(ci) == set(METRIC_NAMES)
+    for name, (lo, hi) in ci.items():
+        assert lo <= point[name] <= hi, f"{name}: {point[name]} outside [{lo}, {hi}]"
+        assert hi - lo > 0
+    assert bootstrap_ci(Y, P_CONT, 0.5, n_boot=300, seed=11) == ci
+    assert bootstrap_ci(Y, P_CONT, 0.5, n_boot=300, seed=12) != ci
+
+
+def test_patient_bootstrap_is_wider_when_images_of_a_patient_are_copies():
+    rng = np.random.default_rng(5)
+    y0 = rng.integers(0, 2, 80)
+    p0 = np.clip(rng.normal(0.35 + 0.3 * y0, 0.2), 0, 1)
+    y, p = np.repeat(y0, 5), np.repeat(p0, 5)  # 5 identical images per patient
+    groups = np.repeat(np.arange(80), 5)
+    by_image = bootstrap_ci(y, p, 0.5, n_boot=400, seed=1)
+    by_patient = bootstrap_ci(y, p, 0.5, n_boot=400, seed=1, groups=groups)
+    point = binary_metrics(y, p, 0.5)
+    for name in ("accuracy", "auroc"):
+        lo, hi = by_patient[name]
+        assert lo <= point[name] <= hi
+        assert hi - lo > 1.5 * (by_image[name][1] - by_image[name][0]), name
+
+
+def test_metrics_with_ci_report():
+    report = metrics_with_ci(Y, P_CONT, 0.4, n_boot=50, seed=0)
+    assert report["n"] == len(Y) and report["n_positive"] == int(Y.sum())
+    assert report["threshold"] == 0.4
+    assert sum(report["confusion"].values()) == len(Y)
+    point = binary_metrics(Y, P_CONT, 0.4)
+    for name in METRIC_NAMES:
+        m = report["metrics"][name]
+        assert m["value"] == point[name]
+        assert m["ci_low"] <= m["value"] <= m["ci_high"]
+
+
+def _sensitivity(y, prob, t):
+    return binary_metrics(y, prob, t)["sensitivity"]
+
+
+@pytest.mark.parametrize("target", [0.5, 0.55, 0.56, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0])
+@pytest.mark.parametrize("n_pos", [25, 37, 100])
+def test_threshold_for_sensitivity_is_the_highest_meeting_the_target(target, n_pos):
+    rng = np.random.default_rng(n_pos)
+    y = np.concatenate([np.ones(n_pos, int), np.zeros(60, int)])
+    prob = rng.random(len(y))  # distinct values
+    t = threshold_for_sensitivity(y, prob, target)
+    assert _sensitivity(y, prob, t) >= target
+    assert _sensitivity(y, prob, np.nextafter(t, np.inf)) < target, "a higher threshold also meets the target"
+
+
+@pytest.mark.parametrize("target", [0.6, 0.8, 0.95])
+def test_threshold_for_sensitivity_with_tied_scores(target):
+    t = threshold_for_sensitivity(Y, P_TIED, target)
+    assert _sensitivity(Y, P_TIED, t) >= target
+    assert _sensitivity(Y, P_TIED, np.nextafter(t, np.inf)) < target
+
+
+def test_threshold_for_sensitivity_needs_positives():
+    with pytest.raises(ValueError, match="positive"):
+        threshold_for_sensitivity(np.zeros(4, int), np.linspace(0, 1, 4), 0.9)
+
+
+def test_ece_is_zero_for_perfectly_calibrated_bins():
+    # 10 cases at 0.8, 8 of them positive; 10 cases at 0.3, 3 of them positive:
+    # each bin's accuracy equals its confidence (0.8 and 0.7).
+    prob = np.array([0.8] * 10 + [0.3] * 10)
+    y = np.array([1] * 8 + [0] * 2 + [1] * 3 + [0] * 7)
+    assert expected_calibration_error(y, prob, n_bins=10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ece_matches_a_hand_computation():
+    prob = np.array([0.9, 0.9, 0.65, 0.3])
+    y = np.array([1, 0, 1, 0])
+    # confidences of the predicted class: 0.9, 0.9, 0.65, 0.7; correct: 1, 0, 1, 1
+    # 5 bins: (0.6, 0.8] holds 0.65 and 0.7 -> accuracy 1, confidence 0.675 -> |gap| 0.325 x 2
+    #         (0.8, 1.0] holds 0.9 and 0.9  -> accuracy 0.5, confidence 0.9 -> |gap| 0.4 x 2
+    expected = (2 * 0.325 + 2 * 0.4) / 4
+    assert expected_calibration_error(y, prob, n_bins=5) == pytest.approx(expected)
+    bins = reliability_bins(y, prob, n_bins=5)
+    assert [b["count"] for b in bins] == [0, 0, 0, 2, 2]
+    assert bins[3]["confidence"] == pytest.approx(0.675) and bins[3]["accuracy"] == 1.0
+    assert bins[4]["confidence"] == pytest.approx(0.9) and bins[4]["accuracy"] == 0.5
+
+
+def test_reliability_bins_cover_every_case():
+    bins = reliability_bins(Y, P_CONT, 15)
+    assert len(bins) == 15 and sum(b["count"] for b in bins) == len(Y)

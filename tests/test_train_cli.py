@@ -1,0 +1,193 @@
+"""End to end: ``pneumoscan train`` on a small real subset, --resume, --strict and bad-file listing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pneumoscan.checkpoint import load_checkpoint
+from pneumoscan.cli import train_main
+from pneumoscan.data import prepare_data
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+OUTPUTS = ["medical_cnn_model.pth", "checkpoint_last.pth", "training_results.json", "training_summary.txt",
+           "training.log", "history.csv", "training_history.png"]
+
+
+def read_history(out) -> list[dict]:
+    with open(out / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_smoke_run_writes_every_output(trained_run):
+    assert trained_run.code == 0
+    for name in OUTPUTS:
+        path = trained_run.out / name
+        assert path.is_file(), f"{name} missing from {trained_run.out}"
+        assert path.stat().st_size > 0, f"{name} is empty"
+    assert (trained_run.out / "training_history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_log_has_the_per_epoch_line(trained_run):
+    log = (trained_run.out / "training.log").read_text()
+    lines = [ln for ln in log.splitlines() if "Epoch 1/1" in ln]
+    assert len(lines) == 1, log
+    line = lines[0]
+    for key in ("Train Loss", "Val Sensitivity", "Val Specificity"):
+        assert key in line
+    loss = float(re.search(r"Train Loss: ([-\d.e+]+|nan)", line).group(1))
+    sens = float(re.search(r"Val Sensitivity: ([\d.]+|nan)", line).group(1))
+    spec = float(re.search(r"Val Specificity: ([\d.]+|nan)", line).group(1))
+    assert math.isfinite(loss) and loss > 0
+    assert 0.0 <= sens <= 1.0 and 0.0 <= spec <= 1.0
+
+
+def test_results_and_history_describe_the_run(trained_run):
+    results = json.loads((trained_run.out / "training_results.json").read_text())
+    assert results["config"]["image_size"] == 64 and results["config"]["epochs"] == 1
+    assert [h["epoch"] for h in results["history"]] == [1]
+    assert results["best_epoch"] == 1
+    history = read_history(trained_run.out)
+    assert [int(r["epoch"]) for r in history] == [1]
+    assert float(history[0]["train_loss"]) == pytest.approx(results["history"][0]["train_loss"])
+    for column in ("train_loss", "val_loss", "val_sensitivity", "val_specificity", "val_auroc", "lr"):
+        assert column in history[0]
+
+    data = results["data"]
+    n_files = sum(1 for _ in (trained_run.data / "train").rglob("*.jpeg"))
+    assert data["train"]["images"] + data["val"]["images"] + data["duplicates_dropped"] == n_files
+    assert data["bad_files"] == 0 and data["bad_file_list"] == []
+    for split in ("train", "val"):
+        assert data[split]["NORMAL"] > 0 and data[split]["PNEUMONIA"] > 0
+
+    cal = results["calibration"]
+    assert cal["temperature"] > 0 and 0.0 < cal["threshold"] < 1.0
+    sensitivity = results["validation"]["at_threshold"]["metrics"]["sensitivity"]["value"]
+    assert sensitivity >= results["config"]["target_sensitivity"]
+    summary = (trained_run.out / "training_summary.txt").read_text()
+    assert "validation" in summary and "threshold" in summary
+
+
+def test_saved_model_is_a_calibrated_checkpoint(trained_run, trained_model):
+    ckpt = load_checkpoint(trained_model)
+    results = json.loads((trained_run.out / "training_results.json").read_text())
+    assert ckpt["image_size"] == 64 and ckpt["in_channels"] == 3
+    assert ckpt["temperature"] == pytest.approx(results["calibration"]["temperature"])
+    assert ckpt["threshold"] == pytest.approx(results["calibration"]["threshold"])
+    assert ckpt["normalization"]["std"] > 0
+    last = load_checkpoint(trained_run.out / "checkpoint_last.pth")
+    assert last["epoch"] == 1 and "optimizer_state" in last and len(last["history"]) == 1
+
+
+def test_the_run_split_keeps_patients_apart(trained_run):
+    """Rebuild the run's split (same seed, cached decode) and check it against the results file."""
+    results = json.loads((trained_run.out / "training_results.json").read_text())
+    cfg = results["config"]
+    splits = prepare_data(str(trained_run.data), cfg["image_size"], cfg["val_fraction"], cfg["min_val_images"],
+                          cfg["seed"], cache_dir=str(trained_run.cache))
+    assert not set(splits.train.patients) & set(splits.val.patients)
+    assert len(splits.train) == results["data"]["train"]["images"]
+    assert len(splits.val) == results["data"]["val"]["images"]
+    multi = [p for p in set(splits.train.patients) | set(splits.val.patients)
+             if splits.train.patients.count(p) + splits.val.patients.count(p) > 1]
+    assert len(multi) >= 3, "the smoke subset should hold patients with several images"
+
+
+def test_resume_continues_at_epoch_2(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "resumed"
+    shutil.copytree(trained_run.out, out)
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--epochs", "2", "--resume"]
+    assert train_main(argv) == 0
+    history = read_history(out)
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+    first = json.loads((trained_run.out / "training_results.json").read_text())["history"][0]
+    assert float(history[0]["train_loss"]) == pytest.approx(first["train_loss"])  # epoch 1 kept, not retrained
+    results = json.loads((out / "training_results.json").read_text())
+    assert len(results["history"]) == 2 and results["config"]["epochs"] == 2
+    log = (out / "training.log").read_text()
+    assert "resumed" in log and "Epoch 2/2" in log and "Epoch 1/2" not in log
+    assert load_checkpoint(out / "checkpoint_last.pth")["epoch"] == 2
+
+
+def test_resume_without_a_checkpoint_is_refused(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "fresh"
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--resume"]
+    assert train_main(argv) == 2
+    assert "checkpoint_last.pth" in (out / "training.log").read_text()
+
+
+def test_resume_with_a_different_image_size_is_refused(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "changed"
+    shutil.copytree(trained_run.out, out)
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--epochs", "2", "--image_size", "32", "--resume"]
+    assert train_main(argv) == 2
+    log = (out / "training.log").read_text()
+    assert "image_size" in log and "Epoch 2/2" not in log
+
+
+@pytest.fixture
+def data_with_a_corrupt_file(tmp_path, smoke_files, make_dataset):
+    files = {cls: paths[:20] for cls, paths in smoke_files.items()}
+    data = make_dataset(tmp_path / "data", files)
+    corrupt = data / "train" / "PNEUMONIA" / "person9999_bacteria_1.jpeg"
+    corrupt.write_text("not a JPEG at all")
+    return data, corrupt
+
+
+def test_strict_stops_before_training_and_names_the_bad_file(data_with_a_corrupt_file, tmp_path, smoke_args):
+    data, corrupt = data_with_a_corrupt_file
+    out = tmp_path / "strict_out"
+    argv = ["--data_dir", str(data), "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"),
+            *smoke_args, "--strict"]
+    assert train_main(argv) == 2
+    log = (out / "training.log").read_text()
+    assert str(corrupt) in log
+    assert "Epoch 1/" not in log
+    assert not (out / "checkpoint_last.pth").exists() and not (out / "medical_cnn_model.pth").exists()
+
+
+def test_without_strict_the_bad_file_is_listed(data_with_a_corrupt_file, tmp_path):
+    data, corrupt = data_with_a_corrupt_file
+    out = tmp_path / "lenient_out"
+    # a much smaller model: this run is about the bad-file report, not the network
+    argv = ["--data_dir", str(data), "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"),
+            "--image_size", "32", "--width", "0.25", "--epochs", "1", "--batch_size", "16",
+            "--val_fraction", "0.3", "--device", "cpu"]
+    assert train_main(argv) == 0
+    results = json.loads((out / "training_results.json").read_text())
+    listed = results["data"]["bad_file_list"]
+    assert [b["path"] for b in listed] == [str(corrupt)]
+    assert "not a recognised image" in listed[0]["reason"]
+    assert results["data"]["bad_files"] == 1
+    data = results["data"]
+    assert data["train"]["images"] + data["val"]["images"] + data["duplicates_dropped"] == 40
+    assert "skipped 1 unusable file" in (out / "training_summary.txt").read_text()
+
+
+def test_missing_data_dir_exits_2(tmp_path, smoke_args):
+    out = tmp_path / "out"
+    assert train_main(["--data_dir", str(tmp_path / "missing"), "--output_dir", str(out), *smoke_args]) == 2
+    assert "does not exist" in (out / "training.log").read_text()
+
+
+@pytest.mark.parametrize("script", ["train_medical_model.py", "run_inference.py"])
+def test_seed_scripts_run(script):
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / script), "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr
+    expected_flag = "--data_dir" if script.startswith("train") else "--image_path"
+    assert expected_flag in proc.stdout
