@@ -64,7 +64,7 @@ def main() -> int:
                       f"after T = {ckpt['temperature']:.2f} (ECE {report['ece_after']:.3f})":
                       reliability_bins(y, cal)}, out / "reliability_diagram.png", title="validation")
     if Path(args.fullres_dir).is_dir():
-        engine = MedicalImageInference(path)
+        engine = MedicalImageInference(path, gate=False)
         full = list_inputs(args.fullres_dir)
         small = [Path(args.data_dir) / "train" / f.parent.name / f.name for f in full]
         a = [r.probabilities["PNEUMONIA"] for r in engine.predict_batch(full)]

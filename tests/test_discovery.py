@@ -216,3 +216,20 @@ def test_load_labelled_folder_accepts_class_folders_or_a_root(tmp_path, few_imag
     assert by_root.class_counts() == {"NORMAL": 4, "PNEUMONIA": 4}
     with pytest.raises(DataError, match="val/"):
         load_labelled_folder(str(tmp_path / "root"), 32, "val", cache_dir="none")
+
+
+def test_user_val_folder_duplicates_are_dropped_from_train(tmp_path, train_dir):
+    normal = sorted((train_dir / "NORMAL").glob("*.jpeg"))[:6]
+    pneumonia = sorted((train_dir / "PNEUMONIA").glob("*.jpeg"))[:6]
+    for split, part in (("train", slice(0, 4)), ("val", slice(4, 6))):
+        for cls, files in (("NORMAL", normal), ("PNEUMONIA", pneumonia)):
+            folder = tmp_path / "data" / split / cls
+            folder.mkdir(parents=True)
+            for f in files[part]:
+                shutil.copy(f, folder / f.name)
+    shutil.copy(normal[4], tmp_path / "data" / "train" / "NORMAL" / "copy_of_a_val_image.jpeg")
+    splits = prepare_data(str(tmp_path / "data"), 32, min_val_images=4, cache_dir="none")
+    assert splits.info["validation"] == "val/ folder"
+    assert not any(p.endswith("copy_of_a_val_image.jpeg") for p in splits.train.paths)
+    assert splits.info["duplicates_dropped"] == 1
+    assert len(splits.train) == 8 and len(splits.val) == 4

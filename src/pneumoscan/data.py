@@ -358,6 +358,13 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
     info: dict = {"root": str(root), "bad_files": len(bad)}
     if len(val_recs) >= min_val_images:
         info["validation"] = "val/ folder"
+        val_hashes = {r.sha1 for r in val_recs}
+        leaked = [r for r in train_recs if r.sha1 in val_hashes]
+        if leaked:
+            log.warning("dropping %d train/ file(s) byte-identical to val/ files, so validation stays unseen: %s",
+                        len(leaked), ", ".join(r.path.name for r in leaked[:10]))
+            train_recs = [r for r in train_recs if r.sha1 not in val_hashes]
+        info["duplicates_dropped"] = len(leaked)
     else:
         why = "missing" if found["val"] is None else f"only {len(val_recs)} images"
         pool = train_recs + val_recs

@@ -252,6 +252,10 @@ class MedicalImageInference:
             except ImageError as exc:
                 fail(i, exc)
                 continue
+            except Exception as exc:  # an unforeseen decoder failure must not stop the batch
+                log.debug("unexpected error decoding %s", name(i), exc_info=True)
+                fail(i, ImageError(f"{name(i)}: unexpected error while decoding ({type(exc).__name__}: {exc})"))
+                continue
             if self.gate is not None:
                 verdict = self.gate.check_pixels(np.asarray(decoded.gray), decoded.colorfulness)
                 if not verdict.in_scope:

@@ -125,7 +125,10 @@ def decode_image(source: str | os.PathLike | bytes, size: int | None = None) -> 
         raise ImageError(f"{name}: cannot decode image, file may be truncated or corrupt ({exc})") from exc
     if img.width < 2 or img.height < 2:
         raise ImageError(f"{name}: image is {img.width}x{img.height} pixels, too small to be a radiograph")
-    gray, colour = to_grayscale(img)
+    try:
+        gray, colour = to_grayscale(img)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError) as exc:  # e.g. corrupt EXIF, odd modes
+        raise ImageError(f"{name}: cannot convert {img.mode} image to grayscale ({exc})") from exc
     return DecodedImage(gray, colour, img.format or "")
 
 
