@@ -43,7 +43,7 @@ def main() -> int:
                             "--output_path", str(out / "validation_metrics.json")])
         if rc != 0:
             raise SystemExit(f"evaluate failed with exit code {rc}")
-        screenshot(html, out / "report.png", height=4300)
+        screenshot(html, out / "report.png", height=2700)
     print(f"wrote {out / 'report.png'} and {out / 'validation_metrics.json'}")
     return 0
 

@@ -152,15 +152,24 @@ def test_threshold_for_sensitivity_is_the_highest_meeting_the_target(target, n_p
     y = np.concatenate([np.ones(n_pos, int), np.zeros(60, int)])
     prob = rng.random(len(y))  # distinct values
     t = threshold_for_sensitivity(y, prob, target)
+    _assert_best_threshold_with_margin(y, prob, t, target)
+
+
+def _assert_best_threshold_with_margin(y, prob, t, target):
     assert _sensitivity(y, prob, t) >= target
-    assert _sensitivity(y, prob, np.nextafter(t, np.inf)) < target, "a higher threshold also meets the target"
+    highest = prob[prob >= t].min()  # the case the threshold sits just below
+    assert t < highest, "the threshold must not sit on a data point"
+    assert not ((prob >= t) & (prob < highest)).any(), "it must classify the data as the highest threshold does"
+    assert _sensitivity(y, prob, np.nextafter(highest, np.inf)) < target, "a higher threshold also meets the target"
+    below = prob[prob < t]
+    if len(below):
+        assert t - below.max() == pytest.approx(highest - t), "the threshold is midway between two cases"
 
 
 @pytest.mark.parametrize("target", [0.6, 0.8, 0.95])
 def test_threshold_for_sensitivity_with_tied_scores(target):
     t = threshold_for_sensitivity(Y, P_TIED, target)
-    assert _sensitivity(Y, P_TIED, t) >= target
-    assert _sensitivity(Y, P_TIED, np.nextafter(t, np.inf)) < target
+    _assert_best_threshold_with_margin(Y, P_TIED, t, target)
 
 
 def test_threshold_for_sensitivity_needs_positives():

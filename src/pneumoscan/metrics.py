@@ -146,12 +146,22 @@ def expected_calibration_error(y_true: np.ndarray, prob: np.ndarray, n_bins: int
 
 
 def threshold_for_sensitivity(y_true: np.ndarray, prob: np.ndarray, target: float) -> float:
-    """The highest threshold whose sensitivity is still >= ``target`` (the best specificity at that sensitivity)."""
+    """An operating threshold with sensitivity >= ``target`` and the best specificity at that sensitivity.
+
+    The highest threshold meeting the target is the score of the k-th most suspicious positive;
+    a threshold exactly on a data point flips that case with any rounding difference (another
+    CPU, bf16 on a GPU). So the threshold returned is the midpoint between that score and the
+    next lower score of any case: it classifies the given data exactly as the highest one does,
+    with a margin on both sides.
+    """
+    p = np.asarray(prob, dtype=np.float64)
     y = np.asarray(y_true).astype(bool)
-    pos = np.sort(np.asarray(prob, dtype=np.float64)[y])[::-1]
+    pos = np.sort(p[y])[::-1]
     if len(pos) == 0:
         raise ValueError("cannot choose a threshold for sensitivity without positive cases")
     k = math.ceil(target * len(pos))  # need at least k positives at or above the threshold
     if k > 1 and (k - 1) / len(pos) >= target:  # target * n rounded up in floating point (0.56 * 25)
         k -= 1
-    return float(pos[k - 1])
+    highest = float(pos[k - 1])
+    below = p[p < highest]
+    return (highest + (float(below.max()) if len(below) else 0.0)) / 2.0

@@ -218,7 +218,7 @@ def run_training(cfg: TrainConfig) -> dict:
             raise CheckpointError(f"no epoch produced a finite {cfg.eval_metric}; nothing to save")
         best_state = load_checkpoint(best_path)["model_state"]
     model.load_state_dict(best_state)
-    final = finalize(model, splits, cfg, norm, device, eval_criterion)
+    final = finalize(model, splits, cfg, norm, device)
     save_checkpoint(model_payload(model, arch=cfg.arch, model_kw=kw, image_size=cfg.image_size,
                                   normalization=norm, config=cfg.to_dict(), temperature=final["temperature"],
                                   threshold=final["threshold"], metrics=final["metrics_summary"],
@@ -249,8 +249,9 @@ def run_training(cfg: TrainConfig) -> dict:
     return results
 
 
-def finalize(model, splits: DataSplits, cfg: TrainConfig, norm: dict, device, criterion) -> dict:
-    """Temperature and screening threshold fitted on validation, then validation and test reports."""
+def finalize(model, splits: DataSplits, cfg: TrainConfig, norm: dict, device) -> dict:
+    """Temperature, screening threshold and out-of-scope gate fitted (validation, training features),
+    then validation and test reports."""
     logits, val_feats = predict_outputs(model, splits.val.images, norm, cfg.in_channels, device)
     _, train_feats = predict_outputs(model, splits.train.images, norm, cfg.in_channels, device)
     gate = OutOfScopeGate.fit(train_feats, splits.train.labels, val_feats)
