@@ -191,3 +191,23 @@ def test_seed_scripts_run(script):
     assert proc.returncode == 0, proc.stderr
     expected_flag = "--data_dir" if script.startswith("train") else "--image_path"
     assert expected_flag in proc.stdout
+
+
+@pytest.mark.slow
+def test_test_split_is_evaluated_once_and_never_trained_on(tmp_path, smoke_files, smoke_args):
+    root = tmp_path / "data"
+    for cls, paths in smoke_files.items():
+        for split, part in (("train", paths[:-8]), ("test", paths[-8:])):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for p in part:
+                (root / split / cls / p.name).symlink_to(p)
+    out = tmp_path / "out"
+    assert train_main(["--data_dir", str(root), "--output_dir", str(out), "--cache_dir", str(tmp_path / "c"),
+                       *smoke_args]) == 0
+    res = json.loads((out / "training_results.json").read_text())
+    assert res["data"]["test"]["images"] == 16
+    assert res["test"]["at_threshold"]["n"] == 16
+    assert res["test"]["at_threshold"]["threshold"] == pytest.approx(res["calibration"]["threshold"])
+    assert "test/ (evaluated once" in (out / "training_summary.txt").read_text()
+    log = (out / "training.log").read_text()
+    assert log.count("test (evaluated once, never used for choices)") == 1
