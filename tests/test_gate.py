@@ -20,17 +20,21 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real chest X-rays no
 
 def test_fit_sets_threshold_at_validation_quantile():
     gen = torch.Generator().manual_seed(0)
-    train = torch.randn(2000, 16, generator=gen)
     labels = (torch.rand(2000, generator=gen) > 0.5).long()
-    train[labels == 1] += 3.0
-    val = torch.randn(1000, 16, generator=gen)
-    gate = OutOfScopeGate.fit(train, labels, val, quantile=0.99)
+    train = [torch.randn(2000, d, generator=gen) + 3.0 * labels[:, None] for d in (8, 16)]
+    val = [torch.randn(1000, d, generator=gen) for d in (8, 16)]
+    gate = OutOfScopeGate.fit(train, labels, val, layers=(0, 1), quantile=0.99)
     rejected = sum(not v.in_scope for v in gate.check_features(val))
     assert 5 <= rejected <= 15  # 1 % of 1,000, give or take rounding at the quantile
-    far = torch.full((3, 16), 25.0)
-    assert not any(v.in_scope for v in gate.check_features(far))
+    far_in_one_layer = [torch.zeros(3, 8), torch.full((3, 16), 25.0)]
+    assert not any(v.in_scope for v in gate.check_features(far_in_one_layer))
     restored = OutOfScopeGate.from_dict(gate.to_dict())
-    assert torch.allclose(restored.distances(val[:10]), gate.distances(val[:10]), atol=1e-3)
+    assert torch.allclose(restored.scores([v[:10] for v in val]), gate.scores([v[:10] for v in val]), atol=1e-3)
+
+
+def test_a_gate_of_an_older_kind_is_refused():
+    with pytest.raises(ValueError, match="older kind"):
+        OutOfScopeGate.from_dict({"means": torch.zeros(2, 4), "threshold": 1.0})
 
 
 @pytest.fixture(scope="module")

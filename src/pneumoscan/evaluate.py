@@ -26,20 +26,20 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 @torch.no_grad()
 def predict_outputs(model: torch.nn.Module, images: torch.Tensor, normalization: dict, in_channels: int,
-                    device: torch.device, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, 2) and pooled features (N, D) on the CPU for uint8 images (N, S, S), in eval mode."""
+                    device: torch.device, batch_size: int = 64) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits (N, 2) and each block's spatially pooled features (list of (N, C_i)), on the CPU, in eval mode."""
     model.eval()
     logits, feats = [], []
     for start in range(0, len(images), batch_size):
         x = to_model_input(images[start:start + batch_size].to(device), normalization["mean"],
                            normalization["std"], in_channels)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            f = model.embed(x)
-            logits.append(model.head(f).float().cpu())
-        feats.append(f.float().cpu())
+            lg, pooled = model.forward_with_features(x)
+        logits.append(lg.float().cpu())
+        feats.append([f.float().cpu() for f in pooled])
     if not logits:
-        return torch.zeros((0, 2)), torch.zeros((0, 0))
-    return torch.cat(logits), torch.cat(feats)
+        return torch.zeros((0, 2)), []
+    return torch.cat(logits), [torch.cat(per_block) for per_block in zip(*feats)]
 
 
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalization: dict, in_channels: int,

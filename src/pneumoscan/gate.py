@@ -3,10 +3,12 @@
 Two stages, both fitted from data and stored in the checkpoint:
 1. image statistics at original geometry: a blank/uniform image (tiny pixel spread) or a
    colour image (radiographs are grayscale) is refused before the model runs;
-2. feature distance: the Mahalanobis distance (class-conditional means, one shared,
-   shrunk covariance; Lee et al. 2018) of the model's pooled features to the training
-   radiographs. Above a threshold set at a high quantile of the validation distances,
-   the input is refused as unlike anything the model was trained on.
+2. feature distance: for several blocks of the network, the Mahalanobis distance (class-
+   conditional means, one shared, shrunk covariance; Lee et al. 2018) of the block's spatially
+   pooled features to the training radiographs, each divided by its own validation quantile;
+   the largest of these is the input's score. Early blocks see texture and intensity
+   statistics (photos, maps, MR), the last one content; a score above the same quantile of
+   the validation radiographs' scores is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import torch
 DEFAULT_MAX_COLORFULNESS = 12.0
 # Pixel standard deviation (0-255) under which an image carries no radiograph.
 DEFAULT_MIN_STD = 8.0
+# Blocks 2-5 of MedicalCNN (indices into model.features). The last block alone missed grayscale
+# photos, MR slices and elevation maps; with blocks 2-4 added it caught them (docs/gate.md).
+DEFAULT_LAYERS = (1, 2, 3, 4)
 
 
 @dataclass
@@ -28,42 +33,62 @@ class GateVerdict:
 
     in_scope: bool
     reason: str = ""
-    distance: float | None = None
+    score: float | None = None
+
+
+def _mahalanobis_fit(x: torch.Tensor, labels: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.double()
+    means = torch.stack([x[labels == k].mean(0) for k in range(int(labels.max()) + 1)])
+    centred = x - means[labels]
+    cov = centred.T @ centred / max(len(x) - 1, 1)
+    d = cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * torch.trace(cov) / d * torch.eye(d, dtype=cov.dtype)
+    return means, torch.linalg.inv(cov)
+
+
+def _mahalanobis(x: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Smallest class-conditional Mahalanobis distance of each row of ``x``."""
+    diff = x.double()[:, None, :] - means.double()[None]  # (N, K, D)
+    d2 = torch.einsum("nkd,de,nke->nk", diff, precision.double(), diff)
+    return d2.clamp_min(0).min(dim=1).values.sqrt()
 
 
 class OutOfScopeGate:
-    """A fitted gate; ``to_dict``/``from_dict`` store it in a checkpoint (tensors and floats only)."""
+    """A fitted gate; ``to_dict``/``from_dict`` store it in a checkpoint (tensors, lists and floats only)."""
 
-    def __init__(self, means: torch.Tensor, precision: torch.Tensor, threshold: float,
-                 min_std: float = DEFAULT_MIN_STD, max_colorfulness: float = DEFAULT_MAX_COLORFULNESS,
-                 quantile: float = 0.995) -> None:
-        self.means = means.double()
-        self.precision = precision.double()
+    def __init__(self, layers: list[int], means: list[torch.Tensor], precisions: list[torch.Tensor],
+                 scales: list[float], threshold: float, min_std: float = DEFAULT_MIN_STD,
+                 max_colorfulness: float = DEFAULT_MAX_COLORFULNESS, quantile: float = 0.995) -> None:
+        self.layers = [int(i) for i in layers]
+        self.means = means
+        self.precisions = precisions
+        self.scales = [float(s) for s in scales]
         self.threshold = float(threshold)
         self.min_std = float(min_std)
         self.max_colorfulness = float(max_colorfulness)
         self.quantile = float(quantile)
 
     @classmethod
-    def fit(cls, train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
-            quantile: float = 0.995, shrinkage: float = 0.1) -> OutOfScopeGate:
-        """Class means and shrunk tied covariance from training features; threshold from validation."""
-        x = train_feats.double()
-        labels = train_labels.long()
-        means = torch.stack([x[labels == k].mean(0) for k in range(int(labels.max()) + 1)])
-        centred = x - means[labels]
-        cov = centred.T @ centred / max(len(x) - 1, 1)
-        d = cov.shape[0]
-        cov = (1 - shrinkage) * cov + shrinkage * torch.trace(cov) / d * torch.eye(d, dtype=cov.dtype)
-        gate = cls(means, torch.linalg.inv(cov), threshold=float("inf"), quantile=quantile)
-        gate.threshold = float(np.quantile(gate.distances(val_feats).numpy(), quantile))
+    def fit(cls, train_feats: list[torch.Tensor], train_labels: torch.Tensor, val_feats: list[torch.Tensor],
+            layers: tuple[int, ...] = DEFAULT_LAYERS, quantile: float = 0.995, shrinkage: float = 0.1
+            ) -> OutOfScopeGate:
+        """Per-block class means and covariance from training features; scales and threshold from validation."""
+        layers = tuple(i for i in layers if i < len(train_feats)) or (len(train_feats) - 1,)
+        means, precisions, scales = [], [], []
+        for i in layers:
+            m, prec = _mahalanobis_fit(train_feats[i], train_labels.long(), shrinkage)
+            means.append(m)
+            precisions.append(prec)
+            scales.append(float(np.quantile(_mahalanobis(val_feats[i], m, prec).numpy(), quantile)))
+        gate = cls(list(layers), means, precisions, scales, threshold=float("inf"), quantile=quantile)
+        gate.threshold = float(np.quantile(gate.scores(val_feats).numpy(), quantile))
         return gate
 
-    def distances(self, feats: torch.Tensor) -> torch.Tensor:
-        """Smallest class-conditional Mahalanobis distance of each feature row."""
-        diff = feats.double()[:, None, :] - self.means[None]  # (N, K, D)
-        d2 = torch.einsum("nkd,de,nke->nk", diff, self.precision, diff)
-        return d2.clamp_min(0).min(dim=1).values.sqrt()
+    def scores(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Each input's largest per-block distance, in units of that block's validation quantile."""
+        per_layer = [_mahalanobis(feats[i], m, p) / s
+                     for i, m, p, s in zip(self.layers, self.means, self.precisions, self.scales)]
+        return torch.stack(per_layer).max(dim=0).values
 
     def check_pixels(self, gray: np.ndarray, colour: float) -> GateVerdict:
         """Stage 1 on the original-geometry grayscale pixels and the source's colourfulness."""
@@ -76,24 +101,33 @@ class OutOfScopeGate:
                                       f"{self.max_colorfulness:.0f}); chest radiographs are grayscale")
         return GateVerdict(True)
 
-    def check_features(self, feats: torch.Tensor) -> list[GateVerdict]:
-        """Stage 2 for a batch of pooled features."""
+    def check_features(self, feats: list[torch.Tensor]) -> list[GateVerdict]:
+        """Stage 2 for a batch: ``feats`` as returned by ``predict_outputs`` (one tensor per block)."""
         out = []
-        for dist in self.distances(feats).tolist():
-            if dist > self.threshold:
+        for score in self.scores(feats).tolist():
+            if score > self.threshold:
                 out.append(GateVerdict(False, f"out of scope: image unlike the chest radiographs the model was "
-                                              f"trained on (feature distance {dist:.1f} > {self.threshold:.1f}, "
-                                              f"the {self.quantile:.1%} quantile on validation radiographs)",
-                                       dist))
+                                              f"trained on (feature distance score {score:.2f} > {self.threshold:.2f},"
+                                              f" the {self.quantile:.1%} quantile on validation radiographs)", score))
             else:
-                out.append(GateVerdict(True, "", dist))
+                out.append(GateVerdict(True, "", score))
         return out
 
     def to_dict(self) -> dict:
-        return {"means": self.means.float(), "precision": self.precision.float(), "threshold": self.threshold,
-                "min_std": self.min_std, "max_colorfulness": self.max_colorfulness, "quantile": self.quantile}
+        return {"kind": "multi-layer-mahalanobis", "layers": self.layers,
+                "means": [m.float() for m in self.means], "precisions": [p.float() for p in self.precisions],
+                "scales": self.scales, "threshold": self.threshold, "min_std": self.min_std,
+                "max_colorfulness": self.max_colorfulness, "quantile": self.quantile}
 
     @classmethod
     def from_dict(cls, d: dict) -> OutOfScopeGate:
-        return cls(d["means"], d["precision"], d["threshold"], d["min_std"], d["max_colorfulness"],
-                   d.get("quantile", 0.995))
+        """Rebuild a stored gate.
+
+        Raises:
+            ValueError: the stored gate is of an older kind (refit it: experiments/recalibrate.py).
+        """
+        if d.get("kind") != "multi-layer-mahalanobis":
+            raise ValueError("the checkpoint's out-of-scope gate is of an older kind; refit it with "
+                             "experiments/recalibrate.py")
+        return cls(d["layers"], d["means"], d["precisions"], d["scales"], d["threshold"], d["min_std"],
+                   d["max_colorfulness"], d.get("quantile", 0.995))

@@ -22,7 +22,7 @@ from PIL import Image
 
 from .checkpoint import default_model_path, load_checkpoint, model_from_checkpoint
 from .dicom import is_dicom
-from .errors import DataError, ImageError, OutOfScopeError
+from .errors import CheckpointError, DataError, ImageError, OutOfScopeError
 from .evaluate import predict_outputs, resolve_device
 from .gate import OutOfScopeGate
 from .heatmap import grad_cam, overlay_png
@@ -147,7 +147,10 @@ class MedicalImageInference:
         self.batch_size = batch_size
         self.model_version = self.checkpoint.get("model_version") or Path(model_path).stem
         gate_state = self.checkpoint.get("ood_gate")
-        self.gate = OutOfScopeGate.from_dict(gate_state) if gate and gate_state else None
+        try:
+            self.gate = OutOfScopeGate.from_dict(gate_state) if gate and gate_state else None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{model_path}: unusable out-of-scope gate ({exc})") from exc
         if self.temperature is None:
             log.warning("%s has no calibration: probabilities are uncalibrated softmax outputs", model_path)
         if gate and gate_state is None:

@@ -103,6 +103,14 @@ class MedicalCNN(nn.Module):
         """Pooled features (N, widths[-1]) before the classifier head."""
         return torch.flatten(self.pool(self.features(x)), 1)
 
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and every block's output averaged over space ((N, widths[i]) each; the last is ``embed``)."""
+        pooled = []
+        for block in self.features:
+            x = block(x)
+            pooled.append(x.mean(dim=(2, 3)))
+        return self.head(pooled[-1]), pooled
+
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from pooled features (the classifier after global average pooling)."""
         return self.fc2(self.dropout(torch.relu(self.fc1(features))))

@@ -255,7 +255,7 @@ def finalize(model, splits: DataSplits, cfg: TrainConfig, norm: dict, device) ->
     logits, val_feats = predict_outputs(model, splits.val.images, norm, cfg.in_channels, device)
     _, train_feats = predict_outputs(model, splits.train.images, norm, cfg.in_channels, device)
     gate = OutOfScopeGate.fit(train_feats, splits.train.labels, val_feats)
-    log.info("out-of-scope gate: feature-distance threshold %.2f (%.1f%% quantile of validation)",
+    log.info("out-of-scope gate: feature-distance score limit %.2f (%.1f%% quantile of validation)",
              gate.threshold, 100 * gate.quantile)
     y = splits.val.labels.numpy()
     temperature = fit_temperature(logits, splits.val.labels)
