@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -46,3 +47,12 @@ def git_revision() -> str:
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def emit(result: dict, summary: str, json_path: str | None) -> None:
+    """Print a benchmark's numbers (with machine and revision) and its one-line summary; save them as JSON."""
+    result = {**result, "machine": machine(), "revision": git_revision()}
+    print(json.dumps(result, indent=2))
+    print(summary)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))

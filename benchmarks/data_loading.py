@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import tempfile
 from pathlib import Path
 
-from _common import SHARED_DATA, git_revision, machine, subset
+from _common import SHARED_DATA, emit, subset
 
 from pneumoscan.cli import train_main
 
@@ -40,12 +39,9 @@ def main() -> int:
     epoch, data_s, compute_s = (float(second[k]) for k in ("epoch_time_s", "data_time_s", "compute_time_s"))
     result = {"image_size": args.image_size, "train_images": int(2 * args.per_class * 0.85),
               "epoch2_wall_s": epoch, "epoch2_data_s": data_s, "epoch2_compute_s": compute_s,
-              "data_share": data_s / epoch, "machine": machine(), "revision": git_revision()}
-    print(json.dumps(result, indent=2))
-    print(f"data loading: {data_s:.1f}s of {epoch:.1f}s = {100 * data_s / epoch:.1f}% of epoch 2 wall time "
-          f"(goal < 10%)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+              "data_share": data_s / epoch}
+    emit(result, f"data loading: {data_s:.1f}s of {epoch:.1f}s = {100 * data_s / epoch:.1f}% of epoch 2 wall time "
+         f"(goal < 10%)", args.json)
     return 0
 
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import SHARED_DATA, git_revision, machine
+from _common import SHARED_DATA, emit
 
 
 def main() -> int:
@@ -39,13 +39,10 @@ def main() -> int:
         "command": " ".join(cmd[1:]), "wall_s": wall, "epochs_run": len(res["history"]),
         "stop_reason": res["stop_reason"], "timings_s": res["timings_s"],
         "val_auroc": m["auroc"], "val_sensitivity": m["sensitivity"], "val_specificity": m["specificity"],
-        "threshold": res["calibration"]["threshold"], "machine": machine(), "revision": git_revision(),
+        "threshold": res["calibration"]["threshold"],
     }
-    print(json.dumps(result, indent=2))
-    print(f"fast preset: {wall / 60:.1f} min wall (goal <= 10), validation AUROC {m['auroc']['value']:.4f} "
-          f"[{m['auroc']['ci_low']:.4f}, {m['auroc']['ci_high']:.4f}]")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    emit(result, f"fast preset: {wall / 60:.1f} min wall (goal <= 10), validation AUROC {m['auroc']['value']:.4f} "
+         f"[{m['auroc']['ci_low']:.4f}, {m['auroc']['ci_high']:.4f}]", args.json)
     return 0
 
 

@@ -7,10 +7,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-from _common import SHARED_DATA, git_revision, machine
+from _common import SHARED_DATA, emit
 
 from pneumoscan.inference import MedicalImageInference, list_inputs
 
@@ -32,8 +31,9 @@ def main() -> int:
         engine.predict_image(f)
     single_s = (time.perf_counter() - t0) / min(20, len(files))
     result = {"images": len(files), "batch_size": args.batch_size, "batch_img_per_s": len(files) / batch_s,
-              "single_image_latency_s": single_s, "machine": machine(), "revision": git_revision()}
-    print(json.dumps(result, indent=2))
+              "single_image_latency_s": single_s}
+    emit(result, f"{result['batch_img_per_s']:.1f} images/s in batches of {args.batch_size}, "
+                 f"{1000 * single_s:.0f} ms for one image", None)
     return 0
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_from_checkpoint
-from pneumoscan.data import prepare_data
+from pneumoscan.data import split_from_config
 from pneumoscan.evaluate import predict_outputs, resolve_device
 from pneumoscan.gate import OutOfScopeGate
 from pneumoscan.inference import list_inputs
@@ -35,7 +35,7 @@ def main() -> int:
     args = p.parse_args()
     ckpt = load_checkpoint(default_model_path())
     model, device = model_from_checkpoint(ckpt), resolve_device("cpu")
-    sp = prepare_data(args.data_dir, ckpt["image_size"], 0.15, 100, 42)
+    sp = split_from_config(ckpt["config"], args.data_dir, ckpt["image_size"])
 
     def feats(images: torch.Tensor) -> list[torch.Tensor]:
         return predict_outputs(model, images, ckpt["normalization"], ckpt["in_channels"], device)[1]

@@ -21,7 +21,7 @@ import numpy as np
 from pneumoscan.calibration import cross_fitted_ece
 from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_from_checkpoint
 from pneumoscan.cli import configure_logging
-from pneumoscan.data import prepare_data
+from pneumoscan.data import split_from_config
 from pneumoscan.evaluate import predict_logits, probabilities, resolve_device
 from pneumoscan.inference import MedicalImageInference, list_inputs
 from pneumoscan.metrics import expected_calibration_error, metrics_with_ci, reliability_bins
@@ -42,8 +42,7 @@ def main() -> int:
     path = args.model_path or str(default_model_path())
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
-    splits = prepare_data(args.data_dir, ckpt["image_size"], cfg.get("val_fraction", 0.15),
-                          cfg.get("min_val_images", 100), cfg.get("seed", 42))
+    splits = split_from_config(cfg, args.data_dir, ckpt["image_size"])
     device = resolve_device("auto")
     model = model_from_checkpoint(ckpt).to(device)
     logits = predict_logits(model, splits.val.images, ckpt["normalization"], ckpt["in_channels"], device)

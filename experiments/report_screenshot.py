@@ -16,7 +16,7 @@ from pathlib import Path
 from pneumoscan.browser import screenshot
 from pneumoscan.checkpoint import default_model_path, load_checkpoint
 from pneumoscan.cli import configure_logging, evaluate_main
-from pneumoscan.data import CLASS_NAMES, prepare_data
+from pneumoscan.data import CLASS_NAMES, split_from_config
 
 
 def main() -> int:
@@ -28,8 +28,7 @@ def main() -> int:
     configure_logging()
     path = args.model_path or str(default_model_path())
     cfg = load_checkpoint(path)["config"]
-    splits = prepare_data(args.data_dir, 32, cfg.get("val_fraction", 0.15), cfg.get("min_val_images", 100),
-                          cfg.get("seed", 42))
+    splits = split_from_config(cfg, args.data_dir, 32)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -397,6 +397,12 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
     return splits
 
 
+def split_from_config(config: dict, data_dir: str, image_size: int, cache_dir: str = "") -> DataSplits:
+    """The same splits a training run with ``config`` (a checkpoint's stored config) made, at ``image_size``."""
+    return prepare_data(data_dir, image_size, config.get("val_fraction", 0.15), config.get("min_val_images", 100),
+                        config.get("seed", 42), cache_dir=cache_dir)
+
+
 def load_labelled_folder(data_dir: str, image_size: int, split: str = "test",
                          cache_dir: str = "") -> tuple[ImageSet, list[tuple[str, str]]]:
     """Images of a folder holding NORMAL/ and PNEUMONIA/, or of ``split`` under a data set root.
