@@ -26,17 +26,24 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 @torch.no_grad()
 def predict_outputs(model: torch.nn.Module, images: torch.Tensor, normalization: dict, in_channels: int,
-                    device: torch.device, batch_size: int = 64) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Logits (N, 2) and each block's spatially pooled features (list of (N, C_i)), on the CPU, in eval mode."""
+                    device: torch.device, batch_size: int = 64, features: bool = True
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits (N, 2) and each block's spatially pooled features (list of (N, C_i)), on the CPU, in eval mode.
+
+    With ``features=False`` only the logits are computed (the feature list is empty).
+    """
     model.eval()
     logits, feats = [], []
     for start in range(0, len(images), batch_size):
         x = to_model_input(images[start:start + batch_size].to(device), normalization["mean"],
                            normalization["std"], in_channels)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            lg, pooled = model.forward_with_features(x)
+            if features:
+                lg, pooled = model.forward_with_features(x)
+                feats.append([f.float().cpu() for f in pooled])
+            else:
+                lg = model(x)
         logits.append(lg.float().cpu())
-        feats.append([f.float().cpu() for f in pooled])
     if not logits:
         return torch.zeros((0, 2)), []
     return torch.cat(logits), [torch.cat(per_block) for per_block in zip(*feats)]
@@ -45,7 +52,7 @@ def predict_outputs(model: torch.nn.Module, images: torch.Tensor, normalization:
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalization: dict, in_channels: int,
                    device: torch.device, batch_size: int = 64) -> torch.Tensor:
     """Logits (N, 2) on the CPU for uint8 images (N, S, S), in eval mode, in batches."""
-    return predict_outputs(model, images, normalization, in_channels, device, batch_size)[0]
+    return predict_outputs(model, images, normalization, in_channels, device, batch_size, features=False)[0]
 
 
 def evaluate_imageset(model: torch.nn.Module, data: ImageSet, ckpt: dict, device: torch.device,
@@ -56,12 +63,11 @@ def evaluate_imageset(model: torch.nn.Module, data: ImageSet, ckpt: dict, device
     threshold is the checkpoint's unless one is given.
     """
     logits = predict_logits(model, data.images, ckpt["normalization"], ckpt["in_channels"], device)
-    temperature = ckpt.get("temperature") or 1.0
-    prob = calibrated_probs(logits, temperature)[:, 1].numpy()
+    prob = probabilities(logits, ckpt.get("temperature"))
     y = data.labels.numpy()
     thr = ckpt.get("threshold", 0.5) if threshold is None else threshold
     report = metrics_with_ci(y, prob, thr, n_boot=n_boot, groups=data.patients)
-    report["temperature"] = temperature
+    report["temperature"] = ckpt.get("temperature") or 1.0
     report["calibrated"] = ckpt.get("temperature") is not None
     report["ece_15"] = expected_calibration_error(y, prob)
     report["class_counts"] = data.class_counts()

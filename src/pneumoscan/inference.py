@@ -26,7 +26,7 @@ from .errors import CheckpointError, DataError, ImageError, OutOfScopeError
 from .evaluate import predict_outputs, resolve_device
 from .gate import OutOfScopeGate
 from .heatmap import grad_cam, overlay_png
-from .preprocess import IMAGE_EXTENSIONS, DecodedImage, decode_image, resize_gray, to_model_input
+from .preprocess import DecodedImage, decode_image, is_image_file, resize_gray, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,12 @@ def risk_level(confidence: float, uncertainty: float) -> str:
 
 def _is_input_file(path: Path) -> bool:
     """Images by extension, .dcm, and extension-less files that carry the DICOM preamble."""
+    if is_image_file(path):
+        return True
     if path.name.startswith("."):
         return False
     suffix = path.suffix.lower()
-    if suffix in IMAGE_EXTENSIONS or suffix in (".dcm", ".dicom"):
+    if suffix in (".dcm", ".dicom"):
         return True
     if suffix == "" or suffix[1:].isdigit():
         try:

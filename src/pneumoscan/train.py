@@ -284,7 +284,8 @@ def finalize(model, splits: DataSplits, cfg: TrainConfig, norm: dict, device) ->
     vm = validation["at_threshold"]["metrics"]
     return {
         "temperature": temperature, "threshold": threshold,
-        "threshold_rule": f"highest threshold with validation sensitivity >= {cfg.target_sensitivity}",
+        "threshold_rule": f"midway below the highest threshold with validation sensitivity >= "
+                          f"{cfg.target_sensitivity}",
         "ece_before": ece_before, "ece_after": ece_after, "ece_after_cross_fitted": ece_cross,
         "reliability_before": reliability_bins(y, raw), "reliability_after": reliability_bins(y, cal),
         "validation": validation, "test": test, "ood_gate": gate.to_dict(),
