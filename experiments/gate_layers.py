@@ -17,12 +17,12 @@ import argparse
 import numpy as np
 import torch
 
-from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_from_checkpoint
+from pneumoscan.checkpoint import default_model_path, load_checkpoint
 from pneumoscan.data import split_from_config
-from pneumoscan.evaluate import predict_outputs, resolve_device
 from pneumoscan.gate import OutOfScopeGate
 from pneumoscan.inference import list_inputs
-from pneumoscan.preprocess import decode_image, resize_gray
+from pneumoscan.predict import Predictor
+from pneumoscan.preprocess import decode_image
 
 COMBOS = ((4,), (3,), (2,), (3, 4), (2, 3, 4), (1, 2, 3, 4), (0, 1, 2, 3, 4))
 
@@ -34,14 +34,15 @@ def main() -> int:
     p.add_argument("--ood_dir", required=True)
     args = p.parse_args()
     ckpt = load_checkpoint(default_model_path())
-    model, device = model_from_checkpoint(ckpt), resolve_device("cpu")
-    sp = split_from_config(ckpt["config"], args.data_dir, ckpt["image_size"])
+    predictor = Predictor.from_checkpoint(ckpt, "cpu")
+    size = predictor.spec.image_size
+    sp = split_from_config(ckpt["config"], args.data_dir, size)
 
     def feats(images: torch.Tensor) -> list[torch.Tensor]:
-        return predict_outputs(model, images, ckpt["normalization"], ckpt["in_channels"], device)[1]
+        return predictor.outputs(images).features
 
     def decode(files) -> torch.Tensor:
-        return torch.stack([torch.from_numpy(resize_gray(decode_image(f, 224).gray, 224)) for f in files])
+        return torch.stack([torch.from_numpy(predictor.spec.pixels(decode_image(f, size).gray)) for f in files])
 
     idx = torch.randperm(len(sp.train), generator=torch.Generator().manual_seed(0))
     fit, held = idx[:2000], idx[2000:]

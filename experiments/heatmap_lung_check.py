@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_from_checkpoint
+from pneumoscan.checkpoint import default_model_path, load_checkpoint
 from pneumoscan.cli import configure_logging
 from pneumoscan.data import patient_id
-from pneumoscan.heatmap import CENTRAL_LUNG_BOX, box_pixels, central_lung_fraction, grad_cam
+from pneumoscan.heatmap import CENTRAL_LUNG_BOX, box_pixels, central_lung_fraction
 from pneumoscan.inference import list_inputs
-from pneumoscan.preprocess import decode_image, resize_gray, to_model_input
+from pneumoscan.predict import Predictor
+from pneumoscan.preprocess import decode_image
 from pneumoscan.results import write_json
 
 log = logging.getLogger("pneumoscan.experiments.heatmap_lung_check")
@@ -47,19 +48,15 @@ def patient_bootstrap_ci(values: np.ndarray, patients: list[str], n_boot: int = 
     return float(lo), float(hi)
 
 
-def measure(model: torch.nn.Module, ckpt: dict, path: Path, box: tuple[float, ...]) -> dict:
-    """CAM statistics of one film; the input is made as ``MedicalImageInference.model_input`` makes it."""
-    decoded = decode_image(path, ckpt["image_size"])
-    pixels = torch.from_numpy(resize_gray(decoded.gray, ckpt["image_size"]).copy())[None]
-    norm = ckpt["normalization"]
-    x = to_model_input(pixels, norm["mean"], norm["std"], ckpt["in_channels"])
-    with torch.no_grad():
-        p_pneumonia = float(torch.softmax(model(x)[0].double() / (ckpt.get("temperature") or 1.0), 0)[1])
-    cam = grad_cam(model, x, target_class=1)
+def measure(predictor: Predictor, threshold: float, path: Path, box: tuple[float, ...]) -> dict:
+    """CAM statistics of one film, through the same forward path as prediction."""
+    pixels = predictor.spec.pixels(decode_image(path, predictor.spec.image_size).gray)
+    p_pneumonia = float(predictor.probabilities(predictor.logits(torch.from_numpy(pixels)[None]))[0, 1])
+    cam = predictor.gradcam(pixels, target_class=1)
     r0, c0, r1, c1 = box_pixels(cam.shape, box)
     row, col = np.unravel_index(int(cam.argmax()), cam.shape)
     return {"file": path.name, "patient": patient_id(path.name), "p_pneumonia": p_pneumonia,
-            "predicted_pneumonia": p_pneumonia >= float(ckpt.get("threshold", 0.5)),
+            "predicted_pneumonia": p_pneumonia >= threshold,
             "zero_cam": not cam.any(), "fraction": central_lung_fraction(cam, box),
             "peak_inside": bool(cam.any() and r0 <= row < r1 and c0 <= col < c1),
             "peak_rel": [float((col + 0.5) / cam.shape[1]), float((row + 0.5) / cam.shape[0])]}
@@ -110,16 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     model_path = args.model_path or str(default_model_path())
     ckpt = load_checkpoint(model_path)
-    model = model_from_checkpoint(ckpt).to(memory_format=torch.channels_last)
+    predictor = Predictor.from_checkpoint(ckpt, "cpu")
     box = tuple(args.box)
     files = list_inputs(args.image_dir)
     t0 = time.perf_counter()
     rows = []
     for i, path in enumerate(files, 1):
-        rows.append(measure(model, ckpt, path, box))
+        rows.append(measure(predictor, float(ckpt.get("threshold", 0.5)), path, box))
         if i % 20 == 0:
             log.info("%d/%d films, %.1f s", i, len(files), time.perf_counter() - t0)
-    size = int(ckpt["image_size"])
+    size = predictor.spec.image_size
     summary = summarise(rows, central_lung_fraction(np.ones((size, size)), box))
     print(format_table(summary))
     write_json({"model_path": model_path, "model_version": ckpt.get("model_version"), "image_dir": args.image_dir,

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan.calibration import cross_fitted_ece
-from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_from_checkpoint
+from pneumoscan.calibration import cross_fitted_ece, positive_probability
+from pneumoscan.checkpoint import default_model_path, load_checkpoint
 from pneumoscan.cli import configure_logging
 from pneumoscan.data import split_from_config
-from pneumoscan.evaluate import predict_logits, probabilities, resolve_device
 from pneumoscan.inference import MedicalImageInference, list_inputs
 from pneumoscan.metrics import expected_calibration_error, metrics_with_ci, reliability_bins
 from pneumoscan.plots import plot_reliability
+from pneumoscan.predict import Predictor, resolve_device
 from pneumoscan.results import write_json
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -42,12 +42,11 @@ def main() -> int:
     path = args.model_path or str(default_model_path())
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
-    splits = split_from_config(cfg, args.data_dir, ckpt["image_size"])
-    device = resolve_device("auto")
-    model = model_from_checkpoint(ckpt).to(device)
-    logits = predict_logits(model, splits.val.images, ckpt["normalization"], ckpt["in_channels"], device)
+    predictor = Predictor.from_checkpoint(ckpt, resolve_device("auto"))
+    splits = split_from_config(cfg, args.data_dir, predictor.spec.image_size)
+    logits = predictor.logits(splits.val.images)
     y = splits.val.labels.numpy()
-    raw, cal = probabilities(logits, None), probabilities(logits, ckpt["temperature"])
+    raw, cal = positive_probability(logits), positive_probability(logits, ckpt["temperature"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {

@@ -16,11 +16,11 @@ import argparse
 import dataclasses
 import logging
 
-from pneumoscan.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pneumoscan.checkpoint import load_checkpoint, save_checkpoint
 from pneumoscan.cli import configure_logging
 from pneumoscan.config import TrainConfig
 from pneumoscan.data import prepare_data
-from pneumoscan.evaluate import resolve_device
+from pneumoscan.predict import Predictor
 from pneumoscan.results import write_json
 from pneumoscan.train import finalize
 
@@ -38,8 +38,7 @@ def main() -> int:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{**{k: v for k, v in ckpt["config"].items() if k in known}, "data_dir": args.data_dir})
     splits = prepare_data(cfg.data_dir, cfg.image_size, cfg.val_fraction, cfg.min_val_images, cfg.seed)
-    model = model_from_checkpoint(ckpt)
-    final = finalize(model, splits, cfg, ckpt["normalization"], resolve_device("cpu"))
+    final = finalize(Predictor.from_checkpoint(ckpt, "cpu"), splits, cfg)
     log.info("temperature %s -> %.4f, threshold %s -> %.4f", ckpt.get("temperature"), final["temperature"],
              ckpt.get("threshold"), final["threshold"])
     ckpt.update(temperature=final["temperature"], threshold=final["threshold"], ood_gate=final["ood_gate"],

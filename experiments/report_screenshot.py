@@ -16,7 +16,8 @@ from pathlib import Path
 from pneumoscan.browser import screenshot
 from pneumoscan.checkpoint import default_model_path, load_checkpoint
 from pneumoscan.cli import configure_logging, evaluate_main
-from pneumoscan.data import CLASS_NAMES, split_from_config
+from pneumoscan.data import split_from_config
+from pneumoscan.predict import CLASS_NAMES
 
 
 def main() -> int:

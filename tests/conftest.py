@@ -16,7 +16,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pneumoscan.data import CLASS_NAMES, Record, discover_labelled
+from pneumoscan.data import Record, discover_labelled
+from pneumoscan.predict import CLASS_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO_ROOT.parent / "shared" / "data"

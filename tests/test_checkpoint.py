@@ -7,14 +7,16 @@ import torch
 
 from pneumoscan.checkpoint import (
     FORMAT_VERSION,
+    input_spec,
     load_checkpoint,
     model_from_checkpoint,
     model_payload,
     save_checkpoint,
 )
-from pneumoscan.data import CLASS_NAMES
 from pneumoscan.errors import CheckpointError
 from pneumoscan.model import MedicalCNN, model_from_kwargs, model_kwargs
+from pneumoscan.predict import CLASS_NAMES, InputSpec
+from pneumoscan.preprocess import PREPROCESS_VERSION
 
 
 def small_model(arch: str = "medical_cnn_se", in_channels: int = 1, width: float = 0.25):
@@ -30,8 +32,8 @@ def small_model(arch: str = "medical_cnn_se", in_channels: int = 1, width: float
 
 
 def payload_for(model, kw, **extra):
-    args = {"arch": "medical_cnn_se", "model_kw": kw, "image_size": 64,
-            "normalization": {"mean": 0.42, "std": 0.21}, "config": {"epochs": 3, "arch": "medical_cnn_se"},
+    args = {"arch": "medical_cnn_se", "model_kw": kw, "spec": InputSpec(64, 0.42, 0.21, kw["in_channels"]),
+            "config": {"epochs": 3, "arch": "medical_cnn_se"},
             "temperature": 1.7, "threshold": 0.35, "metrics": {"val_auroc": 0.9}, "epoch": 3,
             "model_version": "unit-test"}
     args.update(extra)
@@ -46,8 +48,7 @@ def test_round_trip_gives_identical_outputs(tmp_path):
 
     ckpt = load_checkpoint(path)
     assert ckpt["arch"] == "medical_cnn_se"
-    assert ckpt["image_size"] == 64 and ckpt["in_channels"] == 1
-    assert ckpt["normalization"] == {"mean": 0.42, "std": 0.21}
+    assert input_spec(ckpt) == InputSpec(64, 0.42, 0.21, 1, PREPROCESS_VERSION)
     assert ckpt["temperature"] == 1.7 and ckpt["threshold"] == 0.35
     assert ckpt["class_names"] == list(CLASS_NAMES)
     assert ckpt["format_version"] == FORMAT_VERSION
@@ -78,7 +79,7 @@ def test_bare_state_dict_is_accepted(tmp_path, in_channels):
     path = tmp_path / "bare.pth"
     torch.save(model.state_dict(), path)
     ckpt = load_checkpoint(path)
-    assert ckpt["arch"] == "medical_cnn" and ckpt["in_channels"] == in_channels
+    assert ckpt["arch"] == "medical_cnn" and input_spec(ckpt).in_channels == in_channels
     assert ckpt["temperature"] is None
     restored = model_from_checkpoint(ckpt)
     x = torch.randn(2, in_channels, 64, 64)
@@ -150,7 +151,7 @@ def test_non_dict_is_refused(tmp_path):
 def test_incomplete_pneumoscan_checkpoint_is_refused(tmp_path):
     model, kw = small_model()
     payload = payload_for(model, kw)
-    del payload["model_state"], payload["normalization"]
+    del payload["model_state"], payload["input_spec"]
     path = tmp_path / "incomplete.pth"
     save_checkpoint(payload, path)
     with pytest.raises(CheckpointError, match="model_state"):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_from_checkpoint
+from pneumoscan.checkpoint import default_model_path, input_spec, load_checkpoint, model_from_checkpoint
 from pneumoscan.heatmap import CENTRAL_LUNG_BOX, box_pixels, central_lung_fraction, grad_cam, overlay_png
 from pneumoscan.model import MedicalCNN
-from pneumoscan.preprocess import open_image, resize_gray, to_model_input
+from pneumoscan.preprocess import open_image
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
@@ -32,9 +32,8 @@ def model(ckpt) -> MedicalCNN:
 
 
 def model_input(ckpt: dict, gray: Image.Image) -> torch.Tensor:
-    pixels = torch.from_numpy(resize_gray(gray, ckpt["image_size"]).copy())[None]
-    norm = ckpt["normalization"]
-    return to_model_input(pixels, norm["mean"], norm["std"], ckpt["in_channels"])
+    spec = input_spec(ckpt)
+    return spec.to_tensor(torch.from_numpy(spec.pixels(gray))[None])
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ def test_predict_image(engine, good_files):
 def test_engine_uses_the_checkpoint_settings(engine, trained_model):
     ckpt = load_checkpoint(trained_model)
     assert engine.threshold == pytest.approx(ckpt["threshold"])
-    assert engine.image_size == ckpt["image_size"] == 64
+    assert engine.image_size == ckpt["input_spec"]["image_size"] == 64
     assert engine.info["calibrated"] and engine.info["model_path"] == str(trained_model)
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscan.data import CLASS_NAMES, Record, dedupe, patient_groups, patient_id, patient_split
+from pneumoscan.data import Record, dedupe, patient_groups, patient_id, patient_split
+from pneumoscan.predict import CLASS_NAMES
 
 
 @pytest.mark.parametrize(("filename", "patient"), [

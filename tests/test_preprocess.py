@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from pneumoscan.errors import ImageError
-from pneumoscan.preprocess import is_image_file, load_image, open_image, resize_gray, to_model_input
+from pneumoscan.predict import InputSpec
+from pneumoscan.preprocess import is_image_file, load_image, open_image, resize_gray
 
 
 @pytest.fixture(scope="module")
@@ -192,9 +193,9 @@ def test_is_image_file(name, expected):
 
 
 @pytest.mark.parametrize("in_channels", [1, 3])
-def test_to_model_input(in_channels):
+def test_input_spec_to_tensor(in_channels):
     images = torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8)
-    x = to_model_input(images, mean=0.5, std=0.25, in_channels=in_channels)
+    x = InputSpec(32, mean=0.5, std=0.25, in_channels=in_channels).to_tensor(images)
     assert x.shape == (1, in_channels, 2, 2)
     expected = (torch.tensor([[0.0, 1.0], [0.2, 0.4]]) - 0.5) / 0.25
     for c in range(in_channels):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from pneumoscan.checkpoint import default_model_path, load_checkpoint, save_checkpoint
+from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_from_checkpoint, save_checkpoint
 from pneumoscan.cli import predict_main
-from pneumoscan.evaluate import predict_logits
 from pneumoscan.inference import MedicalImageInference
 from pneumoscan.preprocess import decode_image
 
@@ -52,9 +53,13 @@ def test_applies_stored_temperature_and_threshold(engine, images):
     assert ckpt["temperature"] is not None and ckpt["temperature"] != 1.0
     for path in images:
         result = engine.predict_image(path)
-        images_u8 = engine.model_input(decode_image(path, engine.image_size))[None]
-        logits = predict_logits(engine.model, images_u8, ckpt["normalization"], ckpt["in_channels"],
-                                torch.device("cpu"))[0]
+        # computed here by hand, not through Predictor: the stored input contract and temperature
+        spec = ckpt["input_spec"]
+        pixels = np.asarray(decode_image(path, spec["image_size"]).gray.resize(
+            (spec["image_size"], spec["image_size"]), Image.BILINEAR), dtype=np.float32) / 255.0
+        x = ((torch.from_numpy(pixels) - spec["mean"]) / spec["std"]).expand(1, spec["in_channels"], -1, -1)
+        with torch.no_grad():
+            logits = model_from_checkpoint(ckpt)(x)[0]
         expected = torch.softmax(logits.double() / ckpt["temperature"], -1)
         assert result.probabilities["PNEUMONIA"] == pytest.approx(float(expected[1]), abs=1e-5)
         assert result.threshold == pytest.approx(ckpt["threshold"])

@@ -82,10 +82,10 @@ def test_results_and_history_describe_the_run(trained_run):
 def test_saved_model_is_a_calibrated_checkpoint(trained_run, trained_model):
     ckpt = load_checkpoint(trained_model)
     results = json.loads((trained_run.out / "training_results.json").read_text())
-    assert ckpt["image_size"] == 64 and ckpt["in_channels"] == 3
+    assert ckpt["input_spec"]["image_size"] == 64 and ckpt["input_spec"]["in_channels"] == 3
     assert ckpt["temperature"] == pytest.approx(results["calibration"]["temperature"])
     assert ckpt["threshold"] == pytest.approx(results["calibration"]["threshold"])
-    assert ckpt["normalization"]["std"] > 0
+    assert ckpt["input_spec"]["std"] > 0
     last = load_checkpoint(trained_run.out / "checkpoint_last.pth")
     assert last["epoch"] == 1 and "optimizer_state" in last and len(last["history"]) == 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,9 +25,18 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     return min(max(t, 0.05), 20.0)
 
 
-def calibrated_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Class probabilities ``softmax(logits / temperature)``."""
-    return torch.softmax(logits.float() / temperature, dim=-1)
+def calibrated_probs(logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+    """Class probabilities ``softmax(logits / temperature)`` in float64 (None: no calibration, T = 1).
+
+    The one place a temperature is applied: training's threshold choice, evaluation and every
+    prediction read their probabilities from here, so they agree to the last digit.
+    """
+    return torch.softmax(logits.double() / (temperature or 1.0), dim=-1)
+
+
+def positive_probability(logits: torch.Tensor, temperature: float | None = None) -> np.ndarray:
+    """P(PNEUMONIA), class 1, as a float64 numpy array (calibrated when a temperature is given)."""
+    return calibrated_probs(logits, temperature)[:, 1].numpy()
 
 
 def cross_fitted_ece(logits: torch.Tensor, labels: torch.Tensor, groups: list[str], n_bins: int = 15,
@@ -48,7 +58,7 @@ def cross_fitted_ece(logits: torch.Tensor, labels: torch.Tensor, groups: list[st
         if held.sum() == 0 or len(set(labels[fit].tolist())) < 2:
             continue
         t = fit_temperature(logits[fit], labels[fit])
-        prob = calibrated_probs(logits[held], t)[:, 1].numpy()
+        prob = positive_probability(logits[held], t)
         total += expected_calibration_error(labels[held].numpy(), prob, n_bins) * int(held.sum())
         n += int(held.sum())
     return total / n if n else float("nan")

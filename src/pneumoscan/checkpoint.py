@@ -16,15 +16,18 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .data import CLASS_NAMES
+from .atomic import atomic_path
 from .errors import CheckpointError
 from .model import MedicalCNN, model_from_kwargs, model_kwargs
-from .preprocess import DEFAULT_NORMALIZATION, PREPROCESS_VERSION
+from .predict import CLASS_NAMES, InputSpec
+from .preprocess import COMPATIBLE_PREPROCESS, DEFAULT_NORMALIZATION, PREPROCESS_VERSION
 
 log = logging.getLogger(__name__)
 
 FORMAT = "pneumoscan-checkpoint"
-FORMAT_VERSION = 1
+# 2: the input contract is one ``input_spec`` dict (format 1 had image_size, normalization,
+# in_channels and preprocess at the top level; load_checkpoint still reads those).
+FORMAT_VERSION = 2
 SHIPPED_MODEL = "pneumoscan-v1.pth"
 
 
@@ -47,24 +50,16 @@ def versions() -> dict[str, str]:
 
 def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
     """Write ``payload`` to ``path`` atomically: a crash leaves the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path, durable=True) as tmp:
+        torch.save(payload, tmp)
 
 
-def model_payload(model: torch.nn.Module, *, arch: str, model_kw: dict, image_size: int,
-                  normalization: dict, config: dict, temperature: float | None = None,
-                  threshold: float = 0.5, metrics: dict | None = None, epoch: int | None = None,
-                  model_version: str = "", ood_gate: dict | None = None) -> dict:
+def model_payload(model: torch.nn.Module, *, arch: str, model_kw: dict, spec: InputSpec, config: dict,
+                  temperature: float | None = None, threshold: float = 0.5, metrics: dict | None = None,
+                  epoch: int | None = None, model_version: str = "", ood_gate: dict | None = None) -> dict:
     """The checkpoint dict for a trained model (weights copied, not referenced)."""
+    if spec.in_channels != int(model_kw["in_channels"]):
+        raise ValueError(f"input spec has {spec.in_channels} channel(s), the model {model_kw['in_channels']}")
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -72,10 +67,7 @@ def model_payload(model: torch.nn.Module, *, arch: str, model_kw: dict, image_si
         "arch": arch,
         "model_kwargs": model_kw,
         "class_names": list(CLASS_NAMES),
-        "image_size": int(image_size),
-        "in_channels": int(model_kw["in_channels"]),
-        "normalization": {"mean": float(normalization["mean"]), "std": float(normalization["std"])},
-        "preprocess": PREPROCESS_VERSION,
+        "input_spec": spec.to_dict(),
         "temperature": None if temperature is None else float(temperature),
         "threshold": float(threshold),
         "ood_gate": ood_gate,
@@ -116,25 +108,54 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state dict")
     if obj.get("format") == FORMAT:
-        missing = [k for k in ("model_state", "model_kwargs", "image_size", "normalization") if k not in obj]
-        if missing:
-            raise CheckpointError(f"{path} is a pneumoscan checkpoint without {', '.join(missing)}")
         if obj.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{path} was written by a newer pneumoscan (format "
                                   f"{obj['format_version']}); upgrade pneumoscan to read it")
+        if obj.get("format_version", 0) < 2:
+            _upgrade_v1(obj)
+        missing = [k for k in ("model_state", "model_kwargs", "input_spec") if k not in obj]
+        if missing:
+            raise CheckpointError(f"{path} is a pneumoscan checkpoint without {', '.join(missing)}")
+        input_spec(obj, path)  # refuse an unusable input contract here, not at the first prediction
+        if obj["input_spec"]["preprocess"] not in COMPATIBLE_PREPROCESS:
+            log.warning("%s was trained with preprocessing %r, this pneumoscan uses %r: its outputs may differ "
+                        "from those it was validated with", path, obj["input_spec"]["preprocess"],
+                        PREPROCESS_VERSION)
         return obj
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         log.warning("%s is a bare state dict: assuming the seed MedicalCNN, 224 px, 3 channels, "
                     "default normalisation, no calibration", path)
         in_ch = int(obj["features.0.conv1.weight"].shape[1]) if "features.0.conv1.weight" in obj else 3
         kw = model_kwargs("medical_cnn", in_ch)
+        spec = InputSpec(224, DEFAULT_NORMALIZATION["mean"], DEFAULT_NORMALIZATION["std"], in_ch)
         payload = model_payload(MedicalCNN(**{**kw, "widths": tuple(kw["widths"])}), arch="medical_cnn",
-                                model_kw=kw, image_size=224, normalization=DEFAULT_NORMALIZATION,
-                                config={}, model_version=f"bare-state-dict:{path.name}")
+                                model_kw=kw, spec=spec, config={}, model_version=f"bare-state-dict:{path.name}")
         payload["model_state"] = obj
         return payload
     raise CheckpointError(f"{path} is a dict but neither a pneumoscan checkpoint nor a state dict "
                           f"(keys: {', '.join(list(map(str, obj))[:8])})")
+
+
+def _upgrade_v1(obj: dict) -> None:
+    """Format 1 kept the input contract in four top-level keys; gather them into ``input_spec``."""
+    if "input_spec" in obj or "image_size" not in obj or "normalization" not in obj:
+        return
+    norm = obj.pop("normalization")
+    in_ch = obj.pop("in_channels", (obj.get("model_kwargs") or {}).get("in_channels", 3))
+    obj["input_spec"] = {"image_size": obj.pop("image_size"), "mean": norm.get("mean"), "std": norm.get("std"),
+                         "in_channels": in_ch, "preprocess": obj.pop("preprocess", PREPROCESS_VERSION)}
+
+
+def input_spec(ckpt: dict, path: str | os.PathLike = "checkpoint") -> InputSpec:
+    """The input contract of a loaded checkpoint.
+
+    Raises:
+        CheckpointError: the stored contract is missing fields or holds impossible values.
+    """
+    try:
+        return InputSpec.from_dict(ckpt["input_spec"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unusable input specification {ckpt.get('input_spec')!r} ({exc})") from exc
 
 
 def model_from_checkpoint(ckpt: dict) -> MedicalCNN:

@@ -186,10 +186,11 @@ def _evaluate_parser() -> argparse.ArgumentParser:
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     """``pneumoscan evaluate``: metrics table on stdout, JSON to ``--output_path``."""
-    from .checkpoint import default_model_path, load_checkpoint, model_from_checkpoint
+    from .checkpoint import default_model_path, load_checkpoint
     from .data import load_labelled_folder
-    from .evaluate import evaluate_imageset, resolve_device
+    from .evaluate import evaluate_imageset
     from .metrics import format_metrics_table
+    from .predict import Predictor, resolve_device
     from .results import write_json
 
     args = _evaluate_parser().parse_args(argv)
@@ -197,10 +198,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     try:
         args.model_path = args.model_path or str(default_model_path())
         ckpt = load_checkpoint(args.model_path)
-        device = resolve_device(args.device)
-        model = model_from_checkpoint(ckpt).to(device)
-        data, bad = load_labelled_folder(args.data_dir, ckpt["image_size"], args.split, args.cache_dir)
-        report, prob = evaluate_imageset(model, data, ckpt, device, args.threshold, args.n_boot)
+        predictor = Predictor.from_checkpoint(ckpt, resolve_device(args.device))
+        threshold = ckpt.get("threshold", 0.5) if args.threshold is None else args.threshold
+        data, bad = load_labelled_folder(args.data_dir, predictor.spec.image_size, args.split, args.cache_dir)
+        report, prob = evaluate_imageset(predictor, data, threshold, args.n_boot)
     except (PneumoscanError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT

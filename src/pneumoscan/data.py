@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .errors import DataError, ImageError
+from .predict import CLASS_NAMES
 from .preprocess import PREPROCESS_VERSION, is_image_file, load_image
 
 log = logging.getLogger(__name__)
 
-CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 SPLITS = ("train", "val", "test")
 _SKIP_DIRS = {"__macosx"}
 
@@ -234,11 +235,9 @@ def decode_records(records: list[Record], size: int, cache_dir: Path | None = No
 
 def _write_cache(cache_file: Path, cache: dict[str, np.ndarray]) -> None:
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}.npz")
         hashes = sorted(cache)
-        np.savez(tmp, hashes=np.array(hashes), images=np.stack([cache[h] for h in hashes]))
-        os.replace(tmp, cache_file)
+        with atomic_path(cache_file) as tmp:
+            np.savez(tmp, hashes=np.array(hashes), images=np.stack([cache[h] for h in hashes]))
         log.info("cached %d decoded images in %s", len(hashes), cache_file)
     except OSError as exc:
         log.warning("could not write image cache %s (%s); continuing without it", cache_file, exc)

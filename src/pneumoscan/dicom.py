@@ -172,8 +172,10 @@ def _render(ds: Dataset, name: str) -> tuple[Image.Image, DicomInfo]:
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if rows < 2 or cols < 2:
         raise ImageError(f"{name}: image is {cols}x{rows} pixels, too small to be a radiograph")
-    if Image.MAX_IMAGE_PIXELS and rows * cols > Image.MAX_IMAGE_PIXELS:
-        raise ImageError(f"{name}: image is {cols}x{rows} pixels, more than the {Image.MAX_IMAGE_PIXELS} "
+    from .preprocess import MAX_IMAGE_PIXELS  # here: preprocess imports this module
+
+    if rows * cols > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{name}: image is {cols}x{rows} pixels, more than the {MAX_IMAGE_PIXELS} "
                          "allowed; downsample it before upload")
 
     frames = int(ds.get("NumberOfFrames") or 1)

@@ -22,13 +22,14 @@ stretches it back, so the heat lands where the model looked on the original geom
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from .atomic import atomic_path
 
 # Relative (x0, y0, x1, y1) of the central part of a pediatric AP film: most of both lung fields
 # and the mediastinum, leaving out the borders where side markers, text, arms, neck and
@@ -132,14 +133,8 @@ def overlay_png(gray: Image.Image, cam: np.ndarray, path: str | os.PathLike, alp
     # A 256-entry lookup table keeps memory at 3 bytes a pixel on multi-megapixel films.
     lut = (colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
     blended = Image.blend(gray.convert("RGB"), Image.fromarray(lut[levels]), alpha)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         blended.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def central_lung_fraction(cam: np.ndarray, box: tuple[float, float, float, float] = CENTRAL_LUNG_BOX) -> float:

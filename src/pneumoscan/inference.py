@@ -12,6 +12,9 @@ import logging
 import math
 import os
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,13 +23,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import default_model_path, load_checkpoint, model_from_checkpoint
+from .checkpoint import default_model_path, load_checkpoint
 from .dicom import is_dicom
 from .errors import CheckpointError, DataError, ImageError, OutOfScopeError
-from .evaluate import predict_outputs, resolve_device
 from .gate import OutOfScopeGate
-from .heatmap import grad_cam, overlay_png
-from .preprocess import DecodedImage, decode_image, is_image_file, resize_gray, to_model_input
+from .heatmap import overlay_png
+from .predict import Predictor, resolve_device
+from .preprocess import DecodedImage, decode_image, is_image_file
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,15 @@ def _is_input_file(path: Path) -> bool:
     return False
 
 
+def _name(source) -> str:
+    return "<bytes>" if isinstance(source, bytes) else str(source)
+
+
+def _failure(name: str, exc: Exception) -> InferenceFailure:
+    log.warning("%s", exc)
+    return InferenceFailure(name, str(exc), type(exc).__name__)
+
+
 def list_inputs(directory: str | os.PathLike, recursive: bool = True) -> list[Path]:
     """Image and DICOM files in ``directory`` (recursive by default; hidden files and __MACOSX skipped)."""
     base = Path(directory)
@@ -117,6 +129,17 @@ def list_inputs(directory: str | os.PathLike, recursive: bool = True) -> list[Pa
     return files
 
 
+@dataclass
+class _Prepared:
+    """One input after decoding and the pixel checks, ready for the forward pass."""
+
+    index: int
+    pixels: np.ndarray | None = None
+    decoded: DecodedImage | None = None
+    seconds: float = 0.0
+    failure: InferenceFailure | None = None
+
+
 class MedicalImageInference:
     """A loaded model that predicts on images.
 
@@ -126,27 +149,28 @@ class MedicalImageInference:
         threshold: overrides the checkpoint's operating threshold on P(PNEUMONIA).
         batch_size: images per forward pass in folder prediction.
         gate: refuse out-of-scope inputs when the checkpoint has a gate (default True).
+        decode_workers: threads decoding the next images while the model runs (0: decode in line).
 
     Raises:
         CheckpointError: the checkpoint is missing or not a usable pneumoscan checkpoint.
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, device: str = "auto",
-                 threshold: float | None = None, batch_size: int = 16, gate: bool = True) -> None:
+                 threshold: float | None = None, batch_size: int = 16, gate: bool = True,
+                 decode_workers: int = 2) -> None:
         if model_path is None:
             model_path = default_model_path()
-        self.model_path = str(model_path)
-        self.checkpoint = load_checkpoint(model_path)
-        self.device = resolve_device(device)
-        self.model = model_from_checkpoint(self.checkpoint).to(self.device)
-        self.model = self.model.to(memory_format=torch.channels_last)
-        self.class_names = list(self.checkpoint["class_names"])
-        self.image_size = int(self.checkpoint["image_size"])
-        self.temperature = self.checkpoint.get("temperature")
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model_path = str(model_path)
+        self.checkpoint = load_checkpoint(model_path)
+        self.predictor = Predictor.from_checkpoint(self.checkpoint, resolve_device(device))
+        self.class_names = list(self.checkpoint["class_names"])
         self.threshold = float(self.checkpoint.get("threshold", 0.5) if threshold is None else threshold)
         self.batch_size = batch_size
+        self.decode_workers = max(0, int(decode_workers))
         self.model_version = self.checkpoint.get("model_version") or Path(model_path).stem
         gate_state = self.checkpoint.get("ood_gate")
         try:
@@ -159,6 +183,22 @@ class MedicalImageInference:
             log.warning("%s has no out-of-scope gate: non-radiographs will get predictions", model_path)
 
     @property
+    def model(self) -> torch.nn.Module:
+        return self.predictor.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.predictor.device
+
+    @property
+    def image_size(self) -> int:
+        return self.predictor.spec.image_size
+
+    @property
+    def temperature(self) -> float | None:
+        return self.predictor.temperature
+
+    @property
     def info(self) -> dict:
         """What produced the predictions, for result files and audit logs."""
         return {"model_path": self.model_path, "model_version": self.model_version,
@@ -167,9 +207,8 @@ class MedicalImageInference:
                 "calibrated": self.temperature is not None, "class_names": self.class_names,
                 "out_of_scope_gate": self.gate is not None}
 
-    def _result(self, logits: torch.Tensor, seconds: float, path: str | None,
+    def _result(self, probs: torch.Tensor, seconds: float, path: str | None,
                 decoded: DecodedImage) -> InferenceResult:
-        probs = torch.softmax(logits.double() / (self.temperature or 1.0), dim=-1)
         p_pos = float(probs[1])
         label = 1 if p_pos >= self.threshold else 0
         confidence = float(probs[label])
@@ -200,7 +239,7 @@ class MedicalImageInference:
 
     def model_input(self, decoded: DecodedImage) -> torch.Tensor:
         """The uint8 (S, S) array the model sees for a decoded image."""
-        return torch.from_numpy(resize_gray(decoded.gray, self.image_size))
+        return torch.from_numpy(self.predictor.spec.pixels(decoded.gray))
 
     def predict_image(self, source: str | os.PathLike | bytes, heatmap_dir: str | os.PathLike | None = None
                       ) -> InferenceResult:
@@ -210,74 +249,113 @@ class MedicalImageInference:
             ImageError: the input cannot be read or decoded.
             OutOfScopeError: the input is not a chest radiograph (the gate refused it).
         """
-        outcome = self._predict([source], heatmap_dir)[0]
+        outcome = self.predict_batch([source], heatmap_dir)[0]
         if isinstance(outcome, InferenceFailure):
             exc = OutOfScopeError if outcome.error_type == OutOfScopeError.__name__ else ImageError
             raise exc(outcome.error)
         return outcome
 
-    def predict_batch(self, paths: list[str | os.PathLike], heatmap_dir: str | os.PathLike | None = None
+    def predict_batch(self, paths: list[str | os.PathLike | bytes], heatmap_dir: str | os.PathLike | None = None
                       ) -> list[InferenceResult | InferenceFailure]:
-        """Predict many files, in order; a file that fails becomes an ``InferenceFailure``."""
-        return self._predict(list(paths), heatmap_dir)
+        """Predict many files (or encoded bytes), in order; a file that fails becomes an ``InferenceFailure``."""
+        return list(self.iter_predict(paths, heatmap_dir))
 
-    def _predict(self, sources: list, heatmap_dir) -> list[InferenceResult | InferenceFailure]:
-        out: list[InferenceResult | InferenceFailure | None] = [None] * len(sources)
-        pending: list[tuple[int, DecodedImage, float]] = []
+    def _prepare(self, index: int, source) -> _Prepared:
+        """Decode, run the pixel checks and make the model input (runs in a decode thread)."""
+        t0 = time.perf_counter()
+        name = _name(source)
+        try:
+            decoded = decode_image(source, self.image_size)
+        except ImageError as exc:
+            return _Prepared(index, failure=_failure(name, exc))
+        except Exception as exc:  # an unforeseen decoder failure must not stop the batch
+            log.debug("unexpected error decoding %s", name, exc_info=True)
+            return _Prepared(index, failure=_failure(name, ImageError(
+                f"{name}: unexpected error while decoding ({type(exc).__name__}: {exc})")))
+        if self.gate is not None:
+            verdict = self.gate.check_pixels(np.asarray(decoded.gray), decoded.colorfulness)
+            if not verdict.in_scope:
+                return _Prepared(index, failure=_failure(name, OutOfScopeError(f"{name}: {verdict.reason}")))
+        return _Prepared(index, self.predictor.spec.pixels(decoded.gray), decoded, time.perf_counter() - t0)
 
-        def name(i: int) -> str:
-            return "<bytes>" if isinstance(sources[i], bytes) else str(sources[i])
+    def _prepared(self, sources: Iterable) -> Iterator[_Prepared]:
+        """``_prepare`` of each source, in order; with decode workers, a bounded number run ahead."""
+        if self.decode_workers == 0:
+            for i, source in enumerate(sources):
+                yield self._prepare(i, source)
+            return
+        ahead = max(2 * self.batch_size, 2 * self.decode_workers)
+        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="pneumoscan-decode") as pool:
+            queue: deque[Future] = deque()
+            for i, source in enumerate(sources):
+                queue.append(pool.submit(self._prepare, i, source))
+                if len(queue) >= ahead:
+                    yield queue.popleft().result()
+            while queue:
+                yield queue.popleft().result()
 
-        def fail(i: int, exc: Exception) -> None:
-            out[i] = InferenceFailure(name(i), str(exc), type(exc).__name__)
-            log.warning("%s", exc)
+    def iter_predict(self, sources: Iterable[str | os.PathLike | bytes],
+                     heatmap_dir: str | os.PathLike | None = None) -> Iterator[InferenceResult | InferenceFailure]:
+        """Predict each source (path or encoded bytes) and yield its outcome, in input order, as batches finish.
+
+        Memory stays bounded however many sources there are: images are decoded a little
+        ahead of the model (``decode_workers`` threads) and never accumulated.
+        """
+        sources = iter(sources)
+        keep: dict[int, object] = {}  # index -> source, for names and heatmaps, while in flight
+
+        def tracked() -> Iterator:
+            for i, source in enumerate(sources):
+                keep[i] = source
+                yield source
+
+        pending: list[_Prepared] = []
+        done: dict[int, InferenceResult | InferenceFailure] = {}
+        next_out = 0
 
         def flush() -> None:
             if not pending:
                 return
             t0 = time.perf_counter()
-            images = torch.stack([self.model_input(d) for _, d, _ in pending])
-            logits, feats = predict_outputs(self.model, images, self.checkpoint["normalization"],
-                                            self.checkpoint["in_channels"], self.device, len(pending))
-            verdicts = self.gate.check_features(feats) if self.gate is not None else [None] * len(pending)
+            images = torch.from_numpy(np.stack([p.pixels for p in pending]))
+            out = self.predictor.outputs(images, features=self.gate is not None, batch_size=len(pending))
+            probs = self.predictor.probabilities(out.logits)
+            verdicts = self.gate.check_features(out.features) if self.gate is not None else [None] * len(pending)
             share = (time.perf_counter() - t0) / len(pending)
-            for (i, decoded, decode_s), lg, verdict in zip(pending, logits, verdicts):
+            for prep, row, verdict in zip(pending, probs, verdicts):
+                source = keep[prep.index]
+                name = _name(source)
                 if verdict is not None and not verdict.in_scope:
-                    fail(i, OutOfScopeError(f"{name(i)}: {verdict.reason}"))
+                    done[prep.index] = _failure(name, OutOfScopeError(f"{name}: {verdict.reason}"))
                     continue
-                out[i] = self._result(lg, decode_s + share, None if name(i) == "<bytes>" else name(i), decoded)
+                result = self._result(row, prep.seconds + share, None if isinstance(source, bytes) else name,
+                                      prep.decoded)
                 if heatmap_dir is not None:
-                    self._write_heatmap(out[i], sources[i], decoded, Path(heatmap_dir), i)
+                    self._write_heatmap(result, source, prep.decoded, Path(heatmap_dir), prep.index)
+                done[prep.index] = result
             pending.clear()
 
-        for i, source in enumerate(sources):
-            t0 = time.perf_counter()
-            try:
-                decoded = decode_image(source, self.image_size)
-            except ImageError as exc:
-                fail(i, exc)
-                continue
-            except Exception as exc:  # an unforeseen decoder failure must not stop the batch
-                log.debug("unexpected error decoding %s", name(i), exc_info=True)
-                fail(i, ImageError(f"{name(i)}: unexpected error while decoding ({type(exc).__name__}: {exc})"))
-                continue
-            if self.gate is not None:
-                verdict = self.gate.check_pixels(np.asarray(decoded.gray), decoded.colorfulness)
-                if not verdict.in_scope:
-                    fail(i, OutOfScopeError(f"{name(i)}: {verdict.reason}"))
-                    continue
-            pending.append((i, decoded, time.perf_counter() - t0))
-            if len(pending) >= self.batch_size:
-                flush()
+        def ready() -> Iterator[InferenceResult | InferenceFailure]:
+            nonlocal next_out
+            while next_out in done:
+                keep.pop(next_out, None)
+                yield done.pop(next_out)
+                next_out += 1
+
+        for item in self._prepared(tracked()):
+            if item.failure is not None:
+                done[item.index] = item.failure
+            else:
+                pending.append(item)
+                if len(pending) >= self.batch_size:
+                    flush()
+            yield from ready()
         flush()
-        return out
+        yield from ready()
 
     def gradcam(self, decoded: DecodedImage, target_class: int = 1) -> np.ndarray:
-        """Grad-CAM (224-px grid, values in [0, 1]) of ``target_class`` for a decoded image."""
-        norm = self.checkpoint["normalization"]
-        x = to_model_input(self.model_input(decoded)[None].to(self.device), norm["mean"], norm["std"],
-                           self.checkpoint["in_channels"])
-        return grad_cam(self.model, x, target_class=target_class)
+        """Grad-CAM (model-input grid, values in [0, 1]) of ``target_class`` for a decoded image."""
+        return self.predictor.gradcam(self.predictor.spec.pixels(decoded.gray), target_class)
 
     def _overlay(self, source, decoded: DecodedImage, target_class: int, path: Path) -> None:
         cam = self.gradcam(decoded, target_class)

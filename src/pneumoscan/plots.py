@@ -4,17 +4,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from .atomic import atomic_path
+
+# Figures are built with matplotlib's object API (Figure, no pyplot): nothing global such as the
+# backend of an application that embeds pneumoscan is changed, and no GUI is ever needed.
+
+
+def new_figure(figsize: tuple[float, float], ncols: int = 1):
+    """A detached figure and its axes (one, or ``ncols`` side by side)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols)
+
+
+def save_png(fig: Figure, path: Path, dpi: int = 100) -> None:
+    """Write ``fig`` to ``path`` as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
 
 
 def plot_history(history: list[dict], path: Path) -> None:
     """Loss, accuracy, sensitivity/specificity, AUROC and learning rate per epoch in one PNG."""
     ep = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    fig, axes = new_figure((22, 4), 5)
     panels = [
         ("Loss", [("train", "train_loss"), ("validation", "val_loss")]),
         ("Accuracy", [("train", "train_accuracy"), ("validation", "val_accuracy")]),
@@ -34,13 +48,12 @@ def plot_history(history: list[dict], path: Path) -> None:
             ax.legend()
     axes[-1].set_yscale("log")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_reliability(series: dict[str, list[dict]], path: Path, title: str = "") -> None:
     """Reliability diagram: accuracy against confidence per bin, one line per named set of bins."""
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = new_figure((5.5, 5))
     ax.plot([0.5, 1], [0.5, 1], "k--", lw=1, label="perfect calibration")
     for name, bins in series.items():
         used = [b for b in bins if b["count"]]
@@ -53,5 +66,4 @@ def plot_reliability(series: dict[str, list[dict]], path: Path, title: str = "")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)

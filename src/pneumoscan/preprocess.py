@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .dicom import is_dicom, read_dicom
@@ -26,10 +25,14 @@ from .errors import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 PREPROCESS_VERSION = "gray-stretch-bilinear-v2"
+# Versions whose model inputs equal this one's for radiographs: v1 differed only for palette
+# images with transparency (no JPEG, DICOM or grayscale PNG), so v1 models need no warning.
+COMPATIBLE_PREPROCESS = ("gray-stretch-bilinear-v1", PREPROCESS_VERSION)
 DEFAULT_NORMALIZATION = {"mean": 0.5, "std": 0.25}
 
-# Large originals are decoded at reduced scale (JPEG draft) and decompression bombs refused.
-Image.MAX_IMAGE_PIXELS = 100_000_000
+# Larger images are refused before their pixels are decoded (decompression bombs). Checked here,
+# not through PIL's global Image.MAX_IMAGE_PIXELS, which an embedding application owns.
+MAX_IMAGE_PIXELS = 100_000_000
 
 
 def is_image_file(path: Path) -> bool:
@@ -113,15 +116,20 @@ def decode_image(source: str | os.PathLike | bytes, size: int | None = None) -> 
         return DecodedImage(gray, 0.0, "DICOM", info)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL's own bomb warning depends on a global limit; ours is checked just below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            if size is not None and img.format == "JPEG":
-                img.draft(img.mode, (size, size))
-            img.load()
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise ImageError(f"{name}: image is {img.width}x{img.height} pixels, more than the "
+                             f"{MAX_IMAGE_PIXELS} allowed (a decompression bomb?); downsample it first")
+        if size is not None and img.format == "JPEG":
+            img.draft(img.mode, (size, size))
+        img.load()
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not a recognised image (expected JPEG, PNG or DICOM)") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"{name}: cannot decode image, file may be truncated or corrupt ({exc})") from exc
     if img.width < 2 or img.height < 2:
         raise ImageError(f"{name}: image is {img.width}x{img.height} pixels, too small to be a radiograph")
@@ -145,14 +153,3 @@ def resize_gray(img: Image.Image, size: int) -> np.ndarray:
 def load_image(source: str | os.PathLike | bytes, size: int) -> np.ndarray:
     """Decode an image file (or bytes) into the model's square uint8 grayscale array."""
     return resize_gray(open_image(source, size), size)
-
-
-def to_model_input(
-    images: torch.Tensor, mean: float, std: float, in_channels: int
-) -> torch.Tensor:
-    """uint8 (N, H, W) or float [0, 1] (N, 1, H, W) images to the normalised model input (N, C, H, W)."""
-    x = images.float().div_(255.0).unsqueeze(1) if images.dtype == torch.uint8 else images
-    x = (x - mean) / std
-    if in_channels == 3:
-        x = x.expand(-1, 3, -1, -1)
-    return x.contiguous(memory_format=torch.channels_last)

@@ -15,13 +15,10 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .metrics import binary_metrics, confusion, reliability_bins  # noqa: E402
+from .metrics import binary_metrics, confusion, reliability_bins
+from .plots import new_figure
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -58,12 +55,11 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _curves(y: np.ndarray, p: np.ndarray, threshold: float, auroc: float) -> str:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.3))
+    fig, (a, b) = new_figure((10, 4.3), 2)
     fpr, tpr = roc_points(y, p)
     m = binary_metrics(y, p, threshold)
     a.plot(fpr, tpr, lw=2, label=f"AUROC {auroc:.4f}")
@@ -84,7 +80,7 @@ def _curves(y: np.ndarray, p: np.ndarray, threshold: float, auroc: float) -> str
 
 def _reliability(y: np.ndarray, p: np.ndarray, ece: float) -> str:
     bins = [b for b in reliability_bins(y, p) if b["count"]]
-    fig, ax = plt.subplots(figsize=(5, 4.3))
+    fig, ax = new_figure((5, 4.3))
     ax.plot([0.5, 1], [0.5, 1], "k--", lw=1, label="perfect calibration")
     ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", label=f"model (ECE {ece:.3f})")
     ax.set(xlabel="confidence of predicted class", ylabel="observed accuracy", title="Reliability diagram",

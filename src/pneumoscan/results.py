@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_text
+
 
 def to_jsonable(obj):
     """Dataclasses, numpy values and paths to plain JSON types; NaN and inf become None."""
@@ -34,8 +36,4 @@ def dumps(obj) -> str:
 
 def write_json(obj, path: str | os.PathLike) -> None:
     """Write ``obj`` as JSON atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(dumps(obj) + "\n")
-    os.replace(tmp, path)
+    write_text(path, dumps(obj) + "\n")

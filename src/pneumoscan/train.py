@@ -13,18 +13,19 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .atomic import write_text
 from .augment import augment_batch
-from .calibration import cross_fitted_ece, fit_temperature
+from .calibration import cross_fitted_ece, fit_temperature, positive_probability
 from .checkpoint import load_checkpoint, model_payload, save_checkpoint, versions
 from .config import TrainConfig
-from .data import CLASS_NAMES, DataSplits, ImageSet, prepare_data
+from .data import DataSplits, ImageSet, prepare_data
 from .errors import CheckpointError
-from .evaluate import predict_logits, predict_outputs, probabilities, resolve_device
 from .gate import OutOfScopeGate
 from .losses import build_loss
 from .metrics import (
@@ -37,7 +38,7 @@ from .metrics import (
 )
 from .model import build_model, model_kwargs
 from .plots import plot_history, plot_reliability
-from .preprocess import to_model_input
+from .predict import CLASS_NAMES, InputSpec, Predictor, resolve_device
 from .results import write_json
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,61 @@ def normalization_stats(images: torch.Tensor) -> dict[str, float]:
     return {"mean": float(sample.mean()), "std": float(sample.std())}
 
 
-def train_one_epoch(model, data: ImageSet, optimizer, criterion, cfg: TrainConfig, norm: dict,
-                    device: torch.device, gen: torch.Generator, epoch: int) -> dict:
+@dataclass
+class Trainer:
+    """The parts of a run that its epochs advance: model, its predictor, optimiser, schedule, losses."""
+
+    cfg: TrainConfig
+    predictor: Predictor
+    model_kw: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    criterion: torch.nn.Module
+    eval_criterion: torch.nn.Module
+    gen: torch.Generator
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.predictor.model
+
+    def payload(self, out: Path, epoch: int, **extra) -> dict:
+        """The checkpoint dict of the current weights."""
+        return model_payload(self.model, arch=self.cfg.arch, model_kw=self.model_kw, spec=self.predictor.spec,
+                             config=self.cfg.to_dict(), epoch=epoch, model_version=f"{out.name}-epoch{epoch}",
+                             **extra)
+
+
+@dataclass
+class Progress:
+    """Where a run stands: restored by ``resume``, advanced by ``fit``."""
+
+    history: list[dict] = field(default_factory=list)
+    best_value: float | None = None
+    best_epoch: int = 0
+    next_epoch: int = 1
+    best_state: dict | None = None
+    stop_reason: str = "reached --epochs"
+
+
+def build_trainer(cfg: TrainConfig, splits: DataSplits, device: torch.device) -> Trainer:
+    """Model, input contract (normalised with the training images' statistics), loss, optimiser, schedule."""
+    norm = normalization_stats(splits.train.images)
+    spec = InputSpec(cfg.image_size, norm["mean"], norm["std"], cfg.in_channels)
+    counts = [splits.train.class_counts()[c] for c in CLASS_NAMES]
+    model = build_model(cfg)
+    log.info("model %s: %d parameters", cfg.arch, sum(p.numel() for p in model.parameters()))
+    predictor = Predictor(model, spec, None, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode=cfg.metric_mode, factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr)
+    return Trainer(cfg, predictor, model_kwargs(cfg.arch, cfg.in_channels, cfg.width, cfg.dropout), optimizer,
+                   scheduler, build_loss(cfg.loss, counts, cfg.focal_gamma).to(device),
+                   build_loss(cfg.loss, counts, cfg.focal_gamma), torch.Generator(device=device).manual_seed(cfg.seed))
+
+
+def train_one_epoch(tr: Trainer, data: ImageSet, epoch: int) -> dict:
     """One pass over ``data`` in shuffled batches; returns loss, accuracy and where the time went."""
+    cfg, model, device = tr.cfg, tr.model, tr.predictor.device
     model.train()
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
     total_loss, correct, seen = 0.0, 0, 0
@@ -70,21 +123,20 @@ def train_one_epoch(model, data: ImageSet, optimizer, criterion, cfg: TrainConfi
             continue
         imgs = data.images[idx].to(device, non_blocking=True)
         target = data.labels[idx].to(device, non_blocking=True)
-        x = imgs.float().div_(255.0).unsqueeze(1)
-        x = augment_batch(x, cfg.augment, gen)
-        x = to_model_input(x, norm["mean"], norm["std"], cfg.in_channels)
+        x = augment_batch(imgs.float().div_(255.0).unsqueeze(1), cfg.augment, tr.gen)
+        x = tr.predictor.spec.to_tensor(x)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
+        tr.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
-        loss = criterion(logits.float(), target)
+        loss = tr.criterion(logits.float(), target)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}, batch {b}; "
                                      f"lower --lr")
         loss.backward()
-        optimizer.step()
+        tr.optimizer.step()
         total_loss += loss.item() * len(idx)
         correct += int((logits.argmax(1) == target).sum())
         seen += len(idx)
@@ -96,11 +148,11 @@ def train_one_epoch(model, data: ImageSet, optimizer, criterion, cfg: TrainConfi
             "data_time": data_time, "compute_time": compute_time}
 
 
-def evaluate(model, data: ImageSet, criterion, norm: dict, cfg: TrainConfig, device) -> tuple[dict, torch.Tensor]:
+def validate(tr: Trainer, data: ImageSet) -> tuple[dict, torch.Tensor]:
     """Validation loss and metrics at 0.5 (uncalibrated), and the logits."""
-    logits = predict_logits(model, data.images, norm, cfg.in_channels, device, batch_size=2 * cfg.batch_size)
-    loss = float(criterion(logits, data.labels))
-    m = binary_metrics(data.labels.numpy(), probabilities(logits, None), 0.5)
+    logits = tr.predictor.logits(data.images, batch_size=2 * tr.cfg.batch_size)
+    loss = float(tr.eval_criterion(logits, data.labels))
+    m = binary_metrics(data.labels.numpy(), positive_probability(logits), 0.5)
     return {"loss": loss, **m}, logits
 
 
@@ -117,6 +169,108 @@ def _check_resume(state: dict, cfg: TrainConfig) -> None:
     if changed:
         raise CheckpointError("cannot --resume with a different " + "; ".join(changed)
                               + " (use the original flags or a new --output_dir)")
+
+
+def resume(tr: Trainer, out: Path) -> Progress:
+    """Restore weights, optimiser, schedule, random state and history from ``out/checkpoint_last.pth``.
+
+    Raises:
+        CheckpointError: there is no last checkpoint, or it was written with other fixed flags.
+    """
+    last_path = out / LAST_FILE
+    if not last_path.exists():
+        raise CheckpointError(f"--resume: no {LAST_FILE} in {out}; start without --resume")
+    state = load_checkpoint(last_path)
+    _check_resume(state, tr.cfg)
+    tr.model.load_state_dict(state["model_state"])
+    tr.optimizer.load_state_dict(state["optimizer_state"])
+    tr.scheduler.load_state_dict(state["scheduler_state"])
+    tr.gen.set_state(state["generator_state"].to(tr.gen.device) if tr.gen.device.type == "cuda"
+                     else state["generator_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    progress = Progress(history=state["history"], best_value=state["best_value"], best_epoch=state["best_epoch"],
+                        next_epoch=state["epoch"] + 1)
+    log.info("resumed from %s at epoch %d (best %s %.4f at epoch %d)", last_path, progress.next_epoch,
+             tr.cfg.eval_metric, progress.best_value if progress.best_value is not None else float("nan"),
+             progress.best_epoch)
+    return progress
+
+
+def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progress:
+    """Train from ``progress.next_epoch`` until --epochs, early stopping or the time budget.
+
+    Every epoch writes ``checkpoint_last.pth`` (for --resume) and, when the validation metric
+    improves, ``medical_cnn_model.pth``; ``progress`` holds the best weights at the end.
+    """
+    cfg = tr.cfg
+    started, first = time.time(), progress.next_epoch
+    for epoch in range(first, cfg.epochs + 1):
+        t0 = time.time()
+        trained = train_one_epoch(tr, splits.train, epoch)
+        val, _ = validate(tr, splits.val)
+        value = val[cfg.eval_metric]
+        lr = tr.optimizer.param_groups[0]["lr"]
+        tr.scheduler.step(value)
+        row = {"epoch": epoch, "train_loss": trained["loss"], "train_accuracy": trained["accuracy"],
+               **{f"val_{k}": v for k, v in val.items()}, "lr": lr, "epoch_time_s": time.time() - t0,
+               "data_time_s": trained["data_time"], "compute_time_s": trained["compute_time"]}
+        progress.history.append(row)
+        progress.next_epoch = epoch + 1
+        log.info("Epoch %d/%d - Train Loss: %.4f, Val Sensitivity: %.4f, Val Specificity: %.4f, "
+                 "Val AUROC: %.4f, Val Loss: %.4f, LR: %.2g, %.0fs", epoch, cfg.epochs, trained["loss"],
+                 val["sensitivity"], val["specificity"], val["auroc"], val["loss"], lr, row["epoch_time_s"])
+        if _is_better(value, progress.best_value, cfg.metric_mode):
+            progress.best_value, progress.best_epoch = value, epoch
+            progress.best_state = copy.deepcopy(tr.model.state_dict())
+            save_checkpoint(tr.payload(out, epoch, metrics={"val": val}), out / MODEL_FILE)
+        save_checkpoint({**tr.payload(out, epoch, metrics={"val": val}),
+                         "optimizer_state": tr.optimizer.state_dict(), "scheduler_state": tr.scheduler.state_dict(),
+                         "generator_state": tr.gen.get_state().cpu(), "torch_rng_state": torch.get_rng_state(),
+                         "history": progress.history, "best_value": progress.best_value,
+                         "best_epoch": progress.best_epoch}, out / LAST_FILE)
+        if epoch - progress.best_epoch >= cfg.patience:
+            progress.stop_reason = f"early stopping: no {cfg.eval_metric} improvement for {cfg.patience} epochs"
+            break
+        elapsed_min = (time.time() - started) / 60
+        per_epoch = elapsed_min / (epoch - first + 1)
+        if cfg.max_train_minutes and elapsed_min + per_epoch > cfg.max_train_minutes:
+            progress.stop_reason = f"time budget: another epoch would pass --max_train_minutes {cfg.max_train_minutes}"
+            break
+    log.info("training stopped (%s); best %s %.4f at epoch %d", progress.stop_reason, cfg.eval_metric,
+             progress.best_value if progress.best_value is not None else float("nan"), progress.best_epoch)
+    return progress
+
+
+def finish(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> dict:
+    """Load the best weights, calibrate, fit the gate, write the final model; returns the run's results."""
+    best_path = out / MODEL_FILE
+    if progress.best_state is None:  # resumed run that found no better epoch: best weights are on disk
+        if not best_path.exists():
+            raise CheckpointError(f"no epoch produced a finite {tr.cfg.eval_metric}; nothing to save")
+        progress.best_state = load_checkpoint(best_path)["model_state"]
+    tr.model.load_state_dict(progress.best_state)
+    final = finalize(tr.predictor, splits, tr.cfg)
+    save_checkpoint(tr.payload(out, progress.best_epoch, temperature=final["temperature"],
+                               threshold=final["threshold"], metrics=final["metrics_summary"],
+                               ood_gate=final["ood_gate"]), best_path)
+    return {
+        "config": tr.cfg.to_dict(),
+        "versions": versions(),
+        "device": str(tr.predictor.device),
+        "data": {**splits.info, "bad_file_list": [{"path": p, "reason": r} for p, r in splits.bad_files],
+                 "normalization": {"mean": tr.predictor.spec.mean, "std": tr.predictor.spec.std}},
+        "history": progress.history,
+        "best_epoch": progress.best_epoch,
+        "best_value": progress.best_value,
+        "eval_metric": tr.cfg.eval_metric,
+        "stop_reason": progress.stop_reason,
+        "calibration": {k: final[k] for k in ("temperature", "threshold", "threshold_rule", "ece_before",
+                                              "ece_after", "ece_after_cross_fitted", "reliability_before",
+                                              "reliability_after")},
+        "validation": final["validation"],
+        "test": final["test"],
+        "model_path": str(best_path),
+    }
 
 
 def run_training(cfg: TrainConfig) -> dict:
@@ -138,128 +292,29 @@ def run_training(cfg: TrainConfig) -> dict:
     splits = prepare_data(cfg.data_dir, cfg.image_size, cfg.val_fraction, cfg.min_val_images,
                           cfg.seed, cfg.strict, cfg.cache_dir)
     data_prep_s = time.time() - t_data
-    norm = normalization_stats(splits.train.images)
-    counts = [splits.train.class_counts()[c] for c in CLASS_NAMES]
-
-    model = build_model(cfg).to(device).to(memory_format=torch.channels_last)
-    kw = model_kwargs(cfg.arch, cfg.in_channels, cfg.width, cfg.dropout)
-    log.info("model %s: %d parameters", cfg.arch, sum(p.numel() for p in model.parameters()))
-    criterion = build_loss(cfg.loss, counts, cfg.focal_gamma).to(device)
-    eval_criterion = build_loss(cfg.loss, counts, cfg.focal_gamma)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode=cfg.metric_mode, factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-
-    history: list[dict] = []
-    best_value, best_epoch, start_epoch = None, 0, 1
-    last_path, best_path = out / LAST_FILE, out / MODEL_FILE
-    if cfg.resume:
-        if not last_path.exists():
-            raise CheckpointError(f"--resume: no {LAST_FILE} in {out}; start without --resume")
-        state = load_checkpoint(last_path)
-        _check_resume(state, cfg)
-        model.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
-        scheduler.load_state_dict(state["scheduler_state"])
-        gen.set_state(state["generator_state"].to(gen.device) if device.type == "cuda"
-                      else state["generator_state"])
-        torch.set_rng_state(state["torch_rng_state"])
-        history = state["history"]
-        best_value, best_epoch = state["best_value"], state["best_epoch"]
-        start_epoch = state["epoch"] + 1
-        log.info("resumed from %s at epoch %d (best %s %.4f at epoch %d)", last_path, start_epoch,
-                 cfg.eval_metric, best_value if best_value is not None else float("nan"), best_epoch)
-
-    def payload(epoch: int, metrics: dict) -> dict:
-        return model_payload(model, arch=cfg.arch, model_kw=kw, image_size=cfg.image_size,
-                             normalization=norm, config=cfg.to_dict(), metrics={"val": metrics},
-                             epoch=epoch, model_version=f"{out.name}-epoch{epoch}")
-
-    train_started = time.time()
-    stop_reason = "reached --epochs"
-    best_state = None
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t0 = time.time()
-        tr = train_one_epoch(model, splits.train, optimizer, criterion, cfg, norm, device, gen, epoch)
-        val, _ = evaluate(model, splits.val, eval_criterion, norm, cfg, device)
-        value = val[cfg.eval_metric]
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step(value)
-        row = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
-               **{f"val_{k}": v for k, v in val.items()}, "lr": lr, "epoch_time_s": time.time() - t0,
-               "data_time_s": tr["data_time"], "compute_time_s": tr["compute_time"]}
-        history.append(row)
-        log.info("Epoch %d/%d - Train Loss: %.4f, Val Sensitivity: %.4f, Val Specificity: %.4f, "
-                 "Val AUROC: %.4f, Val Loss: %.4f, LR: %.2g, %.0fs", epoch, cfg.epochs, tr["loss"],
-                 val["sensitivity"], val["specificity"], val["auroc"], val["loss"], lr, row["epoch_time_s"])
-        if _is_better(value, best_value, cfg.metric_mode):
-            best_value, best_epoch = value, epoch
-            best_state = copy.deepcopy(model.state_dict())
-            save_checkpoint(payload(epoch, val), best_path)
-        save_checkpoint({**payload(epoch, val), "optimizer_state": optimizer.state_dict(),
-                         "scheduler_state": scheduler.state_dict(), "generator_state": gen.get_state().cpu(),
-                         "torch_rng_state": torch.get_rng_state(), "history": history,
-                         "best_value": best_value, "best_epoch": best_epoch}, last_path)
-        if epoch - best_epoch >= cfg.patience:
-            stop_reason = f"early stopping: no {cfg.eval_metric} improvement for {cfg.patience} epochs"
-            break
-        elapsed_min = (time.time() - train_started) / 60
-        per_epoch = elapsed_min / (epoch - start_epoch + 1)
-        if cfg.max_train_minutes and elapsed_min + per_epoch > cfg.max_train_minutes:
-            stop_reason = f"time budget: another epoch would pass --max_train_minutes {cfg.max_train_minutes}"
-            break
-    log.info("training stopped (%s); best %s %.4f at epoch %d", stop_reason, cfg.eval_metric,
-             best_value if best_value is not None else float("nan"), best_epoch)
-    train_s = time.time() - train_started
-
-    if best_state is None:  # resumed run that found no better epoch: best weights are on disk
-        if not best_path.exists():
-            raise CheckpointError(f"no epoch produced a finite {cfg.eval_metric}; nothing to save")
-        best_state = load_checkpoint(best_path)["model_state"]
-    model.load_state_dict(best_state)
-    final = finalize(model, splits, cfg, norm, device)
-    save_checkpoint(model_payload(model, arch=cfg.arch, model_kw=kw, image_size=cfg.image_size,
-                                  normalization=norm, config=cfg.to_dict(), temperature=final["temperature"],
-                                  threshold=final["threshold"], metrics=final["metrics_summary"],
-                                  epoch=best_epoch, model_version=f"{out.name}-epoch{best_epoch}",
-                                  ood_gate=final["ood_gate"]), best_path)
-
-    results = {
-        "config": cfg.to_dict(),
-        "versions": versions(),
-        "device": str(device),
-        "data": {**splits.info, "bad_file_list": [{"path": p, "reason": r} for p, r in splits.bad_files],
-                 "normalization": norm},
-        "history": history,
-        "best_epoch": best_epoch,
-        "best_value": best_value,
-        "eval_metric": cfg.eval_metric,
-        "stop_reason": stop_reason,
-        "calibration": {k: final[k] for k in ("temperature", "threshold", "threshold_rule", "ece_before",
-                                              "ece_after", "ece_after_cross_fitted", "reliability_before",
-                                              "reliability_after")},
-        "validation": final["validation"],
-        "test": final["test"],
-        "timings_s": {"data_preparation": data_prep_s, "training": train_s,
-                      "total": time.time() - started},
-        "model_path": str(best_path),
-    }
+    tr = build_trainer(cfg, splits, device)
+    progress = resume(tr, out) if cfg.resume else Progress()
+    t_train = time.time()
+    fit(tr, splits, progress, out)
+    train_s = time.time() - t_train
+    results = finish(tr, splits, progress, out)
+    results["timings_s"] = {"data_preparation": data_prep_s, "training": train_s, "total": time.time() - started}
     write_outputs(results, out)
     return results
 
 
-def finalize(model, splits: DataSplits, cfg: TrainConfig, norm: dict, device) -> dict:
+def finalize(predictor: Predictor, splits: DataSplits, cfg: TrainConfig) -> dict:
     """Temperature, screening threshold and out-of-scope gate fitted (validation, training features),
     then validation and test reports."""
-    logits, val_feats = predict_outputs(model, splits.val.images, norm, cfg.in_channels, device)
-    _, train_feats = predict_outputs(model, splits.train.images, norm, cfg.in_channels, device)
+    val_out = predictor.outputs(splits.val.images)
+    logits, val_feats = val_out.logits, val_out.features
+    train_feats = predictor.outputs(splits.train.images).features
     gate = OutOfScopeGate.fit(train_feats, splits.train.labels, val_feats)
     log.info("out-of-scope gate: feature-distance score limit %.2f (%.1f%% quantile of validation)",
              gate.threshold, 100 * gate.quantile)
     y = splits.val.labels.numpy()
     temperature = fit_temperature(logits, splits.val.labels)
-    raw, cal = probabilities(logits, None), probabilities(logits, temperature)
+    raw, cal = positive_probability(logits), positive_probability(logits, temperature)
     threshold = threshold_for_sensitivity(y, cal, cfg.target_sensitivity)
     validation = {
         "at_threshold": metrics_with_ci(y, cal, threshold, groups=splits.val.patients),
@@ -267,8 +322,7 @@ def finalize(model, splits: DataSplits, cfg: TrainConfig, norm: dict, device) ->
     }
     test = None
     if splits.test is not None:
-        t_logits = predict_logits(model, splits.test.images, norm, cfg.in_channels, device)
-        t_prob = probabilities(t_logits, temperature)
+        t_prob = positive_probability(predictor.logits(splits.test.images), temperature)
         t_y = splits.test.labels.numpy()
         test = {"at_threshold": metrics_with_ci(t_y, t_prob, threshold, groups=splits.test.patients),
                 "ece_15": expected_calibration_error(t_y, t_prob)}
@@ -307,7 +361,7 @@ def write_outputs(results: dict, out: Path) -> None:
     plot_reliability({f"before (ECE {cal['ece_before']:.3f})": cal["reliability_before"],
                       f"after T = {cal['temperature']:.2f} (ECE {cal['ece_after']:.3f})": cal["reliability_after"]},
                      out / "reliability_diagram.png", title="validation")
-    (out / "training_summary.txt").write_text(summary_text(results))
+    write_text(out / "training_summary.txt", summary_text(results))
 
 
 def summary_text(results: dict) -> str:
