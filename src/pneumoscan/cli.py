@@ -7,6 +7,7 @@ Each ``*_main(argv)`` parses flags, configures logging once, and returns an exit
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -224,17 +225,36 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     return EXIT_SOME_FAILED if bad else EXIT_OK
 
 
-COMMANDS = {"train": train_main, "predict": predict_main, "evaluate": evaluate_main}
+# Commands living in their own modules are imported only when run, so that e.g. ``predict``
+# never imports the web service's dependencies.
+COMMANDS = {"train": train_main, "predict": predict_main, "evaluate": evaluate_main,
+            "export": "pneumoscan.export:export_main", "serve": "pneumoscan.serve.cli:serve_main",
+            "audit": "pneumoscan.serve.cli:audit_main"}
+EXTRAS = {"export": "onnx", "serve": "serve", "audit": "serve"}
+
+
+def _command(name: str):
+    target = COMMANDS[name]
+    if callable(target):
+        return target
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``pneumoscan <command> [flags]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        sys.stderr.write("usage: pneumoscan {train,evaluate,predict} [flags]\n"
+        sys.stderr.write(f"usage: pneumoscan {{{','.join(COMMANDS)}}} [flags]\n"
                          "       pneumoscan <command> --help for its flags\n")
         return EXIT_OK if argv and argv[0] in ("-h", "--help") else EXIT_BAD_INPUT
-    return COMMANDS[argv[0]](argv[1:])
+    try:
+        command = _command(argv[0])
+    except ModuleNotFoundError as exc:
+        sys.stderr.write(f"pneumoscan {argv[0]} needs a package that is not installed ({exc.name}); "
+                         f"install the extra: pip install 'pneumoscan[{EXTRAS.get(argv[0], 'dev')}]'\n")
+        return EXIT_BAD_INPUT
+    return command(argv[1:])
 
 
 if __name__ == "__main__":
