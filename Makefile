@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	# torch 2.13.0 first: a CPU build (a bare "torch" would pull a multi-GB CUDA build)
 	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -e '.[dev,dicom]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,dicom,onnx,serve]'
 	touch $@
 
 .PHONY: setup train test lint
