@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import PneumoscanError
+from .errors import DataError, PneumoscanError
 
 log = logging.getLogger("pneumoscan")
 
@@ -112,10 +112,16 @@ def _predict_parser() -> argparse.ArgumentParser:
     src.add_argument("--image_path", help="one image file")
     src.add_argument("--image_dir", help="a folder of images (searched recursively)")
     p.add_argument("--model_path", help="checkpoint from pneumoscan train (default: the shipped model)")
-    p.add_argument("--output_path", help="write the results as JSON here (default: print JSON to stdout)")
+    p.add_argument("--output_path",
+                   help="write results here: .json (one document at the end) or .jsonl (one line per file, "
+                        "written as it goes; for large folders). Default: print JSON to stdout")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted .jsonl output: files already in it are skipped")
     p.add_argument("--threshold", type=float, help="override the model's operating threshold on P(PNEUMONIA)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--decode_workers", type=int, default=2,
+                   help="threads decoding the next images while the model runs (0: none)")
     p.add_argument("--no_recursive", action="store_true", help="only the top level of --image_dir")
     p.add_argument("--heatmap_dir", help="write a Grad-CAM overlay PNG per image here (original geometry)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -128,31 +134,52 @@ def _summary_line(r) -> str:
             f"confidence {r.confidence:.3f}, uncertainty {r.uncertainty:.3f}, risk {r.risk_level}")
 
 
-def predict_main(argv: list[str] | None = None) -> int:
-    """``pneumoscan predict`` / ``run_inference.py``."""
-    from .inference import InferenceFailure, MedicalImageInference
+def _progress(total: int):
+    """A progress bar with rate and ETA on a terminal (stderr); silent when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", file=sys.stderr, disable=None if total > 1 else True,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def _predict_jsonl(engine, files: list, args) -> tuple[int, int]:
+    """Stream outcomes into ``args.output_path`` as JSON Lines; returns (predicted, failed) in this run."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .inference import InferenceFailure
+    from .results import JsonlWriter
+
+    predicted = failed = 0
+    with JsonlWriter(args.output_path, resume=args.resume) as writer:
+        todo = [f for f in files if str(f) not in writer.done]
+        if writer.done:
+            log.info("--resume: %d of %d file(s) already in %s; predicting the other %d",
+                     len(files) - len(todo), len(files), args.output_path, len(todo))
+        with _progress(len(todo)) as bar, logging_redirect_tqdm(loggers=[log]):
+            for outcome in engine.iter_predict(todo, heatmap_dir=args.heatmap_dir):
+                writer.write(outcome)
+                if isinstance(outcome, InferenceFailure):
+                    failed += 1
+                else:
+                    predicted += 1
+                bar.update()
+    log.info("%d prediction(s), %d error(s) written to %s", predicted, failed, args.output_path)
+    return predicted, failed
+
+
+def _predict_document(engine, files: list, args) -> tuple[int, int]:
+    """Today's JSON document (model, summary, results, errors) to ``--output_path`` or stdout."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .inference import InferenceFailure
     from .results import dumps, write_json
 
-    parser = _predict_parser()
-    args = parser.parse_args(argv)
-    configure_logging(verbose=args.verbose)
-    if args.image_path is not None and not Path(args.image_path).is_file():
-        log.error("image_path %r does not exist or is not a file", args.image_path)
-        return EXIT_BAD_INPUT
-    try:
-        engine = MedicalImageInference(args.model_path, device=args.device, threshold=args.threshold,
-                                       batch_size=args.batch_size)
-        if args.image_path is not None:
-            outcomes = engine.predict_batch([args.image_path], heatmap_dir=args.heatmap_dir)
-        else:
-            outcomes = engine.predict_directory(args.image_dir, recursive=not args.no_recursive,
-                                                heatmap_dir=args.heatmap_dir)
-    except (PneumoscanError, ValueError) as exc:
-        log.error("%s", exc)
-        return EXIT_BAD_INPUT
-    results = [o for o in outcomes if not isinstance(o, InferenceFailure)]
-    errors = [o for o in outcomes if isinstance(o, InferenceFailure)]
-    document = {"model": engine.info, "summary": {"files": len(outcomes), "predicted": len(results),
+    results, errors = [], []
+    with _progress(len(files)) as bar, logging_redirect_tqdm(loggers=[log]):
+        for outcome in engine.iter_predict(files, heatmap_dir=args.heatmap_dir):
+            (errors if isinstance(outcome, InferenceFailure) else results).append(outcome)
+            bar.update()
+    document = {"model": engine.info, "summary": {"files": len(files), "predicted": len(results),
                                                   "failed": len(errors)},
                 "results": results, "errors": errors}
     if args.output_path:
@@ -165,7 +192,39 @@ def predict_main(argv: list[str] | None = None) -> int:
             sys.stdout.write(_summary_line(r) + "\n")
         for e in errors:
             sys.stdout.write(f"{e.image_path}: FAILED: {e.error}\n")
-    return EXIT_SOME_FAILED if errors else EXIT_OK
+    return len(results), len(errors)
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    """``pneumoscan predict`` / ``run_inference.py``."""
+    from .inference import MedicalImageInference, list_inputs
+
+    parser = _predict_parser()
+    args = parser.parse_args(argv)
+    configure_logging(verbose=args.verbose)
+    jsonl = bool(args.output_path) and args.output_path.lower().endswith(".jsonl")
+    if args.resume and not jsonl:
+        parser.error("--resume needs --output_path ending in .jsonl (a .json document is written only at the end)")
+    if args.image_path is not None and not Path(args.image_path).is_file():
+        log.error("image_path %r does not exist or is not a file", args.image_path)
+        return EXIT_BAD_INPUT
+    try:
+        files = [Path(args.image_path)] if args.image_path else list_inputs(args.image_dir, not args.no_recursive)
+        if not files:
+            raise DataError(f"no .jpg, .jpeg, .png or DICOM files found in {args.image_dir}")
+        engine = MedicalImageInference(args.model_path, device=args.device, threshold=args.threshold,
+                                       batch_size=args.batch_size, decode_workers=args.decode_workers)
+        log.info("predicting %d file(s)", len(files))
+        run = _predict_jsonl if jsonl else _predict_document
+        _, failed = run(engine, files, args)
+    except (PneumoscanError, ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        if jsonl:
+            log.error("interrupted; every finished file is in %s: continue with --resume", args.output_path)
+        return 130
+    return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:

@@ -83,7 +83,11 @@ def risk_level(confidence: float, uncertainty: float) -> str:
 
 
 def _is_input_file(path: Path) -> bool:
-    """Images by extension, .dcm, and extension-less files that carry the DICOM preamble."""
+    """Images by extension, .dcm, and extension-less files that carry the DICOM preamble.
+
+    A broken link or a file that cannot be opened counts as an input when its name could be
+    one, so that prediction reports it instead of the listing dropping it unseen.
+    """
     if is_image_file(path):
         return True
     if path.name.startswith("."):
@@ -92,12 +96,59 @@ def _is_input_file(path: Path) -> bool:
     if suffix in (".dcm", ".dicom"):
         return True
     if suffix == "" or suffix[1:].isdigit():
+        if not path.is_file():  # broken link, FIFO, socket: never opened here (a FIFO would block)
+            return True
         try:
             with open(path, "rb") as f:
                 return is_dicom(f.read(132))
         except OSError:
             return True  # unreadable: let prediction report why
     return False
+
+
+def iter_inputs(directory: str | os.PathLike, recursive: bool = True) -> Iterator[Path]:
+    """Image and DICOM files under ``directory``, depth first, each folder's entries sorted by name.
+
+    Hidden files and folders and ``__MACOSX`` are skipped, as are links to folders; broken
+    links and special files with an image name are yielded (prediction reports them). A
+    folder that cannot be listed is logged. Memory is that of the largest single folder.
+
+    Raises:
+        DataError: ``directory`` does not exist or is not a folder.
+    """
+    base = Path(directory)
+    if not base.is_dir():
+        raise DataError(f"image_dir {str(base)!r} does not exist or is not a folder")
+    skipped = 0
+
+    def walk(folder: Path) -> Iterator[Path]:
+        nonlocal skipped
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
+        except OSError as exc:
+            log.warning("cannot list %s (%s); its files are not predicted", folder, exc.strerror or exc)
+            return
+        for name, is_dir in entries:
+            path = folder / name
+            if is_dir:
+                if recursive and not name.startswith(".") and name.lower() != "__macosx":
+                    yield from walk(path)
+            elif path.is_symlink() and path.is_dir():
+                continue  # a link to a folder: not followed (no cycles, no surprises)
+            elif _is_input_file(path):
+                yield path
+            elif not name.startswith("."):
+                skipped += 1
+
+    yield from walk(base)
+    if skipped:
+        log.warning("%s: skipped %d file(s) that are neither JPEG/PNG nor DICOM", base, skipped)
+
+
+def list_inputs(directory: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """``iter_inputs`` as a list."""
+    return list(iter_inputs(directory, recursive))
 
 
 def _name(source) -> str:
@@ -107,26 +158,6 @@ def _name(source) -> str:
 def _failure(name: str, exc: Exception) -> InferenceFailure:
     log.warning("%s", exc)
     return InferenceFailure(name, str(exc), type(exc).__name__)
-
-
-def list_inputs(directory: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Image and DICOM files in ``directory`` (recursive by default; hidden files and __MACOSX skipped)."""
-    base = Path(directory)
-    if not base.is_dir():
-        raise DataError(f"image_dir {str(base)!r} does not exist or is not a folder")
-    pattern = base.rglob("*") if recursive else base.glob("*")
-    files, skipped = [], 0
-    for p in sorted(pattern):
-        if not p.is_file() or any(part.startswith(".") or part.lower() == "__macosx"
-                                  for part in p.relative_to(base).parts[:-1]):
-            continue
-        if _is_input_file(p):
-            files.append(p)
-        elif not p.name.startswith("."):
-            skipped += 1
-    if skipped:
-        log.info("%s: skipped %d file(s) that are neither JPEG/PNG nor DICOM", base, skipped)
-    return files
 
 
 @dataclass

@@ -95,6 +95,15 @@ class DecodedImage:
     dicom: Any = None
 
 
+def _read_file(path: Path) -> bytes:
+    """The bytes of a regular file; a broken link or a special file raises ImageError (a FIFO would block)."""
+    if path.is_symlink() and not path.exists():
+        raise ImageError(f"{path}: broken symbolic link (its target {os.readlink(path)!r} does not exist)")
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise ImageError(f"{path}: not a regular file (a pipe, socket or device); copy the image to a file")
+    return path.read_bytes()
+
+
 def decode_image(source: str | os.PathLike | bytes, size: int | None = None) -> DecodedImage:
     """Decode a file or bytes (JPEG, PNG, DICOM) into grayscale at original geometry.
 
@@ -106,7 +115,7 @@ def decode_image(source: str | os.PathLike | bytes, size: int | None = None) -> 
     """
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
-        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        data = source if isinstance(source, bytes) else _read_file(Path(source))
     except OSError as exc:
         raise ImageError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
     if not data:

@@ -1,0 +1,130 @@
+"""Large folders: JSON Lines written as it goes, --resume after an interruption, every listed file accounted for."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pneumoscan.cli import predict_main
+from pneumoscan.inference import list_inputs
+from pneumoscan.results import JsonlWriter, scan_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, smoke_files):
+    """Twelve real radiographs, a broken link, a pipe, a text file named .jpg, a non-image file."""
+    root = tmp_path_factory.mktemp("jsonl_in")
+    (root / "sub").mkdir()
+    for i, path in enumerate(smoke_files["NORMAL"][:6] + smoke_files["PNEUMONIA"][:6]):
+        (root / ("sub" if i % 3 == 0 else "") / path.name).symlink_to(path)
+    (root / "broken.jpeg").symlink_to(root / "does-not-exist.jpeg")
+    os.mkfifo(root / "pipe.jpg")
+    (root / "notes.jpg").write_text("not an image")
+    (root / "README.txt").write_text("ignored: not an image name")
+    return root
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run(folder, out, model, *extra) -> int:
+    return predict_main(["--image_dir", str(folder), "--output_path", str(out), "--model_path", str(model),
+                         "--device", "cpu", "--batch_size", "4", *extra])
+
+
+def test_every_listed_file_gets_one_line(folder, tmp_path, trained_model):
+    out = tmp_path / "r.jsonl"
+    assert run(folder, out, trained_model) == 1  # some files failed
+    lines = read_lines(out)
+    listed = [str(p) for p in list_inputs(folder)]
+    assert [line["image_path"] for line in lines] == listed  # listing order, each once
+    errors = {os.path.basename(line["image_path"]): line["error"] for line in lines if "error" in line}
+    assert "broken symbolic link" in errors["broken.jpeg"]
+    assert "not a regular file" in errors["pipe.jpg"]
+    assert "not a recognised image" in errors["notes.jpg"]
+    results = [line for line in lines if "error" not in line]
+    assert len(results) + len(errors) == 15 and len(results) >= 10  # the gate may refuse the odd real film
+    assert all(set(r["probabilities"]) == {"NORMAL", "PNEUMONIA"} for r in results)
+
+
+def test_existing_output_is_never_overwritten(folder, tmp_path, trained_model):
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"image_path": "x"}\n')
+    assert run(folder, out, trained_model) == 2
+    assert out.read_text() == '{"image_path": "x"}\n'
+
+
+def test_resume_after_a_kill_mid_line_equals_a_full_run(folder, tmp_path, trained_model):
+    full = tmp_path / "full.jsonl"
+    run(folder, full, trained_model)
+    lines = full.read_text().splitlines(keepends=True)
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(lines[:5]) + lines[5][:40])  # killed while writing line 6
+    assert run(folder, part, trained_model, "--resume") == 1
+    resumed, complete = read_lines(part), read_lines(full)
+    assert sorted(r["image_path"] for r in resumed) == sorted(r["image_path"] for r in complete)
+    by_path = {r["image_path"]: r for r in complete}
+    for r in resumed:
+        ref = by_path[r["image_path"]]
+        assert r.get("prediction") == ref.get("prediction") and r.get("error_type") == ref.get("error_type")
+        if "probabilities" in r:
+            assert r["probabilities"]["PNEUMONIA"] == pytest.approx(ref["probabilities"]["PNEUMONIA"], abs=1e-6)
+    assert run(folder, part, trained_model, "--resume") == 0  # nothing left to do
+    assert len(read_lines(part)) == len(complete)
+
+
+def test_resume_needs_jsonl(folder, tmp_path, trained_model):
+    with pytest.raises(SystemExit) as info:
+        run(folder, tmp_path / "r.json", trained_model, "--resume")
+    assert info.value.code == 2
+
+
+def test_lines_are_flushed_as_they_are_written(tmp_path):
+    path = tmp_path / "w.jsonl"
+    writer = JsonlWriter(path)
+    writer.write({"image_path": "a", "p": float("nan")})
+    assert scan_jsonl(path) == ({"a"}, len(path.read_bytes()))  # visible before close
+    assert read_lines(path)[0]["p"] is None
+    writer.close()
+
+
+def test_progress_bar_is_quiet_without_a_terminal(folder, tmp_path, trained_model):
+    proc = subprocess.run([sys.executable, "-m", "pneumoscan", "predict", "--image_dir", str(folder),
+                           "--output_path", str(tmp_path / "r.jsonl"), "--model_path", str(trained_model),
+                           "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "img/s" not in proc.stderr and "it/s" not in proc.stderr
+
+
+def test_output_grows_while_the_run_is_going(tmp_path, trained_model, smoke_files):
+    """Lines appear before the run ends (a crash loses at most the batch in flight)."""
+    src = tmp_path / "many"
+    src.mkdir()
+    files = smoke_files["NORMAL"] + smoke_files["PNEUMONIA"]
+    for i in range(400):
+        (src / f"{i:04d}_{files[i % len(files)].name}").symlink_to(files[i % len(files)])
+    out = tmp_path / "r.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "pneumoscan", "predict", "--image_dir", str(src),
+                             "--output_path", str(out), "--model_path", str(trained_model), "--device", "cpu",
+                             "--batch_size", "8"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        seen_partial = False
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            n = len(out.read_text().splitlines()) if out.exists() else 0
+            if 0 < n < 400:
+                seen_partial = True
+                break
+            time.sleep(0.05)
+    finally:
+        proc.wait(timeout=120)
+    assert seen_partial, "no partial output observed: results were not written as they came"
+    assert len(read_lines(out)) == 400
