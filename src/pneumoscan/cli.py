@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,10 +21,13 @@ log = logging.getLogger("pneumoscan")
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def configure_logging(log_file: Path | None = None, verbose: bool = False) -> None:
-    """Send the package's log to stderr (and ``log_file``); called once per entry point."""
+def configure_logging(log_file: Path | None = None, verbose: bool = False, quiet: bool = False) -> None:
+    """Send the package's log to stderr (and ``log_file``); called once per entry point.
+
+    ``quiet`` keeps warnings and errors only (the ranks other than 0 under torchrun).
+    """
     root = logging.getLogger("pneumoscan")
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
@@ -83,15 +88,19 @@ def _train_parser() -> argparse.ArgumentParser:
 def train_main(argv: list[str] | None = None) -> int:
     """``pneumoscan train`` / ``train_medical_model.py``."""
     from .config import TrainConfig
+    from .distributed import env_world
     from .train import run_training
 
     args = _train_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("preset", "verbose")}
     try:
         cfg = TrainConfig.from_overrides(args.preset, **overrides)
+        world = env_world()
     except ValueError as exc:
         _train_parser().error(str(exc))
-    configure_logging(Path(cfg.output_dir) / "training.log", args.verbose)
+    # under torchrun only rank 0 writes training.log; the other ranks print warnings and errors
+    configure_logging(Path(cfg.output_dir) / "training.log" if world.is_main else None, args.verbose,
+                      quiet=not world.is_main)
     try:
         results = run_training(cfg)
     except PneumoscanError as exc:
@@ -101,7 +110,8 @@ def train_main(argv: list[str] | None = None) -> int:
         log.error("interrupted; the last finished epoch is in %s/checkpoint_last.pth: continue with --resume",
                   cfg.output_dir)
         return 130
-    log.info("model written to %s; summary in %s/training_summary.txt", results["model_path"], cfg.output_dir)
+    if results:
+        log.info("model written to %s; summary in %s/training_summary.txt", results["model_path"], cfg.output_dir)
     return EXIT_OK
 
 
@@ -142,29 +152,90 @@ def _progress(total: int):
                 dynamic_ncols=True, smoothing=0.1)
 
 
-def _predict_jsonl(engine, files: list, args) -> tuple[int, int]:
-    """Stream outcomes into ``args.output_path`` as JSON Lines; returns (predicted, failed) in this run."""
+def _stream_jsonl(engine, files: list, path: str | Path, resume: bool, heatmap_dir: str | None,
+                  progress: bool = True) -> tuple[int, int]:
+    """Stream outcomes into ``path`` as JSON Lines; returns (predicted, failed) in this run."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from .inference import InferenceFailure
     from .results import JsonlWriter
 
     predicted = failed = 0
-    with JsonlWriter(args.output_path, resume=args.resume) as writer:
+    with JsonlWriter(path, resume=resume) as writer:
         todo = [f for f in files if str(f) not in writer.done]
         if writer.done:
             log.info("--resume: %d of %d file(s) already in %s; predicting the other %d",
-                     len(files) - len(todo), len(files), args.output_path, len(todo))
-        with _progress(len(todo)) as bar, logging_redirect_tqdm(loggers=[log]):
-            for outcome in engine.iter_predict(todo, heatmap_dir=args.heatmap_dir):
+                     len(files) - len(todo), len(files), path, len(todo))
+        with _progress(len(todo) if progress else 0) as bar, logging_redirect_tqdm(loggers=[log]):
+            for outcome in engine.iter_predict(todo, heatmap_dir=heatmap_dir):
                 writer.write(outcome)
                 if isinstance(outcome, InferenceFailure):
                     failed += 1
                 else:
                     predicted += 1
                 bar.update()
+    return predicted, failed
+
+
+def _predict_jsonl(engine, files: list, args) -> tuple[int, int]:
+    predicted, failed = _stream_jsonl(engine, files, args.output_path, args.resume, args.heatmap_dir)
     log.info("%d prediction(s), %d error(s) written to %s", predicted, failed, args.output_path)
     return predicted, failed
+
+
+def _part_path(output_path: str, world) -> Path:
+    out = Path(output_path)
+    return out.with_name(f".{out.stem}.rank{world.rank}-of-{world.world_size}.jsonl")
+
+
+def _predict_sharded(engine, files: list, args, world) -> tuple[int, int]:
+    """Under torchrun: each rank predicts every WORLD_SIZE-th file into its own part file; rank 0 then
+    merges the parts in listing order into ``--output_path`` (each file exactly once) and removes them."""
+    from .distributed import barrier
+    from .results import JsonlWriter, write_json
+
+    jsonl = args.output_path.lower().endswith(".jsonl")
+    part = _part_path(args.output_path, world)
+    if jsonl and not args.resume and Path(args.output_path).exists():
+        raise FileExistsError(f"{args.output_path} already exists: pass --resume to continue it, or remove it")
+    if not (jsonl and args.resume):
+        part.unlink(missing_ok=True)  # a part left by an earlier interrupted run that is not being resumed
+    shard = files[world.rank::world.world_size]
+    log.info("rank %d of %d: %d of the %d file(s)", world.rank, world.world_size, len(shard), len(files))
+    _stream_jsonl(engine, shard, part, jsonl and args.resume, args.heatmap_dir, progress=world.is_main)
+    barrier(world)
+    if not world.is_main:
+        return 0, 0
+    parts = [_part_path(args.output_path, type(world)(r, world.world_size)) for r in range(world.world_size)]
+    readers = [open(p, encoding="utf-8") for p in parts]
+    try:
+        lines = []
+        for i, path in enumerate(files):
+            line = readers[i % world.world_size].readline()
+            if json.loads(line).get("image_path") != str(path):
+                raise DataError(f"part file {parts[i % world.world_size]} is not in listing order at {path}; "
+                                f"remove the .rank* part files and run again")
+            lines.append(line)
+    finally:
+        for r in readers:
+            r.close()
+    outcomes = [json.loads(line) for line in lines]
+    errors = [o for o in outcomes if "error" in o]
+    if jsonl:
+        writer = JsonlWriter(str(args.output_path) + ".merging", resume=False)
+        with writer:
+            for line in lines:
+                writer._file.write(line)
+        os.replace(writer.path, args.output_path)
+    else:
+        write_json({"model": engine.info, "summary": {"files": len(files), "predicted": len(outcomes) - len(errors),
+                                                      "failed": len(errors)},
+                    "results": [o for o in outcomes if "error" not in o], "errors": errors}, args.output_path)
+    for p in parts:
+        p.unlink()
+    log.info("%d prediction(s), %d error(s) from %d processes written to %s", len(outcomes) - len(errors),
+             len(errors), world.world_size, args.output_path)
+    return len(outcomes) - len(errors), len(errors)
 
 
 def _predict_document(engine, files: list, args) -> tuple[int, int]:
@@ -196,15 +267,33 @@ def _predict_document(engine, files: list, args) -> tuple[int, int]:
 
 
 def predict_main(argv: list[str] | None = None) -> int:
-    """``pneumoscan predict`` / ``run_inference.py``."""
-    from .inference import MedicalImageInference, list_inputs
+    """``pneumoscan predict`` / ``run_inference.py``; under torchrun the files are shared out among the ranks."""
+    from .distributed import close_world, env_world, init_world
 
     parser = _predict_parser()
     args = parser.parse_args(argv)
-    configure_logging(verbose=args.verbose)
+    try:
+        world = env_world()
+    except ValueError as exc:
+        parser.error(str(exc))
+    configure_logging(verbose=args.verbose, quiet=not world.is_main)
     jsonl = bool(args.output_path) and args.output_path.lower().endswith(".jsonl")
     if args.resume and not jsonl:
         parser.error("--resume needs --output_path ending in .jsonl (a .json document is written only at the end)")
+    if world.distributed and not args.output_path:
+        parser.error("under torchrun, --output_path is needed (.jsonl or .json): the ranks' results are merged there")
+    world = init_world("cpu")  # gloo: prediction only needs a barrier between the ranks
+    try:
+        return _predict(args, world, jsonl)
+    finally:
+        close_world(world)
+
+
+def _predict(args, world, jsonl: bool) -> int:
+    import torch
+
+    from .inference import MedicalImageInference, list_inputs
+
     if args.image_path is not None and not Path(args.image_path).is_file():
         log.error("image_path %r does not exist or is not a file", args.image_path)
         return EXIT_BAD_INPUT
@@ -212,11 +301,16 @@ def predict_main(argv: list[str] | None = None) -> int:
         files = [Path(args.image_path)] if args.image_path else list_inputs(args.image_dir, not args.no_recursive)
         if not files:
             raise DataError(f"no .jpg, .jpeg, .png or DICOM files found in {args.image_dir}")
-        engine = MedicalImageInference(args.model_path, device=args.device, threshold=args.threshold,
+        device = args.device
+        if world.distributed and device != "cpu" and torch.cuda.is_available():
+            device = f"cuda:{world.local_rank % torch.cuda.device_count()}"  # one GPU per rank
+        engine = MedicalImageInference(args.model_path, device=device, threshold=args.threshold,
                                        batch_size=args.batch_size, decode_workers=args.decode_workers)
         log.info("predicting %d file(s)", len(files))
-        run = _predict_jsonl if jsonl else _predict_document
-        _, failed = run(engine, files, args)
+        if world.distributed:
+            _, failed = _predict_sharded(engine, files, args, world)
+        else:
+            _, failed = (_predict_jsonl if jsonl else _predict_document)(engine, files, args)
     except (PneumoscanError, ValueError, OSError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT

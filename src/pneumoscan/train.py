@@ -25,6 +25,7 @@ from .calibration import cross_fitted_ece, fit_temperature, positive_probability
 from .checkpoint import load_checkpoint, model_payload, save_checkpoint, versions
 from .config import TrainConfig
 from .data import DataSplits, ImageSet, prepare_data
+from .distributed import World, all_sum, broadcast, close_world, init_world, main_first
 from .errors import CheckpointError
 from .gate import OutOfScopeGate
 from .losses import build_loss
@@ -67,6 +68,8 @@ class Trainer:
     criterion: torch.nn.Module
     eval_criterion: torch.nn.Module
     gen: torch.Generator
+    world: World = World()
+    train_module: torch.nn.Module | None = None  # the model wrapped in DistributedDataParallel under torchrun
 
     @property
     def model(self) -> torch.nn.Module:
@@ -91,8 +94,12 @@ class Progress:
     stop_reason: str = "reached --epochs"
 
 
-def build_trainer(cfg: TrainConfig, splits: DataSplits, device: torch.device) -> Trainer:
-    """Model, input contract (normalised with the training images' statistics), loss, optimiser, schedule."""
+def build_trainer(cfg: TrainConfig, splits: DataSplits, device: torch.device, world: World = World()) -> Trainer:
+    """Model, input contract (normalised with the training images' statistics), loss, optimiser, schedule.
+
+    Under torchrun the model is wrapped in DistributedDataParallel (which copies rank 0's initial
+    weights to every rank) for the training passes; validation and checkpoints use the bare model.
+    """
     norm = normalization_stats(splits.train.images)
     spec = InputSpec(cfg.image_size, norm["mean"], norm["std"], cfg.in_channels)
     counts = [splits.train.class_counts()[c] for c in CLASS_NAMES]
@@ -102,20 +109,37 @@ def build_trainer(cfg: TrainConfig, splits: DataSplits, device: torch.device) ->
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode=cfg.metric_mode, factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr)
+    train_module = model
+    if world.distributed:
+        train_module = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919 * world.rank)  # own augmentation draws
     return Trainer(cfg, predictor, model_kwargs(cfg.arch, cfg.in_channels, cfg.width, cfg.dropout), optimizer,
                    scheduler, build_loss(cfg.loss, counts, cfg.focal_gamma).to(device),
-                   build_loss(cfg.loss, counts, cfg.focal_gamma), torch.Generator(device=device).manual_seed(cfg.seed))
+                   build_loss(cfg.loss, counts, cfg.focal_gamma), gen, world, train_module)
+
+
+def epoch_order(n: int, cfg: TrainConfig, world: World, epoch: int) -> torch.Tensor:
+    """This rank's shuffled sample indices for ``epoch``: all of them for one process; under torchrun
+    a DistributedSampler share (equal length on every rank, padded by repetition)."""
+    if not world.distributed:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world.world_size, rank=world.rank,
+                                                  shuffle=True, seed=cfg.seed)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.long)
 
 
 def train_one_epoch(tr: Trainer, data: ImageSet, epoch: int) -> dict:
     """One pass over ``data`` in shuffled batches; returns loss, accuracy and where the time went."""
-    cfg, model, device = tr.cfg, tr.model, tr.predictor.device
+    cfg, model, device = tr.cfg, tr.train_module or tr.model, tr.predictor.device
     model.train()
-    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+    perm = epoch_order(len(data), cfg, tr.world, epoch)
     total_loss, correct, seen = 0.0, 0, 0
     data_time = compute_time = 0.0
-    n_batches = math.ceil(len(data) / cfg.batch_size)
-    bar = tqdm(range(n_batches), desc=f"epoch {epoch}", unit="batch", leave=False, disable=None)
+    n_batches = math.ceil(len(perm) / cfg.batch_size)
+    bar = tqdm(range(n_batches), desc=f"epoch {epoch}", unit="batch", leave=False,
+               disable=None if tr.world.is_main else True)
     for b in bar:
         t0 = time.perf_counter()
         idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
@@ -144,6 +168,7 @@ def train_one_epoch(tr: Trainer, data: ImageSet, epoch: int) -> dict:
         data_time += t1 - t0
         compute_time += t2 - t1
         bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+    total_loss, correct, seen = all_sum([total_loss, correct, seen], tr.world)  # over all ranks
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
             "data_time": data_time, "compute_time": compute_time}
 
@@ -178,16 +203,24 @@ def resume(tr: Trainer, out: Path) -> Progress:
         CheckpointError: there is no last checkpoint, or it was written with other fixed flags.
     """
     last_path = out / LAST_FILE
-    if not last_path.exists():
-        raise CheckpointError(f"--resume: no {LAST_FILE} in {out}; start without --resume")
-    state = load_checkpoint(last_path)
-    _check_resume(state, tr.cfg)
+
+    def load() -> dict:
+        if not last_path.exists():
+            raise CheckpointError(f"--resume: no {LAST_FILE} in {out}; start without --resume")
+        state = load_checkpoint(last_path)
+        _check_resume(state, tr.cfg)
+        return state
+
+    # rank 0 reads the file and sends it to the others (on several nodes only rank 0's disk has it)
+    state = broadcast(load() if tr.world.is_main else None, tr.world)
     tr.model.load_state_dict(state["model_state"])
     tr.optimizer.load_state_dict(state["optimizer_state"])
     tr.scheduler.load_state_dict(state["scheduler_state"])
     tr.gen.set_state(state["generator_state"].to(tr.gen.device) if tr.gen.device.type == "cuda"
                      else state["generator_state"])
     torch.set_rng_state(state["torch_rng_state"])
+    if not tr.world.is_main:  # only rank 0's generator is saved: the others continue on their own draws
+        tr.gen.manual_seed(tr.cfg.seed + 7919 * tr.world.rank + 104729 * state["epoch"])
     progress = Progress(history=state["history"], best_value=state["best_value"], best_epoch=state["best_epoch"],
                         next_epoch=state["epoch"] + 1)
     log.info("resumed from %s at epoch %d (best %s %.4f at epoch %d)", last_path, progress.next_epoch,
@@ -201,13 +234,14 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
 
     Every epoch writes ``checkpoint_last.pth`` (for --resume) and, when the validation metric
     improves, ``medical_cnn_model.pth``; ``progress`` holds the best weights at the end.
+    Under torchrun rank 0 validates, writes and decides when to stop; every rank follows it.
     """
-    cfg = tr.cfg
+    cfg, world = tr.cfg, tr.world
     started, first = time.time(), progress.next_epoch
     for epoch in range(first, cfg.epochs + 1):
         t0 = time.time()
         trained = train_one_epoch(tr, splits.train, epoch)
-        val, _ = validate(tr, splits.val)
+        val = broadcast(validate(tr, splits.val)[0] if world.is_main else None, world)
         value = val[cfg.eval_metric]
         lr = tr.optimizer.param_groups[0]["lr"]
         tr.scheduler.step(value)
@@ -222,19 +256,25 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
         if _is_better(value, progress.best_value, cfg.metric_mode):
             progress.best_value, progress.best_epoch = value, epoch
             progress.best_state = copy.deepcopy(tr.model.state_dict())
-            save_checkpoint(tr.payload(out, epoch, metrics={"val": val}), out / MODEL_FILE)
-        save_checkpoint({**tr.payload(out, epoch, metrics={"val": val}),
-                         "optimizer_state": tr.optimizer.state_dict(), "scheduler_state": tr.scheduler.state_dict(),
-                         "generator_state": tr.gen.get_state().cpu(), "torch_rng_state": torch.get_rng_state(),
-                         "history": progress.history, "best_value": progress.best_value,
-                         "best_epoch": progress.best_epoch}, out / LAST_FILE)
-        if epoch - progress.best_epoch >= cfg.patience:
-            progress.stop_reason = f"early stopping: no {cfg.eval_metric} improvement for {cfg.patience} epochs"
-            break
+            if world.is_main:
+                save_checkpoint(tr.payload(out, epoch, metrics={"val": val}), out / MODEL_FILE)
+        if world.is_main:
+            save_checkpoint({**tr.payload(out, epoch, metrics={"val": val}),
+                             "optimizer_state": tr.optimizer.state_dict(),
+                             "scheduler_state": tr.scheduler.state_dict(),
+                             "generator_state": tr.gen.get_state().cpu(), "torch_rng_state": torch.get_rng_state(),
+                             "history": progress.history, "best_value": progress.best_value,
+                             "best_epoch": progress.best_epoch}, out / LAST_FILE)
+        stop = None
         elapsed_min = (time.time() - started) / 60
         per_epoch = elapsed_min / (epoch - first + 1)
-        if cfg.max_train_minutes and elapsed_min + per_epoch > cfg.max_train_minutes:
-            progress.stop_reason = f"time budget: another epoch would pass --max_train_minutes {cfg.max_train_minutes}"
+        if epoch - progress.best_epoch >= cfg.patience:
+            stop = f"early stopping: no {cfg.eval_metric} improvement for {cfg.patience} epochs"
+        elif cfg.max_train_minutes and elapsed_min + per_epoch > cfg.max_train_minutes:
+            stop = f"time budget: another epoch would pass --max_train_minutes {cfg.max_train_minutes}"
+        stop = broadcast(stop, world)  # rank 0's clock decides, so that no rank trains alone
+        if stop:
+            progress.stop_reason = stop
             break
     log.info("training stopped (%s); best %s %.4f at epoch %d", progress.stop_reason, cfg.eval_metric,
              progress.best_value if progress.best_value is not None else float("nan"), progress.best_epoch)
@@ -275,29 +315,47 @@ def finish(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> di
 
 def run_training(cfg: TrainConfig) -> dict:
     """Train, calibrate and evaluate as ``cfg`` says; returns the results written to JSON."""
+    device = resolve_device(cfg.device)
+    world = init_world(device.type)
+    try:
+        return _run(cfg, device, world)
+    finally:
+        close_world(world)
+
+
+def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
     started = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
     if device.type == "cuda":
+        if world.distributed:
+            device = torch.device("cuda", world.local_rank)
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    log.info("pneumoscan %s, torch %s, device %s, %d CPU threads", versions()["pneumoscan"],
-             torch.__version__, device, torch.get_num_threads())
+    log.info("pneumoscan %s, torch %s, device %s, %d CPU threads, %s", versions()["pneumoscan"],
+             torch.__version__, device, torch.get_num_threads(),
+             f"rank {world.rank} of {world.world_size} ({world.backend})" if world.distributed else "one process")
     log.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
 
     t_data = time.time()
-    splits = prepare_data(cfg.data_dir, cfg.image_size, cfg.val_fraction, cfg.min_val_images,
-                          cfg.seed, cfg.strict, cfg.cache_dir)
+    # rank 0 decodes and fills the image cache; the other ranks then read it instead of decoding again
+    splits = main_first(world, lambda: prepare_data(cfg.data_dir, cfg.image_size, cfg.val_fraction,
+                                                    cfg.min_val_images, cfg.seed, cfg.strict, cfg.cache_dir))
     data_prep_s = time.time() - t_data
-    tr = build_trainer(cfg, splits, device)
+    tr = build_trainer(cfg, splits, device, world)
     progress = resume(tr, out) if cfg.resume else Progress()
     t_train = time.time()
     fit(tr, splits, progress, out)
     train_s = time.time() - t_train
+    if not world.is_main:
+        return {}
     results = finish(tr, splits, progress, out)
+    results["world_size"] = world.world_size
+    results["distributed"] = {"world_size": world.world_size, "backend": world.backend or None,
+                              "batch_size_per_process": cfg.batch_size,
+                              "global_batch_size": cfg.batch_size * world.world_size}
     results["timings_s"] = {"data_preparation": data_prep_s, "training": train_s, "total": time.time() - started}
     write_outputs(results, out)
     return results

@@ -1,0 +1,112 @@
+"""Running under ``torchrun``: process group from the environment, rank 0 as the writer, small collectives.
+
+``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for every process;
+a plain ``python -m pneumoscan ...`` sets none of them and runs as a world of one, with no
+process group and every helper here a no-op. Backend: NCCL when training on CUDA, else gloo.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes of one run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes outputs and logs to files; the others only compute."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_world() -> World:
+    """Rank and world size as torchrun set them (a world of one without torchrun); no process group yet.
+
+    Raises:
+        ValueError: the variables are set but inconsistent.
+    """
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as exc:
+        raise ValueError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them): {exc}") from exc
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"RANK {rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE {world_size}); start with torchrun")
+    return World(rank, world_size, local_rank)
+
+
+def init_world(device_type: str = "cpu") -> World:
+    """Join the run's process group when started by torchrun (NCCL for CUDA, else gloo); else a world of one."""
+    world = env_world()
+    if not world.distributed:
+        return world
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group(backend=backend)
+    log.debug("rank %d of %d joined the %s process group", world.rank, world.world_size, backend)
+    return World(world.rank, world.world_size, world.local_rank, backend)
+
+
+def close_world(world: World) -> None:
+    """Leave the process group (after a barrier, so no rank exits while another still waits on it)."""
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def broadcast(obj, world: World):
+    """Rank 0's ``obj`` on every rank (any picklable value; the ranks' own values are ignored)."""
+    if not world.distributed:
+        return obj
+    box = [obj if world.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_sum(values: list[float], world: World) -> list[float]:
+    """Element-wise sum of ``values`` over all ranks."""
+    if not world.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if world.backend == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def main_first(world: World, fn):
+    """``fn()`` on rank 0, then on the other ranks (e.g. rank 0 fills a cache the others then read).
+
+    An exception on rank 0 ends its process with an error, and torchrun then stops the others.
+    """
+    if world.is_main:
+        result = fn()
+        barrier(world)
+        return result
+    barrier(world)
+    return fn()

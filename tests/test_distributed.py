@@ -1,0 +1,93 @@
+"""torchrun with 2 CPU processes (gloo): DDP training with rank-0 outputs and --resume; sharded prediction."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pneumoscan.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run([*TORCHRUN, "-m", "pneumoscan", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, smoke_data, smoke_args):
+    root = tmp_path_factory.mktemp("ddp")
+    out = root / "out"
+    args = ["train", "--data_dir", str(smoke_data), "--output_dir", str(out), "--cache_dir", str(root / "cache"),
+            "--width", "0.25", *smoke_args]
+    proc = torchrun(*args, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, out, args, proc
+
+
+def test_ddp_training_writes_outputs_once_from_rank_0(ddp_run):
+    _, out, _, proc = ddp_run
+    results = json.loads((out / "training_results.json").read_text())
+    assert results["world_size"] == 2 and results["distributed"]["backend"] == "gloo"
+    assert results["distributed"]["global_batch_size"] == 2 * results["config"]["batch_size"]
+    assert len(results["history"]) == 1
+    log = (out / "training.log").read_text()
+    assert log.count("Epoch 1/1 - Train Loss") == 1  # rank 0 alone logs to the file
+    assert "rank 0 of 2 (gloo)" in log and "rank 1 of 2" not in log
+    ckpt = load_checkpoint(out / "medical_cnn_model.pth")
+    assert ckpt["temperature"] is not None and ckpt["ood_gate"] is not None
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp files left
+
+
+def test_ddp_resume_continues_from_the_last_epoch(ddp_run):
+    root, out, args, _ = ddp_run
+    args = [a if a != "1" or args[i - 1] != "--epochs" else "2" for i, a in enumerate(args)]
+    proc = torchrun(*args, "--resume", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "training_results.json").read_text())
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+    assert "resumed from" in (out / "training.log").read_text()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_sharded_prediction_equals_a_single_process_run(tmp_path, trained_model, smoke_files, suffix):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    files = smoke_files["NORMAL"][:5] + smoke_files["PNEUMONIA"][:6]
+    for i, f in enumerate(files):
+        (folder / ("sub" if i % 4 == 0 else "") / f.name).symlink_to(f)
+    (folder / "broken.jpeg").symlink_to(folder / "missing.jpeg")
+    common = ["--image_dir", str(folder), "--model_path", str(trained_model), "--device", "cpu", "--batch_size", "4"]
+    single = subprocess.run([sys.executable, "-m", "pneumoscan", "predict", *common,
+                             "--output_path", str(tmp_path / f"one{suffix}")], capture_output=True, text=True)
+    assert single.returncode == 1, single.stderr[-2000:]  # the broken link
+    proc = torchrun("predict", *common, "--output_path", str(tmp_path / f"two{suffix}"), cwd=tmp_path)
+    assert proc.returncode != 0 and "exitcode  : 1" in proc.stderr  # rank 0 reports the failed file
+
+    def outcomes(path: Path) -> list[dict]:
+        if suffix == ".jsonl":
+            return [json.loads(line) for line in path.read_text().splitlines()]
+        doc = json.loads(path.read_text())
+        return sorted(doc["results"] + doc["errors"], key=lambda o: o["image_path"])
+
+    one, two = outcomes(tmp_path / f"one{suffix}"), outcomes(tmp_path / f"two{suffix}")
+    assert [o["image_path"] for o in two] == [o["image_path"] for o in one]  # each file once, same order
+    for a, b in zip(one, two):
+        assert a.get("prediction") == b.get("prediction") and a.get("error") == b.get("error")
+        if "probabilities" in a:
+            assert a["probabilities"]["PNEUMONIA"] == pytest.approx(b["probabilities"]["PNEUMONIA"], abs=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # part files merged, removed
+
+
+def test_torchrun_is_installed_with_torch():
+    assert shutil.which("torchrun") or (Path(sys.executable).parent / "torchrun").exists()
