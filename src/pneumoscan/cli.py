@@ -132,6 +132,10 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--decode_workers", type=int, default=2,
                    help="threads decoding the next images while the model runs (0: none)")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnx", "onnx-int8"),
+                   help="what runs the model: torch (reference), onnx or onnx-int8 (ONNX Runtime, CPU)")
+    p.add_argument("--calibration_dir",
+                   help="onnx-int8 only, first use of a model: the data set it was trained on (for calibration)")
     p.add_argument("--no_recursive", action="store_true", help="only the top level of --image_dir")
     p.add_argument("--heatmap_dir", help="write a Grad-CAM overlay PNG per image here (original geometry)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -305,7 +309,8 @@ def _predict(args, world, jsonl: bool) -> int:
         if world.distributed and device != "cpu" and torch.cuda.is_available():
             device = f"cuda:{world.local_rank % torch.cuda.device_count()}"  # one GPU per rank
         engine = MedicalImageInference(args.model_path, device=device, threshold=args.threshold,
-                                       batch_size=args.batch_size, decode_workers=args.decode_workers)
+                                       batch_size=args.batch_size, decode_workers=args.decode_workers,
+                                       backend=args.backend, calibration_dir=args.calibration_dir)
         log.info("predicting %d file(s)", len(files))
         if world.distributed:
             _, failed = _predict_sharded(engine, files, args, world)

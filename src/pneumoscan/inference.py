@@ -181,14 +181,20 @@ class MedicalImageInference:
         batch_size: images per forward pass in folder prediction.
         gate: refuse out-of-scope inputs when the checkpoint has a gate (default True).
         decode_workers: threads decoding the next images while the model runs (0: decode in line).
+        backend: what runs the model: ``torch`` (reference), ``onnx`` or ``onnx-int8`` (ONNX Runtime;
+            see ``backends.py``).
+        calibration_dir: for ``onnx-int8`` when its int8 model is not cached yet: the data set the
+            model was trained on.
 
     Raises:
         CheckpointError: the checkpoint is missing or not a usable pneumoscan checkpoint.
+        ValueError: an unknown backend, or one that cannot run on ``device``.
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, device: str = "auto",
                  threshold: float | None = None, batch_size: int = 16, gate: bool = True,
-                 decode_workers: int = 2) -> None:
+                 decode_workers: int = 2, backend: str = "torch",
+                 calibration_dir: str | os.PathLike | None = None) -> None:
         if model_path is None:
             model_path = default_model_path()
         if threshold is not None and not 0.0 < threshold < 1.0:
@@ -197,7 +203,14 @@ class MedicalImageInference:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model_path = str(model_path)
         self.checkpoint = load_checkpoint(model_path)
-        self.predictor = Predictor.from_checkpoint(self.checkpoint, resolve_device(device))
+        if backend == "torch":
+            self.predictor = Predictor.from_checkpoint(self.checkpoint, resolve_device(device))
+        else:
+            from .backends import make_predictor  # imports onnxruntime: only when asked for
+
+            self.predictor = make_predictor(self.checkpoint, resolve_device(device), backend,
+                                            calibration_dir=calibration_dir)
+        self.backend = backend
         self.class_names = list(self.checkpoint["class_names"])
         self.threshold = float(self.checkpoint.get("threshold", 0.5) if threshold is None else threshold)
         self.batch_size = batch_size
@@ -236,7 +249,7 @@ class MedicalImageInference:
                 "arch": self.checkpoint.get("arch"), "image_size": self.image_size,
                 "threshold": self.threshold, "temperature": self.temperature,
                 "calibrated": self.temperature is not None, "class_names": self.class_names,
-                "out_of_scope_gate": self.gate is not None}
+                "out_of_scope_gate": self.gate is not None, "backend": self.backend}
 
     def _result(self, probs: torch.Tensor, seconds: float, path: str | None,
                 decoded: DecodedImage) -> InferenceResult:
