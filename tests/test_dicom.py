@@ -6,6 +6,7 @@ whose display pipeline maps back to ``p``, so ``read_dicom`` must return the sou
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,11 @@ from pydicom.encaps import encapsulate  # noqa: E402
 from pydicom.pixels import convert_color_space, get_decoder  # noqa: E402
 from pydicom.uid import (  # noqa: E402
     JPEG2000,
+    JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
     SecondaryCaptureImageStorage,
 )
 
@@ -230,3 +234,68 @@ def test_no_identifiers_in_logs(tmp_path, source, caplog):
     read_dicom(dicom_bytes(tmp_path, _gray(source), ViewPosition="LL", Modality="CR"), "x.dcm")
     assert caplog.records
     assert not [v for v in IDENTIFIERS.values() if v in caplog.text], caplog.text
+
+
+# Compressed transfer syntaxes as PACS export them; the ``dicom`` extra installs pylibjpeg with its
+# libjpeg (JPEG Lossless, JPEG-LS) and openjpeg (JPEG 2000) plugins. Files pydicom ships are
+# relabelled DX (several are MR or secondary captures, which the modality check would refuse)
+# and compared with a losslessly stored copy of the same image, decoded by the same code.
+
+
+def _pydicom_file(name: str, tmp_path: Path) -> bytes:
+    """A test file that ships with pydicom (never downloaded), relabelled as a DX radiograph."""
+    path = Path(pydicom.data.get_testdata_file(name, download=False) or "")
+    if not path.is_file():
+        pytest.skip(f"pydicom's test file {name} is not installed")
+    ds = pydicom.dcmread(path)
+    ds.Modality = "DX"
+    out = tmp_path / name
+    ds.save_as(out)
+    return out.read_bytes()
+
+
+def _require_decoder(uid) -> None:
+    if not get_decoder(uid).is_available:
+        pytest.fail(f"no decoder for {uid.name}: the dicom extra installs pylibjpeg, pylibjpeg-libjpeg and "
+                    "pylibjpeg-openjpeg (pip install 'pneumoscan[dicom]')")
+
+
+@pytest.mark.parametrize("compressed, reference, uid", [
+    ("SC_rgb_jpeg_gdcm.dcm", "SC_rgb_rle.dcm", JPEGLosslessSV1),
+    ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm", JPEGLSLossless),
+    ("MR_small_jp2klossless.dcm", "MR_small.dcm", JPEG2000Lossless),
+])
+def test_lossless_compressed_syntaxes_decode(tmp_path, compressed, reference, uid):
+    _require_decoder(uid)
+    img, info = read_dicom(_pydicom_file(compressed, tmp_path), compressed)
+    expected, _ = read_dicom(_pydicom_file(reference, tmp_path), reference)
+    assert info.transfer_syntax == uid.name
+    assert np.asarray(img).std() > 10, "decoded to a flat image"
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(expected))
+
+
+@pytest.mark.parametrize("name, shape", [("JPEGLSNearLossless_08.dcm", (45, 10)),
+                                         ("JPEGLSNearLossless_16.dcm", (50, 10))])
+def test_jpeg_ls_near_lossless_decodes(tmp_path, name, shape):
+    _require_decoder(JPEGLSNearLossless)
+    img, info = read_dicom(_pydicom_file(name, tmp_path), name)
+    assert info.transfer_syntax == JPEGLSNearLossless.name
+    assert np.asarray(img).shape == shape and np.asarray(img).std() > 10
+
+
+def test_jpeg2000_lossless_round_trip_of_a_radiograph(tmp_path, source):
+    """A real chest X-ray compressed as JPEG 2000 (lossless) decodes to the source pixels."""
+    _require_decoder(JPEG2000Lossless)
+    from pydicom.pixels import get_encoder
+
+    if not get_encoder(JPEG2000Lossless).is_available:
+        pytest.skip("no JPEG 2000 encoder (pylibjpeg-openjpeg) to make the file")
+    p = _gray(source)
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(tmp_path, p)))
+    ds.compress(JPEG2000Lossless)
+    out = tmp_path / "j2k.dcm"
+    ds.save_as(out)
+    img, info = read_dicom(out.read_bytes(), "j2k.dcm")
+    np.testing.assert_array_equal(np.asarray(img), p)
+    assert info.transfer_syntax == JPEG2000Lossless.name
+    _assert_private(info)

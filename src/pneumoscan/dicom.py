@@ -61,8 +61,9 @@ _SECONDARY_CAPTURE_SOP_CLASSES = {
 _COLOR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 _GRAY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
 _CHEST_BODY_PARTS = ("", "CHEST", "THORAX", "LUNG")
-_LIBJPEG = "pip install pylibjpeg pylibjpeg-libjpeg"
-_OPENJPEG = "pip install pylibjpeg pylibjpeg-openjpeg"
+# The dicom extra installs pylibjpeg with both plugins; the bare packages are named for other installs.
+_LIBJPEG = "pip install 'pneumoscan[dicom]' (or pip install pylibjpeg pylibjpeg-libjpeg)"
+_OPENJPEG = "pip install 'pneumoscan[dicom]' (or pip install pylibjpeg pylibjpeg-openjpeg)"
 # Transfer syntax UID -> the pip packages that let pydicom decode it.
 _DECODER_PACKAGES = {
     "1.2.840.10008.1.2.4.50": _LIBJPEG,  # JPEG Baseline
