@@ -1,0 +1,164 @@
+"""``create_app(settings)``: the FastAPI app; the model loads in its lifespan, never at import.
+
+At start-up the lifespan opens (and migrates) the audit log, then loads the model in a
+thread: the server answers ``/healthz`` at once and ``/readyz`` (and ``/v1/*``) once the model
+is in memory. A model that fails to load is logged and, under ``pneumoscan serve``, stops
+the server with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from .audit import AuditLog
+from .auth import ApiKeys
+from .errors import HTTP_ERROR_TYPES, ApiError, error_response
+from .metrics import ServiceMetrics
+from .middleware import ServiceMiddleware
+from .pool import InferencePool
+from .routes import STATIC_DIR, pages, v1_router
+from .settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+INTENDED_USE = ("Screening aid for a clinician: flags frontal (PA/AP) chest radiographs of children aged 1-5 "
+                "that likely show pneumonia, as JPEG, PNG or DICOM (CR/DX). Not validated on adults, lateral "
+                "views or other hospitals' films; see MODEL_CARD.md.")
+NOTICE = ("Not a diagnostic device. A clinician reads every film; do not use this output to rule pneumonia "
+          "out on its own.")
+
+
+def load_engine(settings: ServeSettings):
+    """The default engine factory: ``MedicalImageInference`` on ``settings.model_path`` (None: the shipped model)."""
+    from ..inference import MedicalImageInference
+
+    return MedicalImageInference(settings.model_path, device=settings.device, batch_size=settings.max_batch,
+                                 decode_workers=settings.decode_workers)
+
+
+class Service:
+    """What the routes and the middleware share, held on ``app.state.service``."""
+
+    def __init__(self, settings: ServeSettings, engine_factory: Callable[[ServeSettings], object]) -> None:
+        self.settings = settings
+        self.engine_factory = engine_factory
+        self.keys = ApiKeys.from_file(settings.api_key_file) if settings.api_key_file else None
+        self.metrics = ServiceMetrics()
+        self.audit: AuditLog | None = None
+        self.pool: InferencePool | None = None
+        self.load_error: str | None = None
+        self.on_load_failure: Callable[[], None] | None = None
+        self.model_version: str | None = None
+        self.threshold: float | None = None
+        self.class_names: list[str] = []
+        self.model_info: dict = {}
+
+    @property
+    def ready(self) -> bool:
+        return self.pool is not None
+
+    def require_ready(self) -> InferencePool:
+        """The pool, or ApiError 503 while the model loads (or after it failed to)."""
+        if self.pool is None:
+            message = (f"model failed to load: {self.load_error}" if self.load_error
+                       else "model is loading; retry in a moment")
+            raise ApiError(503, "NotReady", message, {"Retry-After": "2"})
+        return self.pool
+
+    def load(self) -> None:
+        """Load one engine per worker and start the pool (runs in a thread)."""
+        t0 = time.perf_counter()
+        settings = self.settings
+        try:
+            engines = [self.engine_factory(settings) for _ in range(settings.workers)]
+        except Exception as exc:  # a bad checkpoint, a missing CUDA device...: the service cannot serve
+            self.load_error = str(exc)
+            log.error("model not loaded: %s", exc)
+            if self.on_load_failure is not None:
+                self.on_load_failure()
+            return
+        from matplotlib import colormaps  # noqa: F401  (now rather than in the first heatmap request: ~1 s)
+
+        engine = engines[0]
+        info = engine.info
+        checkpoint = getattr(engine, "checkpoint", {})
+        self.model_version, self.threshold = info["model_version"], info["threshold"]
+        self.class_names = list(info["class_names"])
+        self.model_info = {
+            **{k: info[k] for k in ("model_version", "arch", "image_size", "class_names", "threshold",
+                                    "temperature", "calibrated", "out_of_scope_gate")},
+            "intended_use": INTENDED_USE, "notice": NOTICE,
+            "validation_metrics": {k.removeprefix("val_"): float(v)
+                                   for k, v in (checkpoint.get("metrics") or {}).items()},
+            "training_note": checkpoint.get("training_note"),
+            "max_upload_mb": settings.max_upload_mb, "workers": settings.workers,
+        }
+        pool = InferencePool(engines, settings.max_batch, settings.batch_wait_ms, settings.max_queue,
+                             settings.heatmap_max_side, on_batch=self.metrics.batch_size.observe)
+        self.metrics.in_progress.set_function(lambda: pool.admitted)
+        self.metrics.model.labels(self.model_version).set(1)
+        self.pool = pool
+        log.info("model %s loaded in %.1f s (%d worker(s), threshold %.4f, device %s); ready", self.model_version,
+                 time.perf_counter() - t0, settings.workers, self.threshold, getattr(engine, "device", "?"))
+
+
+def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings], object] | None = None) -> FastAPI:
+    """The service for ``settings``.
+
+    Args:
+        settings: the validated configuration.
+        engine_factory: builds one engine per worker from the settings (default ``load_engine``;
+            tests pass stand-ins).
+
+    Raises:
+        ValueError: the API key file is invalid (see ``auth.ApiKeys.from_file``).
+    """
+    service = Service(settings, engine_factory or load_engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.audit = AuditLog(settings.audit_db)
+        log.info("audit log: %s", service.audit.path.resolve())
+        loading = asyncio.create_task(asyncio.to_thread(service.load))
+        try:
+            yield
+        finally:
+            await loading
+            if service.pool is not None:
+                service.pool.close()
+            service.audit.close()
+            log.info("stopped; audit log closed")
+
+    app = FastAPI(title="pneumoscan", version=__version__, lifespan=lifespan,
+                  description="Pneumonia screening on pediatric chest X-rays. " + NOTICE)
+    app.state.service = service
+    app.add_middleware(ServiceMiddleware, service=service)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return error_response(request.scope, exc.status, exc.error_type, str(exc), exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(request.scope, exc.status_code, HTTP_ERROR_TYPES.get(exc.status_code, "HTTPError"),
+                              str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return error_response(request.scope, 400, "BadRequest", problems or "invalid request")
+
+    app.include_router(pages)
+    app.include_router(v1_router(service.keys is not None))
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,267 @@
+"""The audit log: one SQLite row per ``/v1/*`` request, answered or refused, committed before the response.
+
+What a row holds: request id, time received (UTC), client address, API key id, method and
+path, HTTP status, the input's SHA-256 and size, the model version and threshold, and the
+outcome (prediction, calibrated P(PNEUMONIA), risk level; or error type and reason), and the
+latency. Never the image bytes, the upload's file name or anything read from a DICOM header
+other than what the reason text of a refusal says (``pneumoscan.dicom`` keeps patient
+identifiers out of those).
+
+The database is in WAL mode with ``synchronous=FULL``: a committed row survives the process
+being killed and a power cut. One writer thread owns the connection and commits whatever rows
+are waiting in one transaction (group commit), so concurrent requests share an fsync.
+
+The schema version is SQLite's ``PRAGMA user_version``; ``MIGRATIONS[i]`` takes a database
+from version i to i + 1, and opening a database applies the missing ones in a transaction. A
+later column is one more entry, e.g. ``("ALTER TABLE requests ADD COLUMN uncertainty REAL",)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TextIO
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: the requests table
+    ("""CREATE TABLE requests (
+            id INTEGER PRIMARY KEY,
+            request_id TEXT NOT NULL UNIQUE,
+            time TEXT NOT NULL,
+            client TEXT,
+            api_key_id TEXT,
+            method TEXT NOT NULL,
+            path TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            input_sha256 TEXT,
+            input_bytes INTEGER,
+            model_version TEXT,
+            threshold REAL,
+            prediction TEXT,
+            probability REAL,
+            risk_level TEXT,
+            error_type TEXT,
+            error TEXT,
+            latency_ms REAL NOT NULL
+        )""",
+     "CREATE INDEX requests_time ON requests (time)"),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class AuditError(RuntimeError):
+    """The audit log cannot be opened or written."""
+
+
+def utc_now() -> str:
+    """The current time as the audit log writes it (ISO 8601, UTC, microseconds): sortable as text."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+@dataclass
+class AuditRecord:
+    """One request as the audit log stores it (the columns of ``requests`` but ``id``)."""
+
+    request_id: str
+    time: str
+    method: str
+    path: str
+    client: str | None = None
+    api_key_id: str | None = None
+    status: int = 0
+    input_sha256: str | None = None
+    input_bytes: int | None = None
+    model_version: str | None = None
+    threshold: float | None = None
+    prediction: str | None = None
+    probability: float | None = None
+    risk_level: str | None = None
+    error_type: str | None = None
+    error: str | None = None
+    latency_ms: float = 0.0
+
+
+COLUMNS = tuple(f.name for f in dataclasses.fields(AuditRecord))
+_INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+
+def connect(path: str | os.PathLike, migrations: Sequence[Sequence[str]] = MIGRATIONS) -> sqlite3.Connection:
+    """Open (creating if needed) the audit database in WAL mode and bring its schema up to date.
+
+    Raises:
+        AuditError: the file cannot be opened or is not SQLite, or its schema is newer than this code.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        conn.execute("PRAGMA synchronous=FULL")
+        _migrate(conn, path, migrations)
+    except sqlite3.DatabaseError as exc:
+        raise AuditError(f"audit_db {str(path)!r} cannot be used ({exc})") from exc
+    except OSError as exc:
+        raise AuditError(f"audit_db {str(path)!r} cannot be created ({exc.strerror or exc})") from exc
+    if mode != "wal":
+        log.warning("%s: SQLite refused WAL mode (journal_mode=%s); is it on a network file system?", path, mode)
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Sequence[str]]) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(migrations):
+        raise AuditError(f"audit_db {str(path)!r} has schema version {version}, newer than this pneumoscan "
+                         f"understands ({len(migrations)}); upgrade pneumoscan or use another file")
+    for target in range(version + 1, len(migrations) + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in migrations[target - 1]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("%s: audit schema migrated to version %d", path, target)
+
+
+class AuditLog:
+    """The writer: ``submit(record)`` returns a Future that completes once the row is committed.
+
+    Raises (from the constructor):
+        AuditError: see ``connect``.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._conn = connect(self.path)
+        self._queue: queue.SimpleQueue[tuple[AuditRecord, Future] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="pneumoscan-audit", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: AuditRecord) -> Future:
+        """Queue ``record`` for the next commit; the Future's exception is an AuditError if the commit fails."""
+        future: Future = Future()
+        self._queue.put((record, future))
+        return future
+
+    def close(self) -> None:
+        """Commit what is queued, stop the writer and close the database."""
+        self._queue.put(None)
+        self._thread.join()
+        self._conn.close()
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get())
+            if None in batch:
+                stop = True
+                batch = [item for item in batch if item is not None]
+            if batch:
+                self._commit(batch)
+
+    def _commit(self, batch: list[tuple[AuditRecord, Future]]) -> None:
+        rows = [dataclasses.astuple(record) for record, _ in batch]
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(_INSERT, rows)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            log.error("audit log %s: %d row(s) not written (%s)", self.path, len(batch), exc)
+            error = AuditError(f"audit log cannot be written ({exc})")
+            for _, future in batch:
+                future.set_exception(error)
+            return
+        for _, future in batch:
+            future.set_result(None)
+
+
+def _since_utc(since: str) -> str:
+    """``--since`` (ISO 8601 date or time; without an offset it is this machine's local time) in the log's format.
+
+    Raises:
+        ValueError: not an ISO 8601 date or time.
+    """
+    try:
+        moment = datetime.fromisoformat(since)
+    except ValueError as exc:
+        raise ValueError(f"--since {since!r} is not an ISO 8601 date or time, e.g. 2026-01-31 or "
+                         "2026-01-31T08:00:00+01:00") from exc
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # local time
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def iter_records(path: str | os.PathLike, since: str | None = None) -> Iterator[dict]:
+    """The rows of an audit database in the order they were written, optionally from ``since`` on.
+
+    Raises:
+        AuditError: the file does not exist or is not a pneumoscan audit database.
+        ValueError: ``since`` is not an ISO 8601 date or time.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AuditError(f"audit_db {str(path)!r} does not exist")
+    where, params = ("WHERE time >= ?", (_since_utc(since),)) if since else ("", ())
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise AuditError(f"audit_db {str(path)!r} cannot be opened ({exc})") from exc
+    try:
+        conn.row_factory = sqlite3.Row
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            cursor = conn.execute(f"SELECT * FROM requests {where} ORDER BY id", params)
+        except sqlite3.DatabaseError as exc:
+            raise AuditError(f"audit_db {str(path)!r} is not a pneumoscan audit log ({exc})") from exc
+        if version > SCHEMA_VERSION:
+            log.warning("%s has schema version %d (this pneumoscan knows %d); exporting its columns as they are",
+                        path, version, SCHEMA_VERSION)
+        for row in cursor:
+            yield dict(row)
+    finally:
+        conn.close()
+
+
+def export(path: str | os.PathLike, out: TextIO, fmt: str = "csv", since: str | None = None) -> int:
+    """Write the audit log to ``out`` as CSV (with a header row) or JSON Lines; returns the number of rows.
+
+    Raises:
+        AuditError, ValueError: see ``iter_records``; ValueError also for an unknown ``fmt``.
+    """
+    if fmt not in ("csv", "jsonl"):
+        raise ValueError(f"unknown format {fmt!r}; choose one of csv, jsonl")
+    count = 0
+    writer = None
+    for row in iter_records(path, since):
+        if fmt == "jsonl":
+            out.write(json.dumps(row) + "\n")
+        else:
+            if writer is None:
+                writer = csv.DictWriter(out, fieldnames=list(row), lineterminator="\n")
+                writer.writeheader()
+            writer.writerow(row)
+        count += 1
+    if fmt == "csv" and writer is None:
+        out.write(",".join(("id",) + COLUMNS) + "\n")
+    return count

@@ -1,0 +1,112 @@
+"""``pneumoscan serve`` (the web service) and ``pneumoscan audit`` (export of its audit log)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from ..cli import EXIT_BAD_INPUT, EXIT_OK, configure_logging
+from .audit import AuditError, export
+from .settings import DEFAULT_AUDIT_DB, ServeSettings
+
+log = logging.getLogger("pneumoscan.serve")
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    d = ServeSettings()
+    p = argparse.ArgumentParser(
+        prog="pneumoscan serve",
+        description="Serve the model over HTTP: a web page at /, POST /v1/predict, GET /v1/model, /healthz, "
+                    "/readyz, /metrics, API docs at /docs; every /v1 request is written to the audit log.")
+    p.add_argument("--host", default=d.host, help="address to listen on (default loopback; put a TLS reverse "
+                                                  "proxy in front to expose the service)")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--model_path", help="checkpoint from pneumoscan train (default: the shipped model)")
+    p.add_argument("--audit_db", default=d.audit_db, help=f"SQLite audit log (default ./{DEFAULT_AUDIT_DB})")
+    p.add_argument("--api_key_file", help="require 'Authorization: Bearer <key>' on /v1 with a key from this file "
+                                          "(one '<key id> <key>' per line)")
+    p.add_argument("--max_upload_mb", type=float, default=d.max_upload_mb,
+                   help="refuse request bodies above this size with 413 (default %(default)g)")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="inference workers, each with its own copy of the model (default %(default)d; more "
+                        "only helps with more cores than torch uses in one)")
+    p.add_argument("--max_batch", type=int, default=d.max_batch,
+                   help="most queued requests per forward pass (1 turns micro-batching off; default %(default)d)")
+    p.add_argument("--batch_wait_ms", type=float, default=d.batch_wait_ms,
+                   help="wait this long for uploads in progress to join a batch (default %(default)g)")
+    p.add_argument("--max_queue", type=int, default=d.max_queue,
+                   help="requests held at once; beyond, 503 with Retry-After (default %(default)d)")
+    p.add_argument("--request_timeout_s", type=float, default=d.request_timeout_s,
+                   help="503 for a request not predicted within this time (default %(default)g)")
+    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--forwarded_allow_ips", default=d.forwarded_allow_ips,
+                   help="proxies trusted for X-Forwarded-For (default %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """``pneumoscan serve``: runs until interrupted; 0 after a clean stop, 2 if it could not start."""
+    import uvicorn
+
+    from .app import create_app
+
+    parser = _serve_parser()
+    args = parser.parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(ServeSettings)}
+    try:
+        settings = ServeSettings(**{k: v for k, v in vars(args).items() if k in fields})
+    except ValueError as exc:
+        parser.error(str(exc))
+    configure_logging(verbose=settings.verbose)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
+                            log_level="debug" if settings.verbose else "info",
+                            proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
+                            # a backstop above the service's own 503s, for floods of idle connections
+                            limit_concurrency=max(256, 4 * settings.max_queue), timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+    service = app.state.service
+    service.on_load_failure = lambda: setattr(server, "should_exit", True)
+    log.info("pneumoscan serve on http://%s:%d (model loading...)", settings.host, settings.port)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started or service.load_error is not None:
+        return EXIT_BAD_INPUT
+    return EXIT_OK
+
+
+def _audit_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pneumoscan audit",
+                                description="Export the service's audit log (one row per /v1 request).")
+    p.add_argument("--audit_db", default=DEFAULT_AUDIT_DB, help="the SQLite file pneumoscan serve wrote "
+                                                                "(default ./%(default)s)")
+    p.add_argument("--since", help="only requests from this ISO 8601 date or time on (no offset: local time)")
+    p.add_argument("--format", default="csv", choices=("csv", "jsonl"))
+    p.add_argument("--output_path", help="write here instead of stdout")
+    return p
+
+
+def audit_main(argv: list[str] | None = None) -> int:
+    """``pneumoscan audit``: the log as CSV or JSON Lines on stdout (or ``--output_path``)."""
+    args = _audit_parser().parse_args(argv)
+    configure_logging()
+    try:
+        if args.output_path:
+            with open(args.output_path, "w", encoding="utf-8", newline="") as out:
+                count = export(args.audit_db, out, args.format, args.since)
+        else:
+            count = export(args.audit_db, sys.stdout, args.format, args.since)
+    except (AuditError, ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    log.info("%d request(s) exported%s", count, f" to {args.output_path}" if args.output_path else "")
+    return EXIT_OK

@@ -1,0 +1,117 @@
+"""The endpoints: the page, health, metrics, and the ``/v1`` API (predict, model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Query, Request, Security
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..inference import InferenceFailure
+from .errors import ApiError
+from .pool import Overloaded
+from .schemas import Error, Health, ModelInfo, Prediction
+from .upload import FIELD, NoFile, read_upload
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# The page loads nothing from elsewhere; heatmaps arrive as data: URIs, previews as blob: URLs.
+PAGE_POLICY = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+               "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": [FIELD],
+        "properties": {FIELD: {"type": "string", "format": "binary",
+                               "description": "the radiograph: JPEG, PNG or DICOM (CR/DX), any file name"}}}},
+    "application/dicom": {"schema": {"type": "string", "format": "binary"}},
+    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+    "image/png": {"schema": {"type": "string", "format": "binary"}},
+}}}
+ERRORS = {status: {"model": Error, "description": text} for status, text in (
+    (400, "no file, or a malformed request"),
+    (401, "missing or unknown API key (only with --api_key_file)"),
+    (413, "upload over --max_upload_mb"),
+    (422, "unreadable image (ImageError) or not a frontal chest radiograph (OutOfScopeError)"),
+    (503, "busy or still loading: retry after the Retry-After header's seconds"),
+)}
+
+pages = APIRouter()
+
+
+@pages.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+
+@pages.get("/healthz", response_model=Health, tags=["health"])
+async def healthz() -> Health:
+    """Liveness: 200 while the process runs (the model may still be loading)."""
+    return Health(status="ok")
+
+
+@pages.get("/readyz", response_model=Health, responses={503: {"model": Error}}, tags=["health"])
+async def readyz(request: Request) -> Health:
+    """Readiness: 200 once the model is loaded and predictions are served; 503 before."""
+    service = request.app.state.service
+    service.require_ready()
+    return Health(status="ready", model_version=service.model_version)
+
+
+@pages.get("/metrics", tags=["health"], response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format: requests by status, latency, predictions by class and risk, refusals by reason."""
+    return Response(generate_latest(request.app.state.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def v1_router(api_keys: bool) -> APIRouter:
+    """The ``/v1`` API; with ``api_keys`` /docs shows the bearer scheme (the middleware enforces it)."""
+    dependencies = [Security(HTTPBearer(auto_error=False, description="a key from --api_key_file"))] if api_keys \
+        else []
+    router = APIRouter(prefix="/v1", tags=["v1"], dependencies=dependencies)
+
+    @router.post("/predict", response_model=Prediction, responses=ERRORS, openapi_extra=UPLOAD_BODY)
+    async def predict(request: Request, heatmap: bool = Query(
+            False, description="add the Grad-CAM overlay of the predicted class as a PNG data URI")) -> Prediction:
+        """Predict pneumonia on one chest radiograph (multipart field `file`, or the raw image as the body)."""
+        service = request.app.state.service
+        pool = service.require_ready()
+        record = request.state.audit
+        try:
+            with pool.admit() as ticket:
+                upload = await read_upload(request)
+                record.input_sha256, record.input_bytes = upload.sha256, len(upload.data)
+                outcome = await ticket.predict(upload.data, heatmap, service.settings.request_timeout_s)
+        except Overloaded as exc:
+            raise ApiError(503, "Overloaded", str(exc), {"Retry-After": str(exc.retry_after)}) from exc
+        except NoFile as exc:
+            raise ApiError(400, "NoFile", str(exc)) from exc
+        result = outcome.result
+        if isinstance(result, InferenceFailure):
+            raise ApiError(422, result.error_type, reason(result.error))
+        positive = service.class_names[-1]
+        record.prediction, record.risk_level = result.prediction, result.risk_level
+        record.probability = result.probabilities[positive]
+        return Prediction(request_id=request.state.request_id, prediction=result.prediction,
+                          confidence=result.confidence, probabilities=result.probabilities,
+                          risk_level=result.risk_level, uncertainty=result.uncertainty,
+                          processing_time=result.processing_time, timestamp=result.timestamp,
+                          warnings=result.warnings, model_version=result.model_version, threshold=result.threshold,
+                          calibrated=result.calibrated, view_position=result.view_position,
+                          input_sha256=upload.sha256, heatmap=outcome.heatmap)
+
+    @router.get("/model", response_model=ModelInfo, responses={401: ERRORS[401], 503: ERRORS[503]})
+    async def model(request: Request) -> JSONResponse:
+        """The model: version, threshold, temperature, intended use and its validation figures."""
+        service = request.app.state.service
+        service.require_ready()
+        return JSONResponse(service.model_info)
+
+    return router
+
+
+def reason(error: str) -> str:
+    """An engine error without the ``<bytes>: `` it names an upload with: the CLI's reason text."""
+    prefix = "<bytes>: "
+    return error[len(prefix):] if error.startswith(prefix) else error
