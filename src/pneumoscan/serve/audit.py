@@ -41,10 +41,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             id INTEGER PRIMARY KEY,
             request_id TEXT NOT NULL UNIQUE,
             time TEXT NOT NULL,
-            client TEXT,
-            api_key_id TEXT,
             method TEXT NOT NULL,
             path TEXT NOT NULL,
+            client TEXT,
+            api_key_id TEXT,
             status INTEGER NOT NULL,
             input_sha256 TEXT,
             input_bytes INTEGER,
@@ -94,7 +94,7 @@ class AuditRecord:
     latency_ms: float = 0.0
 
 
-COLUMNS = tuple(f.name for f in dataclasses.fields(AuditRecord))
+COLUMNS = tuple(f.name for f in dataclasses.fields(AuditRecord))  # the table's columns after id, in order
 _INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 

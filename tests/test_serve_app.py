@@ -1,0 +1,273 @@
+"""The service in-process (``create_app`` + TestClient) with stand-in engines whose timing the tests control.
+
+These cover what a real model makes hard to provoke: a model still loading or failing to
+load, a full queue, a timeout, an engine crash, an audit log that cannot be written, and
+exactly how queued requests are batched.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+from serve_process import audit_row
+
+from pneumoscan.errors import CheckpointError
+from pneumoscan.inference import InferenceFailure, InferenceResult
+from pneumoscan.serve.app import create_app
+from pneumoscan.serve.audit import AuditError
+from pneumoscan.serve.auth import ApiKeys
+from pneumoscan.serve.cli import serve_main
+from pneumoscan.serve.settings import ServeSettings
+
+
+class StubEngine:
+    """Answers PNEUMONIA for any bytes but b"bad"; with ``release``, each batch waits for that event."""
+
+    image_size = 224
+    class_names = ["NORMAL", "PNEUMONIA"]
+    device = "stub"
+
+    def __init__(self, release: threading.Event | None = None, fail: Exception | None = None) -> None:
+        self.release = release
+        self.fail = fail
+        self.entered = threading.Event()
+        self.batches: list[int] = []
+        self.checkpoint = {"metrics": {"val_auroc": 0.95}, "training_note": "stub"}
+        self.info = {"model_path": "stub", "model_version": "stub-1", "arch": "stub", "image_size": 224,
+                     "threshold": 0.5, "temperature": 1.0, "calibrated": True, "class_names": self.class_names,
+                     "out_of_scope_gate": True}
+
+    def predict_batch(self, sources: list[bytes]) -> list:
+        self.batches.append(len(sources))
+        self.entered.set()
+        if self.release is not None:
+            assert self.release.wait(20), "test never released the engine"
+        if self.fail is not None:
+            raise self.fail
+        return [InferenceFailure("<bytes>", "<bytes>: not a recognised image", "ImageError") if s == b"bad"
+                else InferenceResult("PNEUMONIA", 0.9, {"NORMAL": 0.1, "PNEUMONIA": 0.9}, "MEDIUM", 0.47, 0.01,
+                                     "2026-01-01T00:00:00+00:00", None, 0.5, True, "stub-1")
+                for s in sources]
+
+
+def settings(tmp_path, **overrides) -> ServeSettings:
+    return ServeSettings(audit_db=str(tmp_path / "audit.sqlite3"), **overrides)
+
+
+def wait_until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def ready_client(app) -> TestClient:
+    client = TestClient(app)
+    client.__enter__()
+    wait_until(lambda: client.get("/readyz").status_code == 200)
+    return client
+
+
+def post(client, data: bytes = b"image"):
+    return client.post("/v1/predict", files={"file": ("x.jpg", data)})
+
+
+def test_live_before_ready_then_ready(tmp_path):
+    loaded = threading.Event()
+    engine = StubEngine()
+
+    def slow_factory(_settings):
+        assert loaded.wait(20)
+        return engine
+
+    s = settings(tmp_path)
+    with TestClient(create_app(s, slow_factory)) as client:
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["error_type"] == "NotReady"
+        refused = post(client)
+        assert refused.status_code == 503 and refused.headers["Retry-After"]
+        row = audit_row(s.audit_db, refused.json()["request_id"])
+        assert (row["status"], row["error_type"], row["model_version"]) == (503, "NotReady", None)
+        loaded.set()
+        wait_until(lambda: client.get("/readyz").status_code == 200)
+        ok = post(client)
+        assert ok.status_code == 200 and ok.json()["model_version"] == "stub-1"
+        assert audit_row(s.audit_db, ok.json()["request_id"])["model_version"] == "stub-1"
+
+
+def test_model_that_fails_to_load_is_reported(tmp_path):
+    def broken(_settings):
+        raise CheckpointError("m.pth: not a pneumoscan checkpoint")
+
+    app = create_app(settings(tmp_path), broken)
+    stopped = threading.Event()
+    app.state.service.on_load_failure = stopped.set
+    with TestClient(app) as client:
+        assert stopped.wait(20)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["error"] == "model failed to load: m.pth: not a pneumoscan checkpoint"
+
+
+def test_full_queue_is_503_with_retry_after_not_a_hang(tmp_path):
+    release = threading.Event()
+    engine = StubEngine(release)
+    s = settings(tmp_path, max_queue=2)
+    client = ready_client(create_app(s, lambda _: engine))
+    pool = client.app.state.service.pool
+    try:
+        with ThreadPoolExecutor(2) as threads:
+            held = [threads.submit(post, client) for _ in range(2)]
+            wait_until(lambda: pool.admitted == 2 and engine.entered.is_set())
+            t0 = time.monotonic()
+            refused = post(client)
+            assert time.monotonic() - t0 < 5
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+            body = refused.json()
+            assert body["error_type"] == "Overloaded" and "busy" in body["error"]
+            assert audit_row(s.audit_db, body["request_id"])["status"] == 503
+            release.set()
+            assert [f.result().status_code for f in held] == [200, 200]
+    finally:
+        release.set()
+        client.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("max_batch, expected", [(4, [1, 4, 2]), (1, [1] * 7)])
+def test_queued_requests_share_forward_passes(tmp_path, max_batch, expected):
+    release = threading.Event()
+    engine = StubEngine(release)
+    client = ready_client(create_app(settings(tmp_path, max_batch=max_batch), lambda _: engine))
+    pool = client.app.state.service.pool
+    try:
+        with ThreadPoolExecutor(7) as threads:
+            first = threads.submit(post, client)
+            wait_until(engine.entered.is_set)  # the first request is in the model...
+            rest = [threads.submit(post, client) for _ in range(6)]
+            wait_until(lambda: pool._queue.qsize() == 6)  # ...and six more wait in the queue
+            release.set()
+            assert {f.result().status_code for f in [first, *rest]} == {200}
+    finally:
+        release.set()
+        client.__exit__(None, None, None)
+    assert engine.batches == expected
+
+
+def test_a_lone_request_does_not_wait_for_a_batch(tmp_path):
+    engine = StubEngine()
+    client = ready_client(create_app(settings(tmp_path, batch_wait_ms=1000), lambda _: engine))
+    try:
+        t0 = time.monotonic()
+        assert post(client).status_code == 200
+        assert time.monotonic() - t0 < 0.9, "waited batch_wait_ms although no other request was on its way"
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_prediction_timeout_is_503(tmp_path):
+    release = threading.Event()
+    client = ready_client(create_app(settings(tmp_path, request_timeout_s=0.3), lambda _: StubEngine(release)))
+    try:
+        response = post(client)
+        assert response.status_code == 503 and response.json()["error_type"] == "Overloaded"
+        assert "no prediction within 0.3 s" in response.json()["error"]
+    finally:
+        release.set()
+        client.__exit__(None, None, None)
+
+
+def test_engine_crash_is_500_in_the_error_shape(tmp_path):
+    s = settings(tmp_path)
+    client = ready_client(create_app(s, lambda _: StubEngine(fail=RuntimeError("device lost"))))
+    try:
+        response = post(client)
+        assert response.status_code == 500
+        body = response.json()
+        assert body["error_type"] == "InternalError" and body["request_id"] == response.headers["X-Request-ID"]
+        assert "device lost" not in body["error"]
+        assert audit_row(s.audit_db, body["request_id"])["status"] == 500
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_refusal_reason_drops_the_bytes_name(tmp_path):
+    client = ready_client(create_app(settings(tmp_path), lambda _: StubEngine()))
+    try:
+        response = post(client, b"bad")
+        assert response.status_code == 422
+        assert response.json()["error"] == "not a recognised image"
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_no_answer_without_an_audit_row(tmp_path):
+    client = ready_client(create_app(settings(tmp_path), lambda _: StubEngine()))
+    service = client.app.state.service
+
+    def failing_submit(_record) -> Future:
+        future: Future = Future()
+        future.set_exception(AuditError("audit log cannot be written (disk I/O error)"))
+        return future
+
+    try:
+        service.audit.submit = failing_submit
+        response = post(client)
+        assert response.status_code == 503
+        assert response.json()["error_type"] == "AuditError" and "prediction" not in response.json()
+        assert client.get("/healthz").status_code == 200  # not audited, still answered
+    finally:
+        client.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"port": 70000}, "port"), ({"max_upload_mb": 0}, "max_upload_mb"), ({"workers": 0}, "workers"),
+    ({"max_batch": 0}, "max_batch"), ({"max_queue": 0}, "max_queue"), ({"batch_wait_ms": -1}, "batch_wait_ms"),
+    ({"request_timeout_s": 0}, "request_timeout_s"), ({"device": "tpu"}, "auto, cpu, cuda"),
+    ({"model_path": "/no/such/model.pth"}, "model_path"), ({"api_key_file": "/no/such/keys"}, "api_key_file"),
+    ({"audit_db": ""}, "audit_db"),
+])
+def test_settings_are_validated(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ServeSettings(**overrides)
+
+
+def test_serve_main_refuses_bad_flags(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        serve_main(["--max_upload_mb", "0", "--audit_db", str(tmp_path / "a.db")])
+    assert exit_.value.code == 2 and "max_upload_mb" in capsys.readouterr().err
+    keys = tmp_path / "keys"
+    keys.write_text("short\n")
+    assert serve_main(["--api_key_file", str(keys), "--audit_db", str(tmp_path / "a.db")]) == 2
+
+
+VALID_KEY = "0123456789abcdef0123"
+
+
+@pytest.mark.parametrize("text, error", [
+    ("", "holds no key"), ("# only a comment\n\n", "holds no key"), ("ward short\n", ":1: key is shorter"),
+    (f"a {VALID_KEY}\na {VALID_KEY}x\n", ":2: key id 'a' is used twice"),
+    (f"a {VALID_KEY}\nb {VALID_KEY}\n", ":2: this key is already listed"),
+    (f"a b {VALID_KEY}\n", ":1: expected"),
+])
+def test_api_key_file_errors_name_the_line_not_the_key(tmp_path, text, error):
+    path = tmp_path / "keys"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=error) as caught:
+        ApiKeys.from_file(path)
+    assert VALID_KEY not in str(caught.value) and "short\n" not in str(caught.value)
+
+
+def test_api_keys_match_by_id(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text(f"# comment\npacs {VALID_KEY}\n\n  {VALID_KEY}-second  \n")
+    keys = ApiKeys.from_file(path)
+    assert keys.key_id(f"Bearer {VALID_KEY}") == "pacs"
+    assert keys.key_id(f"bearer   {VALID_KEY}-second") is not None
+    assert keys.key_id(f"Bearer {VALID_KEY}-second").startswith("key-")
+    for header in (None, "", "Bearer", f"Basic {VALID_KEY}", f"Bearer {VALID_KEY}x", VALID_KEY):
+        assert keys.key_id(header) is None, header
