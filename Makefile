@@ -1,4 +1,4 @@
-# Two entry points a newcomer needs (README's first lines): `make train DATA=...` and `make test`.
+# The entry points a newcomer needs (README's first lines): `make serve`, `make test`, `make train DATA=...`.
 PYTHON ?= python3
 VENV ?= .venv
 DATA ?= ../shared/data/chest_xray
@@ -13,8 +13,11 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[dev,dicom,onnx,serve]'
 	touch $@
 
-.PHONY: setup train test lint
+.PHONY: setup serve train test lint
 setup: $(VENV)/.installed
+
+serve: setup
+	$(VENV)/bin/pneumoscan serve $(ARGS)
 
 train: setup
 	$(VENV)/bin/pneumoscan train --data_dir $(DATA) --output_dir $(OUT) $(ARGS)
