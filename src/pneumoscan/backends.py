@@ -1,0 +1,183 @@
+"""Model backends behind one interface: the torch ``Predictor`` and ONNX Runtime (float32 or int8).
+
+``make_predictor(ckpt, device, backend)`` returns an object with ``Predictor``'s interface
+(``spec``, ``temperature``, ``device``, ``model``, ``outputs()``, ``logits()``, ``probabilities()``,
+``gradcam()``), so inference, evaluation and the service do not care which runs the model:
+
+- ``torch``: ``predict.Predictor``, the reference (CPU or CUDA);
+- ``onnx``: the same float32 graph in ONNX Runtime, exported in memory at load (about 1 s);
+- ``onnx-int8``: static int8 quantisation of that graph (``export.quantize_int8``). Calibrating
+  takes tens of seconds, so the int8 model is cached under ``~/.cache/pneumoscan/onnx``, keyed by
+  the sha256 of the checkpoint's weights and the quantisation recipe; building it the first time
+  needs the data set the model was trained on (``calibration_dir``).
+
+Probabilities always come from ``calibration.calibrated_probs`` with the checkpoint's temperature,
+and Grad-CAM always from the torch model (built on first use), whatever the backend.
+onnxruntime is imported only when an ONNX backend is made.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .calibration import calibrated_probs
+from .checkpoint import input_spec
+from .errors import DataError
+from .export import (
+    GRAPH_INPUT,
+    INT8_RECIPE,
+    LOGITS,
+    calibration_images,
+    feature_outputs,
+    onnx_model,
+    quantize_int8,
+    read_metadata,
+    require,
+    weights_digest,
+)
+from .predict import InputSpec, Outputs, Predictor
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx", "onnx-int8")
+
+
+class OnnxPredictor:
+    """A graph from ``export.onnx_model`` (or its int8 copy) in ONNX Runtime, with ``Predictor``'s interface.
+
+    Args:
+        model: the ONNX model, as serialised bytes or a file path.
+        ckpt: the checkpoint it was exported from (input spec, temperature; the torch model for Grad-CAM).
+        num_threads: ONNX Runtime intra-op threads (default: torch's thread count).
+        providers: ONNX Runtime execution providers (default: the CPU).
+    """
+
+    def __init__(self, model: bytes | str | os.PathLike, ckpt: dict, num_threads: int | None = None,
+                 providers: list[str] | None = None) -> None:
+        ort = require("onnxruntime")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = num_threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        providers = providers or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                            providers=providers)
+        self.spec: InputSpec = input_spec(ckpt)
+        self.temperature: float | None = ckpt.get("temperature")
+        self.device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
+        self._ckpt = ckpt
+        self._features = feature_outputs(ckpt)
+        self._torch: Predictor | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The checkpoint's torch model (built on first use; Grad-CAM needs its gradients)."""
+        return self._torch_predictor().model
+
+    def _torch_predictor(self) -> Predictor:
+        if self._torch is None:
+            self._torch = Predictor.from_checkpoint(self._ckpt, "cpu")
+        return self._torch
+
+    def outputs(self, images: torch.Tensor, features: bool = True, batch_size: int = 64) -> Outputs:
+        """Logits (and, with ``features``, every block's spatially pooled output) for uint8 (N, S, S) images."""
+        names = [LOGITS, *self._features] if features else [LOGITS]
+        pixels = np.ascontiguousarray(torch.as_tensor(images, dtype=torch.uint8).cpu().numpy())
+        runs = [self.session.run(names, {GRAPH_INPUT: pixels[start:start + batch_size]})
+                for start in range(0, len(pixels), batch_size)]
+        if not runs:
+            return Outputs(torch.zeros((0, 2)), [])
+        logits = torch.from_numpy(np.concatenate([r[0] for r in runs]))
+        feats = [torch.from_numpy(np.concatenate([r[i] for r in runs])) for i in range(1, len(names))]
+        return Outputs(logits, feats)
+
+    def logits(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Logits (N, 2) on the CPU for uint8 (N, S, S) images."""
+        return self.outputs(images, features=False, batch_size=batch_size).logits
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, 2), float64, calibrated with this model's temperature when it has one."""
+        return calibrated_probs(logits, self.temperature)
+
+    def gradcam(self, pixels: np.ndarray | torch.Tensor, target_class: int = 1) -> np.ndarray:
+        """Grad-CAM of ``target_class`` for one uint8 (S, S) image, from the torch model."""
+        return self._torch_predictor().gradcam(pixels, target_class)
+
+
+def default_onnx_cache() -> Path:
+    """Where int8 models are cached: ``$XDG_CACHE_HOME/pneumoscan/onnx`` (``~/.cache/pneumoscan/onnx``)."""
+    from .data import default_cache_dir
+
+    return default_cache_dir() / "onnx"
+
+
+def int8_model_path(ckpt: dict, calibration_dir: str | os.PathLike | None = None,
+                    cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached int8 model of ``ckpt``, quantised now (calibrated on ``calibration_dir``) if not cached yet.
+
+    Raises:
+        DataError: the int8 model is not cached and no ``calibration_dir`` is given.
+    """
+    digest = weights_digest(ckpt)
+    path = Path(cache_dir or default_onnx_cache()) / f"{digest[:24]}-{INT8_RECIPE}.onnx"
+    if path.is_file():
+        try:
+            meta = read_metadata(path)
+        except (ValueError, OSError) as exc:
+            log.warning("rebuilding unreadable cached int8 model %s (%s)", path, exc)
+        else:
+            if meta["checkpoint_sha256"] == digest and meta["int8_recipe"] == INT8_RECIPE:
+                log.info("int8 model from cache %s", path)
+                return path
+            log.warning("rebuilding cached int8 model %s: it belongs to other weights", path)
+    if calibration_dir is None:
+        raise DataError("the onnx-int8 backend calibrates its int8 model once on the training images of the "
+                        "data set the model was trained on: pass calibration_dir (--calibration_dir DIR, the "
+                        "data set root holding train/), or use the onnx backend")
+    log.info("quantising the model to int8 (once; cached in %s)", path.parent)
+    return quantize_int8(onnx_model(ckpt), calibration_images(ckpt, calibration_dir), path)
+
+
+def make_predictor(ckpt: dict, device: torch.device | str = "cpu", backend: str = "torch", *,
+                   calibration_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+                   num_threads: int | None = None):
+    """A predictor for a loaded checkpoint on ``backend`` (one of ``BACKENDS``).
+
+    Args:
+        ckpt: from ``checkpoint.load_checkpoint``.
+        device: a resolved device (``predict.resolve_device``). ``onnx`` runs on CUDA only through
+            onnxruntime-gpu; ``onnx-int8`` is CPU only.
+        backend: ``torch`` (reference), ``onnx`` (float32 ONNX Runtime) or ``onnx-int8``.
+        calibration_dir: for ``onnx-int8`` when its model is not cached yet: the data set root the model
+            was trained on (its validation split is left out of the calibration).
+        cache_dir: where int8 models are cached (default ``default_onnx_cache()``).
+        num_threads: ONNX Runtime intra-op threads (default: torch's thread count).
+
+    Raises:
+        ValueError: unknown backend, or a device the backend cannot use.
+        OnnxUnavailableError: an ONNX backend without onnxruntime installed.
+        DataError: ``onnx-int8`` with nothing cached and no ``calibration_dir``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    device = torch.device(device)
+    if backend == "torch":
+        return Predictor.from_checkpoint(ckpt, device)
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if backend == "onnx-int8":
+            raise ValueError("the onnx-int8 backend runs on the CPU; use --device cpu, or --backend torch on CUDA")
+        if "CUDAExecutionProvider" not in require("onnxruntime").get_available_providers():
+            raise ValueError("the onnx backend on CUDA needs onnxruntime-gpu; use --device cpu, or --backend torch "
+                             "on CUDA")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    elif device.type != "cpu":
+        raise ValueError(f"the {backend} backend runs on cpu or cuda, not {device.type}")
+    if backend == "onnx":
+        return OnnxPredictor(onnx_model(ckpt).SerializeToString(), ckpt, num_threads, providers)
+    return OnnxPredictor(int8_model_path(ckpt, calibration_dir, cache_dir), ckpt, num_threads, providers)

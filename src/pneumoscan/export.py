@@ -1,0 +1,312 @@
+"""ONNX export of a checkpoint's model, its int8 quantisation, and ``pneumoscan export``.
+
+The graph's interface (``GRAPH_INPUT``, ``LOGITS``, ``feature_outputs``), so that another runtime
+needs only the stretch resize of ``InputSpec.pixels``:
+
+- input ``pixels``: uint8 (N, S, S), the stretch-resized grayscale image; scaling to [0, 1],
+  ``(x - mean) / std`` and the replication to the model's channels happen inside the graph,
+  traced from ``InputSpec.to_tensor``;
+- output ``logits``: float32 (N, 2), uncalibrated; P = softmax(logits / temperature);
+- outputs ``features_0`` .. ``features_4``: float32 (N, C_i), each conv block's output averaged
+  over space (``MedicalCNN.forward_with_features``), what the out-of-scope gate scores.
+
+The graph's ``metadata_props`` carry what a prediction needs besides the graph: the input spec,
+temperature, operating threshold, class names, model version, a digest of the checkpoint's
+weights, and whether the checkpoint has an out-of-scope gate (its statistics stay in the
+checkpoint: a gated prediction needs pneumoscan and the .pth). ``read_metadata`` parses them back.
+
+onnx and onnxruntime are imported only here, lazily, so ``import pneumoscan`` never needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path
+from .checkpoint import default_model_path, input_spec, load_checkpoint, model_from_checkpoint
+from .errors import DataError, PneumoscanError
+from .predict import InputSpec
+
+log = logging.getLogger(__name__)
+
+GRAPH_INPUT = "pixels"
+LOGITS = "logits"
+OPSET = 17
+METADATA_FORMAT = "pneumoscan-onnx-1"
+# Changing how the int8 model is made changes this, so cached int8 models are rebuilt.
+INT8_RECIPE = "qdq-u8s8-perchannel-minmax-fp32stem-v1"
+CALIBRATION_IMAGES = 256
+ONNX_EXTRA = "pip install 'pneumoscan[onnx]'"
+
+
+class OnnxUnavailableError(PneumoscanError, ImportError):
+    """onnx or onnxruntime, needed for export and the ONNX backends, is not installed."""
+
+
+def require(module: str):
+    """Import ``module`` (``onnx``, ``onnxruntime``, ``onnxruntime.quantization``) or say how to install it.
+
+    Raises:
+        OnnxUnavailableError: the module is missing.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise OnnxUnavailableError(f"{module} is not installed; ONNX export and the onnx backends need it: "
+                                   f"{ONNX_EXTRA}") from exc
+
+
+def feature_outputs(ckpt: dict) -> list[str]:
+    """Names of the per-block feature outputs of the checkpoint's graph, shallowest block first."""
+    return [f"features_{i}" for i in range(len(ckpt["model_kwargs"]["widths"]))]
+
+
+def weights_digest(ckpt: dict) -> str:
+    """sha256 of what fixes the model's outputs: architecture, input spec and every weight tensor."""
+    h = hashlib.sha256()
+    h.update(json.dumps([ckpt["model_kwargs"], ckpt["input_spec"]], sort_keys=True).encode())
+    for name in sorted(ckpt["model_state"]):
+        t = ckpt["model_state"][name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _PixelsToOutputs(torch.nn.Module):
+    """uint8 (N, S, S) -> (logits, *pooled block features): the traced body of the graph."""
+
+    def __init__(self, model: torch.nn.Module, spec: InputSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, pooled = self.model.forward_with_features(self.spec.to_tensor(pixels))
+        return (logits, *pooled)
+
+
+def onnx_model(ckpt: dict, opset: int = OPSET):
+    """The checkpoint's model as an in-memory ``onnx.ModelProto`` with dynamic batch and metadata.
+
+    Raises:
+        OnnxUnavailableError: onnx is not installed.
+    """
+    onnx = require("onnx")
+    spec = input_spec(ckpt)
+    wrapped = _PixelsToOutputs(model_from_checkpoint(ckpt), spec).eval()
+    outputs = [LOGITS, *feature_outputs(ckpt)]
+    example = torch.zeros((2, spec.image_size, spec.image_size), dtype=torch.uint8)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # The dynamo exporter needs onnxscript, which the [onnx] extra does not install; the
+        # TorchScript exporter, deprecated but exact for this plain CNN (tests compare it with
+        # torch), warns about itself: only for this call, its deprecation notices are not shown.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(wrapped, (example,), buf, dynamo=False, input_names=[GRAPH_INPUT],
+                          output_names=outputs, dynamic_axes={n: {0: "batch"} for n in [GRAPH_INPUT, *outputs]},
+                          opset_version=opset, do_constant_folding=True)
+    model = onnx.load_from_string(buf.getvalue())
+    model.doc_string = (f"pneumoscan {ckpt.get('arch', 'model')}: uint8 {GRAPH_INPUT} (N, {spec.image_size}, "
+                        f"{spec.image_size}) -> {LOGITS} (N, 2) and pooled block features")
+    onnx.helper.set_model_props(model, _metadata(ckpt))
+    return model
+
+
+def _metadata(ckpt: dict) -> dict[str, str]:
+    gate = ckpt.get("ood_gate")
+    gate_note = ({"present": True, "kind": gate.get("kind"), "layers": list(gate.get("layers", [])),
+                  "note": "the gate's statistics are in the pneumoscan checkpoint (.pth): load it with "
+                          "pneumoscan.checkpoint.load_checkpoint and score the features_* outputs with "
+                          "pneumoscan.gate.OutOfScopeGate"} if gate else {"present": False})
+    return {
+        "pneumoscan.format": METADATA_FORMAT,
+        "input_spec": json.dumps(ckpt["input_spec"]),
+        "temperature": json.dumps(ckpt.get("temperature")),
+        "threshold": json.dumps(float(ckpt.get("threshold", 0.5))),
+        "class_names": json.dumps(list(ckpt.get("class_names", []))),
+        "model_version": str(ckpt.get("model_version") or ""),
+        "checkpoint_sha256": weights_digest(ckpt),
+        "ood_gate": json.dumps(gate_note),
+        "outputs": json.dumps([LOGITS, *feature_outputs(ckpt)]),
+    }
+
+
+def read_metadata(model) -> dict:
+    """The pneumoscan metadata of an ONNX model (``ModelProto`` or path), JSON fields decoded.
+
+    Raises:
+        ValueError: the model carries no pneumoscan metadata (not written by ``export_onnx``).
+    """
+    onnx = require("onnx")
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    if props.get("pneumoscan.format") != METADATA_FORMAT:
+        raise ValueError(f"ONNX model has no {METADATA_FORMAT} metadata; export it with pneumoscan export")
+    out = {k: json.loads(props[k]) for k in ("input_spec", "temperature", "threshold", "class_names", "ood_gate",
+                                             "outputs")}
+    out.update({k: props[k] for k in ("model_version", "checkpoint_sha256")})
+    out["int8_recipe"] = props.get("int8_recipe")
+    out["input_spec"] = InputSpec.from_dict(out["input_spec"])
+    return out
+
+
+def save_onnx(model, path: str | os.PathLike) -> Path:
+    """Write an ``onnx.ModelProto`` to ``path`` atomically (one self-contained file)."""
+    onnx = require("onnx")
+    path = Path(path)
+    with atomic_path(path, durable=True) as tmp:
+        onnx.save_model(model, str(tmp))
+    return path
+
+
+def export_onnx(ckpt: dict, path: str | os.PathLike, opset: int = OPSET) -> Path:
+    """Write the checkpoint's model as a float32 ONNX graph (interface in the module docstring) to ``path``.
+
+    Returns the path written. Raises ``OnnxUnavailableError`` when onnx is not installed.
+    """
+    path = save_onnx(onnx_model(ckpt, opset), path)
+    log.info("wrote float32 ONNX model to %s", path)
+    return path
+
+
+def calibration_images(ckpt: dict, data_dir: str | os.PathLike, n: int = CALIBRATION_IMAGES,
+                       seed: int = 0) -> torch.Tensor:
+    """``n`` uint8 (S, S) training images of the data set ``data_dir`` the checkpoint was trained on.
+
+    The split is rebuilt from the checkpoint's stored config, so none of the images comes from the
+    validation split its threshold, temperature and gate were chosen on.
+
+    Raises:
+        DataError: ``data_dir`` is not a usable labelled data set.
+    """
+    from .data import split_from_config
+
+    spec = input_spec(ckpt)
+    train = split_from_config(ckpt.get("config") or {}, str(data_dir), spec.image_size).train
+    if len(train) == 0:
+        raise DataError(f"{data_dir}: no training images to calibrate the int8 model on")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    log.info("calibrating on %d of %d training images (validation split left out)", len(order), len(train))
+    return train.images[order.sort().values]
+
+
+class _Batches:
+    """The ``CalibrationDataReader`` protocol over uint8 images (duck-typed: get_next / rewind)."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 16) -> None:
+        self.images, self.batch_size, self.start = images, batch_size, 0
+
+    def get_next(self) -> dict | None:
+        if self.start >= len(self.images):
+            return None
+        batch = self.images[self.start:self.start + self.batch_size]
+        self.start += self.batch_size
+        return {GRAPH_INPUT: batch}
+
+    def rewind(self) -> None:
+        self.start = 0
+
+
+def quantize_int8(model, images: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Static int8 quantisation of a float32 graph from ``onnx_model``, calibrated on uint8 (N, S, S) ``images``.
+
+    QDQ format (onnxruntime fuses it into integer kernels), weights int8 per output channel,
+    activations uint8 per tensor from the min/max seen on ``images`` (u8 x s8 is the fast path of
+    x86 VNNI and AVX2). Two parts stay float32: the first conv (3 input channels: little to gain,
+    and its rounding reaches every later block; keeping it float halved the out-of-scope gate's
+    score error at no measured speed cost) and the small classifier head (Gemm; int8 there moved
+    logits by up to 0.3 instead of 0.04).
+    Writes to ``path`` atomically and returns it.
+
+    Raises:
+        OnnxUnavailableError: onnx or onnxruntime is missing.
+        ValueError: no calibration images.
+    """
+    onnx = require("onnx")
+    q = require("onnxruntime.quantization")
+    if len(images) == 0:
+        raise ValueError("int8 quantisation needs calibration images, got none")
+    path = Path(path)
+    reader = _Batches(np.ascontiguousarray(torch.as_tensor(images, dtype=torch.uint8).numpy()))
+    with tempfile.TemporaryDirectory() as work, atomic_path(path, durable=True) as tmp:
+        # shape inference and graph clean-up first, as onnxruntime recommends before quantising
+        prepared = Path(work) / "prepared.onnx"
+        q.quant_pre_process(model, prepared)
+        stem = next(n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv")
+        q.quantize_static(prepared, tmp, reader, quant_format=q.QuantFormat.QDQ, per_channel=True,
+                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                          op_types_to_quantize=["Conv", "MaxPool", "Relu"], nodes_to_exclude=[stem],
+                          calibrate_method=q.CalibrationMethod.MinMax)
+        quantized = onnx.load(str(tmp))
+        props = {p.key: p.value for p in model.metadata_props} | {"int8_recipe": INT8_RECIPE}
+        onnx.helper.set_model_props(quantized, props)
+        onnx.save_model(quantized, str(tmp))
+    log.info("wrote int8 ONNX model to %s (calibrated on %d images)", path, len(images))
+    return path
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pneumoscan export",
+                                description="Export a pneumoscan model for another runtime (ONNX).")
+    p.add_argument("--format", required=True, help="onnx (the only format so far)")
+    p.add_argument("--output_path", required=True, help="the .onnx file to write")
+    p.add_argument("--model_path", help="checkpoint from pneumoscan train (default: the shipped model)")
+    p.add_argument("--quantize", choices=("int8",), help="int8: static quantisation, calibrated on training images")
+    p.add_argument("--calibration_dir",
+                   help="with --quantize int8: the data set root the model was trained on (holds train/); "
+                        "its validation split, rebuilt from the checkpoint's config, is left out")
+    p.add_argument("--calibration_images", type=int, default=CALIBRATION_IMAGES,
+                   help=f"how many training images calibrate the int8 model ({CALIBRATION_IMAGES})")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """``pneumoscan export``: 0 written, 2 bad usage or input (the log says what to change)."""
+    from .cli import EXIT_BAD_INPUT, EXIT_OK, configure_logging
+
+    args = _export_parser().parse_args(argv)
+    configure_logging(verbose=args.verbose)
+    if args.format.lower() != "onnx":
+        log.error("unknown export format %r; the only format is onnx", args.format)
+        return EXIT_BAD_INPUT
+    if args.quantize and not args.calibration_dir:
+        log.error("--quantize int8 needs --calibration_dir: the data set root the model was trained on")
+        return EXIT_BAD_INPUT
+    if args.calibration_images < 1:
+        log.error("--calibration_images must be >= 1, got %d", args.calibration_images)
+        return EXIT_BAD_INPUT
+    out = Path(args.output_path)
+    if out.is_dir():
+        log.error("output_path %s is a folder; name the .onnx file to write", out)
+        return EXIT_BAD_INPUT
+    try:
+        ckpt = load_checkpoint(args.model_path or default_model_path())
+        model = onnx_model(ckpt)
+        if args.quantize:
+            quantize_int8(model, calibration_images(ckpt, args.calibration_dir, args.calibration_images), out)
+        else:
+            save_onnx(model, out)
+            log.info("wrote float32 ONNX model to %s", out)
+    except (PneumoscanError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        log.error("cannot write %s: %s; choose a writable --output_path", out, exc.strerror or exc)
+        return EXIT_BAD_INPUT
+    return EXIT_OK

@@ -1,0 +1,181 @@
+"""export.py and backends.py: the ONNX graph equals the torch model, carries its metadata, and the
+int8 backend predicts the shipped model's labels; ``pneumoscan export`` writes or refuses with exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pneumoscan.backends import BACKENDS, OnnxPredictor, make_predictor
+from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint
+from pneumoscan.errors import DataError
+from pneumoscan.export import (
+    OnnxUnavailableError,
+    export_main,
+    export_onnx,
+    onnx_model,
+    quantize_int8,
+    read_metadata,
+    require,
+    weights_digest,
+)
+from pneumoscan.model import model_from_kwargs, model_kwargs
+from pneumoscan.predict import InputSpec, Predictor
+from pneumoscan.preprocess import load_image
+
+ort = pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
+
+TINY_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict:
+    """A quarter-width MedicalCNN at 64 px, calibrated and thresholded, without a gate."""
+    torch.manual_seed(0)
+    kw = model_kwargs("medical_cnn", 3, width=0.25)
+    return model_payload(model_from_kwargs(kw), arch="medical_cnn", model_kw=kw,
+                         spec=InputSpec(TINY_SIZE, 0.48, 0.24, 3), config={}, temperature=0.7, threshold=0.6,
+                         model_version="tiny-test")
+
+
+@pytest.fixture(scope="module")
+def shipped() -> dict:
+    return load_checkpoint(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def shipped_onnx(shipped):
+    """The shipped model's float32 graph, in memory."""
+    return onnx_model(shipped)
+
+
+def real_images(train_dir, size: int, per_class: int, skip: int = 0) -> torch.Tensor:
+    """uint8 (N, size, size) model inputs of real training films, ``per_class`` of each class."""
+    files = [f for cls in ("NORMAL", "PNEUMONIA")
+             for f in sorted((train_dir / cls).glob("*.jpeg"))[skip::97][:per_class]]
+    return torch.from_numpy(np.stack([load_image(f, size) for f in files]))
+
+
+def test_onnx_graph_equals_torch_with_any_batch_size(tiny, train_dir, tmp_path):
+    path = export_onnx(tiny, tmp_path / "tiny.onnx")
+    images = real_images(train_dir, TINY_SIZE, 2)[:3]  # exported with a batch of 2, run with 3
+    expected = Predictor.from_checkpoint(tiny).outputs(images)
+    got = make_predictor(tiny, "cpu", "onnx").outputs(images)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-4)
+    assert len(got.features) == len(expected.features) == 5
+    for g, e in zip(got.features, expected.features):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-4)
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert (inp.name, inp.type, inp.shape[1:]) == ("pixels", "tensor(uint8)", [TINY_SIZE, TINY_SIZE])
+    assert [o.name for o in session.get_outputs()] == ["logits", *(f"features_{i}" for i in range(5))]
+    logits = session.run(["logits"], {"pixels": images.numpy()})[0]
+    np.testing.assert_allclose(logits, expected.logits.numpy(), rtol=0, atol=1e-4)
+
+
+def test_metadata_is_stored_and_parsed_back(shipped, shipped_onnx, tiny, tmp_path):
+    meta = read_metadata(shipped_onnx)
+    assert meta["input_spec"] == InputSpec.from_dict(shipped["input_spec"])
+    assert meta["temperature"] == shipped["temperature"] and meta["threshold"] == shipped["threshold"]
+    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["model_version"] == "pneumoscan-v1.0"
+    assert meta["checkpoint_sha256"] == weights_digest(shipped)
+    assert meta["ood_gate"]["present"] and meta["ood_gate"]["layers"] == [1, 2, 3, 4]
+    assert "checkpoint" in meta["ood_gate"]["note"]
+    tiny_meta = read_metadata(export_onnx(tiny, tmp_path / "tiny.onnx"))
+    assert tiny_meta["ood_gate"] == {"present": False} and tiny_meta["temperature"] == 0.7
+
+
+def test_make_predictor_has_the_predictor_interface(tiny, train_dir):
+    images = real_images(train_dir, TINY_SIZE, 1)
+    reference = make_predictor(tiny, "cpu", "torch")
+    onnx = make_predictor(tiny, "cpu", "onnx")
+    assert (onnx.spec, onnx.temperature, onnx.device) == (reference.spec, reference.temperature, torch.device("cpu"))
+    logits = onnx.logits(images, batch_size=1)
+    assert logits.shape == (2, 2) and logits.dtype == torch.float32
+    torch.testing.assert_close(onnx.probabilities(logits), reference.probabilities(logits))
+    assert onnx.outputs(images[:0]).logits.shape == (0, 2)
+    np.testing.assert_array_equal(onnx.gradcam(images[0]), reference.gradcam(images[0]))
+    with pytest.raises(ValueError, match="choose one of torch, onnx, onnx-int8"):
+        make_predictor(tiny, "cpu", "tensorrt")
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        make_predictor(tiny, "cuda", "onnx-int8")
+    assert BACKENDS == ("torch", "onnx", "onnx-int8")
+
+
+def test_int8_shipped_model_keeps_labels_on_real_films(shipped, shipped_onnx, train_dir, tmp_path):
+    """A quantised copy of the shipped model, calibrated on films other than those it is checked on."""
+    path = quantize_int8(shipped_onnx, real_images(train_dir, 224, 4, skip=50), tmp_path / "int8.onnx")
+    assert read_metadata(path)["checkpoint_sha256"] == weights_digest(shipped)
+    images = real_images(train_dir, 224, 4)
+    torch_p = Predictor.from_checkpoint(shipped)
+    int8_p = OnnxPredictor(path, shipped)
+    p_ref = torch_p.probabilities(torch_p.logits(images))[:, 1]
+    p_int8 = int8_p.probabilities(int8_p.logits(images))[:, 1]
+    assert torch.equal(p_int8 >= shipped["threshold"], p_ref >= shipped["threshold"])
+    assert float((p_int8 - p_ref).abs().max()) < 0.05
+
+
+def test_int8_backend_is_cached_by_checkpoint(tiny, train_dir, make_dataset, tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="calibration_dir"):
+        make_predictor(tiny, "cpu", "onnx-int8", cache_dir=cache)
+    files = {cls: sorted((train_dir / cls).glob("*.jpeg"))[:12] for cls in ("NORMAL", "PNEUMONIA")}
+    data = make_dataset(tmp_path / "data", files)
+    built = make_predictor(tiny, "cpu", "onnx-int8", calibration_dir=data, cache_dir=cache)
+    (cached,) = cache.iterdir()
+    assert cached.name.startswith(weights_digest(tiny)[:24])
+    again = make_predictor(tiny, "cpu", "onnx-int8", cache_dir=cache)  # no calibration data needed now
+    images = real_images(train_dir, TINY_SIZE, 1)
+    torch.testing.assert_close(again.logits(images), built.logits(images), rtol=0, atol=0)
+
+
+def test_export_cli_writes_a_model(tiny, tmp_path):
+    model_path = tmp_path / "tiny.pth"
+    save_checkpoint(tiny, model_path)
+    out = tmp_path / "out" / "tiny.onnx"
+    assert export_main(["--format", "onnx", "--model_path", str(model_path), "--output_path", str(out)]) == 0
+    assert read_metadata(out)["model_version"] == "tiny-test"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("format", "unknown export format 'tflite'"),
+    ("model", "does not exist"),
+    ("unwritable", "cannot write"),
+    ("folder", "is a folder"),
+    ("int8_without_data", "needs --calibration_dir"),
+])
+def test_export_cli_refuses_bad_input(case, message, tiny, tmp_path, capsys):
+    model_path = tmp_path / "tiny.pth"
+    save_checkpoint(tiny, model_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    argv = {"format": ["--format", "tflite"],
+            "model": ["--model_path", str(tmp_path / "missing.pth")],
+            "unwritable": ["--output_path", str(blocker / "model.onnx")],
+            "folder": ["--output_path", str(tmp_path)],
+            "int8_without_data": ["--quantize", "int8"]}[case]
+    base = {"--format": "onnx", "--model_path": str(model_path), "--output_path": str(tmp_path / "m.onnx")}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        base[flag] = value
+    assert export_main([x for kv in base.items() for x in kv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_missing_onnxruntime_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(OnnxUnavailableError, match=r"pip install 'pneumoscan\[onnx\]'"):
+        require("onnxruntime")
+
+
+def test_importing_the_package_does_not_import_onnx():
+    code = ("import sys, pneumoscan.inference, pneumoscan.backends, pneumoscan.export\n"
+            "assert not {'onnx', 'onnxruntime'} & set(sys.modules), 'onnx imported at import time'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
