@@ -93,7 +93,7 @@ def test_metadata_is_stored_and_parsed_back(shipped, shipped_onnx, tiny, tmp_pat
 def test_make_predictor_has_the_predictor_interface(tiny, train_dir):
     images = real_images(train_dir, TINY_SIZE, 1)
     reference = make_predictor(tiny, "cpu", "torch")
-    onnx = make_predictor(tiny, "cpu", "onnx")
+    onnx = make_predictor(tiny, "auto", "onnx")  # auto: the ONNX backends run on the CPU
     assert (onnx.spec, onnx.temperature, onnx.device) == (reference.spec, reference.temperature, torch.device("cpu"))
     logits = onnx.logits(images, batch_size=1)
     assert logits.shape == (2, 2) and logits.dtype == torch.float32
@@ -103,7 +103,7 @@ def test_make_predictor_has_the_predictor_interface(tiny, train_dir):
     with pytest.raises(ValueError, match="choose one of torch, onnx, onnx-int8"):
         make_predictor(tiny, "cpu", "tensorrt")
     with pytest.raises(ValueError, match="runs on the CPU"):
-        make_predictor(tiny, "cuda", "onnx-int8")
+        make_predictor(tiny, torch.device("cuda"), "onnx-int8")
     assert BACKENDS == ("torch", "onnx", "onnx-int8")
 
 

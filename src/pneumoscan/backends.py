@@ -40,7 +40,7 @@ from .export import (
     require,
     weights_digest,
 )
-from .predict import InputSpec, Outputs, Predictor
+from .predict import InputSpec, Outputs, Predictor, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,10 @@ class OnnxPredictor:
 
     def outputs(self, images: torch.Tensor, features: bool = True, batch_size: int = 64) -> Outputs:
         """Logits (and, with ``features``, every block's spatially pooled output) for uint8 (N, S, S) images."""
+        if images.dtype != torch.uint8:
+            raise ValueError(f"the ONNX graph takes uint8 (N, S, S) pixels, got {images.dtype}")
         names = [LOGITS, *self._features] if features else [LOGITS]
-        pixels = np.ascontiguousarray(torch.as_tensor(images, dtype=torch.uint8).cpu().numpy())
+        pixels = np.ascontiguousarray(images.cpu().numpy())
         runs = [self.session.run(names, {GRAPH_INPUT: pixels[start:start + batch_size]})
                 for start in range(0, len(pixels), batch_size)]
         if not runs:
@@ -150,7 +152,8 @@ def make_predictor(ckpt: dict, device: torch.device | str = "cpu", backend: str 
 
     Args:
         ckpt: from ``checkpoint.load_checkpoint``.
-        device: a resolved device (``predict.resolve_device``). ``onnx`` runs on CUDA only through
+        device: a ``torch.device`` or ``auto``, ``cpu``, ``cuda``; ``auto`` is CUDA when present for
+            ``torch`` and the CPU for the ONNX backends. ``onnx`` runs on CUDA only through
             onnxruntime-gpu; ``onnx-int8`` is CPU only.
         backend: ``torch`` (reference), ``onnx`` (float32 ONNX Runtime) or ``onnx-int8``.
         calibration_dir: for ``onnx-int8`` when its model is not cached yet: the data set root the model
@@ -165,7 +168,8 @@ def make_predictor(ckpt: dict, device: torch.device | str = "cpu", backend: str 
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    device = torch.device(device)
+    if isinstance(device, str):
+        device = torch.device("cpu") if device == "auto" and backend != "torch" else resolve_device(device)
     if backend == "torch":
         return Predictor.from_checkpoint(ckpt, device)
     providers = ["CPUExecutionProvider"]

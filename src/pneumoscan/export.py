@@ -288,6 +288,10 @@ def export_main(argv: list[str] | None = None) -> int:
     if args.quantize and not args.calibration_dir:
         log.error("--quantize int8 needs --calibration_dir: the data set root the model was trained on")
         return EXIT_BAD_INPUT
+    if args.calibration_dir and not Path(args.calibration_dir).is_dir():
+        log.error("calibration_dir %r does not exist or is not a folder; pass the data set root the model was "
+                  "trained on (holds train/)", args.calibration_dir)
+        return EXIT_BAD_INPUT
     if args.calibration_images < 1:
         log.error("--calibration_images must be >= 1, got %d", args.calibration_images)
         return EXIT_BAD_INPUT
