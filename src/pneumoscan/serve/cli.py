@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import logging
+import os
 import sys
 
 from ..cli import EXIT_BAD_INPUT, EXIT_OK, configure_logging
@@ -47,8 +49,30 @@ def _serve_parser() -> argparse.ArgumentParser:
     return p
 
 
+def limit_malloc_growth() -> bool:
+    """On glibc, cap malloc arenas at 2 and hand blocks over 4 MiB straight back to the OS.
+
+    Each forward pass allocates and frees hundreds of MB of activations, in sizes that vary
+    with the batch; glibc's defaults (8 arenas per core, an mmap threshold that adapts
+    upwards) kept much of it, so the server's RSS climbed by 100-400 MB over a minute of load
+    (benchmarks/serve_load.py; docs/benchmarks.md). Call before other threads start; does
+    nothing when MALLOC_ARENA_MAX or MALLOC_MMAP_THRESHOLD_ is set (the operator's choice
+    wins) or the C library is not glibc. Returns whether it changed anything.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold, m_arena_max = -3, -8  # from glibc's malloc.h
+    return bool(mallopt(m_arena_max, 2)) and bool(mallopt(m_mmap_threshold, 4 * 2**20))
+
+
 def serve_main(argv: list[str] | None = None) -> int:
     """``pneumoscan serve``: runs until interrupted; 0 after a clean stop, 2 if it could not start."""
+    limit_malloc_growth()
     import uvicorn
 
     from .app import create_app
