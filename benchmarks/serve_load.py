@@ -9,9 +9,11 @@
 2. A server process (``python -m pneumoscan serve`` on a free loopback port, a fresh audit
    log), ``--clients`` concurrent clients posting the images round-robin for ``--duration``
    seconds (at most ``--max_requests``), each waiting for its answer before the next.
-3. Throughput, latency percentiles, status counts, the server's RSS (idle after the warm-up
-   and idle after the load, plus the peak sampled each second under load), the mean
-   forward-pass batch (from /metrics) and whether every answer is in the audit log.
+3. Throughput, latency percentiles, status counts, the server's CPU seconds per image beside
+   the CLI's (where the cores are shared with other work, wall-clock throughput moves with the
+   neighbours' load, CPU per image much less), the server's RSS (idle after the warm-up, idle
+   after the load, and the peak sampled each second under load), the mean forward-pass batch
+   (from /metrics) and whether every answer is in the audit log.
 
 Only 127.0.0.1 is contacted. ``--max_batch 1`` turns micro-batching off for comparison.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import sqlite3
 import statistics
@@ -45,13 +48,19 @@ def multipart(data: bytes, name: str) -> bytes:
     return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
-def batch_throughput(files: list[Path]) -> float:
-    """Images per second of the engine ``pneumoscan predict`` runs, with its default flags."""
+def batch_throughput(files: list[Path]) -> tuple[float, float]:
+    """Images per second, and CPU seconds per image, of the engine ``pneumoscan predict`` runs (its defaults)."""
     engine = MedicalImageInference(batch_size=16)
     engine.predict_batch(files[:16])  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     engine.predict_batch(files)
-    return len(files) / (time.perf_counter() - t0)
+    return len(files) / (time.perf_counter() - t0), (time.process_time() - c0) / len(files)
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -140,6 +149,7 @@ def main() -> int:
     files = list_inputs(args.image_dir)
     bodies = [multipart(f.read_bytes(), f.name) for f in files]
     baseline_before = None if args.no_baseline else batch_throughput(files)
+    print(f"batch CLI before: {baseline_before}", file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         port = free_port()
@@ -160,7 +170,9 @@ def main() -> int:
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
+            cpu0 = cpu_s(server.pid)
             result = asyncio.run(load(url, bodies, args.clients, args.duration, args.max_requests))
+            server_cpu = cpu_s(server.pid) - cpu0
             sampling.set()
             sampler.join()
             time.sleep(IDLE_S)
@@ -175,28 +187,35 @@ def main() -> int:
         finally:
             conn.close()
     baseline_after = None if args.no_baseline else batch_throughput(files)
+    print(f"batch CLI after: {baseline_after}", file=sys.stderr)
 
     lat = result.pop("latencies")
     ids = result.pop("request_ids")
     ok = result["statuses"].get(200, 0)
     throughput = ok / result["wall_s"]
     baselines = [b for b in (baseline_before, baseline_after) if b is not None]
-    baseline = statistics.mean(baselines) if baselines else None
+    baseline = statistics.mean(b[0] for b in baselines) if baselines else None
+    baseline_cpu = statistics.mean(b[1] for b in baselines) if baselines else None
+    server_cpu_per_image = server_cpu / max(1, result["requests"])
     out = {
         **result, "clients": args.clients, "images": len(files), "max_batch": args.max_batch,
         "throughput_img_per_s": throughput, "server_errors_5xx": sum(n for s, n in result["statuses"].items()
                                                                    if s >= 500),
         "latency_p50_s": lat[len(lat) // 2], "latency_p99_s": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
         "latency_max_s": lat[-1], "mean_forward_batch": mean_batch,
-        "batch_cli_img_per_s_before": baseline_before, "batch_cli_img_per_s_after": baseline_after,
+        "batch_cli_img_per_s_before": baseline_before and baseline_before[0],
+        "batch_cli_img_per_s_after": baseline_after and baseline_after[0],
         "throughput_vs_batch_cli": throughput / baseline if baseline else None,
+        "server_cpu_s_per_image": server_cpu_per_image, "batch_cli_cpu_s_per_image": baseline_cpu,
+        "cpu_per_image_vs_batch_cli": server_cpu_per_image / baseline_cpu if baseline_cpu else None,
         "server_rss_mb_ready": rss_ready, "server_rss_mb_start": rss_start, "server_rss_mb_end": rss_end,
         "server_rss_mb_peak_under_load": max(peak),
         "server_rss_growth_mb": rss_end - rss_start, "answers_missing_from_audit_log": len(set(ids) - logged),
     }
     ratio = f", {100 * out['throughput_vs_batch_cli']:.0f} % of the batch CLI" if baseline else ""
     emit(out, f"{throughput:.1f} images/s with {args.clients} clients{ratio}; p50 {1000 * out['latency_p50_s']:.0f} ms,"
-              f" p99 {1000 * out['latency_p99_s']:.0f} ms; {out['server_errors_5xx']} server errors; RSS "
+              f" p99 {1000 * out['latency_p99_s']:.0f} ms; {server_cpu_per_image:.3f} server CPU s per image; "
+              f"{out['server_errors_5xx']} server errors; RSS "
               f"{rss_start:.0f} -> {rss_end:.0f} MB; mean batch {mean_batch or 0:.1f}", args.json)
     return 0
 

@@ -412,11 +412,24 @@ def test_kill_9_during_requests_then_restart(tmp_path, train_dir):
         conn.close()
     assert ok <= logged, f"{len(ok - logged)} answered request(s) missing from the audit log"
 
+    # The restart also holds at most one request at a time: more at once are refused with 503, never left hanging.
+    server.args = ["--max_queue", "1"]
     server.start()
     try:
         r = httpx.post(server.url + "/v1/predict", files={"file": ("x.jpeg", files[0].read_bytes())}, timeout=30)
         assert r.status_code == 200
         assert audit_row(server.audit_db, r.json()["request_id"])["status"] == 200
+
+        def one(f: Path) -> httpx.Response:
+            return httpx.post(server.url + "/v1/predict", files={"file": ("x.jpeg", f.read_bytes())}, timeout=30)
+
+        with ThreadPoolExecutor(8) as pool:
+            burst = list(pool.map(one, files[:8]))
+        busy = [b for b in burst if b.status_code == 503]
+        assert busy and all(b.status_code in (200, 422, 503) for b in burst)
+        for b in busy:
+            assert b.json()["error_type"] == "Overloaded" and int(b.headers["Retry-After"]) >= 1
+            assert audit_row(server.audit_db, b.json()["request_id"])["status"] == 503
     finally:
         assert server.stop()
     conn = sqlite3.connect(server.audit_db)
