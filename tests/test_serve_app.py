@@ -158,6 +158,28 @@ def test_queued_requests_share_forward_passes(tmp_path, max_batch, expected):
     assert engine.batches == expected
 
 
+def test_workers_each_run_their_own_engine_at_once(tmp_path):
+    release = threading.Event()
+    engines: list[StubEngine] = []
+
+    def factory(_settings):
+        engines.append(StubEngine(release))
+        return engines[-1]
+
+    client = ready_client(create_app(settings(tmp_path, workers=2), factory))
+    try:
+        assert len(engines) == 2
+        with ThreadPoolExecutor(2) as threads:
+            answers = [threads.submit(post, client) for _ in range(2)]
+            wait_until(lambda: all(e.entered.is_set() for e in engines))  # both models busy at the same time
+            release.set()
+            assert [a.result().status_code for a in answers] == [200, 200]
+        assert client.get("/v1/model").json()["workers"] == 2
+    finally:
+        release.set()
+        client.__exit__(None, None, None)
+
+
 def test_a_lone_request_does_not_wait_for_a_batch(tmp_path):
     engine = StubEngine()
     client = ready_client(create_app(settings(tmp_path, batch_wait_ms=1000), lambda _: engine))

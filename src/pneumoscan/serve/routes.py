@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Request, Security
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -102,11 +102,11 @@ def v1_router(api_keys: bool) -> APIRouter:
                           input_sha256=upload.sha256, heatmap=outcome.heatmap)
 
     @router.get("/model", response_model=ModelInfo, responses={401: ERRORS[401], 503: ERRORS[503]})
-    async def model(request: Request) -> JSONResponse:
+    async def model(request: Request) -> ModelInfo:
         """The model: version, threshold, temperature, intended use and its validation figures."""
         service = request.app.state.service
         service.require_ready()
-        return JSONResponse(service.model_info)
+        return ModelInfo(**service.model_info)
 
     return router
 
