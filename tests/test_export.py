@@ -15,12 +15,14 @@ from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_pay
 from pneumoscan.errors import DataError
 from pneumoscan.export import (
     OnnxUnavailableError,
+    calibration_ranges,
     export_main,
     export_onnx,
     onnx_model,
     quantize_int8,
     read_metadata,
     require,
+    stored_ranges,
     weights_digest,
 )
 from pneumoscan.model import model_from_kwargs, model_kwargs
@@ -109,7 +111,8 @@ def test_make_predictor_has_the_predictor_interface(tiny, train_dir):
 
 def test_int8_shipped_model_keeps_labels_on_real_films(shipped, shipped_onnx, train_dir, tmp_path):
     """A quantised copy of the shipped model, calibrated on films other than those it is checked on."""
-    path = quantize_int8(shipped_onnx, real_images(train_dir, 224, 4, skip=50), tmp_path / "int8.onnx")
+    ranges = calibration_ranges(shipped_onnx, real_images(train_dir, 224, 4, skip=50))
+    path = quantize_int8(shipped_onnx, ranges, tmp_path / "int8.onnx")
     assert read_metadata(path)["checkpoint_sha256"] == weights_digest(shipped)
     images = real_images(train_dir, 224, 4)
     torch_p = Predictor.from_checkpoint(shipped)
@@ -148,7 +151,7 @@ def test_export_cli_writes_a_model(tiny, tmp_path):
     ("model", "does not exist"),
     ("unwritable", "cannot write"),
     ("folder", "is a folder"),
-    ("int8_without_data", "needs --calibration_dir"),
+    ("int8_without_data", "carries no int8 calibration: pass --calibration_dir"),
 ])
 def test_export_cli_refuses_bad_input(case, message, tiny, tmp_path, capsys):
     model_path = tmp_path / "tiny.pth"
@@ -179,3 +182,21 @@ def test_importing_the_package_does_not_import_onnx():
             "assert not {'onnx', 'onnxruntime'} & set(sys.modules), 'onnx imported at import time'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_shipped_model_builds_its_int8_graph_from_stored_ranges(shipped, tmp_path, train_dir):
+    """No data needed after install: the checkpoint's ranges rebuild the int8 graph, which follows torch."""
+    assert stored_ranges(shipped) is not None
+    engine = make_predictor(shipped, "cpu", "onnx-int8", cache_dir=tmp_path)
+    assert [p.suffix for p in tmp_path.iterdir()] == [".onnx"]  # built once, cached
+    images = real_images(train_dir, 224, 6)
+    reference = Predictor.from_checkpoint(shipped)
+    p_ref = reference.probabilities(reference.logits(images))[:, 1]
+    p_int8 = engine.probabilities(engine.logits(images))[:, 1]
+    assert float((p_int8 - p_ref).abs().max()) < 0.05
+    assert torch.equal(p_int8 >= shipped["threshold"], p_ref >= shipped["threshold"])
+
+
+def test_ranges_for_another_graph_are_refused(shipped_onnx, tmp_path):
+    with pytest.raises(ValueError, match="do not fit this graph"):
+        quantize_int8(shipped_onnx, {"some/other/tensor": [0.0, 1.0]}, tmp_path / "x.onnx")

@@ -81,7 +81,7 @@ def test_inference_evaluation_and_gradcam_share_the_forward_path(shipped, train_
     assert not bad
     _, p_eval = evaluate_imageset(predictor, data, shipped["threshold"], n_boot=10)
 
-    engine = MedicalImageInference(gate=False, device="cpu")
+    engine = MedicalImageInference(gate=False, device="cpu", backend="torch")
     outcomes = engine.predict_batch(data.paths)
     p_engine = np.array([r.probabilities["PNEUMONIA"] for r in outcomes])
     np.testing.assert_allclose(p_engine, p_eval, rtol=0, atol=1e-6)

@@ -21,7 +21,19 @@ pytestmark = pytest.mark.skipif(not TRAIN.is_dir(), reason=f"real chest X-rays n
 
 @pytest.fixture(scope="module")
 def engine() -> MedicalImageInference:
-    return MedicalImageInference()
+    """The fp32 torch reference, against which calibration and threshold are checked exactly."""
+    return MedicalImageInference(backend="torch")
+
+
+def test_default_backend_on_cpu_is_int8_and_agrees_with_the_reference(engine, images):
+    pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
+    fast = MedicalImageInference(device="cpu")
+    assert fast.backend == "onnx-int8" and fast.info["backend"] == "onnx-int8"
+    for path in images:
+        a, b = engine.predict_image(path), fast.predict_image(path)
+        assert (a.backend, b.backend) == ("torch", "onnx-int8")
+        assert a.prediction == b.prediction
+        assert b.probabilities["PNEUMONIA"] == pytest.approx(a.probabilities["PNEUMONIA"], abs=0.05)
 
 
 @pytest.fixture(scope="module")

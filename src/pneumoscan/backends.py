@@ -32,12 +32,14 @@ from .export import (
     GRAPH_INPUT,
     INT8_RECIPE,
     LOGITS,
-    calibration_images,
+    OnnxUnavailableError,
     feature_outputs,
+    int8_ranges,
     onnx_model,
     quantize_int8,
     read_metadata,
     require,
+    stored_ranges,
     weights_digest,
 )
 from .predict import InputSpec, Outputs, Predictor, resolve_device
@@ -137,12 +139,31 @@ def int8_model_path(ckpt: dict, calibration_dir: str | os.PathLike | None = None
                 log.info("int8 model from cache %s", path)
                 return path
             log.warning("rebuilding cached int8 model %s: it belongs to other weights", path)
-    if calibration_dir is None:
+    if calibration_dir is None and stored_ranges(ckpt) is None:
         raise DataError("the onnx-int8 backend calibrates its int8 model once on the training images of the "
                         "data set the model was trained on: pass calibration_dir (--calibration_dir DIR, the "
                         "data set root holding train/), or use the onnx backend")
     log.info("quantising the model to int8 (once; cached in %s)", path.parent)
-    return quantize_int8(onnx_model(ckpt), calibration_images(ckpt, calibration_dir), path)
+    model = onnx_model(ckpt)
+    return quantize_int8(model, int8_ranges(ckpt, model, calibration_dir), path)
+
+
+def resolve_backend(ckpt: dict, device: torch.device | str, backend: str) -> str:
+    """``auto`` made concrete: ``onnx-int8`` on the CPU when onnxruntime is installed and the checkpoint
+    carries its int8 calibration (it then builds without data), else ``torch`` (CUDA, no onnxruntime,
+    or a checkpoint without calibration ranges). Other names are returned as they are."""
+    if backend != "auto":
+        return backend
+    device = torch.device(device) if not isinstance(device, str) else resolve_device(device)
+    if device.type != "cpu" or stored_ranges(ckpt) is None:
+        return "torch"
+    try:
+        require("onnxruntime")
+    except OnnxUnavailableError:
+        log.info("onnxruntime is not installed: predicting with the torch backend (pip install "
+                 "'pneumoscan[onnx]' for the faster int8 backend)")
+        return "torch"
+    return "onnx-int8"
 
 
 def make_predictor(ckpt: dict, device: torch.device | str = "cpu", backend: str = "torch", *,
@@ -155,7 +176,8 @@ def make_predictor(ckpt: dict, device: torch.device | str = "cpu", backend: str 
         device: a ``torch.device`` or ``auto``, ``cpu``, ``cuda``; ``auto`` is CUDA when present for
             ``torch`` and the CPU for the ONNX backends. ``onnx`` runs on CUDA only through
             onnxruntime-gpu; ``onnx-int8`` is CPU only.
-        backend: ``torch`` (reference), ``onnx`` (float32 ONNX Runtime) or ``onnx-int8``.
+        backend: ``torch`` (reference), ``onnx`` (float32 ONNX Runtime), ``onnx-int8`` or ``auto``
+            (``resolve_backend``).
         calibration_dir: for ``onnx-int8`` when its model is not cached yet: the data set root the model
             was trained on (its validation split is left out of the calibration).
         cache_dir: where int8 models are cached (default ``default_onnx_cache()``).
@@ -166,8 +188,9 @@ def make_predictor(ckpt: dict, device: torch.device | str = "cpu", backend: str 
         OnnxUnavailableError: an ONNX backend without onnxruntime installed.
         DataError: ``onnx-int8`` with nothing cached and no ``calibration_dir``.
     """
+    backend = resolve_backend(ckpt, device, backend)
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
     if isinstance(device, str):
         device = torch.device("cpu") if device == "auto" and backend != "torch" else resolve_device(device)
     if backend == "torch":

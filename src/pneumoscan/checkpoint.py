@@ -111,7 +111,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         if obj.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{path} was written by a newer pneumoscan (format "
                                   f"{obj['format_version']}); upgrade pneumoscan to read it")
-        if obj.get("format_version", 0) < 2:
+        if obj.get("format_version", 0) < 2 and "input_spec" not in obj:
             _upgrade_v1(obj)
         missing = [k for k in ("model_state", "model_kwargs", "input_spec") if k not in obj]
         if missing:
@@ -138,12 +138,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 def _upgrade_v1(obj: dict) -> None:
     """Format 1 kept the input contract in four top-level keys; gather them into ``input_spec``."""
-    if "input_spec" in obj or "image_size" not in obj or "normalization" not in obj:
-        return
+    if "image_size" not in obj or "normalization" not in obj:
+        return  # incomplete: reported as such by the caller
     norm = obj.pop("normalization")
     in_ch = obj.pop("in_channels", (obj.get("model_kwargs") or {}).get("in_channels", 3))
     obj["input_spec"] = {"image_size": obj.pop("image_size"), "mean": norm.get("mean"), "std": norm.get("std"),
                          "in_channels": in_ch, "preprocess": obj.pop("preprocess", PREPROCESS_VERSION)}
+    obj["format_version"] = FORMAT_VERSION
 
 
 def input_spec(ckpt: dict, path: str | os.PathLike = "checkpoint") -> InputSpec:

@@ -45,7 +45,7 @@ LOGITS = "logits"
 OPSET = 17
 METADATA_FORMAT = "pneumoscan-onnx-1"
 # Changing how the int8 model is made changes this, so cached int8 models are rebuilt.
-INT8_RECIPE = "qdq-u8s8-perchannel-minmax-fp32stem-v1"
+INT8_RECIPE = "qdq-u8s8-perchannel-minmax-fp32stem-v2"
 CALIBRATION_IMAGES = 256
 ONNX_EXTRA = "pip install 'pneumoscan[onnx]'"
 
@@ -222,42 +222,125 @@ class _Batches:
         self.start = 0
 
 
-def quantize_int8(model, images: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Static int8 quantisation of a float32 graph from ``onnx_model``, calibrated on uint8 (N, S, S) ``images``.
+INT8_OPS = ["Conv", "MaxPool", "Relu"]
+
+
+def _prepare(model, work: Path) -> tuple[Path, str]:
+    """The graph after onnxruntime's recommended pre-processing (shape inference, clean-up), and the
+    name of its first conv (kept float32)."""
+    onnx = require("onnx")
+    q = require("onnxruntime.quantization")
+    prepared = work / "prepared.onnx"
+    q.quant_pre_process(model, prepared)
+    stem = next(n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv")
+    return prepared, stem
+
+
+def calibration_ranges(model, images: torch.Tensor) -> dict[str, list[float]]:
+    """Min/max of every activation the int8 graph quantises, seen on uint8 (N, S, S) ``images``.
+
+    These few numbers are all that static quantisation learns from data: stored in a checkpoint
+    (``int8_calibration``), they rebuild the same int8 graph later without any images.
+
+    Raises:
+        ValueError: no calibration images.
+    """
+    cal = require("onnxruntime.quantization.calibrate")
+    if len(images) == 0:
+        raise ValueError("int8 calibration needs images, got none")
+    reader = _Batches(np.ascontiguousarray(torch.as_tensor(images, dtype=torch.uint8).numpy()))
+    with tempfile.TemporaryDirectory() as work:
+        prepared, _ = _prepare(model, Path(work))
+        calibrator = cal.create_calibrator(prepared, INT8_OPS, augmented_model_path=str(Path(work) / "aug.onnx"),
+                                           calibrate_method=cal.CalibrationMethod.MinMax)
+        calibrator.collect_data(reader)
+        data = calibrator.compute_data()
+    return {name: [float(np.asarray(td.range_value[0]).reshape(-1)[0]),
+                   float(np.asarray(td.range_value[1]).reshape(-1)[0])] for name, td in data.data.items()}
+
+
+def int8_calibration(ckpt: dict, images: torch.Tensor) -> dict:
+    """The ``int8_calibration`` entry of a checkpoint: the recipe and the activation ranges on ``images``."""
+    return {"recipe": INT8_RECIPE, "images": int(len(images)), "ranges": calibration_ranges(onnx_model(ckpt), images)}
+
+
+def stored_ranges(ckpt: dict) -> dict[str, list[float]] | None:
+    """The activation ranges a checkpoint carries for this int8 recipe, or None."""
+    stored = ckpt.get("int8_calibration") or {}
+    return stored.get("ranges") if stored.get("recipe") == INT8_RECIPE else None
+
+
+def int8_ranges(ckpt: dict, model, calibration_dir: str | os.PathLike | None,
+                n: int = CALIBRATION_IMAGES) -> dict[str, list[float]]:
+    """Ranges calibrated on ``calibration_dir``'s training images when given, else the checkpoint's own.
+
+    Raises:
+        DataError: neither is available.
+    """
+    if calibration_dir is not None:
+        return calibration_ranges(model, calibration_images(ckpt, calibration_dir, n))
+    ranges = stored_ranges(ckpt)
+    if ranges is None:
+        raise DataError("this checkpoint carries no int8 calibration: pass --calibration_dir, the data set root "
+                        "it was trained on (holds train/), to calibrate on its training images")
+    return ranges
+
+
+def quantize_int8(model, ranges: dict[str, list[float]], path: str | os.PathLike) -> Path:
+    """Static int8 quantisation of a float32 graph from ``onnx_model`` with activation ``ranges``
+    (from ``calibration_ranges``).
 
     QDQ format (onnxruntime fuses it into integer kernels), weights int8 per output channel,
-    activations uint8 per tensor from the min/max seen on ``images`` (u8 x s8 is the fast path of
-    x86 VNNI and AVX2). Two parts stay float32: the first conv (3 input channels: little to gain,
-    and its rounding reaches every later block; keeping it float halved the out-of-scope gate's
-    score error at no measured speed cost) and the small classifier head (Gemm; int8 there moved
-    logits by up to 0.3 instead of 0.04).
-    Writes to ``path`` atomically and returns it.
+    activations uint8 per tensor from the given min/max (u8 x s8 is the fast path of x86 VNNI
+    and AVX2). Two parts stay float32: the first conv (3 input channels: little to gain, and its
+    rounding reaches every later block; keeping it float halved the out-of-scope gate's score
+    error at no measured speed cost) and the small classifier head (Gemm; int8 there moved logits
+    by up to 0.3 instead of 0.04). The ranges are passed as onnxruntime's per-tensor overrides,
+    which take precedence over its own calibration (run here on one blank image only because the
+    API requires a reader). Writes to ``path`` atomically and returns it.
 
     Raises:
         OnnxUnavailableError: onnx or onnxruntime is missing.
-        ValueError: no calibration images.
+        ValueError: the ranges do not cover the graph's activations (made for another graph).
     """
     onnx = require("onnx")
     q = require("onnxruntime.quantization")
-    if len(images) == 0:
-        raise ValueError("int8 quantisation needs calibration images, got none")
     path = Path(path)
-    reader = _Batches(np.ascontiguousarray(torch.as_tensor(images, dtype=torch.uint8).numpy()))
+    size = _input_size(model)
+    blank = _Batches(np.full((1, size, size), 128, dtype=np.uint8))
+    # the same form onnxruntime's calibrator returns (float32 arrays of shape (1,)), so the result is identical
+    overrides = {name: [{"rmin": np.array([lo], dtype=np.float32), "rmax": np.array([hi], dtype=np.float32)}]
+                 for name, (lo, hi) in ranges.items()}
     with tempfile.TemporaryDirectory() as work, atomic_path(path, durable=True) as tmp:
-        # shape inference and graph clean-up first, as onnxruntime recommends before quantising
-        prepared = Path(work) / "prepared.onnx"
-        q.quant_pre_process(model, prepared)
-        stem = next(n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "Conv")
-        q.quantize_static(prepared, tmp, reader, quant_format=q.QuantFormat.QDQ, per_channel=True,
+        prepared, stem = _prepare(model, Path(work))
+        needed = _activation_names(onnx.load(str(prepared)))
+        missing = sorted(needed - set(ranges))
+        if missing:
+            raise ValueError(f"the int8 calibration ranges do not fit this graph ({len(missing)} activations "
+                             f"without a range, e.g. {missing[0]!r}): recalibrate on images (--calibration_dir)")
+        q.quantize_static(prepared, tmp, blank, quant_format=q.QuantFormat.QDQ, per_channel=True,
                           activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                          op_types_to_quantize=["Conv", "MaxPool", "Relu"], nodes_to_exclude=[stem],
-                          calibrate_method=q.CalibrationMethod.MinMax)
+                          op_types_to_quantize=INT8_OPS, nodes_to_exclude=[stem],
+                          calibrate_method=q.CalibrationMethod.MinMax,
+                          extra_options={"TensorQuantOverrides": overrides})
         quantized = onnx.load(str(tmp))
         props = {p.key: p.value for p in model.metadata_props} | {"int8_recipe": INT8_RECIPE}
         onnx.helper.set_model_props(quantized, props)
         onnx.save_model(quantized, str(tmp))
-    log.info("wrote int8 ONNX model to %s (calibrated on %d images)", path, len(images))
+    log.info("wrote int8 ONNX model to %s", path)
     return path
+
+
+def _activation_names(graph_model) -> set[str]:
+    """Float tensors flowing into or out of the ops int8 quantises (what needs a range)."""
+    initializers = {i.name for i in graph_model.graph.initializer}
+    return {name for node in graph_model.graph.node if node.op_type in INT8_OPS
+            for name in (*node.input, *node.output) if name and name not in initializers}
+
+
+def _input_size(model) -> int:
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return int(dims[-1].dim_value)
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -285,9 +368,6 @@ def export_main(argv: list[str] | None = None) -> int:
     if args.format.lower() != "onnx":
         log.error("unknown export format %r; the only format is onnx", args.format)
         return EXIT_BAD_INPUT
-    if args.quantize and not args.calibration_dir:
-        log.error("--quantize int8 needs --calibration_dir: the data set root the model was trained on")
-        return EXIT_BAD_INPUT
     if args.calibration_dir and not Path(args.calibration_dir).is_dir():
         log.error("calibration_dir %r does not exist or is not a folder; pass the data set root the model was "
                   "trained on (holds train/)", args.calibration_dir)
@@ -303,7 +383,7 @@ def export_main(argv: list[str] | None = None) -> int:
         ckpt = load_checkpoint(args.model_path or default_model_path())
         model = onnx_model(ckpt)
         if args.quantize:
-            quantize_int8(model, calibration_images(ckpt, args.calibration_dir, args.calibration_images), out)
+            quantize_int8(model, int8_ranges(ckpt, model, args.calibration_dir, args.calibration_images), out)
         else:
             save_onnx(model, out)
             log.info("wrote float32 ONNX model to %s", out)
