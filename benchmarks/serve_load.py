@@ -7,8 +7,9 @@
    CLI runs, with the CLI's defaults (batch 16, 2 decode threads), in this process, timed
    after a warm-up; measured before and after the load, as the machine's cores are shared.
 2. A server process (``python -m pneumoscan serve`` on a free loopback port, a fresh audit
-   log), ``--clients`` concurrent clients posting the images round-robin for ``--duration``
-   seconds (at most ``--max_requests``), each waiting for its answer before the next.
+   log), ``--clients`` concurrent clients posting the images round-robin, each waiting for
+   its answer before the next: ``--warmup_s`` seconds not counted, then ``--duration``
+   seconds measured (at most ``--max_requests``).
 3. Throughput, latency percentiles, status counts, the server's CPU seconds per image beside
    the CLI's (where the cores are shared with other work, wall-clock throughput moves with the
    neighbours' load, CPU per image much less), the server's RSS (idle after the warm-up, idle
@@ -141,6 +142,9 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--max_requests", type=int, default=20000, help="stop after this many requests in all")
+    p.add_argument("--warmup_s", type=float, default=20.0,
+                   help="load before the measured run, not counted: the server's RSS climbs to its working set "
+                        "(batches of up to 16 images) in the first ~25 s of load, then stays flat")
     p.add_argument("--max_batch", type=int, default=16, help="the server's --max_batch (1: no micro-batching)")
     p.add_argument("--no_baseline", action="store_true", help="skip the batch CLI measurement")
     p.add_argument("--json", help="also write the numbers here")
@@ -158,7 +162,7 @@ def main() -> int:
         server = start_server(port, audit_db, Path(tmp) / "serve.log", ["--max_batch", str(args.max_batch)])
         try:
             rss_ready = rss_mb(server.pid)
-            asyncio.run(load(url, bodies, args.clients, 5.0, 10 * args.clients))  # warm-up, not counted
+            asyncio.run(load(url, bodies, args.clients, args.warmup_s, args.max_requests))  # not counted
             time.sleep(IDLE_S)
             rss_start = rss_mb(server.pid)
             peak = [rss_start]

@@ -50,7 +50,7 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 
 def limit_malloc_growth() -> bool:
-    """On glibc, cap malloc arenas at 2 and hand blocks over 4 MiB straight back to the OS.
+    """On glibc, cap malloc arenas at 2 and hand blocks of 256 KiB and more straight back to the OS.
 
     Each forward pass allocates and frees hundreds of MB of activations, in sizes that vary
     with the batch; glibc's defaults (8 arenas per core, an mmap threshold that adapts
@@ -67,7 +67,7 @@ def limit_malloc_growth() -> bool:
     except (OSError, AttributeError):
         return False
     m_mmap_threshold, m_arena_max = -3, -8  # from glibc's malloc.h
-    return bool(mallopt(m_arena_max, 2)) and bool(mallopt(m_mmap_threshold, 4 * 2**20))
+    return bool(mallopt(m_arena_max, 2)) and bool(mallopt(m_mmap_threshold, 256 * 1024))
 
 
 def serve_main(argv: list[str] | None = None) -> int:
