@@ -53,9 +53,9 @@ def limit_malloc_growth() -> bool:
     """On glibc, cap malloc arenas at 2 and hand blocks of 256 KiB and more straight back to the OS.
 
     Each forward pass allocates and frees hundreds of MB of activations, in sizes that vary
-    with the batch; glibc's defaults (8 arenas per core, an mmap threshold that adapts
-    upwards) kept much of it, so the server's RSS climbed by 100-400 MB over a minute of load
-    (benchmarks/serve_load.py; docs/benchmarks.md). Call before other threads start; does
+    with the batch, between upload buffers of up to a few MB; with glibc's defaults (8 arenas
+    per core, an mmap threshold that adapts upwards) freed memory stays with the process.
+    Measured in docs/benchmarks.md (benchmarks/serve_load.py). Call before other threads start; does
     nothing when MALLOC_ARENA_MAX or MALLOC_MMAP_THRESHOLD_ is set (the operator's choice
     wins) or the C library is not glibc. Returns whether it changed anything.
     """
