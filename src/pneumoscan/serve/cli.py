@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import logging
-import os
 import sys
 
 from ..cli import EXIT_BAD_INPUT, EXIT_OK, configure_logging
@@ -49,30 +47,8 @@ def _serve_parser() -> argparse.ArgumentParser:
     return p
 
 
-def limit_malloc_growth() -> bool:
-    """On glibc, cap malloc arenas at 2 and hand blocks of 256 KiB and more straight back to the OS.
-
-    Each forward pass allocates and frees hundreds of MB of activations, in sizes that vary
-    with the batch, between upload buffers of up to a few MB; with glibc's defaults (8 arenas
-    per core, an mmap threshold that adapts upwards) freed memory stays with the process.
-    Measured in docs/benchmarks.md (benchmarks/serve_load.py). Call before other threads start; does
-    nothing when MALLOC_ARENA_MAX or MALLOC_MMAP_THRESHOLD_ is set (the operator's choice
-    wins) or the C library is not glibc. Returns whether it changed anything.
-    """
-    if "MALLOC_ARENA_MAX" in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_mmap_threshold, m_arena_max = -3, -8  # from glibc's malloc.h
-    return bool(mallopt(m_arena_max, 2)) and bool(mallopt(m_mmap_threshold, 256 * 1024))
-
-
 def serve_main(argv: list[str] | None = None) -> int:
     """``pneumoscan serve``: runs until interrupted; 0 after a clean stop, 2 if it could not start."""
-    limit_malloc_growth()
     import uvicorn
 
     from .app import create_app
