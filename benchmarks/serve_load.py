@@ -142,9 +142,9 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--max_requests", type=int, default=20000, help="stop after this many requests in all")
-    p.add_argument("--warmup_s", type=float, default=20.0,
+    p.add_argument("--warmup_s", type=float, default=30.0,
                    help="load before the measured run, not counted: the server's RSS climbs to its working set "
-                        "(batches of up to 16 images) in the first ~25 s of load, then stays flat")
+                        "(batches of up to 16 images) in the first 20-30 s of load")
     p.add_argument("--max_batch", type=int, default=16, help="the server's --max_batch (1: no micro-batching)")
     p.add_argument("--no_baseline", action="store_true", help="skip the batch CLI measurement")
     p.add_argument("--json", help="also write the numbers here")
@@ -214,6 +214,7 @@ def main() -> int:
         "cpu_per_image_vs_batch_cli": server_cpu_per_image / baseline_cpu if baseline_cpu else None,
         "server_rss_mb_ready": rss_ready, "server_rss_mb_start": rss_start, "server_rss_mb_end": rss_end,
         "server_rss_mb_peak_under_load": max(peak),
+        "server_rss_mb_every_10s_under_load": [round(v) for v in peak[::10]],
         "server_rss_growth_mb": rss_end - rss_start, "answers_missing_from_audit_log": len(set(ids) - logged),
     }
     ratio = f", {100 * out['throughput_vs_batch_cli']:.0f} % of the batch CLI" if baseline else ""
