@@ -67,8 +67,10 @@ def heatmap_data_uri(engine, data: bytes, target_class: int, max_side: int) -> s
         ImageError: ``data`` cannot be decoded.
         ValueError: the overlay cannot be drawn.
     """
-    cam = engine.gradcam(decode_image(data, engine.image_size), target_class)
-    gray = decode_image(data).gray
+    decoded = decode_image(data, engine.image_size)
+    cam = engine.gradcam(decoded, target_class)
+    # a JPEG was decoded at reduced scale for the model (draft mode); DICOM is always at full size
+    gray = decoded.gray if decoded.dicom is not None else decode_image(data).gray
     gray.thumbnail((max_side, max_side), Image.BILINEAR)
     with tempfile.TemporaryDirectory(prefix="pneumoscan-heatmap-") as tmp:
         path = Path(tmp) / "heatmap.png"
