@@ -49,13 +49,14 @@ def multipart(data: bytes, name: str) -> bytes:
     return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
-def batch_throughput(files: list[Path]) -> tuple[float, float]:
-    """Images per second, and CPU seconds per image, of the engine ``pneumoscan predict`` runs (its defaults)."""
-    engine = MedicalImageInference(batch_size=16)
+def batch_throughput(files: list[Path], backend: str | None) -> tuple[float, float, str]:
+    """Images per second, CPU seconds per image and backend of the engine ``pneumoscan predict`` runs."""
+    engine = MedicalImageInference(batch_size=16, **({} if backend is None else {"backend": backend}))
     engine.predict_batch(files[:16])  # warm-up
     t0, c0 = time.perf_counter(), time.process_time()
     engine.predict_batch(files)
-    return len(files) / (time.perf_counter() - t0), (time.process_time() - c0) / len(files)
+    return (len(files) / (time.perf_counter() - t0), (time.process_time() - c0) / len(files),
+            engine.info.get("backend", "torch"))
 
 
 def cpu_s(pid: int) -> float:
@@ -146,22 +147,25 @@ def main() -> int:
                    help="load before the measured run, not counted: the server's RSS climbs to its working set "
                         "(batches of up to 16 images) in the first 20-30 s of load")
     p.add_argument("--max_batch", type=int, default=16, help="the server's --max_batch (1: no micro-batching)")
+    p.add_argument("--backend", help="the engine backend for the server and the batch CLI (default: the engine's)")
     p.add_argument("--no_baseline", action="store_true", help="skip the batch CLI measurement")
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args()
 
     files = list_inputs(args.image_dir)
     bodies = [multipart(f.read_bytes(), f.name) for f in files]
-    baseline_before = None if args.no_baseline else batch_throughput(files)
+    baseline_before = None if args.no_baseline else batch_throughput(files, args.backend)
     print(f"batch CLI before: {baseline_before}", file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         audit_db = Path(tmp) / "audit.sqlite3"
-        server = start_server(port, audit_db, Path(tmp) / "serve.log", ["--max_batch", str(args.max_batch)])
+        extra = ["--max_batch", str(args.max_batch)] + (["--backend", args.backend] if args.backend else [])
+        server = start_server(port, audit_db, Path(tmp) / "serve.log", extra)
         try:
             rss_ready = rss_mb(server.pid)
+            server_backend = httpx.get(url + "/v1/model").json().get("backend")
             asyncio.run(load(url, bodies, args.clients, args.warmup_s, args.max_requests))  # not counted
             time.sleep(IDLE_S)
             rss_start = rss_mb(server.pid)
@@ -190,7 +194,7 @@ def main() -> int:
             logged = {r[0] for r in conn.execute("SELECT request_id FROM requests WHERE status = 200")}
         finally:
             conn.close()
-    baseline_after = None if args.no_baseline else batch_throughput(files)
+    baseline_after = None if args.no_baseline else batch_throughput(files, args.backend)
     print(f"batch CLI after: {baseline_after}", file=sys.stderr)
 
     lat = result.pop("latencies")
@@ -203,6 +207,7 @@ def main() -> int:
     server_cpu_per_image = server_cpu / max(1, result["requests"])
     out = {
         **result, "clients": args.clients, "images": len(files), "max_batch": args.max_batch,
+        "server_backend": server_backend, "batch_cli_backend": baselines[0][2] if baselines else None,
         "throughput_img_per_s": throughput, "server_errors_5xx": sum(n for s, n in result["statuses"].items()
                                                                    if s >= 500),
         "latency_p50_s": lat[len(lat) // 2], "latency_p99_s": lat[min(len(lat) - 1, int(len(lat) * 0.99))],

@@ -250,6 +250,7 @@ def test_no_answer_without_an_audit_row(tmp_path):
     ({"port": 70000}, "port"), ({"max_upload_mb": 0}, "max_upload_mb"), ({"workers": 0}, "workers"),
     ({"max_batch": 0}, "max_batch"), ({"max_queue": 0}, "max_queue"), ({"batch_wait_ms": -1}, "batch_wait_ms"),
     ({"request_timeout_s": 0}, "request_timeout_s"), ({"device": "tpu"}, "auto, cpu, cuda"),
+    ({"backend": "tensorrt"}, "auto, torch, onnx, onnx-int8"),
     ({"model_path": "/no/such/model.pth"}, "model_path"), ({"api_key_file": "/no/such/keys"}, "api_key_file"),
     ({"audit_db": ""}, "audit_db"),
 ])

@@ -42,8 +42,9 @@ def load_engine(settings: ServeSettings):
     """The default engine factory: ``MedicalImageInference`` on ``settings.model_path`` (None: the shipped model)."""
     from ..inference import MedicalImageInference
 
+    backend = {} if settings.backend is None else {"backend": settings.backend}
     return MedicalImageInference(settings.model_path, device=settings.device, batch_size=settings.max_batch,
-                                 decode_workers=settings.decode_workers)
+                                 decode_workers=settings.decode_workers, **backend)
 
 
 class Service:
@@ -101,15 +102,16 @@ class Service:
             "validation_metrics": {k.removeprefix("val_"): float(v)
                                    for k, v in (checkpoint.get("metrics") or {}).items()},
             "training_note": checkpoint.get("training_note"),
-            "max_upload_mb": settings.max_upload_mb, "workers": settings.workers,
+            "backend": info.get("backend"), "max_upload_mb": settings.max_upload_mb, "workers": settings.workers,
         }
         pool = InferencePool(engines, settings.max_batch, settings.batch_wait_ms, settings.max_queue,
                              settings.heatmap_max_side, on_batch=self.metrics.batch_size.observe)
         self.metrics.in_progress.set_function(lambda: pool.admitted)
         self.metrics.model.labels(self.model_version).set(1)
         self.pool = pool
-        log.info("model %s loaded in %.1f s (%d worker(s), threshold %.4f, device %s); ready", self.model_version,
-                 time.perf_counter() - t0, settings.workers, self.threshold, getattr(engine, "device", "?"))
+        log.info("model %s loaded in %.1f s (%d worker(s), threshold %.4f, device %s, backend %s); ready",
+                 self.model_version, time.perf_counter() - t0, settings.workers, self.threshold,
+                 getattr(engine, "device", "?"), info.get("backend", "torch"))
 
 
 def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings], object] | None = None) -> FastAPI:

@@ -9,7 +9,7 @@ import sys
 
 from ..cli import EXIT_BAD_INPUT, EXIT_OK, configure_logging
 from .audit import AuditError, export
-from .settings import DEFAULT_AUDIT_DB, ServeSettings
+from .settings import BACKENDS, DEFAULT_AUDIT_DB, ServeSettings
 
 log = logging.getLogger("pneumoscan.serve")
 
@@ -41,6 +41,8 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--request_timeout_s", type=float, default=d.request_timeout_s,
                    help="503 for a request not predicted within this time (default %(default)g)")
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="what runs the model (default: the engine's, as for pneumoscan predict)")
     p.add_argument("--forwarded_allow_ips", default=d.forwarded_allow_ips,
                    help="proxies trusted for X-Forwarded-For (default %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -54,6 +54,7 @@ class ModelInfo(BaseModel):
     validation_metrics: dict[str, float] = Field(
         description="the checkpoint's own figures on its validation split at its threshold (MODEL_CARD.md)")
     training_note: str | None
+    backend: str | None = Field(None, description="what runs the model: torch, onnx or onnx-int8")
     max_upload_mb: float
     workers: int
 

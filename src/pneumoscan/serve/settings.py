@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_AUDIT_DB = "pneumoscan_audit.sqlite3"
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 
 
 @dataclass
@@ -28,6 +29,8 @@ class ServeSettings:
             answered 503 with Retry-After. Memory in use is at most about max_queue x max_upload_mb.
         request_timeout_s: a request whose prediction has not finished after this long gets 503.
         device: ``auto``, ``cpu`` or ``cuda``.
+        backend: what runs the model (the engine's ``backend``: ``auto``, ``torch``, ``onnx``,
+            ``onnx-int8``); None leaves the engine's default.
         decode_workers: threads decoding the images of a batch (the engine's ``decode_workers``).
         heatmap_max_side: longest side, in pixels, of the heatmap PNG returned with ``?heatmap=true``.
         forwarded_allow_ips: proxies whose X-Forwarded-For/-Proto headers are trusted (uvicorn's option),
@@ -47,6 +50,7 @@ class ServeSettings:
     max_queue: int = 32
     request_timeout_s: float = 60.0
     device: str = "auto"
+    backend: str | None = None
     decode_workers: int = 2
     heatmap_max_side: int = 512
     forwarded_allow_ips: str = "127.0.0.1"
@@ -76,6 +80,8 @@ class ServeSettings:
             raise ValueError(f"request_timeout_s must be above 0, got {self.request_timeout_s}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; choose one of auto, cpu, cuda")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
 
     @property
     def max_upload_bytes(self) -> int:
