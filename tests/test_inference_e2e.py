@@ -278,3 +278,17 @@ def test_evaluate_main_with_an_unreadable_file_returns_1(trained_model, labelled
 def test_evaluate_main_on_a_folder_without_classes_returns_2(trained_model, tmp_path):
     (tmp_path / "nothing").mkdir()
     assert evaluate(trained_model, tmp_path / "nothing", tmp_path / "eval.json") == 2
+
+
+def test_heatmap_data_uri_from_bytes_never_logs_the_bytes(engine, good_files, caplog):
+    uri = engine.heatmap_data_uri(good_files[0].read_bytes())
+    assert uri is not None and uri.startswith("data:image/png;base64,")
+    assert engine.heatmap_data_uri(b"PatientName^Jane " * 20) is None  # not an image
+    assert "<bytes>" in caplog.text and "Jane" not in caplog.text
+
+
+def test_decode_threads_are_reused_across_calls(engine, good_files):
+    engine.predict_batch(good_files[:2])
+    pool = engine._pool
+    engine.predict_batch(good_files[2:4])
+    assert pool is not None and engine._pool is pool
