@@ -102,7 +102,7 @@ def test_make_predictor_has_the_predictor_interface(tiny, train_dir):
     torch.testing.assert_close(onnx.probabilities(logits), reference.probabilities(logits))
     assert onnx.outputs(images[:0]).logits.shape == (0, 2)
     np.testing.assert_array_equal(onnx.gradcam(images[0]), reference.gradcam(images[0]))
-    with pytest.raises(ValueError, match="choose one of torch, onnx, onnx-int8"):
+    with pytest.raises(ValueError, match="choose one of auto, torch, onnx, onnx-int8"):
         make_predictor(tiny, "cpu", "tensorrt")
     with pytest.raises(ValueError, match="runs on the CPU"):
         make_predictor(tiny, torch.device("cuda"), "onnx-int8")
