@@ -354,7 +354,12 @@ def test_page_and_docs(server):
     assert "multipart/form-data" in predict["requestBody"]["content"]
     assert predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Prediction")
     assert {"401", "413", "422", "503"} <= set(predict["responses"])
-    assert httpx.get(server.url + "/docs").status_code == 200
+    docs = httpx.get(server.url + "/docs")
+    assert docs.status_code == 200
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", docs.text)
+    assert assets and all(a.startswith("/static/swagger/") or a == "/openapi.json" for a in assets), assets
+    for asset in assets:  # served by the app itself: /docs works without internet
+        assert httpx.get(server.url + asset).status_code == 200, asset
 
 
 def test_audit_export(server, client, xray, tmp_path, capsys):

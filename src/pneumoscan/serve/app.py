@@ -141,7 +141,9 @@ def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings]
             service.audit.close()
             log.info("stopped; audit log closed")
 
-    app = FastAPI(title="pneumoscan", version=__version__, lifespan=lifespan,
+    # /docs is served from local copies of Swagger UI (swagger-ui-bundle), not FastAPI's default CDN:
+    # a hospital network often has no internet
+    app = FastAPI(title="pneumoscan", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Pneumonia screening on pediatric chest X-rays. " + NOTICE)
     app.state.service = service
     app.add_middleware(ServiceMiddleware, service=service)
@@ -162,5 +164,21 @@ def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings]
 
     app.include_router(pages)
     app.include_router(v1_router(service.keys is not None))
+    _offline_docs(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """OpenAPI docs at /docs with Swagger UI's files served by the app itself (no CDN)."""
+    import swagger_ui_bundle
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    app.mount("/static/swagger", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="pneumoscan API",
+                                   swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/swagger/swagger-ui.css",
+                                   swagger_favicon_url="/static/swagger/favicon-32x32.png")
