@@ -1,0 +1,183 @@
+"""Inputs for fitting and measuring the scope classifier, with their features cached on disk.
+
+Every input is passed through exactly what inference does (``decode_image`` at the model's size,
+the stretch to the model input, ``Predictor.outputs``); the pooled block features, the model-input
+pixels, the pixel-gate statistics and the logits are cached per set under
+``~/.cache/pneumoscan/scope/<model digest>/`` (never in the repository), keyed by the model's
+weights and the set's file list, so a second run costs seconds.
+
+Rows carry a class (``pneumoscan.scope.SCOPE_CLASSES``) and a source: the shipped model's own
+patient-level split (``ped_train``: trained on; ``ped_val``: never trained on), ``fullres_train`` /
+``fullres_val`` (full-size originals of those patients), dev_shift's repositories (manifest.csv),
+and the generated corpora (``experiments/scope_corpus.py``, ``experiments/ood_corpus.py``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pneumoscan.data import patient_id, split_from_config
+from pneumoscan.inference import list_inputs
+from pneumoscan.predict import Predictor
+from pneumoscan.preprocess import decode_image
+from pneumoscan.scope import model_digest
+
+log = logging.getLogger("pneumoscan.scope_data")
+
+DEV_SHIFT_CLASSES = {"adult_frontal": "adult_frontal", "other_radiographs": "other_body", "lateral_chest": "lateral"}
+
+
+@dataclass
+class Table:
+    """Cached outputs for a list of inputs (row i of every array is input i)."""
+
+    names: list[str]
+    classes: list[str]
+    sources: list[str]
+    feats: list[np.ndarray]  # per block (N, C_i) float32
+    pixels: np.ndarray  # (N, S, S) uint8 model inputs
+    colour: np.ndarray  # colourfulness of the source (pixel gate)
+    spread: np.ndarray  # pixel standard deviation at original geometry (pixel gate)
+    aspect: np.ndarray  # width / height of the original
+    logits: np.ndarray  # (N, 2)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def select(self, mask: np.ndarray) -> Table:
+        idx = np.flatnonzero(mask)
+        return Table([self.names[i] for i in idx], [self.classes[i] for i in idx], [self.sources[i] for i in idx],
+                     [f[idx] for f in self.feats], self.pixels[idx], self.colour[idx], self.spread[idx],
+                     self.aspect[idx], self.logits[idx])
+
+    @staticmethod
+    def concat(tables: list[Table]) -> Table:
+        return Table(sum((t.names for t in tables), []), sum((t.classes for t in tables), []),
+                     sum((t.sources for t in tables), []),
+                     [np.concatenate([t.feats[i] for t in tables]) for i in range(len(tables[0].feats))],
+                     np.concatenate([t.pixels for t in tables]), np.concatenate([t.colour for t in tables]),
+                     np.concatenate([t.spread for t in tables]), np.concatenate([t.aspect for t in tables]),
+                     np.concatenate([t.logits for t in tables]))
+
+    def block_features(self) -> list[torch.Tensor]:
+        return [torch.from_numpy(f) for f in self.feats]
+
+
+def cache_root(predictor: Predictor) -> Path:
+    """Per model weights, and per backend for the ONNX ones (their features differ slightly from torch's)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    backend = getattr(predictor, "backend_name", "")
+    digest = model_digest(predictor.model.state_dict())
+    return base / "pneumoscan" / "scope" / (f"{digest}-{backend}" if backend else digest)
+
+
+def _run(predictor: Predictor, pixels: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    out = predictor.outputs(torch.from_numpy(pixels), batch_size=64)
+    return [f.numpy().astype(np.float32) for f in out.features], out.logits.numpy()
+
+
+def _cached(predictor: Predictor, name: str, key_items: list[str], make) -> dict:
+    key = hashlib.sha1("\n".join(key_items).encode()).hexdigest()[:12]
+    path = cache_root(predictor) / f"{name}-{key}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    log.info("extracting features for %s (%d inputs); cached at %s", name, len(key_items), path)
+    arrays = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return arrays
+
+
+def _table(arrays: dict, names: list[str], classes: list[str], sources: list[str]) -> Table:
+    feats = [arrays[f"f{i}"] for i in range(sum(k.startswith("f") and k[1:].isdigit() for k in arrays))]
+    return Table(names, classes, sources, feats, arrays["pixels"], arrays["colour"], arrays["spread"],
+                 arrays["aspect"], arrays["logits"])
+
+
+def files_table(predictor: Predictor, name: str, files: list[Path], classes: list[str],
+                sources: list[str]) -> Table:
+    """Features of image files, decoded as inference decodes them."""
+    size = predictor.spec.image_size
+
+    def make() -> dict:
+        pixels, colour, spread, aspect = [], [], [], []
+        for f in files:
+            d = decode_image(f, size)
+            pixels.append(predictor.spec.pixels(d.gray))
+            colour.append(d.colorfulness)
+            spread.append(float(np.asarray(d.gray).std()))
+            aspect.append(d.gray.width / d.gray.height)
+        px = np.stack(pixels)
+        feats, logits = _run(predictor, px)
+        return {"pixels": px, "colour": np.array(colour), "spread": np.array(spread), "aspect": np.array(aspect),
+                "logits": logits, **{f"f{i}": f for i, f in enumerate(feats)}}
+
+    arrays = _cached(predictor, name, [f"{f}|{f.stat().st_size}" for f in files], make)
+    return _table(arrays, [str(f) for f in files], classes, sources)
+
+
+def pediatric_tables(predictor: Predictor, ckpt: dict, data_root: Path) -> tuple[Table, Table, Table]:
+    """(ped_train, ped_val, fullres): the shipped model's own split at 224 px, and the full-size originals."""
+    sp = split_from_config(ckpt["config"], str(data_root / "chest_xray"), predictor.spec.image_size)
+    out = []
+    for name, s in (("ped_train", sp.train), ("ped_val", sp.val)):
+        def make(s=s) -> dict:
+            px = s.images.numpy()
+            feats, logits = _run(predictor, px)
+            spread = px.reshape(len(px), -1).std(1)
+            return {"pixels": px, "colour": np.zeros(len(px)), "spread": spread, "aspect": np.ones(len(px)),
+                    "logits": logits, **{f"f{i}": f for i, f in enumerate(feats)}}
+
+        arrays = _cached(predictor, name, s.paths, make)
+        out.append(_table(arrays, list(s.paths), ["in_scope"] * len(s), [name] * len(s)))
+    val_patients = set(sp.val.patients)
+    files = sorted((data_root / "fullres_sample").glob("*/*.jpeg"))
+    sources = ["fullres_val" if patient_id(f.name) in val_patients else "fullres_train" for f in files]
+    out.append(files_table(predictor, "fullres", files, ["in_scope"] * len(files), sources))
+    return out[0], out[1], out[2]
+
+
+def dev_shift_table(predictor: Predictor, dev_shift: Path) -> Table:
+    """dev_shift's 413 films; class from the folder, source from manifest.csv's repository column."""
+    with open(dev_shift / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # files resized for the set were saved as .jpg under the manifest's stem
+    by_stem = {(f.parent.name, f.stem): f for f in list_inputs(dev_shift)}
+    files = [by_stem[(r["subfolder"], Path(r["file"]).stem)] for r in rows]
+    return files_table(predictor, "dev_shift", files, [DEV_SHIFT_CLASSES[r["subfolder"]] for r in rows],
+                       [r["repo"] for r in rows])
+
+
+def corpus_table(predictor: Predictor, corpus: Path) -> Table:
+    """experiments/scope_corpus.py output: CLASS/SOURCE/file."""
+    files = list_inputs(corpus)
+    rel = [f.relative_to(corpus).parts for f in files]
+    return files_table(predictor, "scope_corpus", files, [r[0] for r in rel], [r[1] for r in rel])
+
+
+def ood_table(predictor: Predictor, ood: Path) -> Table:
+    """experiments/ood_corpus.py output: non-radiographs, one source ``ood_corpus``."""
+    files = list_inputs(ood)
+    return files_table(predictor, "ood_corpus", files, ["non_radiograph"] * len(files), ["ood_corpus"] * len(files))
+
+
+def load_all(predictor: Predictor, ckpt: dict, data_root: Path, dev_shift: Path, corpus: Path | None,
+             ood: Path | None) -> Table:
+    """Every input the fit and the measurements use, in one table."""
+    tables = list(pediatric_tables(predictor, ckpt, data_root)) + [dev_shift_table(predictor, dev_shift)]
+    if corpus is not None:
+        tables.append(corpus_table(predictor, corpus))
+    if ood is not None:
+        tables.append(ood_table(predictor, ood))
+    return Table.concat(tables)

@@ -1,0 +1,106 @@
+"""What the scope checks did to a folder of inputs: refused by reason, answered with warnings, risk levels.
+
+``pneumoscan evaluate`` uses it for a folder without NORMAL/ and PNEUMONIA/ (or with ``--scope_report``):
+there is no label to score, only how many inputs were refused or flagged, and why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+from .inference import UNVALIDATED_WARNINGS, InferenceFailure, InferenceResult
+
+# How a refusal's reason text reads, first match wins (texts: scope.REASONS, gate.py, dicom.py).
+REFUSAL_CATEGORIES = (
+    ("adult_frontal", "outside the validated population"),
+    ("lateral", "lateral view"),
+    ("other_body", "another body part"),
+    ("altered_chest", "rotated, inverted or cut-off"),
+    ("non_radiograph", "not a radiograph"),
+    ("blank", "blank or uniform"),
+    ("colour", "colour image"),
+    ("feature_distance", "unlike the chest radiographs"),
+    ("dicom_modality", "DICOM modality"),
+)
+
+
+def refusal_category(error: str) -> str:
+    """The category of a refusal (``OutOfScopeError``) from its reason text; ``other`` when none matches."""
+    for name, marker in REFUSAL_CATEGORIES:
+        if marker in error:
+            return name
+    return "other"
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval for k of n (NaN, NaN for n = 0)."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _group(path: str, base: Path) -> str:
+    try:
+        parts = Path(path).relative_to(base).parts
+    except ValueError:
+        return "."
+    return parts[0] if len(parts) > 1 else "."
+
+
+def _counts(outcomes: list) -> dict:
+    n = len(outcomes)
+    refused = [o for o in outcomes if isinstance(o, InferenceFailure) and o.error_type == "OutOfScopeError"]
+    unreadable = [o for o in outcomes if isinstance(o, InferenceFailure) and o.error_type != "OutOfScopeError"]
+    answered = [o for o in outcomes if isinstance(o, InferenceResult)]
+    flagged = [r for r in answered if any(m in w.lower() for w in r.warnings for m in UNVALIDATED_WARNINGS)]
+    handled = len(refused) + len(flagged)
+    lo, hi = wilson_interval(handled, n - len(unreadable))
+    return {
+        "inputs": n, "unreadable": len(unreadable), "refused": len(refused),
+        "refused_by_reason": dict(Counter(refusal_category(o.error) for o in refused).most_common()),
+        "answered": len(answered), "answered_with_lateral_or_population_warning": len(flagged),
+        "refused_or_flagged": handled, "refused_or_flagged_rate": handled / max(n - len(unreadable), 1),
+        "refused_or_flagged_ci95": [lo, hi],
+        "answered_risk_levels": dict(Counter(r.risk_level for r in answered)),
+        "answered_predictions": dict(Counter(r.prediction for r in answered)),
+        "answered_low_risk_pneumonia": sum(r.risk_level == "LOW" and r.prediction == "PNEUMONIA" for r in answered),
+    }
+
+
+def scope_report(outcomes: list, base: str | Path) -> dict:
+    """Counts over all ``outcomes`` (``iter_predict`` results) and per first-level sub-folder of ``base``."""
+    base = Path(base)
+    groups: dict[str, list] = {}
+    for o in outcomes:
+        groups.setdefault(_group(o.image_path or "", base), []).append(o)
+    report = {"data_dir": str(base), "all": _counts(outcomes)}
+    if len(groups) > 1 or "." not in groups:
+        report["by_folder"] = {g: _counts(v) for g, v in sorted(groups.items())}
+    report["files"] = [{"path": o.image_path, "outcome": "refused" if isinstance(o, InferenceFailure) else "answered",
+                        "reason": refusal_category(o.error) if isinstance(o, InferenceFailure) else None,
+                        "error": getattr(o, "error", None), "risk_level": getattr(o, "risk_level", None),
+                        "prediction": getattr(o, "prediction", None), "warnings": getattr(o, "warnings", [])}
+                       for o in outcomes]
+    return report
+
+
+def format_scope_report(report: dict) -> str:
+    """A plain-text table of ``scope_report``: one line per folder, then the reasons."""
+    rows = [("all", report["all"])] + list(report.get("by_folder", {}).items())
+    lines = [f"{'folder':<24} {'inputs':>6} {'refused':>8} {'flagged':>8} {'answered':>9} "
+             f"{'refused+flagged [95% CI]':>28}  LOW-risk PNEUMONIA"]
+    for name, c in rows:
+        lo, hi = c["refused_or_flagged_ci95"]
+        flagged, low = c["answered_with_lateral_or_population_warning"], c["answered_low_risk_pneumonia"]
+        lines.append(f"{name:<24} {c['inputs']:>6} {c['refused']:>8} {flagged:>8} {c['answered']:>9} "
+                     f"{c['refused_or_flagged_rate']:>11.1%} [{lo:.1%}, {hi:.1%}]  {low:>6}")
+    lines.append("refused by reason: " + (", ".join(f"{k} {v}" for k, v in report["all"]["refused_by_reason"].items())
+                                          or "none"))
+    if report["all"]["unreadable"]:
+        lines.append(f"unreadable (not counted): {report['all']['unreadable']}")
+    return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""The scope classifier: fitted from data, stored in the checkpoint, refuses what is not a frontal pediatric
+chest film with a specific reason, and a lateral or population warning never comes with LOW risk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from pneumoscan.checkpoint import default_model_path, load_checkpoint, save_checkpoint
+from pneumoscan.cli import evaluate_main
+from pneumoscan.errors import CheckpointError
+from pneumoscan.inference import RISK_HIGH, RISK_LOW, InferenceFailure, InferenceResult, MedicalImageInference
+from pneumoscan.preprocess import decode_image
+from pneumoscan.scope import IN_SCOPE, ScopeClassifier, pixel_features, scope_inputs
+from pneumoscan.scope_report import refusal_category
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEV_SHIFT = DATA / "dev_shift"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real chest X-rays not found at {DATA}")
+needs_dev_shift = pytest.mark.skipif(not DEV_SHIFT.is_dir(), reason=f"dev_shift films not found at {DEV_SHIFT}")
+CLASSES = [IN_SCOPE, "lateral", "non_radiograph"]
+
+
+def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    centres = torch.tensor([[0.0] * 6, [4.0] + [0.0] * 5, [0.0, 4.0] + [0.0] * 4])
+    return centres[y] + torch.randn(n, 6, generator=gen), y
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_fit_separates_classes_and_survives_a_round_trip(hidden):
+    x, y = _blobs(1500, 0)
+    clf = ScopeClassifier.fit(x, y, CLASSES, hidden=hidden)
+    x_val, y_val = _blobs(900, 1)
+    clf.set_threshold(x_val[y_val == 0], 0.02)
+    p_in = clf.probabilities(x_val)[:, clf.in_index]
+    refused = p_in < clf.threshold
+    assert float(refused[y_val == 0].float().mean()) <= 0.02  # the budget on held-out in-scope rows
+    assert float(refused[y_val != 0].float().mean()) > 0.9
+    restored = ScopeClassifier.from_dict(clf.to_dict())
+    assert torch.allclose(restored.probabilities(x_val), clf.probabilities(x_val))
+    assert restored.threshold == clf.threshold and restored.classes == CLASSES
+
+
+def test_a_classifier_of_another_kind_is_refused():
+    with pytest.raises(ValueError, match="refit it"):
+        ScopeClassifier.from_dict({"kind": "something-else"})
+
+
+def test_pixel_features_see_symmetry_and_layout():
+    rng = np.random.default_rng(0)
+    half = rng.integers(0, 256, (2, 224, 112), dtype=np.uint8)
+    symmetric = np.concatenate([half, half[:, :, ::-1]], axis=2)
+    f = pixel_features(symmetric)
+    assert f.shape == (2, 88) and torch.isfinite(f).all()
+    assert torch.allclose(f[:, 64 + 16 + 2], torch.ones(2), atol=1e-4)  # left-right correlation
+    dark_top = np.zeros((1, 224, 224), np.uint8)
+    dark_top[:, 112:] = 200
+    thumb = pixel_features(dark_top)[0, :64].reshape(8, 8)
+    assert thumb[:4].max() == 0 and thumb[4:].min() > 0.7
+
+
+@pytest.fixture(scope="module")
+def engine() -> MedicalImageInference:
+    eng = MedicalImageInference()
+    assert eng.scope is not None, "the shipped model must carry its scope classifier"
+    return eng
+
+
+def _film(name: str = "IM-0117-0001.jpeg") -> Image.Image:
+    return Image.open(DATA / "fullres_sample" / "NORMAL" / name).convert("L")
+
+
+def _refusal(engine, img: Image.Image, path: Path) -> str:
+    img.save(path)
+    [outcome] = engine.predict_batch([path])
+    assert isinstance(outcome, InferenceFailure), f"{path.name} was answered: {outcome}"
+    assert outcome.error_type == "OutOfScopeError" and outcome.error.startswith(f"{path}: out of scope")
+    return refusal_category(outcome.error)
+
+
+@needs_data
+def test_real_pediatric_films_pass(engine):
+    files = sorted((DATA / "fullres_sample" / "NORMAL").glob("*.jpeg"))[:6]
+    files += sorted((DATA / "fullres_sample" / "PNEUMONIA").glob("*.jpeg"))[:6]
+    outcomes = engine.predict_batch(files)
+    assert all(isinstance(o, InferenceResult) for o in outcomes), [getattr(o, "error", "") for o in outcomes]
+
+
+@needs_data
+@pytest.mark.parametrize("transform, categories", [
+    (lambda im: im.rotate(90, expand=True), {"altered_chest"}),
+    (lambda im: im.rotate(180), {"altered_chest"}),
+    (ImageOps.invert, {"altered_chest", "non_radiograph"}),
+    (lambda im: im.crop((0, 0, im.width // 3, im.height // 3)), {"other_body", "altered_chest"}),
+    (lambda im: im.crop((0, int(im.height * 0.4), im.width, int(im.height * 0.6))), {"altered_chest"}),
+])
+def test_invalid_versions_of_a_real_film_are_refused(engine, tmp_path, transform, categories):
+    assert _refusal(engine, transform(_film()), tmp_path / "film.png") in categories
+
+
+@needs_data
+def test_grayscale_face_photo_is_refused_as_not_a_radiograph(engine, tmp_path):
+    face = Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("L")
+    assert _refusal(engine, face, tmp_path / "face.png") in {"non_radiograph", "feature_distance"}
+
+
+@needs_dev_shift
+@pytest.mark.parametrize("folder, stems, category", [
+    ("adult_frontal", ("adult_frontal_mhh_1", "adult_frontal_actualmed_2", "adult_frontal_figure1_3"),
+     "adult_frontal"),
+    ("lateral_chest", ("lateral_chexpertrb_01", "lateral_chexpertrb_05", "lateral_chexpertrb_09"), "lateral"),
+    ("other_radiographs", ("other_radiographs_kneeoa_1", "other_radiographs_pelvis_2",
+                           "other_radiographs_boneage_3"), "other_body"),
+])
+def test_dev_shift_films_are_refused_with_their_reason(engine, folder, stems, category):
+    """These films were among the classifier's training negatives: this pins behaviour; the held-out
+    (leave-one-source-out) rates are measured by experiments/fit_scope.py (docs/scope.md)."""
+    files = [next((DEV_SHIFT / folder).glob(f"{s}.*")) for s in stems]
+    outcomes = engine.predict_batch(files)
+    assert all(isinstance(o, InferenceFailure) for o in outcomes), outcomes
+    assert [refusal_category(o.error) for o in outcomes] == [category] * len(files)
+    if category == "adult_frontal":
+        assert all("outside the validated population" in o.error for o in outcomes)
+
+
+@needs_data
+def test_lateral_or_population_warning_never_comes_with_low_risk(engine, tmp_path):
+    pytest.importorskip("pydicom")
+    from dicom_files import dicom_bytes
+
+    film = np.asarray(_film().resize((512, 420)))
+    frontal = dicom_bytes(tmp_path, film, filename="pa.dcm", ViewPosition="PA")
+    lateral = dicom_bytes(tmp_path, film, filename="lat.dcm", ViewPosition="LATERAL")
+    pa, lat = engine.predict_batch([frontal, lateral])
+    assert isinstance(pa, InferenceResult) and isinstance(lat, InferenceResult)
+    assert pa.risk_level == RISK_LOW  # a confident answer on a frontal film (the control)
+    assert any("lateral" in w for w in lat.warnings) and lat.risk_level == RISK_HIGH
+    assert lat.probabilities == pa.probabilities
+    decoded = decode_image(lateral, 224)
+    decoded.dicom.is_lateral = False
+    decoded.dicom.warnings = ["outside the validated population: the patient is an adult"]
+    result = engine._result(torch.tensor([0.001, 0.999], dtype=torch.float64), 0.0, None, decoded)
+    assert result.risk_level == RISK_HIGH
+
+
+@needs_data
+def test_classifier_fitted_on_another_model_is_refused(tmp_path):
+    ckpt = load_checkpoint(default_model_path())
+    ckpt["scope_classifier"] = dict(ckpt["scope_classifier"], model_digest="0" * 16)
+    save_checkpoint(ckpt, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="another model"):
+        MedicalImageInference(tmp_path / "other.pth")
+
+
+@needs_data
+def test_checkpoint_without_classifier_warns_and_keeps_the_gate(tmp_path, caplog):
+    ckpt = load_checkpoint(default_model_path())
+    ckpt["scope_classifier"] = None
+    save_checkpoint(ckpt, tmp_path / "noscope.pth")
+    eng = MedicalImageInference(tmp_path / "noscope.pth")
+    assert "no scope classifier" in caplog.text and eng.scope is None and eng.gate is not None
+    assert eng.info["scope_classifier"] is False
+
+
+@needs_data
+def test_stored_classifier_fits_the_models_features(engine):
+    """The stored classifier reads exactly the inputs inference builds, and real films pass it."""
+    files = sorted((DATA / "chest_xray" / "train" / "NORMAL").glob("*.jpeg"))[:3]
+    pixels = torch.stack([engine.model_input(decode_image(f, 224)) for f in files])
+    x = scope_inputs(engine.predictor.outputs(pixels).features, pixels)
+    assert x.shape == (3, sum(engine.checkpoint["model_kwargs"]["widths"]) + 88) == (3, len(engine.scope.mean))
+    assert all(v.in_scope for v in engine.scope.check(engine.predictor.outputs(pixels).features, pixels))
+
+
+@needs_data
+def test_evaluate_reports_refusals_of_an_unlabelled_folder(tmp_path):
+    folder = tmp_path / "mixed"
+    (folder / "films").mkdir(parents=True)
+    (folder / "other").mkdir()
+    film = _film()
+    film.save(folder / "films" / "child.png")
+    film.rotate(90, expand=True).save(folder / "other" / "rotated.png")
+    Image.fromarray(np.full((300, 300), 90, np.uint8)).save(folder / "other" / "blank.png")
+    out = tmp_path / "scope.json"
+    assert evaluate_main(["--data_dir", str(folder), "--output_path", str(out), "--n_boot", "10"]) == 0
+    report = json.loads(out.read_text())
+    assert report["all"]["inputs"] == 3 and report["all"]["refused"] == 2 and report["all"]["answered"] == 1
+    assert report["by_folder"]["other"]["refused_by_reason"] == {"altered_chest": 1, "blank": 1}
+    assert report["by_folder"]["films"]["refused"] == 0
