@@ -328,10 +328,15 @@ def _predict(args, world, jsonl: bool) -> int:
 
 def _evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pneumoscan evaluate",
-                                description="Measure a model on labelled images, with 95% CIs.")
+                                description="Measure a model on labelled images, with 95% CIs; on a folder "
+                                            "without labels, count what the scope checks refused or flagged.")
     p.add_argument("--model_path", help="checkpoint to evaluate (default: the shipped model)")
     p.add_argument("--data_dir", required=True,
-                   help="a folder with NORMAL/ and PNEUMONIA/, or a data set root (its --split is used)")
+                   help="a folder with NORMAL/ and PNEUMONIA/, or a data set root (its --split is used); any other "
+                        "folder gets the scope report")
+    p.add_argument("--scope_report", action="store_true",
+                   help="report refusals and population/lateral warnings by reason (every image under --data_dir, "
+                        "labelled or not) instead of metrics")
     p.add_argument("--split", default="test", help="split under a data set root (default test)")
     p.add_argument("--output_path", help="write the metrics as JSON here (default: table on stdout only)")
     p.add_argument("--report", help="write a self-contained HTML report here (curves, calibration, errors)")
@@ -341,6 +346,48 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_dir", default="", help="decoded-image cache ('none' disables)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def _labelled(data_dir: str, split: str) -> bool:
+    """True when ``data_dir`` holds NORMAL/ or PNEUMONIA/, a ``split`` folder, or a data set root below it."""
+    from .data import find_dataset_root
+
+    base = Path(data_dir).expanduser()
+    if not base.is_dir():
+        return True  # the labelled path says what is wrong
+    names = {p.name.upper() for p in base.iterdir() if p.is_dir()}
+    if names & {"NORMAL", "PNEUMONIA", split.upper()}:
+        return True
+    try:
+        find_dataset_root(base)
+    except DataError:
+        return False
+    return True
+
+
+def _scope_report_main(args) -> int:
+    """``evaluate`` on a folder without labels: refused, flagged and answered counts, by reason and sub-folder."""
+    from .inference import MedicalImageInference, list_inputs
+    from .results import write_json
+    from .scope_report import format_scope_report, scope_report
+
+    try:
+        engine = MedicalImageInference(args.model_path, device=args.device, threshold=args.threshold)
+        files = list_inputs(args.data_dir)
+        if not files:
+            raise DataError(f"no .jpg, .jpeg, .png or DICOM files found in {args.data_dir}")
+    except (PneumoscanError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    report = scope_report(list(engine.iter_predict(files)), args.data_dir)
+    report.update(model_path=engine.model_path, model_version=engine.model_version)
+    sys.stdout.write(f"{engine.model_path} on {args.data_dir}: scope report ({len(files)} inputs; refused = no "
+                     f"prediction, flagged = answered with a lateral or population warning)\n")
+    sys.stdout.write(format_scope_report(report) + "\n")
+    if args.output_path:
+        write_json(report, args.output_path)
+        log.info("scope report written to %s", args.output_path)
+    return EXIT_SOME_FAILED if report["all"]["unreadable"] else EXIT_OK
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
@@ -354,6 +401,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
     args = _evaluate_parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
+    if args.scope_report or not _labelled(args.data_dir, args.split):
+        return _scope_report_main(args)
     try:
         args.model_path = args.model_path or str(default_model_path())
         ckpt = load_checkpoint(args.model_path)

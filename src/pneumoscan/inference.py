@@ -30,10 +30,14 @@ from .gate import OutOfScopeGate
 from .heatmap import overlay_png
 from .predict import Predictor, resolve_device
 from .preprocess import DecodedImage, decode_image, is_image_file
+from .scope import ScopeClassifier, model_digest
 
 log = logging.getLogger(__name__)
 
 RISK_LOW, RISK_MEDIUM, RISK_HIGH = "LOW", "MEDIUM", "HIGH"
+# A result carrying one of these warnings was made outside what the model is validated on: its
+# confidence says nothing about how right it is, so its risk level is HIGH, never LOW (docs/scope.md).
+UNVALIDATED_WARNINGS = ("lateral", "outside the validated population")
 
 
 @dataclass
@@ -225,6 +229,17 @@ class MedicalImageInference:
             log.warning("%s has no calibration: probabilities are uncalibrated softmax outputs", model_path)
         if gate and gate_state is None:
             log.warning("%s has no out-of-scope gate: non-radiographs will get predictions", model_path)
+        scope_state = self.checkpoint.get("scope_classifier")
+        try:
+            self.scope = ScopeClassifier.from_dict(scope_state) if gate and scope_state else None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{model_path}: unusable scope classifier ({exc})") from exc
+        if self.scope is not None and self.scope.model_digest != model_digest(self.checkpoint["model_state"]):
+            raise CheckpointError(f"{model_path}: its scope classifier was fitted on another model's features; "
+                                  f"refit it with experiments/fit_scope.py")
+        if gate and gate_state is not None and scope_state is None:
+            log.warning("%s has no scope classifier: lateral views, other body parts and adult films will get "
+                        "predictions", model_path)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -249,7 +264,8 @@ class MedicalImageInference:
                 "arch": self.checkpoint.get("arch"), "image_size": self.image_size,
                 "threshold": self.threshold, "temperature": self.temperature,
                 "calibrated": self.temperature is not None, "class_names": self.class_names,
-                "out_of_scope_gate": self.gate is not None, "backend": self.backend}
+                "out_of_scope_gate": self.gate is not None, "scope_classifier": self.scope is not None,
+                "backend": self.backend}
 
     def _result(self, probs: torch.Tensor, seconds: float, path: str | None,
                 decoded: DecodedImage) -> InferenceResult:
@@ -265,11 +281,14 @@ class MedicalImageInference:
                 warnings.append("lateral view: the model is trained and validated on frontal views only")
         if self.temperature is None:
             warnings.append("uncalibrated model: probabilities are raw softmax outputs")
+        level = risk_level(confidence, uncertainty)
+        if any(marker in w.lower() for w in warnings for marker in UNVALIDATED_WARNINGS):
+            level = RISK_HIGH
         return InferenceResult(
             prediction=self.class_names[label],
             confidence=confidence,
             probabilities={name: float(probs[i]) for i, name in enumerate(self.class_names)},
-            risk_level=risk_level(confidence, uncertainty),
+            risk_level=level,
             uncertainty=uncertainty,
             processing_time=seconds,
             timestamp=datetime.now().astimezone().isoformat(),
@@ -362,13 +381,19 @@ class MedicalImageInference:
                 return
             t0 = time.perf_counter()
             images = torch.from_numpy(np.stack([p.pixels for p in pending]))
-            out = self.predictor.outputs(images, features=self.gate is not None, batch_size=len(pending))
+            out = self.predictor.outputs(images, features=self.gate is not None or self.scope is not None,
+                                         batch_size=len(pending))
             probs = self.predictor.probabilities(out.logits)
             verdicts = self.gate.check_features(out.features) if self.gate is not None else [None] * len(pending)
+            scoped = self.scope.check(out.features, images) if self.scope is not None else [None] * len(pending)
             share = (time.perf_counter() - t0) / len(pending)
-            for prep, row, verdict in zip(pending, probs, verdicts):
+            for prep, row, verdict, scope in zip(pending, probs, verdicts, scoped):
                 source = keep[prep.index]
                 name = _name(source)
+                # the classifier's reason names what the input looks like: prefer it to the distance's
+                if scope is not None and not scope.in_scope:
+                    done[prep.index] = _failure(name, OutOfScopeError(f"{name}: out of scope: {scope.reason}"))
+                    continue
                 if verdict is not None and not verdict.in_scope:
                     done[prep.index] = _failure(name, OutOfScopeError(f"{name}: {verdict.reason}"))
                     continue
