@@ -17,7 +17,8 @@ Writes ``OUT/<class>/<source>/<name>.png``:
 
 The pediatric transforms are made from ``fullres_sample/`` (full size) and from some 224 px training
 images, and are filed under ``ped_train`` or ``ped_val`` by the patient's side of the shipped model's
-own split, so that a classifier fitted on ``ped_train`` is measured on patients it never saw.
+own split (or ``--model_path``'s), so that a classifier fitted on ``ped_train`` is measured on patients it
+never saw.
 
     python experiments/scope_corpus.py --out /tmp/scope_corpus
 """
@@ -186,9 +187,9 @@ def _other_region(img: Image.Image, k: int, rng: np.random.Generator) -> tuple[s
 
 
 def pediatric_transforms(data_root: Path, out: Path, rng: np.random.Generator, per_fullres: int,
-                         n_small: int) -> int:
-    """Invalid variants of pediatric films, filed by the patient's side of the shipped model's split."""
-    ckpt = load_checkpoint(default_model_path())
+                         n_small: int, model_path: str | None = None) -> int:
+    """Invalid variants of pediatric films, filed by the patient's side of the model's own split."""
+    ckpt = load_checkpoint(model_path or default_model_path())
     splits = split_from_config(ckpt["config"], str(data_root / "chest_xray"), 224)
     val_patients = set(splits.val.patients)
     n = 0
@@ -216,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--data_root", default="../shared/data", help="holds chest_xray/ and fullres_sample/")
+    p.add_argument("--model_path", default=None, help="whose train/validation split files the transforms "
+                                                      "(default: the shipped model)")
     p.add_argument("--skimage_wheel", default=None,
                    help="scikit-image wheel (default: the newest under ~/.cache/pneumoscan/wheels)")
     p.add_argument("--per_fullres", type=int, default=6, help="invalid variants per full-size film")
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("dicom samples: %d images", dicom_images(out, rng))
     log.info("rendered: %d images", rendered_images(out, rng))
     log.info("pediatric transforms: %d images",
-             pediatric_transforms(Path(args.data_root), out, rng, args.per_fullres, args.n_small))
+             pediatric_transforms(Path(args.data_root), out, rng, args.per_fullres, args.n_small, args.model_path))
     return 0
 
 
