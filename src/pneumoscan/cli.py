@@ -132,8 +132,9 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--decode_workers", type=int, default=2,
                    help="threads decoding the next images while the model runs (0: none)")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnx", "onnx-int8"),
-                   help="what runs the model: torch (reference), onnx or onnx-int8 (ONNX Runtime, CPU)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx", "onnx-int8"),
+                   help="what runs the model: auto (int8 ONNX Runtime on a CPU when the model carries its int8 "
+                        "calibration, else torch), torch (the fp32 reference), onnx, onnx-int8")
     p.add_argument("--calibration_dir",
                    help="onnx-int8 only, first use of a model: the data set it was trained on (for calibration)")
     p.add_argument("--no_recursive", action="store_true", help="only the top level of --image_dir")

@@ -58,6 +58,7 @@ class InferenceResult:
     view_position: str | None = None
     warnings: list[str] = field(default_factory=list)
     heatmap_path: str | None = None
+    backend: str = "torch"
 
 
 @dataclass
@@ -185,8 +186,9 @@ class MedicalImageInference:
         batch_size: images per forward pass in folder prediction.
         gate: refuse out-of-scope inputs when the checkpoint has a gate (default True).
         decode_workers: threads decoding the next images while the model runs (0: decode in line).
-        backend: what runs the model: ``torch`` (reference), ``onnx`` or ``onnx-int8`` (ONNX Runtime;
-            see ``backends.py``).
+        backend: what runs the model: ``auto`` (default: ``onnx-int8`` on the CPU when onnxruntime is
+            installed and the checkpoint carries its int8 calibration, else ``torch``), ``torch`` (the
+            fp32 reference), ``onnx`` or ``onnx-int8`` (ONNX Runtime; see ``backends.py``).
         calibration_dir: for ``onnx-int8`` when its int8 model is not cached yet: the data set the
             model was trained on.
 
@@ -197,7 +199,7 @@ class MedicalImageInference:
 
     def __init__(self, model_path: str | os.PathLike | None = None, device: str = "auto",
                  threshold: float | None = None, batch_size: int = 16, gate: bool = True,
-                 decode_workers: int = 2, backend: str = "torch",
+                 decode_workers: int = 2, backend: str = "auto",
                  calibration_dir: str | os.PathLike | None = None) -> None:
         if model_path is None:
             model_path = default_model_path()
@@ -210,15 +212,16 @@ class MedicalImageInference:
         if backend == "torch":
             self.predictor = Predictor.from_checkpoint(self.checkpoint, resolve_device(device))
         else:
-            from .backends import make_predictor  # imports onnxruntime: only when asked for
+            from .backends import make_predictor, resolve_backend  # onnxruntime is imported only if used
 
-            self.predictor = make_predictor(self.checkpoint, resolve_device(device), backend,
-                                            calibration_dir=calibration_dir)
+            backend = resolve_backend(self.checkpoint, device, backend)
+            self.predictor = make_predictor(self.checkpoint, device, backend, calibration_dir=calibration_dir)
         self.backend = backend
         self.class_names = list(self.checkpoint["class_names"])
         self.threshold = float(self.checkpoint.get("threshold", 0.5) if threshold is None else threshold)
         self.batch_size = batch_size
         self.decode_workers = max(0, int(decode_workers))
+        self._pool: ThreadPoolExecutor | None = None
         self.model_version = self.checkpoint.get("model_version") or Path(model_path).stem
         gate_state = self.checkpoint.get("ood_gate")
         try:
@@ -296,6 +299,7 @@ class MedicalImageInference:
             threshold=self.threshold,
             calibrated=self.temperature is not None,
             model_version=self.model_version,
+            backend=self.backend,
             view_position=view,
             warnings=warnings,
         )
@@ -348,14 +352,21 @@ class MedicalImageInference:
                 yield self._prepare(i, source)
             return
         ahead = max(2 * self.batch_size, 2 * self.decode_workers)
-        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="pneumoscan-decode") as pool:
-            queue: deque[Future] = deque()
-            for i, source in enumerate(sources):
-                queue.append(pool.submit(self._prepare, i, source))
-                if len(queue) >= ahead:
-                    yield queue.popleft().result()
-            while queue:
+        if self._pool is None:  # one pool for the engine's lifetime: a service calls this per micro-batch
+            self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="pneumoscan-decode")
+        queue: deque[Future] = deque()
+        for i, source in enumerate(sources):
+            queue.append(self._pool.submit(self._prepare, i, source))
+            if len(queue) >= ahead:
                 yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
+
+    def close(self) -> None:
+        """Stop the decode threads (they also end with the process)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def iter_predict(self, sources: Iterable[str | os.PathLike | bytes],
                      heatmap_dir: str | os.PathLike | None = None) -> Iterator[InferenceResult | InferenceFailure]:
@@ -444,8 +455,10 @@ class MedicalImageInference:
             return
         result.heatmap_path = str(path)
 
-    def heatmap_data_uri(self, source: str | os.PathLike, target_class: int = 1, max_side: int = 400) -> str | None:
-        """A PNG data URI of the Grad-CAM overlay (for reports); None when the image cannot be decoded."""
+    def heatmap_data_uri(self, source: str | os.PathLike | bytes, target_class: int = 1,
+                         max_side: int = 400) -> str | None:
+        """A PNG data URI of the Grad-CAM overlay of a file or encoded bytes (for reports and the service);
+        None when the image cannot be decoded. The log names a file, never the bytes of an upload."""
         import base64
         import tempfile
 
@@ -459,7 +472,7 @@ class MedicalImageInference:
                 buf = io.BytesIO()
                 img.save(buf, format="PNG")
         except (OSError, ValueError, ImageError) as exc:
-            log.warning("%s: no heatmap (%s)", source, exc)
+            log.warning("%s: no heatmap (%s)", _name(source), exc)
             return None
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
