@@ -166,7 +166,8 @@ def test_workers_each_run_their_own_engine_at_once(tmp_path):
         engines.append(StubEngine(release))
         return engines[-1]
 
-    client = ready_client(create_app(settings(tmp_path, workers=2), factory))
+    # max_batch 1: otherwise the first worker may take both requests into one micro-batch
+    client = ready_client(create_app(settings(tmp_path, workers=2, max_batch=1), factory))
     try:
         assert len(engines) == 2
         with ThreadPoolExecutor(2) as threads:
