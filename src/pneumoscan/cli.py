@@ -10,8 +10,8 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import DataError, PneumoscanError
@@ -188,19 +188,26 @@ def _predict_jsonl(engine, files: list, args) -> tuple[int, int]:
     return predicted, failed
 
 
-def _part_path(output_path: str, world) -> Path:
+def _part_path(output_path: str, rank: int, world_size: int) -> Path:
     out = Path(output_path)
-    return out.with_name(f".{out.stem}.rank{world.rank}-of-{world.world_size}.jsonl")
+    return out.with_name(f".{out.stem}.rank{rank}-of-{world_size}.jsonl")
+
+
+def _document(info: dict, n_files: int, results: list, errors: list) -> dict:
+    """The ``.json`` output: model, summary, results and errors."""
+    return {"model": info, "summary": {"files": n_files, "predicted": len(results), "failed": len(errors)},
+            "results": results, "errors": errors}
 
 
 def _predict_sharded(engine, files: list, args, world) -> tuple[int, int]:
     """Under torchrun: each rank predicts every WORLD_SIZE-th file into its own part file; rank 0 then
     merges the parts in listing order into ``--output_path`` (each file exactly once) and removes them."""
+    from .atomic import atomic_path
     from .distributed import barrier
-    from .results import JsonlWriter, write_json
+    from .results import write_json
 
     jsonl = args.output_path.lower().endswith(".jsonl")
-    part = _part_path(args.output_path, world)
+    part = _part_path(args.output_path, world.rank, world.world_size)
     if jsonl and not args.resume and Path(args.output_path).exists():
         raise FileExistsError(f"{args.output_path} already exists: pass --resume to continue it, or remove it")
     if not (jsonl and args.resume):
@@ -211,36 +218,41 @@ def _predict_sharded(engine, files: list, args, world) -> tuple[int, int]:
     barrier(world)
     if not world.is_main:
         return 0, 0
-    parts = [_part_path(args.output_path, type(world)(r, world.world_size)) for r in range(world.world_size)]
-    readers = [open(p, encoding="utf-8") for p in parts]
-    try:
-        lines = []
-        for i, path in enumerate(files):
-            line = readers[i % world.world_size].readline()
-            if json.loads(line).get("image_path") != str(path):
-                raise DataError(f"part file {parts[i % world.world_size]} is not in listing order at {path}; "
-                                f"remove the .rank* part files and run again")
-            lines.append(line)
-    finally:
-        for r in readers:
-            r.close()
-    outcomes = [json.loads(line) for line in lines]
-    errors = [o for o in outcomes if "error" in o]
-    if jsonl:
-        writer = JsonlWriter(str(args.output_path) + ".merging", resume=False)
-        with writer:
-            for line in lines:
-                writer._file.write(line)
-        os.replace(writer.path, args.output_path)
+    parts = [_part_path(args.output_path, r, world.world_size) for r in range(world.world_size)]
+
+    def merged() -> Iterator[tuple[str, dict]]:
+        """(line, outcome) of every file in listing order: file i is the next line of part i % WORLD_SIZE."""
+        readers = [open(p, encoding="utf-8") for p in parts]
+        try:
+            for i, path in enumerate(files):
+                line = readers[i % world.world_size].readline()
+                outcome = json.loads(line)
+                if outcome.get("image_path") != str(path):
+                    raise DataError(f"part file {parts[i % world.world_size]} is not in listing order at {path}; "
+                                    f"remove the .rank* part files and run again")
+                yield line, outcome
+        finally:
+            for r in readers:
+                r.close()
+
+    if jsonl:  # lines go straight to the merged file: constant memory, as in one process
+        failed = 0
+        with atomic_path(args.output_path, durable=True) as tmp, open(tmp, "w", encoding="utf-8") as out:
+            for line, outcome in merged():
+                out.write(line)
+                failed += "error" in outcome
+        predicted = len(files) - failed
     else:
-        write_json({"model": engine.info, "summary": {"files": len(files), "predicted": len(outcomes) - len(errors),
-                                                      "failed": len(errors)},
-                    "results": [o for o in outcomes if "error" not in o], "errors": errors}, args.output_path)
+        outcomes = [outcome for _, outcome in merged()]
+        errors = [o for o in outcomes if "error" in o]
+        results = [o for o in outcomes if "error" not in o]
+        write_json(_document(engine.info, len(files), results, errors), args.output_path)
+        predicted, failed = len(results), len(errors)
     for p in parts:
         p.unlink()
-    log.info("%d prediction(s), %d error(s) from %d processes written to %s", len(outcomes) - len(errors),
-             len(errors), world.world_size, args.output_path)
-    return len(outcomes) - len(errors), len(errors)
+    log.info("%d prediction(s), %d error(s) from %d processes written to %s", predicted, failed,
+             world.world_size, args.output_path)
+    return predicted, failed
 
 
 def _predict_document(engine, files: list, args) -> tuple[int, int]:
@@ -255,9 +267,7 @@ def _predict_document(engine, files: list, args) -> tuple[int, int]:
         for outcome in engine.iter_predict(files, heatmap_dir=args.heatmap_dir):
             (errors if isinstance(outcome, InferenceFailure) else results).append(outcome)
             bar.update()
-    document = {"model": engine.info, "summary": {"files": len(files), "predicted": len(results),
-                                                  "failed": len(errors)},
-                "results": results, "errors": errors}
+    document = _document(engine.info, len(files), results, errors)
     if args.output_path:
         write_json(document, args.output_path)
         log.info("%d prediction(s), %d error(s) written to %s", len(results), len(errors), args.output_path)

@@ -170,6 +170,7 @@ class _Prepared:
     """One input after decoding and the pixel checks, ready for the forward pass."""
 
     index: int
+    source: object  # the path or bytes, for names and heatmaps
     pixels: np.ndarray | None = None
     decoded: DecodedImage | None = None
     seconds: float = 0.0
@@ -334,16 +335,16 @@ class MedicalImageInference:
         try:
             decoded = decode_image(source, self.image_size)
         except ImageError as exc:
-            return _Prepared(index, failure=_failure(name, exc))
+            return _Prepared(index, source, failure=_failure(name, exc))
         except Exception as exc:  # an unforeseen decoder failure must not stop the batch
             log.debug("unexpected error decoding %s", name, exc_info=True)
-            return _Prepared(index, failure=_failure(name, ImageError(
+            return _Prepared(index, source, failure=_failure(name, ImageError(
                 f"{name}: unexpected error while decoding ({type(exc).__name__}: {exc})")))
         if self.gate is not None:
             verdict = self.gate.check_pixels(np.asarray(decoded.gray), decoded.colorfulness)
             if not verdict.in_scope:
-                return _Prepared(index, failure=_failure(name, OutOfScopeError(f"{name}: {verdict.reason}")))
-        return _Prepared(index, self.predictor.spec.pixels(decoded.gray), decoded, time.perf_counter() - t0)
+                return _Prepared(index, source, failure=_failure(name, OutOfScopeError(f"{name}: {verdict.reason}")))
+        return _Prepared(index, source, self.predictor.spec.pixels(decoded.gray), decoded, time.perf_counter() - t0)
 
     def _prepared(self, sources: Iterable) -> Iterator[_Prepared]:
         """``_prepare`` of each source, in order; with decode workers, a bounded number run ahead."""
@@ -375,14 +376,6 @@ class MedicalImageInference:
         Memory stays bounded however many sources there are: images are decoded a little
         ahead of the model (``decode_workers`` threads) and never accumulated.
         """
-        sources = iter(sources)
-        keep: dict[int, object] = {}  # index -> source, for names and heatmaps, while in flight
-
-        def tracked() -> Iterator:
-            for i, source in enumerate(sources):
-                keep[i] = source
-                yield source
-
         pending: list[_Prepared] = []
         done: dict[int, InferenceResult | InferenceFailure] = {}
         next_out = 0
@@ -399,7 +392,7 @@ class MedicalImageInference:
             scoped = self.scope.check(out.features, images) if self.scope is not None else [None] * len(pending)
             share = (time.perf_counter() - t0) / len(pending)
             for prep, row, verdict, scope in zip(pending, probs, verdicts, scoped):
-                source = keep[prep.index]
+                source = prep.source
                 name = _name(source)
                 # the classifier's reason names what the input looks like: prefer it to the distance's
                 if scope is not None and not scope.in_scope:
@@ -418,11 +411,10 @@ class MedicalImageInference:
         def ready() -> Iterator[InferenceResult | InferenceFailure]:
             nonlocal next_out
             while next_out in done:
-                keep.pop(next_out, None)
                 yield done.pop(next_out)
                 next_out += 1
 
-        for item in self._prepared(tracked()):
+        for item in self._prepared(sources):
             if item.failure is not None:
                 done[item.index] = item.failure
             else:
@@ -435,7 +427,7 @@ class MedicalImageInference:
 
     def gradcam(self, decoded: DecodedImage, target_class: int = 1) -> np.ndarray:
         """Grad-CAM (model-input grid, values in [0, 1]) of ``target_class`` for a decoded image."""
-        return self.predictor.gradcam(self.predictor.spec.pixels(decoded.gray), target_class)
+        return self.predictor.gradcam(self.model_input(decoded), target_class)
 
     def _overlay(self, source, decoded: DecodedImage, target_class: int, path: Path) -> None:
         cam = self.gradcam(decoded, target_class)
