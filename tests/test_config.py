@@ -48,6 +48,8 @@ BAD_VALUES = [
     ("dropout", -0.1, "dropout"),
     ("target_sensitivity", 0.4, "target_sensitivity"),
     ("target_sensitivity", 1.0, "target_sensitivity"),
+    ("cv_folds", 1, "cv_folds"),
+    ("cv_folds", -2, "cv_folds"),
 ]
 
 
@@ -64,6 +66,13 @@ def test_bad_value_is_refused_with_a_message(field, value, words):
                                               ("dropout", 0.0), ("target_sensitivity", 0.5), ("in_channels", 1)])
 def test_boundary_values_are_accepted(field, value):
     assert getattr(TrainConfig(**{field: value}), field) == value
+
+
+@pytest.mark.parametrize("fold", [-1, 5])
+def test_cv_fold_outside_the_folds_is_refused(fold):
+    with pytest.raises(ValueError, match=rf"cv_fold must be in 0\.\.4, got {fold}"):
+        TrainConfig(cv_folds=5, cv_fold=fold)
+    assert TrainConfig(cv_folds=5, cv_fold=4).cv_fold == 4
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

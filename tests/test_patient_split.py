@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pneumoscan.data import Record, dedupe, patient_groups, patient_id, patient_split
+from pneumoscan.data import Record, dedupe, patient_folds, patient_groups, patient_id, patient_split
+from pneumoscan.errors import DataError
 from pneumoscan.predict import CLASS_NAMES
 
 
@@ -147,3 +148,27 @@ def test_split_is_stratified_on_synthetic_records():
     train, val = patient_split(records, 0.2, 3)
     counts = collections.Counter(r.label for r in val)
     assert counts[0] == 20 and counts[1] == 60
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_real_kfold_keeps_patients_and_identical_files_in_one_fold_and_balances_classes(real_records, k):
+    records = list(real_records)
+    folds = patient_folds(records, k, seed=42)
+    assert sorted(set(folds)) == list(range(k))
+    for f in range(k):  # every fold against the rest is a valid patient-level split
+        _check_split(records, [r for r, g in zip(records, folds) if g != f],
+                     [r for r, g in zip(records, folds) if g == f])
+    for label, cls in enumerate(CLASS_NAMES):
+        per_fold = collections.Counter(g for r, g in zip(records, folds) if r.label == label)
+        total = sum(per_fold.values())
+        assert max(per_fold.values()) - min(per_fold.values()) <= 0.02 * total, f"{cls}: {per_fold}"
+    assert patient_folds(records, k, seed=42) == folds
+    assert patient_folds(records, k, seed=7) != folds
+
+
+def test_kfold_refuses_k_below_two_or_above_the_number_of_patients():
+    records = [_rec(f"person{i}_bacteria_1.jpeg", 1, f"h{i}") for i in range(3)]
+    with pytest.raises(ValueError, match="k >= 2"):
+        patient_folds(records, 1, seed=0)
+    with pytest.raises(DataError, match="3 patient group"):
+        patient_folds(records, 4, seed=0)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .augment import LEVELS
 from .model import ARCHITECTURES
 
 LOSSES = ("weighted_ce", "ce", "focal")
-AUGMENTS = ("none", "light", "strong")
+AUGMENTS = tuple(LEVELS)
 EVAL_METRICS = {"auroc": "max", "loss": "min"}
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -51,6 +52,8 @@ class TrainConfig:
     lr_factor: float = 0.5
     min_lr: float = 1e-6
     val_fraction: float = 0.15
+    cv_folds: int = 0  # k > 0: patient-level k-fold; fold cv_fold is the validation split
+    cv_fold: int = 0
     min_val_images: int = 100
     target_sensitivity: float = 0.95
     seed: int = 42
@@ -84,6 +87,10 @@ class TrainConfig:
                              f"got {self.image_size}")
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if self.cv_folds == 1 or self.cv_folds < 0:
+            raise ValueError(f"cv_folds must be 0 (one patient-level split) or >= 2, got {self.cv_folds}")
+        if self.cv_folds and not 0 <= self.cv_fold < self.cv_folds:
+            raise ValueError(f"cv_fold must be in 0..{self.cv_folds - 1}, got {self.cv_fold}")
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if not 0.0 <= self.dropout < 1.0:

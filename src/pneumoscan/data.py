@@ -307,6 +307,34 @@ def patient_split(records: list[Record], val_fraction: float, seed: int) -> tupl
     return train, val
 
 
+def patient_folds(records: list[Record], k: int, seed: int) -> list[int]:
+    """Fold number (0..k-1) of every record for patient-level k-fold cross-validation.
+
+    Groups (a patient, and byte-identical files) never straddle folds; within each class the
+    groups are shuffled and dealt to the fold that holds the fewest images of that class so far,
+    so every fold gets about 1/k of each class.
+    """
+    if k < 2:
+        raise ValueError(f"k-fold cross-validation needs k >= 2, got {k}")
+    groups = patient_groups(records)
+    if len(groups) < k:
+        raise DataError(f"{len(groups)} patient group(s) cannot fill {k} folds; lower --cv_folds")
+    rng = random.Random(seed)
+    fold_of = [0] * len(records)
+    for label in range(len(CLASS_NAMES)):
+        own = [g for g in groups if np.bincount([records[i].label for i in g],
+                                                minlength=len(CLASS_NAMES)).argmax() == label]
+        rng.shuffle(own)
+        own.sort(key=len, reverse=True)  # big groups first, so that the greedy deal stays balanced
+        sizes = [0] * k
+        for g in own:
+            f = min(range(k), key=lambda j: (sizes[j], j))
+            sizes[f] += len(g)
+            for i in g:
+                fold_of[i] = f
+    return fold_of
+
+
 def to_imageset(records: list[Record], decoded: dict[str, np.ndarray], size: int) -> ImageSet:
     images = np.stack([decoded[r.sha1] for r in records]) if records else np.zeros((0, size, size), np.uint8)
     return ImageSet(
@@ -329,11 +357,14 @@ def _usable(records: list[Record], bad: list[tuple[str, str]]) -> list[Record]:
 
 
 def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min_val_images: int = 100,
-                 seed: int = 42, strict: bool = False, cache_dir: str = "") -> DataSplits:
+                 seed: int = 42, strict: bool = False, cache_dir: str = "", cv_folds: int = 0,
+                 cv_fold: int = 0) -> DataSplits:
     """Discover, check, decode and split a data set for training.
 
     Validation comes from ``val/`` when it holds at least ``min_val_images`` images;
-    otherwise it is built from ``train/`` (plus the tiny ``val/``) by patient.
+    otherwise it is built from ``train/`` (plus the tiny ``val/``) by patient. With
+    ``cv_folds`` = k > 0, ``train/`` and ``val/`` are pooled and dealt into k patient-level
+    folds (``patient_folds``), and fold ``cv_fold`` is the validation split.
     ``test/`` is decoded for the single final evaluation only.
 
     Raises:
@@ -355,7 +386,17 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
     train_recs = _usable(found["train"] or [], bad)
     val_recs = _usable(found["val"] or [], bad)
     info: dict = {"root": str(root), "bad_files": len(bad)}
-    if len(val_recs) >= min_val_images:
+    if cv_folds:
+        if not 0 <= cv_fold < cv_folds:
+            raise DataError(f"cv_fold must be in 0..{cv_folds - 1}, got {cv_fold}")
+        pool, n_dup = dedupe(train_recs + val_recs)
+        fold_of = patient_folds(pool, cv_folds, seed)
+        train_recs = [r for r, f in zip(pool, fold_of) if f != cv_fold]
+        val_recs = [r for r, f in zip(pool, fold_of) if f == cv_fold]
+        info["validation"] = f"fold {cv_fold} of {cv_folds} patient-level folds of train/ + val/ (seed {seed})"
+        info["duplicates_dropped"] = n_dup
+        log.info("validation %s; dropped %d byte-identical duplicate(s)", info["validation"], n_dup)
+    elif len(val_recs) >= min_val_images:
         info["validation"] = "val/ folder"
         val_hashes = {r.sha1 for r in val_recs}
         leaked = [r for r in train_recs if r.sha1 in val_hashes]
@@ -399,7 +440,8 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
 def split_from_config(config: dict, data_dir: str, image_size: int, cache_dir: str = "") -> DataSplits:
     """The same splits a training run with ``config`` (a checkpoint's stored config) made, at ``image_size``."""
     return prepare_data(data_dir, image_size, config.get("val_fraction", 0.15), config.get("min_val_images", 100),
-                        config.get("seed", 42), cache_dir=cache_dir)
+                        config.get("seed", 42), cache_dir=cache_dir, cv_folds=config.get("cv_folds", 0),
+                        cv_fold=config.get("cv_fold", 0))
 
 
 def load_labelled_folder(data_dir: str, image_size: int, split: str = "test",

@@ -42,8 +42,9 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target_class: int = 1,
     """Grad-CAM of one image for one class, at the model input's resolution.
 
     Args:
-        model: a ``MedicalCNN`` (or any network with ``features[-1].pool`` when ``layer`` is None)
-            in eval mode; it is left as it was: no hooks, gradients or mode changes remain.
+        model: a ``MedicalCNN`` (or any network with ``features[-1].pool`` when ``layer`` is None),
+            or an ``Ensemble`` of them (the members' maps for the averaged logits are summed), in eval
+            mode; it is left as it was: no hooks, gradients or mode changes remain.
         x: the normalised model input, shape (1, C, H, W), any memory format.
         target_class: the class whose log-odds are explained, 1 = PNEUMONIA (default), 0 = NORMAL.
         layer: take the map from this module's output instead of the default (the last
@@ -71,27 +72,31 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target_class: int = 1,
         activation.append(leaf)
         return leaf
 
-    if layer is None:
-        handle = model.features[-1].pool.register_forward_pre_hook(lambda _m, args: (as_leaf(args[0]),))
-    else:
-        handle = layer.register_forward_hook(lambda _m, _args, out: as_leaf(out))
+    if layer is not None:
+        handles = [layer.register_forward_hook(lambda _m, _args, out: as_leaf(out))]
+    else:  # an ensemble explains its averaged logits through every member's last block
+        nets = list(model.members) if hasattr(model, "members") else [model]
+        handles = [net.features[-1].pool.register_forward_pre_hook(lambda _m, args: (as_leaf(args[0]),))
+                   for net in nets]
     try:
         # inference_mode(False) and clone() let this run inside a caller's no_grad/inference_mode.
         with torch.inference_mode(False), torch.enable_grad():
             logits = model(x.detach().clone())
             if not 0 <= target_class < logits.shape[1]:
                 raise ValueError(f"target_class must be one of 0..{logits.shape[1] - 1}, got {target_class}")
-            if len(activation) != 1:
+            if len(activation) != len(handles):
                 raise ValueError(f"the hooked layer ran {len(activation)} times in one forward pass; "
                                  f"pass a layer that runs exactly once")
             others = torch.cat([logits[0, :target_class], logits[0, target_class + 1:]])
             score = logits[0, target_class] - (torch.logsumexp(others, 0) if others.numel() else 0.0)
-            (grads,) = torch.autograd.grad(score, activation[0])
+            grads = torch.autograd.grad(score, activation)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     with torch.no_grad():
-        weights = grads.mean(dim=(2, 3), keepdim=True)
-        cam = torch.relu((weights * activation[0]).sum(dim=1, keepdim=True))
+        cam = sum((g.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1, keepdim=True)
+                  for g, a in zip(grads, activation))
+        cam = torch.relu(cam)
         cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
         peak = cam.max()
         if not torch.isfinite(peak) or peak <= 1e-12:

@@ -141,8 +141,60 @@ def build_model(cfg) -> MedicalCNN:
     return model_from_kwargs(model_kwargs(cfg.arch, cfg.in_channels, cfg.width, cfg.dropout))
 
 
-def model_from_kwargs(kwargs: dict) -> MedicalCNN:
-    """Rebuild a network from the ``model_kwargs`` stored in a checkpoint."""
+class Ensemble(nn.Module):
+    """Several MedicalCNNs on one input; their logits are averaged.
+
+    Each member was trained with its own input normalisation, so the ensemble takes the
+    un-normalised input (grayscale in [0, 1], replicated to the channels; its ``InputSpec`` has
+    mean 0 and std 1) and normalises it per member. Pooled block features are the members'
+    features side by side, block by block, so the gate and the scope classifier see all of them.
+
+    Args:
+        members: each member's ``model_kwargs``.
+        norms: each member's (mean, std) input normalisation.
+    """
+
+    def __init__(self, members: list[dict], norms: list[list[float]]) -> None:
+        super().__init__()
+        if not members or len(members) != len(norms):
+            raise ValueError(f"an ensemble needs one (mean, std) per member; got {len(members)} member(s) "
+                             f"and {len(norms)} normalisation(s)")
+        self.members = nn.ModuleList(model_from_kwargs(kw) for kw in members)
+        stats = torch.tensor([[float(m), float(sd)] for m, sd in norms])
+        if not bool((stats[:, 1] > 0).all()):
+            raise ValueError(f"member normalisation std must be positive, got {norms}")
+        self.register_buffer("norm_mean", stats[:, 0].clone())
+        self.register_buffer("norm_std", stats[:, 1].clone())
+
+    def member_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The ensemble input normalised for each member."""
+        return [(x - self.norm_mean[i]) / self.norm_std[i] for i in range(len(self.members))]
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        outs = [m.forward_with_features(xi) for m, xi in zip(self.members, self.member_inputs(x))]
+        logits = torch.stack([lg for lg, _ in outs]).mean(0)
+        pooled = [torch.cat(per_block, 1) for per_block in zip(*(p for _, p in outs))]
+        return logits, pooled
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.embed(xi) for m, xi in zip(self.members, self.member_inputs(x))], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(xi) for m, xi in zip(self.members, self.member_inputs(x))]).mean(0)
+
+
+def ensemble_kwargs(members: list[dict], norms: list[list[float]]) -> dict:
+    """The ``model_kwargs`` of an ensemble: its members' kwargs and normalisations, and the
+    combined block widths (what the pooled features of each block hold)."""
+    widths = [sum(int(kw["widths"][b]) for kw in members) for b in range(len(members[0]["widths"]))]
+    return {"ensemble": [dict(kw) for kw in members], "norms": [[float(m), float(s)] for m, s in norms],
+            "in_channels": int(members[0]["in_channels"]), "num_classes": 2, "widths": widths}
+
+
+def model_from_kwargs(kwargs: dict) -> MedicalCNN | Ensemble:
+    """Rebuild a network (or an ensemble of them) from the ``model_kwargs`` stored in a checkpoint."""
+    if "ensemble" in kwargs:
+        return Ensemble(kwargs["ensemble"], kwargs["norms"])
     kw = dict(kwargs)
     kw["widths"] = tuple(kw["widths"])
     return MedicalCNN(**kw)

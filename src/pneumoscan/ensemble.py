@@ -1,0 +1,96 @@
+"""Ensemble checkpoints: several trained MedicalCNNs (k-fold or seeds) stored and run as one model.
+
+An ensemble checkpoint is an ordinary pneumoscan checkpoint whose ``arch`` is ``ensemble`` and
+whose ``model_kwargs`` hold every member's kwargs and input normalisation (``model.Ensemble``).
+Everything that runs a model (``Predictor``, Grad-CAM, the gate, the scope check, ONNX export)
+works on it unchanged. Its temperature and threshold must come from predictions on patients the
+members did not see: for k-fold members, their pooled out-of-fold logits (experiments/kfold_eval.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .checkpoint import input_spec, model_from_checkpoint, model_payload, save_checkpoint
+from .data import prepare_data
+from .errors import CheckpointError
+from .gate import OutOfScopeGate
+from .model import Ensemble, ensemble_kwargs
+from .predict import InputSpec, Predictor
+
+log = logging.getLogger(__name__)
+
+
+def build_ensemble(members: list[dict]) -> tuple[Ensemble, InputSpec]:
+    """The ensemble module of loaded member checkpoints and its input contract.
+
+    Raises:
+        CheckpointError: no members, or members that expect different inputs (size, channels,
+            preprocessing) and so cannot share one.
+    """
+    if not members:
+        raise CheckpointError("an ensemble needs at least one member checkpoint")
+    specs = [input_spec(m) for m in members]
+    shape = {(s.image_size, s.in_channels, s.preprocess) for s in specs}
+    if len(shape) > 1:
+        raise CheckpointError(f"ensemble members expect different inputs (size, channels, preprocessing): "
+                              f"{sorted(shape)}; combine only models trained alike")
+    if any(m.get("arch") == "ensemble" for m in members):
+        raise CheckpointError("an ensemble member is itself an ensemble; list its members instead")
+    model = Ensemble([m["model_kwargs"] for m in members], [[s.mean, s.std] for s in specs])
+    for net, m in zip(model.members, members):
+        net.load_state_dict(model_from_checkpoint(m).state_dict())
+    first = specs[0]
+    return model.eval(), InputSpec(first.image_size, 0.0, 1.0, first.in_channels, first.preprocess)
+
+
+def ensemble_payload(members: list[dict], *, temperature: float | None, threshold: float, config: dict | None = None,
+                     metrics: dict | None = None, model_version: str = "", ood_gate: dict | None = None,
+                     half: bool = False) -> dict:
+    """The checkpoint dict of an ensemble; ``half`` stores floating weights as float16 (half the file;
+    they are widened to float32 on load)."""
+    model, spec = build_ensemble(members)
+    payload = model_payload(model, arch="ensemble", model_kw=model_kwargs_of(model, members), spec=spec,
+                            config=config or {"members": [m.get("config", {}) for m in members]},
+                            temperature=temperature, threshold=threshold, metrics=metrics,
+                            model_version=model_version, ood_gate=ood_gate)
+    if half:
+        payload["model_state"] = {k: v.half() if v.is_floating_point() else v
+                                  for k, v in payload["model_state"].items()}
+        payload["weights_dtype"] = "float16"
+    return payload
+
+
+def model_kwargs_of(model: Ensemble, members: list[dict]) -> dict:
+    return ensemble_kwargs([m["model_kwargs"] for m in members],
+                           [[float(model.norm_mean[i]), float(model.norm_std[i])] for i in range(len(members))])
+
+
+def write_ensemble(members: list[dict], path: str | Path, *, temperature: float, threshold: float, data_dir: str,
+                   report: dict | None = None, cache_dir: str = "", half: bool = True) -> Path:
+    """Write the calibrated ensemble of ``members`` with an out-of-scope gate fitted on every film of
+    ``data_dir`` (each was seen by some member, so the gate's limit is an in-sample quantile; the
+    scope classifier, experiments/fit_scope.py, is the check that is measured on unseen sources)."""
+    model, spec = build_ensemble(members)
+    cfg = members[0].get("config", {})
+    splits = prepare_data(data_dir, spec.image_size, cfg.get("val_fraction", 0.15), cfg.get("min_val_images", 100),
+                          cfg.get("seed", 42), cache_dir=cache_dir, cv_folds=cfg.get("cv_folds", 0),
+                          cv_fold=cfg.get("cv_fold", 0))
+    images = torch.cat([splits.train.images, splits.val.images])
+    labels = torch.cat([splits.train.labels, splits.val.labels])
+    feats = Predictor(model, spec).outputs(images).features
+    gate = OutOfScopeGate.fit(feats, labels, feats, quantile=0.999)
+    oof = (report or {}).get("oof", {})
+    metrics = {"oof_auroc": oof.get("auroc", {}).get("value")} if oof else {}
+    payload = ensemble_payload(members, temperature=temperature, threshold=threshold, metrics=metrics,
+                               model_version=f"ensemble-{len(members)}x-{Path(path).stem}",
+                               ood_gate=gate.to_dict(), half=half)
+    if report is not None:
+        payload["cross_validation"] = report
+    save_checkpoint(payload, path)
+    log.info("ensemble of %d members written to %s (temperature %.3f, threshold %.4f)", len(members), path,
+             temperature, threshold)
+    return Path(path)

@@ -1,0 +1,73 @@
+"""augment.py: every level keeps films in [0, 1], is reproducible from its generator, never mirrors
+a film, and the acquisition level changes contrast, sharpness and borders as documented."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pneumoscan.augment import LEVELS, _acquisition, augment_batch
+
+
+@pytest.fixture(scope="module")
+def films(real_records) -> torch.Tensor:
+    """Eight real films at 128 px as (8, 1, 128, 128) floats in [0, 1]."""
+    paths = [r.path for r in real_records[:4]] + [r.path for r in real_records[-4:]]
+    arr = np.stack([np.asarray(Image.open(p).convert("L").resize((128, 128))) for p in paths])
+    return torch.from_numpy(arr).float().div(255.0).unsqueeze(1)
+
+
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_every_level_keeps_shape_range_and_is_reproducible(films, level):
+    a = augment_batch(films, level, torch.Generator().manual_seed(3))
+    b = augment_batch(films, level, torch.Generator().manual_seed(3))
+    assert a.shape == films.shape
+    assert torch.isfinite(a).all() and a.min() >= 0.0 and a.max() <= 1.0
+    assert torch.equal(a, b)
+    if level == "none":
+        assert torch.equal(a, films)
+    else:
+        assert not torch.equal(a, augment_batch(films, level, torch.Generator().manual_seed(4)))
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+
+def test_no_level_mirrors_a_film(films):
+    """An augmented film stays closer to the original than to its left-right mirror (the heart stays left)."""
+    for level in ("light", "strong", "acquisition"):
+        out = augment_batch(films, level, torch.Generator().manual_seed(0))
+        for orig, aug in zip(films, out):
+            assert _corr(aug, orig) > _corr(aug, orig.flip(-1)), level
+
+
+def test_acquisition_level_varies_contrast_sharpness_and_adds_borders_or_markers(films):
+    batch = films.repeat(8, 1, 1, 1)  # 64 films: every random effect shows up
+    out = augment_batch(batch, "acquisition", torch.Generator().manual_seed(1))
+    strong = augment_batch(batch, "strong", torch.Generator().manual_seed(1))
+
+    def sharpness(x):  # mean absolute Laplacian per film
+        lap = x[:, :, 1:-1, 1:-1] * 4 - x[:, :, :-2, 1:-1] - x[:, :, 2:, 1:-1] - x[:, :, 1:-1, :-2] - x[:, :, 1:-1, 2:]
+        return lap.abs().mean(dim=(1, 2, 3))
+
+    ratio = sharpness(out) / sharpness(batch)
+    assert ratio.min() < 0.7 and ratio.max() > 1.3  # some films blurred, some sharpened
+    # gamma and window spread the mean brightness more than brightness/contrast alone
+    assert out.mean(dim=(1, 2, 3)).std() > 0.9 * strong.mean(dim=(1, 2, 3)).std()
+    assert "gamma" in LEVELS["acquisition"] and "gamma" not in LEVELS["strong"]
+
+
+def test_acquisition_markers_and_borders_hit_a_share_of_the_films(films):
+    batch = films.repeat(8, 1, 1, 1)
+    params = {**LEVELS["acquisition"], "border": 0.0}
+    out = _acquisition(batch, params, torch.Generator().manual_seed(2))  # markers are drawn last, exactly 0.95
+    marked = ((out == 0.95).flatten(1).sum(1) >= 4).float().mean()
+    assert 0.1 < marked < 0.6  # probability 0.3
+    dark = _acquisition(batch, {**params, "marker": 0.0, "border": 1.0}, torch.Generator().manual_seed(2))
+    edge = torch.cat([dark[:, :, :2].flatten(1), dark[:, :, -2:].flatten(1)], 1)
+    plain = _acquisition(batch, {**params, "marker": 0.0}, torch.Generator().manual_seed(2))
+    plain_edge = torch.cat([plain[:, :, :2].flatten(1), plain[:, :, -2:].flatten(1)], 1)
+    assert edge.mean() < 0.8 * plain_edge.mean()  # collimation bands darken the edges

@@ -1,0 +1,94 @@
+"""model.Ensemble and ensemble.py: averaged logits, members' own normalisation, side-by-side features,
+checkpoints (float16 storage included), Grad-CAM and the ONNX graph of an ensemble."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pneumoscan.checkpoint import load_checkpoint, model_payload, save_checkpoint
+from pneumoscan.ensemble import build_ensemble, ensemble_payload
+from pneumoscan.errors import CheckpointError
+from pneumoscan.model import model_from_kwargs, model_kwargs
+from pneumoscan.predict import InputSpec, Predictor
+from pneumoscan.preprocess import load_image
+
+SIZE = 64
+
+
+def member(seed: int, mean: float, std: float, size: int = SIZE, width: float = 0.25) -> dict:
+    torch.manual_seed(seed)
+    kw = model_kwargs("medical_cnn", 3, width=width)
+    return model_payload(model_from_kwargs(kw), arch="medical_cnn", model_kw=kw, spec=InputSpec(size, mean, std, 3),
+                         config={"seed": seed}, temperature=1.3, threshold=0.5)
+
+
+@pytest.fixture(scope="module")
+def members() -> list[dict]:
+    return [member(0, 0.48, 0.24), member(1, 0.50, 0.20), member(2, 0.45, 0.26, width=0.5)]
+
+
+@pytest.fixture(scope="module")
+def images(train_dir) -> torch.Tensor:
+    paths = sorted((train_dir / "NORMAL").iterdir())[:2] + sorted((train_dir / "PNEUMONIA").iterdir())[:2]
+    return torch.from_numpy(np.stack([load_image(p, SIZE) for p in paths]))
+
+
+def test_ensemble_logits_are_the_mean_of_each_member_on_its_own_normalisation(members, images):
+    model, spec = build_ensemble(members)
+    assert (spec.mean, spec.std, spec.image_size) == (0.0, 1.0, SIZE)
+    ens = Predictor(model, spec).outputs(images)
+    singles = [Predictor.from_checkpoint(m).outputs(images) for m in members]
+    torch.testing.assert_close(ens.logits, torch.stack([s.logits for s in singles]).mean(0), rtol=0, atol=1e-5)
+    assert len(ens.features) == 5
+    for b, feats in enumerate(ens.features):  # block b: the members' features side by side
+        torch.testing.assert_close(feats, torch.cat([s.features[b] for s in singles], 1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_ensemble_checkpoint_round_trips(members, images, tmp_path, half):
+    path = tmp_path / "ens.pth"
+    save_checkpoint(ensemble_payload(members, temperature=0.8, threshold=0.4, half=half), path)
+    ckpt = load_checkpoint(path)
+    assert ckpt["arch"] == "ensemble" and len(ckpt["model_kwargs"]["ensemble"]) == 3
+    assert ckpt["model_kwargs"]["widths"] == [8 + 8 + 16, 16 + 16 + 32, 32 + 32 + 64, 64 + 64 + 128, 128 + 128 + 256]
+    assert (ckpt["model_state"]["members.0.fc2.weight"].dtype == torch.float16) is half
+    loaded = Predictor.from_checkpoint(ckpt)
+    assert loaded.temperature == 0.8 and next(loaded.model.parameters()).dtype == torch.float32
+    model, spec = build_ensemble(members)
+    expected = Predictor(model, spec).logits(images)
+    torch.testing.assert_close(loaded.logits(images), expected, rtol=0, atol=2e-2 if half else 1e-6)
+
+
+def test_members_that_expect_other_inputs_cannot_be_combined(members):
+    with pytest.raises(CheckpointError, match="different inputs"):
+        build_ensemble([members[0], member(3, 0.5, 0.2, size=96)])
+    with pytest.raises(CheckpointError, match="at least one"):
+        build_ensemble([])
+    nested = ensemble_payload(members[:2], temperature=None, threshold=0.5)
+    with pytest.raises(CheckpointError, match="itself an ensemble"):
+        build_ensemble([nested])
+
+
+def test_gradcam_of_an_ensemble(members, images):
+    model, spec = build_ensemble(members)
+    cam = Predictor(model, spec).gradcam(images[2])
+    assert cam.shape == (SIZE, SIZE) and cam.min() >= 0.0 and cam.max() <= 1.0
+    # one member: exactly that model's map
+    solo, solo_spec = build_ensemble(members[:1])
+    torch.testing.assert_close(torch.from_numpy(Predictor(solo, solo_spec).gradcam(images[2])),
+                               torch.from_numpy(Predictor.from_checkpoint(members[0]).gradcam(images[2])),
+                               rtol=0, atol=1e-5)
+
+
+def test_onnx_graph_of_an_ensemble_equals_torch(members, images, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
+    from pneumoscan.backends import make_predictor
+
+    ckpt = ensemble_payload(members, temperature=0.8, threshold=0.4)
+    expected = Predictor.from_checkpoint(ckpt).outputs(images)
+    got = make_predictor(ckpt, "cpu", "onnx").outputs(images)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-4)
+    for g, e in zip(got.features, expected.features):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-4)
