@@ -92,3 +92,11 @@ def test_onnx_graph_of_an_ensemble_equals_torch(members, images, tmp_path):
     torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-4)
     for g, e in zip(got.features, expected.features):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-4)
+
+
+def test_an_ensemble_is_only_written_with_held_out_patients_to_calibrate_on(members, tmp_path):
+    from pneumoscan.ensemble import write_ensemble
+
+    with pytest.raises(CheckpointError, match="--holdout"):
+        write_ensemble(members, tmp_path / "ens.pth", data_dir=str(tmp_path))
+    assert not (tmp_path / "ens.pth").exists()

@@ -74,6 +74,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--cv_folds", type=int,
                    help="patient-level k-fold cross-validation: pool train/ and val/ into K folds (0: off)")
     p.add_argument("--cv_fold", type=int, help="with --cv_folds K: the fold (0..K-1) that validates this run")
+    p.add_argument("--cv_holdout", action="store_true", default=None,
+                   help="with --cv_folds: set the usual validation patients aside before dealing the folds")
     p.add_argument("--target_sensitivity", type=float, help="operating threshold's validation sensitivity")
     p.add_argument("--max_train_minutes", type=float, help="stop before an epoch would pass this budget")
     p.add_argument("--seed", type=int)

@@ -54,6 +54,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     cv_folds: int = 0  # k > 0: patient-level k-fold; fold cv_fold is the validation split
     cv_fold: int = 0
+    cv_holdout: bool = False  # keep the usual validation patients out of every fold (for an ensemble)
     min_val_images: int = 100
     target_sensitivity: float = 0.95
     seed: int = 42

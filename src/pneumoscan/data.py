@@ -358,13 +358,16 @@ def _usable(records: list[Record], bad: list[tuple[str, str]]) -> list[Record]:
 
 def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min_val_images: int = 100,
                  seed: int = 42, strict: bool = False, cache_dir: str = "", cv_folds: int = 0,
-                 cv_fold: int = 0) -> DataSplits:
+                 cv_fold: int = 0, cv_holdout: bool = False) -> DataSplits:
     """Discover, check, decode and split a data set for training.
 
     Validation comes from ``val/`` when it holds at least ``min_val_images`` images;
     otherwise it is built from ``train/`` (plus the tiny ``val/``) by patient. With
     ``cv_folds`` = k > 0, ``train/`` and ``val/`` are pooled and dealt into k patient-level
-    folds (``patient_folds``), and fold ``cv_fold`` is the validation split.
+    folds (``patient_folds``), and fold ``cv_fold`` is the validation split; with ``cv_holdout``
+    the usual patient-level validation split (``val_fraction``, ``seed``) is first set aside and
+    only the rest is dealt, so that models of every fold leave the same patients unseen (to
+    calibrate and check their ensemble, ``ensemble.write_ensemble``).
     ``test/`` is decoded for the single final evaluation only.
 
     Raises:
@@ -390,10 +393,13 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
         if not 0 <= cv_fold < cv_folds:
             raise DataError(f"cv_fold must be in 0..{cv_folds - 1}, got {cv_fold}")
         pool, n_dup = dedupe(train_recs + val_recs)
+        if cv_holdout:
+            pool, _ = patient_split(pool, val_fraction, seed)
         fold_of = patient_folds(pool, cv_folds, seed)
         train_recs = [r for r, f in zip(pool, fold_of) if f != cv_fold]
         val_recs = [r for r, f in zip(pool, fold_of) if f == cv_fold]
-        info["validation"] = f"fold {cv_fold} of {cv_folds} patient-level folds of train/ + val/ (seed {seed})"
+        info["validation"] = (f"fold {cv_fold} of {cv_folds} patient-level folds of train/ + val/ (seed {seed})"
+                              + (f", {val_fraction:.0%} of patients held out" if cv_holdout else ""))
         info["duplicates_dropped"] = n_dup
         log.info("validation %s; dropped %d byte-identical duplicate(s)", info["validation"], n_dup)
     elif len(val_recs) >= min_val_images:
@@ -441,7 +447,7 @@ def split_from_config(config: dict, data_dir: str, image_size: int, cache_dir: s
     """The same splits a training run with ``config`` (a checkpoint's stored config) made, at ``image_size``."""
     return prepare_data(data_dir, image_size, config.get("val_fraction", 0.15), config.get("min_val_images", 100),
                         config.get("seed", 42), cache_dir=cache_dir, cv_folds=config.get("cv_folds", 0),
-                        cv_fold=config.get("cv_fold", 0))
+                        cv_fold=config.get("cv_fold", 0), cv_holdout=config.get("cv_holdout", False))
 
 
 def load_labelled_folder(data_dir: str, image_size: int, split: str = "test",

@@ -12,12 +12,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from .checkpoint import input_spec, model_from_checkpoint, model_payload, save_checkpoint
 from .data import prepare_data
 from .errors import CheckpointError
-from .gate import OutOfScopeGate
 from .model import Ensemble, ensemble_kwargs
 from .predict import InputSpec, Predictor
 
@@ -69,28 +66,45 @@ def model_kwargs_of(model: Ensemble, members: list[dict]) -> dict:
                            [[float(model.norm_mean[i]), float(model.norm_std[i])] for i in range(len(members))])
 
 
-def write_ensemble(members: list[dict], path: str | Path, *, temperature: float, threshold: float, data_dir: str,
-                   report: dict | None = None, cache_dir: str = "", half: bool = True) -> Path:
-    """Write the calibrated ensemble of ``members`` with an out-of-scope gate fitted on every film of
-    ``data_dir`` (each was seen by some member, so the gate's limit is an in-sample quantile; the
-    scope classifier, experiments/fit_scope.py, is the check that is measured on unseen sources)."""
+def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, report: dict | None = None,
+                   cache_dir: str = "", half: bool = True) -> dict:
+    """Calibrate the ensemble of ``members`` on the patients none of them saw and write it.
+
+    The members must come from k-fold runs with ``cv_holdout`` (experiments/kfold.py --holdout):
+    their common held-out split, the usual patient-level validation split of ``data_dir``, fits the
+    temperature, the screening threshold and the out-of-scope gate exactly as ``pneumoscan train``
+    does for one model (``train.finalize``). Returns finalize's results (validation metrics with CIs).
+
+    Raises:
+        CheckpointError: a member was trained on every patient (no held-out split), or the members
+            come from different splits.
+    """
+    from .config import TrainConfig
+    from .train import finalize
+
+    configs = [m.get("config", {}) for m in members]
+    if not all(c.get("cv_holdout") and c.get("cv_folds") for c in configs):
+        raise CheckpointError("every ensemble member must be a k-fold run with the usual validation patients held "
+                              "out (experiments/kfold.py --holdout, or pneumoscan train --cv_folds K --cv_holdout): "
+                              "otherwise no patients are left to calibrate the ensemble on")
+    split_keys = {(c.get("seed"), c.get("val_fraction"), c.get("cv_folds")) for c in configs}
+    if len(split_keys) > 1:
+        raise CheckpointError(f"ensemble members come from different splits (seed, val_fraction, folds): "
+                              f"{sorted(split_keys, key=str)}")
     model, spec = build_ensemble(members)
-    cfg = members[0].get("config", {})
-    splits = prepare_data(data_dir, spec.image_size, cfg.get("val_fraction", 0.15), cfg.get("min_val_images", 100),
-                          cfg.get("seed", 42), cache_dir=cache_dir, cv_folds=cfg.get("cv_folds", 0),
-                          cv_fold=cfg.get("cv_fold", 0))
-    images = torch.cat([splits.train.images, splits.val.images])
-    labels = torch.cat([splits.train.labels, splits.val.labels])
-    feats = Predictor(model, spec).outputs(images).features
-    gate = OutOfScopeGate.fit(feats, labels, feats, quantile=0.999)
-    oof = (report or {}).get("oof", {})
-    metrics = {"oof_auroc": oof.get("auroc", {}).get("value")} if oof else {}
-    payload = ensemble_payload(members, temperature=temperature, threshold=threshold, metrics=metrics,
+    first = configs[0]
+    splits = prepare_data(data_dir, spec.image_size, first.get("val_fraction", 0.15),
+                          first.get("min_val_images", 100), first.get("seed", 42), cache_dir=cache_dir)
+    cfg = TrainConfig(target_sensitivity=first.get("target_sensitivity", 0.95))
+    final = finalize(Predictor(model, spec), splits, cfg)
+    payload = ensemble_payload(members, temperature=final["temperature"], threshold=final["threshold"],
+                               metrics=final["metrics_summary"],
                                model_version=f"ensemble-{len(members)}x-{Path(path).stem}",
-                               ood_gate=gate.to_dict(), half=half)
+                               ood_gate=final["ood_gate"], half=half)
+    payload["config"] = {**first, "cv_fold": None, "ensemble_of": len(members)}
     if report is not None:
         payload["cross_validation"] = report
     save_checkpoint(payload, path)
-    log.info("ensemble of %d members written to %s (temperature %.3f, threshold %.4f)", len(members), path,
-             temperature, threshold)
-    return Path(path)
+    log.info("ensemble of %d members written to %s (temperature %.3f, threshold %.4f, fitted on %d held-out films)",
+             len(members), path, final["temperature"], final["threshold"], len(splits.val))
+    return final

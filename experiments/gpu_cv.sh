@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device-tool call (issue 7): patient-level 5-fold cross-validation of the 224 px recipes on a lent GPU,
+# their out-of-fold reports, and the half-width 5-fold ensemble (float16) packed into $OUT.
+#
+#   mkdir -p .gpu/data && cp -r ../shared/data/chest_xray .gpu/data/     # 42 MB; dev_shift adults too:
+#   mkdir -p .gpu/shared/data && cp -r ../shared/data/dev_shift .gpu/shared/data/
+#   device run: bash experiments/gpu_cv.sh   (carry: .gpu; timeout 600)
+#
+# Budget: FOLD_MINUTES per fold and recipe (training only; each fold also validates and fits its gate).
+# Then on this machine: python experiments/kfold_eval.py on the returned runs, fit_scope.py, int8_calibrate.py.
+set -u
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_cv_out}
+mkdir -p "$OUT"
+nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
+python3 -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
+DATA=${DATA:-.gpu/data/chest_xray}
+RECIPES=${RECIPES:-half_acq full_acq}
+for recipe in $RECIPES; do
+    timeout "${RECIPE_SECONDS:-250}" python3 experiments/kfold.py --data_dir "$DATA" --out /tmp/cv --recipe "$recipe" \
+        --holdout --folds "${FOLDS:-5}" --epochs "${EPOCHS:-40}" --patience "${PATIENCE:-10}" --minutes "${FOLD_MINUTES:-0.75}" \
+        --cache_dir /tmp/cache ${EXTRA:-} 2>&1 | tee -a "$OUT/cv_console.log" | grep -E "fold|stopped|Epoch [0-9]+/.*(0|5)/|rror"
+    ensemble=()
+    [ "$recipe" = half_acq ] && ensemble=(--write_ensemble "$OUT/ensemble_$recipe.pth")
+    python3 experiments/kfold_eval.py --data_dir "$DATA" --runs "/tmp/cv/$recipe" --json "$OUT/cv_$recipe.json" \
+        --cache_dir /tmp/cache --adult_dir "${ADULT_DIR:-.gpu/shared/data/dev_shift}" "${ensemble[@]}" \
+        2>&1 | tee -a "$OUT/cv_console.log" | grep -E "OOF|rror"
+done
+tar czf "$OUT/cv_runs.tgz" --exclude='*.pth' -C /tmp cv
+for f in "$OUT"/*.pth; do [ -e "$f" ] && split -b 15M -d "$f" "$f.part" && rm "$f"; done
+ls -la "$OUT"
