@@ -35,8 +35,9 @@ RECIPES: dict[str, dict] = {
 def fold_config(recipe: str, fold: int, folds: int, data_dir: str, out: Path, **overrides) -> TrainConfig:
     spec = dict(RECIPES[recipe])
     preset = spec.pop("preset")
+    spec.update({k: v for k, v in overrides.items() if v is not None})  # explicit flags win over the recipe
     return TrainConfig.from_overrides(preset, data_dir=data_dir, output_dir=str(out / recipe / f"fold{fold}"),
-                                      cv_folds=folds, cv_fold=fold, **spec, **overrides)
+                                      cv_folds=folds, cv_fold=fold, **spec)
 
 
 def main(argv: list[str] | None = None) -> int:
