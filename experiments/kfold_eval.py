@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--runs", help="OUT/RECIPE of experiments/kfold.py (fold0, fold1, ...)")
     src.add_argument("--single", help="one checkpoint, evaluated on its own validation split")
+    p.add_argument("--only_folds", type=int, nargs="*", help="use only these folds (a paired comparison)")
     p.add_argument("--json", required=True)
     p.add_argument("--write_ensemble", help="write the fold models as one calibrated ensemble checkpoint here")
     p.add_argument("--cache_dir", default="")
@@ -147,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(None)
     torch.manual_seed(0)
     paths = sorted(Path(args.runs).glob("fold*/medical_cnn_model.pth")) if args.runs else [Path(args.single)]
+    if args.runs and args.only_folds:
+        paths = [q for q in paths if int(q.parent.name.removeprefix("fold")) in args.only_folds]
     if not paths:
         p.error(f"no fold*/medical_cnn_model.pth under {args.runs}")
     adult_paths, adult_y = adult_films(Path(args.adult_dir)) if args.adult_dir != "none" else ([], np.zeros(0))
