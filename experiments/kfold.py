@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Patient-level k-fold cross-validation of a training recipe (issue 7).
 
-Phase ``train``: K ordinary training runs in OUT/RECIPE/foldI, fold I validating; a run that
-was interrupted continues with --resume, a finished one is skipped, so the command can simply
-be started again after a kill. Phase ``evaluate`` (``experiments/kfold_eval.py``) turns the K
-runs into out-of-fold numbers and an ensemble checkpoint.
+Named recipes (preset + overrides) for ``cv.train_folds``: K ordinary training runs in
+OUT/RECIPE/foldI, fold I validating; a run that was interrupted continues with --resume, a
+finished one is skipped, so the command can simply be started again after a kill.
+``experiments/kfold_eval.py`` turns the K runs into out-of-fold numbers, shift proxies and an
+ensemble checkpoint. (``pneumoscan train --cv_folds K`` does the same for one set of flags.)
 
     python experiments/kfold.py --data_dir ../shared/data/chest_xray --out runs/cv --recipe fast_acq
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from pneumoscan.cli import configure_logging
 from pneumoscan.config import TrainConfig
-from pneumoscan.train import LAST_FILE, run_training
+from pneumoscan.cv import train_folds
 
 log = logging.getLogger("pneumoscan.kfold")
 
@@ -32,12 +33,12 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def fold_config(recipe: str, fold: int, folds: int, data_dir: str, out: Path, **overrides) -> TrainConfig:
+def recipe_config(recipe: str, folds: int, data_dir: str, out: Path, **overrides) -> TrainConfig:
+    """The recipe's config for ``folds``-fold cross-validation in OUT/RECIPE; flags that are not None win."""
     spec = dict(RECIPES[recipe])
     preset = spec.pop("preset")
-    spec.update({k: v for k, v in overrides.items() if v is not None})  # explicit flags win over the recipe
-    return TrainConfig.from_overrides(preset, data_dir=data_dir, output_dir=str(out / recipe / f"fold{fold}"),
-                                      cv_folds=folds, cv_fold=fold, **spec)
+    spec.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_overrides(preset, data_dir=data_dir, output_dir=str(out / recipe), cv_folds=folds, **spec)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,20 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     configure_logging(out / args.recipe / "kfold.log")
-    for fold in range(args.folds):
-        if args.only_folds and fold not in args.only_folds:
-            continue
-        cfg = fold_config(args.recipe, fold, args.folds, args.data_dir, out, max_train_minutes=args.minutes,
-                          epochs=args.epochs, patience=args.patience, cache_dir=args.cache_dir,
-                          image_size=args.image_size, width=args.width, batch_size=args.batch_size,
-                          cv_holdout=args.holdout)
-        run_dir = Path(cfg.output_dir)
-        if (run_dir / "training_results.json").exists():
-            log.info("%s fold %d: finished earlier, skipped", args.recipe, fold)
-            continue
-        cfg.resume = (run_dir / LAST_FILE).exists()
-        log.info("%s fold %d of %d%s", args.recipe, fold, args.folds, " (resumed)" if cfg.resume else "")
-        run_training(cfg)
+    cfg = recipe_config(args.recipe, args.folds, args.data_dir, out, max_train_minutes=args.minutes,
+                        epochs=args.epochs, patience=args.patience, cache_dir=args.cache_dir,
+                        image_size=args.image_size, width=args.width, batch_size=args.batch_size,
+                        cv_holdout=args.holdout)
+    log.info("recipe %s, %d folds", args.recipe, args.folds)
+    train_folds(cfg, only=args.only_folds or None)
     return 0
 
 

@@ -2,13 +2,9 @@
 """Out-of-fold numbers of a k-fold recipe (experiments/kfold.py), and its ensemble checkpoint.
 
 For each fold, the fold's best model predicts its own validation fold (patients it never saw):
-pooled, these out-of-fold (OOF) logits give
-- AUROC with a patient-level bootstrap CI, and the mean and spread of the per-fold AUROCs;
-- one temperature and one threshold (sensitivity >= 0.95) fitted on all OOF logits, and the
-  specificity there (threshold in-sample: optimistic by construction);
-- the same operating point cross-validated: for fold I, temperature and threshold fitted on the
-  other folds' OOF logits and applied to fold I; pooled sensitivity, specificity, accuracy and ECE
-  (the honest estimate of what a stored threshold does on new patients of this hospital);
+pooled, these out-of-fold (OOF) logits give the numbers of ``pneumoscan.cv.oof_report`` (AUROC with
+a patient-level CI, OOF temperature and threshold, the cross-validated operating point and ECE),
+and here also
 - stress AUROC: the OOF films after changes no recipe trains on (histogram equalisation,
   JPEG quality 10, resolution loss to 25 %), a proxy for another hospital's processing;
 - on dev_shift/adult_frontal (never trained on): the AUROC of "No finding" against the
@@ -35,23 +31,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from pneumoscan.calibration import fit_temperature, positive_probability
+from pneumoscan.calibration import positive_probability
 from pneumoscan.checkpoint import input_spec, load_checkpoint
 from pneumoscan.cli import configure_logging
+from pneumoscan.cv import collect_oof, oof_report
 from pneumoscan.data import split_from_config
-from pneumoscan.metrics import (
-    auroc,
-    binary_metrics,
-    expected_calibration_error,
-    metrics_with_ci,
-    threshold_for_sensitivity,
-)
+from pneumoscan.metrics import auroc, binary_metrics
 from pneumoscan.predict import Predictor
 from pneumoscan.preprocess import open_image
 
 log = logging.getLogger("pneumoscan.kfold_eval")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TARGET_SENSITIVITY = 0.95
 
 
 def _hist_eq(a: np.ndarray) -> np.ndarray:
@@ -98,40 +88,6 @@ def adult_pixels(spec, paths: list[Path]) -> torch.Tensor:
     return torch.from_numpy(np.stack([spec.pixels(open_image(p)) for p in paths]))
 
 
-def oof_report(logits: torch.Tensor, labels: torch.Tensor, patients: list[str], folds: np.ndarray) -> dict:
-    y = labels.numpy()
-    t_all = fit_temperature(logits, labels)
-    p_all = positive_probability(logits, t_all)
-    thr_all = threshold_for_sensitivity(y, p_all, TARGET_SENSITIVITY)
-    at_thr = metrics_with_ci(y, p_all, thr_all, groups=patients)
-    # cross-validated operating point: temperature and threshold from the other folds
-    cv_prob = np.zeros(len(y))
-    cv_pred = np.zeros(len(y), dtype=bool)
-    per_fold = []
-    for f in np.unique(folds):
-        held, fit = folds == f, folds != f
-        t = fit_temperature(logits[fit], labels[fit])
-        thr = threshold_for_sensitivity(y[fit], positive_probability(logits[fit], t), TARGET_SENSITIVITY)
-        cv_prob[held] = positive_probability(logits[held], t)
-        cv_pred[held] = cv_prob[held] >= thr
-        per_fold.append({"fold": int(f), "auroc": auroc(y[held], p_all[held]), "temperature": t, "threshold": thr})
-    tp, tn = int((cv_pred & (y == 1)).sum()), int((~cv_pred & (y == 0)).sum())
-    fold_aurocs = [r["auroc"] for r in per_fold]
-    return {
-        "n": len(y), "patients": len(set(patients)), "normal": int((y == 0).sum()), "pneumonia": int(y.sum()),
-        "auroc": at_thr["metrics"]["auroc"],
-        "fold_auroc_mean": float(np.mean(fold_aurocs)), "fold_auroc_sd": float(np.std(fold_aurocs, ddof=1))
-        if len(fold_aurocs) > 1 else 0.0,
-        "temperature": t_all, "threshold": thr_all,
-        "at_oof_threshold": {k: at_thr["metrics"][k] for k in ("sensitivity", "specificity", "accuracy")},
-        "ece_raw": expected_calibration_error(y, positive_probability(logits)),
-        "ece_after_in_sample": expected_calibration_error(y, p_all),
-        "cross_validated": {"sensitivity": tp / max(int(y.sum()), 1), "specificity": tn / max(int((y == 0).sum()), 1),
-                            "accuracy": (tp + tn) / len(y), "ece": expected_calibration_error(y, cv_prob)},
-        "per_fold": per_fold,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True)
@@ -153,33 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         p.error(f"no fold*/medical_cnn_model.pth under {args.runs}")
     adult_paths, adult_y = adult_films(Path(args.adult_dir)) if args.adult_dir != "none" else ([], np.zeros(0))
-    logits, labels, patients, folds = [], [], [], []
+    oof, members = collect_oof(paths, args.data_dir, args.cache_dir)
+    if len(paths) == 1:  # one model: cross-validate the operating point over 5 groups of its validation patients
+        rng = np.random.default_rng(0)
+        order = {pt: k % 5 for k, pt in enumerate(rng.permutation(sorted(set(oof.patients))))}
+        oof.folds = np.array([order[pt] for pt in oof.patients])
     stress_logits = {k: [] for k in STRESS}
-    adult_logits, members = [], []
-    for i, path in enumerate(paths):
-        ckpt = load_checkpoint(path)
-        members.append(ckpt)
-        pred = Predictor.from_checkpoint(ckpt)
-        spec = input_spec(ckpt)
+    adult_logits = []
+    for path, ckpt in zip(paths, members):  # the shift proxies, member by member on its own validation fold
+        pred, spec = Predictor.from_checkpoint(ckpt), input_spec(ckpt)
         val = split_from_config(ckpt["config"], args.data_dir, spec.image_size, args.cache_dir).val
-        lg = pred.logits(val.images)
-        logits.append(lg)
-        labels.append(val.labels)
-        patients += [f"{p}" for p in val.patients]
-        folds.append(np.full(len(val), i))
         for name, fn in STRESS.items():
             stress_logits[name].append(pred.logits(stressed(val.images, fn)))
         if adult_paths:
             adult_logits.append(pred.logits(adult_pixels(spec, adult_paths)))
-        log.info("%s: %d validation films, AUROC %.4f", path, len(val),
-                 auroc(val.labels.numpy(), positive_probability(lg)))
-    logits_t, labels_t, folds_a = torch.cat(logits), torch.cat(labels), np.concatenate(folds)
-    if len(paths) == 1:  # one model: cross-validate the operating point over 5 groups of its validation patients
-        rng = np.random.default_rng(0)
-        order = {pt: k % 5 for k, pt in enumerate(rng.permutation(sorted(set(patients))))}
-        folds_a = np.array([order[pt] for pt in patients])
-    report = {"source": args.runs or args.single, "members": len(paths),
-              "oof": oof_report(logits_t, labels_t, patients, folds_a)}
+        log.info("%s: shift proxies done", path)
+    report = {"source": args.runs or args.single, "members": len(paths), "oof": oof_report(oof)}
+    labels_t = oof.labels
     y = labels_t.numpy()
     report["stress_auroc"] = {k: auroc(y, positive_probability(torch.cat(v))) for k, v in stress_logits.items()}
     t, thr = report["oof"]["temperature"], report["oof"]["threshold"]

@@ -1,5 +1,6 @@
-"""experiments/kfold.py and kfold_eval.py end to end on real films: patient-level folds trained by the
-ordinary trainer, restartable, out-of-fold numbers, and a calibrated ensemble that predicts."""
+"""Patient-level k-fold cross-validation end to end on real films: ``pneumoscan train --cv_folds``
+(every fold by the ordinary trainer, restartable, out-of-fold report, the calibrated ensemble) and
+experiments/kfold_eval.py on its runs."""
 
 from __future__ import annotations
 
@@ -9,69 +10,73 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from pneumoscan.checkpoint import load_checkpoint
+from pneumoscan.cli import train_main
+from pneumoscan.data import prepare_data
 from pneumoscan.inference import MedicalImageInference
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True,
-                          text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
-def cv_runs(tmp_path_factory, smoke_data) -> Path:
-    out = tmp_path_factory.mktemp("cv")
-    args = ["--data_dir", str(smoke_data), "--out", str(out), "--recipe", "fast_acq", "--folds", "2", "--holdout",
-            "--epochs", "1", "--image_size", "64", "--width", "0.25", "--batch_size", "16",
-            "--cache_dir", str(out / "cache")]
-    done = run("kfold.py", *args)
-    assert done.returncode == 0, done.stderr[-2000:]
-    again = run("kfold.py", *args)  # a finished fold is not trained again
-    assert again.returncode == 0 and again.stderr.count("finished earlier, skipped") == 2, again.stderr[-2000:]
+def cv_run(tmp_path_factory, smoke_data, smoke_args) -> Path:
+    out = tmp_path_factory.mktemp("cv") / "run"
+    argv = ["--data_dir", str(smoke_data), "--output_dir", str(out), "--cache_dir", str(out.parent / "cache"),
+            "--cv_folds", "2", "--cv_holdout", "--augment", "acquisition", "--width", "0.25", *smoke_args]
+    assert train_main(argv) == 0
+    assert train_main(argv) == 0  # started again: finished folds are skipped, the report is rebuilt
+    assert (out / "training.log").read_text().count("finished earlier") == 2
     return out
 
 
-def test_folds_validate_on_disjoint_patients_that_cover_the_data(cv_runs):
-    val_patients, n_val = [], 0
+def test_folds_validate_on_disjoint_patients_that_cover_all_but_the_held_out(cv_run):
+    n_val, patients = 0, 0
     for fold in (0, 1):
-        res = json.loads((cv_runs / "fast_acq" / f"fold{fold}" / "training_results.json").read_text())
-        assert res["config"]["cv_folds"] == 2 and res["config"]["cv_fold"] == fold
+        res = json.loads((cv_run / f"fold{fold}" / "training_results.json").read_text())
+        assert (res["config"]["cv_folds"], res["config"]["cv_fold"], res["config"]["cv_holdout"]) == (2, fold, True)
         assert res["config"]["augment"] == "acquisition"
         assert res["data"]["validation"].startswith(f"fold {fold} of 2 patient-level folds")
+        assert "held out" in res["data"]["validation"]
         n_val += res["data"]["val"]["images"]
-        val_patients.append(res["data"]["val"]["patients"])
-    # every film outside the held-out patients validated once
-    assert n_val == res["data"]["train"]["images"] + res["data"]["val"]["images"]
-    assert "held out" in res["data"]["validation"]
-
-
-def test_out_of_fold_report_and_ensemble(cv_runs, smoke_data, fullres_dir, tmp_path):
-    report_path, ens_path = tmp_path / "cv.json", tmp_path / "ens.pth"
-    done = run("kfold_eval.py", "--data_dir", str(smoke_data), "--runs", str(cv_runs / "fast_acq"),
-               "--json", str(report_path), "--adult_dir", "none", "--write_ensemble", str(ens_path),
-               "--cache_dir", str(cv_runs / "cache"))
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(report_path.read_text())
+        patients += res["data"]["val"]["patients"]
+    assert n_val == res["data"]["train"]["images"] + res["data"]["val"]["images"]  # each film validated once
+    report = json.loads((cv_run / "cv_results.json").read_text())
     oof = report["oof"]
-    assert report["members"] == 2 and oof["n"] == oof["normal"] + oof["pneumonia"] > 100
+    assert oof["n"] == n_val and oof["patients"] == patients and oof["normal"] + oof["pneumonia"] == n_val
     assert 0.0 <= oof["auroc"]["ci_low"] <= oof["auroc"]["value"] <= oof["auroc"]["ci_high"] <= 1.0
-    assert oof["at_oof_threshold"]["sensitivity"]["value"] >= 0.95  # the OOF threshold's own data
-    assert 0.0 <= oof["cross_validated"]["ece"] <= 1.0 and len(oof["per_fold"]) == 2
-    assert set(report["stress_auroc"]) == {"hist_eq", "jpeg_q10", "lowres_25"}
+    assert oof["at_oof_threshold"]["sensitivity"]["value"] >= 0.95  # the OOF threshold on its own films
+    assert 0.0 <= oof["cross_validated"]["ece"] <= 1.0 and [f["fold"] for f in oof["per_fold"]] == [0, 1]
+    summary = (cv_run / "cv_summary.txt").read_text()
+    assert "2-fold cross-validation by patient" in summary and "cross-validated operating point" in summary
 
-    ckpt = load_checkpoint(ens_path)
-    held = report["ensemble_holdout"]  # calibrated on the patients no member saw
-    assert ckpt["arch"] == "ensemble" and ckpt["temperature"] == pytest.approx(held["temperature"])
+
+def test_the_ensemble_is_calibrated_on_held_out_patients_and_predicts(cv_run, smoke_data, fullres_dir):
+    report = json.loads((cv_run / "cv_results.json").read_text())
+    held = report["ensemble_holdout"]
+    ckpt = load_checkpoint(cv_run / "medical_cnn_model.pth")
+    assert ckpt["arch"] == "ensemble" and len(ckpt["model_kwargs"]["ensemble"]) == 2
+    assert ckpt["temperature"] == pytest.approx(held["temperature"])
     assert ckpt["threshold"] == pytest.approx(held["threshold"]) and ckpt["ood_gate"] is not None
     assert held["validation"]["at_threshold"]["metrics"]["sensitivity"]["value"] >= 0.95
-    assert set(held["stress_auroc"]) == {"hist_eq", "jpeg_q10", "lowres_25"}
-    engine = MedicalImageInference(str(ens_path), device="cpu")
-    film = next((fullres_dir / "PNEUMONIA").iterdir())
-    result = engine.predict_image(str(film))
+    usual = prepare_data(str(smoke_data), 64, cache_dir=str(cv_run.parent / "cache"))  # the usual split
+    assert held["n"] == len(usual.val) and held["n"] + report["oof"]["n"] == len(usual.train) + len(usual.val)
+    engine = MedicalImageInference(str(cv_run / "medical_cnn_model.pth"), device="cpu")
+    result = engine.predict_image(str(next((fullres_dir / "PNEUMONIA").iterdir())))
     assert result.prediction in ("NORMAL", "PNEUMONIA")
     assert sum(result.probabilities.values()) == pytest.approx(1.0)
-    assert torch.isfinite(torch.tensor(result.confidence))
+
+
+def test_kfold_eval_reports_shift_proxies_and_writes_the_same_ensemble(cv_run, smoke_data, tmp_path):
+    report_path, ens_path = tmp_path / "cv.json", tmp_path / "ens.pth"
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "kfold_eval.py"), "--data_dir", str(smoke_data),
+                           "--runs", str(cv_run), "--json", str(report_path), "--adult_dir", "none",
+                           "--write_ensemble", str(ens_path), "--cache_dir", str(cv_run.parent / "cache")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(report_path.read_text())
+    cli_report = json.loads((cv_run / "cv_results.json").read_text())
+    assert report["members"] == 2 and report["oof"]["auroc"] == cli_report["oof"]["auroc"]
+    assert set(report["stress_auroc"]) == set(report["ensemble_holdout"]["stress_auroc"]) == {
+        "hist_eq", "jpeg_q10", "lowres_25"}
+    assert load_checkpoint(ens_path)["threshold"] == pytest.approx(cli_report["ensemble_holdout"]["threshold"])

@@ -72,10 +72,12 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr_patience", type=int)
     p.add_argument("--val_fraction", type=float, help="share of patients for validation when val/ is absent")
     p.add_argument("--cv_folds", type=int,
-                   help="patient-level k-fold cross-validation: pool train/ and val/ into K folds (0: off)")
-    p.add_argument("--cv_fold", type=int, help="with --cv_folds K: the fold (0..K-1) that validates this run")
+                   help="patient-level k-fold cross-validation: train K models (OUTPUT_DIR/foldI), each validated "
+                        "on one fold, and report out-of-fold AUROC, threshold and calibration (0: off)")
+    p.add_argument("--cv_fold", type=int, help="with --cv_folds K: train only this fold (0..K-1)")
     p.add_argument("--cv_holdout", action="store_true", default=None,
-                   help="with --cv_folds: set the usual validation patients aside before dealing the folds")
+                   help="with --cv_folds: set the usual validation patients aside first; they calibrate the "
+                        "folds' ensemble, written as OUTPUT_DIR/medical_cnn_model.pth")
     p.add_argument("--target_sensitivity", type=float, help="operating threshold's validation sensitivity")
     p.add_argument("--max_train_minutes", type=float, help="stop before an epoch would pass this budget")
     p.add_argument("--seed", type=int)
@@ -107,6 +109,12 @@ def train_main(argv: list[str] | None = None) -> int:
     configure_logging(Path(cfg.output_dir) / "training.log" if world.is_main else None, args.verbose,
                       quiet=not world.is_main)
     try:
+        if cfg.cv_folds and args.cv_fold is None:  # every fold, then the out-of-fold report (and ensemble)
+            from .cv import run_cv
+
+            run_cv(cfg)
+            log.info("cross-validation written to %s (cv_summary.txt, cv_results.json)", cfg.output_dir)
+            return EXIT_OK
         results = run_training(cfg)
     except PneumoscanError as exc:
         log.error("%s", exc)

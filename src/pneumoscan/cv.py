@@ -1,0 +1,173 @@
+"""Patient-level k-fold cross-validation: train every fold, pool the out-of-fold predictions, and
+(with held-out patients) write the folds' calibrated ensemble.
+
+``pneumoscan train --cv_folds K`` (without ``--cv_fold``) runs ``run_cv``: K ordinary training
+runs in OUTPUT_DIR/foldI (a finished fold is skipped and an interrupted one resumed, so the
+command can simply be started again), then ``cv_results.json`` and ``cv_summary.txt``:
+
+- out-of-fold (OOF) AUROC with a patient-level bootstrap CI, and the per-fold AUROCs;
+- one temperature and one threshold (sensitivity >= ``target_sensitivity``) fitted on all OOF
+  logits, and the specificity there (in-sample for the threshold, so optimistic);
+- the same operating point cross-validated: for fold I, temperature and threshold fitted on the
+  other folds' OOF logits and applied to fold I; pooled sensitivity, specificity, accuracy and ECE.
+  This is the honest estimate of what a stored threshold does on new patients;
+- with ``--cv_holdout``, OUTPUT_DIR/medical_cnn_model.pth: the K fold models as one ensemble,
+  calibrated and gated on the held-out patients (``ensemble.write_ensemble``), with its metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import write_text
+from .calibration import fit_temperature, positive_probability
+from .checkpoint import input_spec, load_checkpoint
+from .config import TrainConfig
+from .data import split_from_config
+from .metrics import auroc, expected_calibration_error, metrics_with_ci, threshold_for_sensitivity
+from .predict import Predictor
+from .results import write_json
+
+log = logging.getLogger(__name__)
+
+CV_RESULTS = "cv_results.json"
+CV_SUMMARY = "cv_summary.txt"
+
+
+@dataclasses.dataclass
+class OutOfFold:
+    """Pooled out-of-fold predictions: each film scored by the one fold model that did not train on it."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    patients: list[str]
+    folds: np.ndarray
+
+
+def fold_dir(out: Path, fold: int) -> Path:
+    return out / f"fold{fold}"
+
+
+def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | None = None) -> list[Path]:
+    """Train every fold of ``cfg.cv_folds`` (or those in ``only``) into ROOT/foldI (ROOT: OUTPUT_DIR);
+    returns the folds' model paths."""
+    from .train import LAST_FILE, MODEL_FILE, run_training
+
+    out = Path(root or cfg.output_dir)
+    folds = list(range(cfg.cv_folds)) if only is None else only
+    for fold in folds:
+        run_dir = fold_dir(out, fold)
+        if (run_dir / "training_results.json").exists():
+            log.info("fold %d of %d: finished earlier (%s), skipped", fold, cfg.cv_folds, run_dir)
+            continue
+        resume = (run_dir / LAST_FILE).exists()
+        log.info("fold %d of %d%s", fold, cfg.cv_folds, " (resumed)" if resume else "")
+        run_training(dataclasses.replace(cfg, cv_fold=fold, output_dir=str(run_dir), resume=resume))
+    return [fold_dir(out, f) / MODEL_FILE for f in folds]
+
+
+def collect_oof(model_paths: list[Path], data_dir: str, cache_dir: str = "") -> tuple[OutOfFold, list[dict]]:
+    """Each fold model's raw (uncalibrated) logits on its own validation fold; and the loaded checkpoints."""
+    logits, labels, patients, folds, ckpts = [], [], [], [], []
+    for i, path in enumerate(model_paths):
+        ckpt = load_checkpoint(path)
+        ckpts.append(ckpt)
+        val = split_from_config(ckpt["config"], data_dir, input_spec(ckpt).image_size, cache_dir).val
+        logits.append(Predictor.from_checkpoint(ckpt).logits(val.images))
+        labels.append(val.labels)
+        patients += list(val.patients)
+        folds.append(np.full(len(val), ckpt["config"].get("cv_fold", i)))
+    return OutOfFold(torch.cat(logits), torch.cat(labels), patients, np.concatenate(folds)), ckpts
+
+
+def oof_report(oof: OutOfFold, target_sensitivity: float = 0.95) -> dict:
+    """AUROC, OOF operating point and its cross-validated counterpart (see the module docstring)."""
+    y, logits, labels, folds = oof.labels.numpy(), oof.logits, oof.labels, oof.folds
+    t_all = fit_temperature(logits, labels)
+    p_all = positive_probability(logits, t_all)
+    thr_all = threshold_for_sensitivity(y, p_all, target_sensitivity)
+    at_thr = metrics_with_ci(y, p_all, thr_all, groups=oof.patients)
+    cv_prob = np.zeros(len(y))
+    cv_pred = np.zeros(len(y), dtype=bool)
+    per_fold = []
+    for f in np.unique(folds):
+        held, fit = folds == f, folds != f
+        if not fit.any():
+            raise ValueError("cross-validating the operating point needs at least two folds")
+        t = fit_temperature(logits[fit], labels[fit])
+        thr = threshold_for_sensitivity(y[fit], positive_probability(logits[fit], t), target_sensitivity)
+        cv_prob[held] = positive_probability(logits[held], t)
+        cv_pred[held] = cv_prob[held] >= thr
+        per_fold.append({"fold": int(f), "n": int(held.sum()), "auroc": auroc(y[held], p_all[held]),
+                         "temperature": t, "threshold": thr})
+    pos, neg = y == 1, y == 0
+    aurocs = [r["auroc"] for r in per_fold]
+    return {
+        "n": len(y), "patients": len(set(oof.patients)), "normal": int(neg.sum()), "pneumonia": int(pos.sum()),
+        "auroc": at_thr["metrics"]["auroc"],
+        "fold_auroc_mean": float(np.mean(aurocs)),
+        "fold_auroc_sd": float(np.std(aurocs, ddof=1)) if len(aurocs) > 1 else 0.0,
+        "temperature": t_all, "threshold": thr_all, "target_sensitivity": target_sensitivity,
+        "at_oof_threshold": {k: at_thr["metrics"][k] for k in ("sensitivity", "specificity", "accuracy")},
+        "ece_raw": expected_calibration_error(y, positive_probability(logits)),
+        "ece_after_in_sample": expected_calibration_error(y, p_all),
+        "cross_validated": {"sensitivity": float((cv_pred & pos).sum() / max(pos.sum(), 1)),
+                            "specificity": float((~cv_pred & neg).sum() / max(neg.sum(), 1)),
+                            "accuracy": float((cv_pred == pos).mean()),
+                            "ece": expected_calibration_error(y, cv_prob)},
+        "per_fold": per_fold,
+    }
+
+
+def summary_text(report: dict) -> str:
+    o = report["oof"]
+    a, cvd = o["auroc"], o["cross_validated"]
+    lines = [
+        f"pneumoscan {len(o['per_fold'])}-fold cross-validation by patient",
+        f"out-of-fold films: {o['n']} ({o['patients']} patients; NORMAL {o['normal']}, PNEUMONIA {o['pneumonia']})",
+        f"AUROC {a['value']:.4f} [{a['ci_low']:.4f}, {a['ci_high']:.4f}] (95 % CI, bootstrap over patients); "
+        f"per fold {o['fold_auroc_mean']:.4f} +- {o['fold_auroc_sd']:.4f}",
+        f"OOF temperature {o['temperature']:.3f}, threshold {o['threshold']:.4f} for sensitivity >= "
+        f"{o['target_sensitivity']}: specificity {o['at_oof_threshold']['specificity']['value']:.4f} "
+        f"(threshold chosen on these films)",
+        f"cross-validated operating point (fitted on the other folds): sensitivity {cvd['sensitivity']:.4f}, "
+        f"specificity {cvd['specificity']:.4f}, accuracy {cvd['accuracy']:.4f}, ECE {cvd['ece']:.4f}",
+    ]
+    held = report.get("ensemble_holdout")
+    if held:
+        m = held["validation"]["at_threshold"]["metrics"]
+        lines += [f"ensemble of the fold models on {held['n']} held-out films (no member saw them): AUROC "
+                  f"{m['auroc']['value']:.4f} [{m['auroc']['ci_low']:.4f}, {m['auroc']['ci_high']:.4f}]; "
+                  f"at its threshold {held['threshold']:.4f}: sensitivity {m['sensitivity']['value']:.4f}, "
+                  f"specificity {m['specificity']['value']:.4f}; ECE {held['ece_after_cross_fitted']:.4f} "
+                  f"(temperature fitted on other held-out patients)",
+                  f"ensemble model: {held['model_path']}"]
+    return "\n".join(lines) + "\n"
+
+
+def run_cv(cfg: TrainConfig) -> dict:
+    """Train all folds, write the out-of-fold report and, with ``cv_holdout``, the ensemble model."""
+    from .ensemble import write_ensemble
+    from .train import MODEL_FILE
+
+    out = Path(cfg.output_dir)
+    paths = train_folds(cfg)
+    oof, ckpts = collect_oof(paths, cfg.data_dir, cfg.cache_dir)
+    report = {"config": cfg.to_dict(), "folds": [str(p) for p in paths],
+              "oof": oof_report(oof, cfg.target_sensitivity)}
+    if cfg.cv_holdout:
+        final = write_ensemble(ckpts, out / MODEL_FILE, data_dir=cfg.data_dir, report=dict(report),
+                               cache_dir=cfg.cache_dir)
+        report["ensemble_holdout"] = {
+            "model_path": str(out / MODEL_FILE), "n": final["validation"]["at_threshold"]["n"],
+            **{k: final[k] for k in ("temperature", "threshold", "ece_before", "ece_after", "ece_after_cross_fitted",
+                                     "validation")}}
+    write_json(report, out / CV_RESULTS)
+    write_text(out / CV_SUMMARY, summary_text(report))
+    log.info("\n%s", summary_text(report))
+    return report
