@@ -26,6 +26,7 @@ log = logging.getLogger("pneumoscan.kfold")
 RECIPES: dict[str, dict] = {
     "fast_light": {"preset": "fast"},
     "fast_acq": {"preset": "fast", "augment": "acquisition"},
+    "fast_acq_cosine": {"preset": "fast", "augment": "acquisition", "lr_schedule": "cosine"},
     "full_acq": {"preset": "full", "augment": "acquisition"},
     "full_strong": {"preset": "full"},
     # half width at 224 px: five of them cost 1.25x one full-width model (the ensemble to ship, issue 7)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from pneumoscan import cli
-from pneumoscan.config import AUGMENTS, DEVICES, EVAL_METRICS, LOSSES, PRESETS, TrainConfig
+from pneumoscan.config import AUGMENTS, DEVICES, EVAL_METRICS, LOSSES, LR_SCHEDULES, PRESETS, TrainConfig
 from pneumoscan.model import ARCHITECTURES
 
 CHOICE_FIELDS = [
@@ -17,6 +17,7 @@ CHOICE_FIELDS = [
     ("eval_metric", "accuracy", tuple(EVAL_METRICS)),
     ("device", "tpu", DEVICES),
     ("preset", "slow", tuple(PRESETS)),
+    ("lr_schedule", "step", LR_SCHEDULES),
 ]
 
 

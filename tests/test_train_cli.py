@@ -211,3 +211,15 @@ def test_test_split_is_evaluated_once_and_never_trained_on(tmp_path, smoke_files
     assert "test/ (evaluated once" in (out / "training_summary.txt").read_text()
     log = (out / "training.log").read_text()
     assert log.count("test (evaluated once, never used for choices)") == 1
+
+
+def test_cosine_schedule_anneals_the_learning_rate_over_the_epochs(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "cosine"
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--epochs", "3", "--lr_schedule", "cosine", "--lr", "0.001"]
+    assert train_main(argv) == 0
+    lrs = [float(r["lr"]) for r in read_history(out)]
+    eta = 1e-6
+    expected = [eta + (1e-3 - eta) * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+    assert json.loads((out / "training_results.json").read_text())["config"]["lr_schedule"] == "cosine"

@@ -69,6 +69,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_metric", choices=list(EVAL_METRICS),
                    help="validation metric for best checkpoint, LR schedule and early stopping")
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs")
+    p.add_argument("--lr_schedule", choices=("plateau", "cosine"),
+                   help="plateau: halve the LR when the validation metric stalls (the seed's); cosine: anneal "
+                        "towards 1e-6 over --epochs")
     p.add_argument("--lr_patience", type=int)
     p.add_argument("--val_fraction", type=float, help="share of patients for validation when val/ is absent")
     p.add_argument("--cv_folds", type=int,

@@ -15,6 +15,7 @@ from .model import ARCHITECTURES
 LOSSES = ("weighted_ce", "ce", "focal")
 AUGMENTS = tuple(LEVELS)
 EVAL_METRICS = {"auroc": "max", "loss": "min"}
+LR_SCHEDULES = ("plateau", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 
 # Presets set defaults; any flag the user gives explicitly still wins. "full" is the recipe of
@@ -48,6 +49,7 @@ class TrainConfig:
     augment: str = "strong"
     eval_metric: str = "auroc"
     patience: int = 15
+    lr_schedule: str = "plateau"  # plateau: ReduceLROnPlateau on eval_metric; cosine: to min_lr over --epochs
     lr_patience: int = 3
     lr_factor: float = 0.5
     min_lr: float = 1e-6
@@ -69,7 +71,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {"arch": tuple(ARCHITECTURES), "loss": LOSSES, "augment": AUGMENTS,
-                   "eval_metric": tuple(EVAL_METRICS), "device": DEVICES, "preset": tuple(PRESETS)}
+                   "eval_metric": tuple(EVAL_METRICS), "device": DEVICES, "preset": tuple(PRESETS),
+                   "lr_schedule": LR_SCHEDULES}
         for name, valid in choices.items():
             value = getattr(self, name)
             if value not in valid:

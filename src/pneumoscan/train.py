@@ -48,7 +48,7 @@ MODEL_FILE = "medical_cnn_model.pth"
 LAST_FILE = "checkpoint_last.pth"
 # Config fields that must not change when resuming a run.
 _RESUME_FIXED = ("arch", "width", "image_size", "in_channels", "dropout", "seed", "val_fraction", "cv_folds",
-                 "cv_fold", "cv_holdout")
+                 "cv_fold", "cv_holdout", "lr_schedule")
 
 
 def normalization_stats(images: torch.Tensor) -> dict[str, float]:
@@ -65,7 +65,7 @@ class Trainer:
     predictor: Predictor
     model_kw: dict
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
     criterion: torch.nn.Module
     eval_criterion: torch.nn.Module
     gen: torch.Generator
@@ -108,8 +108,11 @@ def build_trainer(cfg: TrainConfig, splits: DataSplits, device: torch.device, wo
     log.info("model %s: %d parameters", cfg.arch, sum(p.numel() for p in model.parameters()))
     predictor = Predictor(model, spec, None, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode=cfg.metric_mode, factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr)
+    if cfg.lr_schedule == "cosine":  # stepped once per epoch: lr reaches min_lr after --epochs
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.min_lr)
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=cfg.metric_mode, factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr)
     train_module = model
     if world.distributed:
         train_module = torch.nn.parallel.DistributedDataParallel(
@@ -245,7 +248,10 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
         val = broadcast(validate(tr, splits.val)[0] if world.is_main else None, world)
         value = val[cfg.eval_metric]
         lr = tr.optimizer.param_groups[0]["lr"]
-        tr.scheduler.step(value)
+        if isinstance(tr.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            tr.scheduler.step(value)
+        else:
+            tr.scheduler.step()
         row = {"epoch": epoch, "train_loss": trained["loss"], "train_accuracy": trained["accuracy"],
                **{f"val_{k}": v for k, v in val.items()}, "lr": lr, "epoch_time_s": time.time() - t0,
                "data_time_s": trained["data_time"], "compute_time_s": trained["compute_time"]}
