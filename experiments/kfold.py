@@ -22,13 +22,14 @@ from pneumoscan.cv import train_folds
 
 log = logging.getLogger("pneumoscan.kfold")
 
-# preset plus overrides; "fast_light" is the fast preset as it was before issue 7
+# preset plus overrides, every value that differs between recipes named (the presets may change);
+# "fast_light" is the fast preset as it was before issue 7, "fast_acq_cosine" the fast preset since
 RECIPES: dict[str, dict] = {
-    "fast_light": {"preset": "fast"},
-    "fast_acq": {"preset": "fast", "augment": "acquisition"},
+    "fast_light": {"preset": "fast", "augment": "light", "lr_schedule": "plateau"},
+    "fast_acq": {"preset": "fast", "augment": "acquisition", "lr_schedule": "plateau"},
     "fast_acq_cosine": {"preset": "fast", "augment": "acquisition", "lr_schedule": "cosine"},
     "full_acq": {"preset": "full", "augment": "acquisition"},
-    "full_strong": {"preset": "full"},
+    "full_strong": {"preset": "full", "augment": "strong"},
     # half width at 224 px: five of them cost 1.25x one full-width model (the ensemble to ship, issue 7)
     "half_acq": {"preset": "full", "augment": "acquisition", "width": 0.5},
 }

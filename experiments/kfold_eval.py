@@ -128,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     labels_t = oof.labels
     y = labels_t.numpy()
     report["stress_auroc"] = {k: auroc(y, positive_probability(torch.cat(v))) for k, v in stress_logits.items()}
+    # per model, then averaged: pooling mixes models whose logit scales differ (see oof fold_auroc_mean)
+    bounds = np.cumsum([0] + [len(v) for v in stress_logits[next(iter(STRESS))]])
+    report["stress_auroc_fold_mean"] = {
+        k: float(np.mean([auroc(y[a:b], positive_probability(lg)) for a, b, lg in zip(bounds[:-1], bounds[1:], v)]))
+        for k, v in stress_logits.items()}
     t, thr = report["oof"]["temperature"], report["oof"]["threshold"]
     report["adult_dev_shift"] = None
     if adult_logits:
