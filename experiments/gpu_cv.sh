@@ -7,6 +7,8 @@
 #   device run: bash experiments/gpu_cv.sh   (carry: .gpu; timeout 600)
 #
 # Budget: FOLD_MINUTES per fold and recipe (training only; each fold also validates and fits its gate).
+# EXTRA="--lr_schedule cosine" anneals over EPOCHS: set EPOCHS to what fits in FOLD_MINUTES, or the
+# time cap stops the run before the learning rate is low (on the CPU, cosine was the decisive change).
 # Then on this machine: python experiments/kfold_eval.py on the returned runs, fit_scope.py, int8_calibrate.py.
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1

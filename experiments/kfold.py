@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image_size", type=int)
     p.add_argument("--width", type=float)
     p.add_argument("--batch_size", type=int)
+    p.add_argument("--lr_schedule", choices=("plateau", "cosine"))
     p.add_argument("--cache_dir", default="")
     p.add_argument("--holdout", action="store_true",
                    help="keep the usual validation patients out of every fold (needed to write an ensemble)")
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = recipe_config(args.recipe, args.folds, args.data_dir, out, max_train_minutes=args.minutes,
                         epochs=args.epochs, patience=args.patience, cache_dir=args.cache_dir,
                         image_size=args.image_size, width=args.width, batch_size=args.batch_size,
+                        lr_schedule=args.lr_schedule,
                         cv_holdout=args.holdout)
     log.info("recipe %s, %d folds", args.recipe, args.folds)
     train_folds(cfg, only=args.only_folds or None)
