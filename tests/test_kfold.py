@@ -13,7 +13,7 @@ import pytest
 
 from pneumoscan.checkpoint import load_checkpoint
 from pneumoscan.cli import train_main
-from pneumoscan.data import prepare_data
+from pneumoscan.data import prepare_data, split_from_config
 from pneumoscan.inference import MedicalImageInference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +59,11 @@ def test_the_ensemble_is_calibrated_on_held_out_patients_and_predicts(cv_run, sm
     assert ckpt["temperature"] == pytest.approx(held["temperature"])
     assert ckpt["threshold"] == pytest.approx(held["threshold"]) and ckpt["ood_gate"] is not None
     assert held["validation"]["at_threshold"]["metrics"]["sensitivity"]["value"] >= 0.95
-    usual = prepare_data(str(smoke_data), 64, cache_dir=str(cv_run.parent / "cache"))  # the usual split
+    usual = prepare_data(str(smoke_data), 64, seed=ckpt["config"]["seed"], cache_dir=str(cv_run.parent / "cache"))
     assert held["n"] == len(usual.val) and held["n"] + report["oof"]["n"] == len(usual.train) + len(usual.val)
+    # later tools (recalibrate, fit_scope, evaluate) find the held-out patients as the model's own split
+    own = split_from_config(ckpt["config"], str(smoke_data), 64, str(cv_run.parent / "cache"))
+    assert own.val.paths == usual.val.paths and ckpt["config"]["ensemble_of"]["folds"] == [0, 1]
     engine = MedicalImageInference(str(cv_run / "medical_cnn_model.pth"), device="cpu")
     result = engine.predict_image(str(next((fullres_dir / "PNEUMONIA").iterdir())))
     assert result.prediction in ("NORMAL", "PNEUMONIA")

@@ -101,7 +101,11 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
                                metrics=final["metrics_summary"],
                                model_version=f"ensemble-{len(members)}x-{Path(path).stem}",
                                ood_gate=final["ood_gate"], half=half)
-    payload["config"] = {**first, "cv_fold": None, "ensemble_of": len(members)}
+    # "its own split" for later tools (recalibration, scope fitting, evaluation): the usual split, whose
+    # validation part is the held-out patients no member saw
+    payload["config"] = {**first, "cv_folds": 0, "cv_fold": 0, "cv_holdout": False,
+                         "ensemble_of": {"members": len(members), "cv_folds": first.get("cv_folds"),
+                                         "folds": [c.get("cv_fold") for c in configs]}}
     if report is not None:
         payload["cross_validation"] = report
     save_checkpoint(payload, path)
