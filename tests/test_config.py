@@ -76,6 +76,12 @@ def test_cv_fold_outside_the_folds_is_refused(fold):
     assert TrainConfig(cv_folds=5, cv_fold=4).cv_fold == 4
 
 
+@pytest.mark.parametrize("flags", [{"cv_fold": 2}, {"cv_holdout": True}])
+def test_fold_flags_without_cv_folds_are_refused(flags):
+    with pytest.raises(ValueError, match="need cv_folds >= 2"):
+        TrainConfig(**flags)
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_preset_values_apply(preset):
     cfg = TrainConfig.from_overrides(preset)

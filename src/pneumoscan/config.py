@@ -96,6 +96,9 @@ class TrainConfig:
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if self.cv_folds == 1 or self.cv_folds < 0:
             raise ValueError(f"cv_folds must be 0 (one patient-level split) or >= 2, got {self.cv_folds}")
+        if not self.cv_folds and (self.cv_fold or self.cv_holdout):
+            raise ValueError(f"cv_fold ({self.cv_fold}) and cv_holdout ({self.cv_holdout}) need cv_folds >= 2 "
+                             f"(k-fold cross-validation); got cv_folds {self.cv_folds}")
         if self.cv_folds and not 0 <= self.cv_fold < self.cv_folds:
             raise ValueError(f"cv_fold must be in 0..{self.cv_folds - 1}, got {self.cv_fold}")
         if not 0.0 < self.val_fraction < 0.5:
