@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from pneumoscan.cli import configure_logging
-from pneumoscan.config import TrainConfig
+from pneumoscan.config import LR_SCHEDULES, TrainConfig
 from pneumoscan.cv import train_folds
 
 log = logging.getLogger("pneumoscan.kfold")
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image_size", type=int)
     p.add_argument("--width", type=float)
     p.add_argument("--batch_size", type=int)
-    p.add_argument("--lr_schedule", choices=("plateau", "cosine"))
+    p.add_argument("--lr_schedule", choices=LR_SCHEDULES)
     p.add_argument("--cache_dir", default="")
     p.add_argument("--holdout", action="store_true",
                    help="keep the usual validation patients out of every fold (needed to write an ensemble)")

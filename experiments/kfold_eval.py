@@ -109,16 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         p.error(f"no fold*/medical_cnn_model.pth under {args.runs}")
     adult_paths, adult_y = adult_films(Path(args.adult_dir)) if args.adult_dir != "none" else ([], np.zeros(0))
-    oof, members = collect_oof(paths, args.data_dir, args.cache_dir)
+    oof, members, vals = collect_oof(paths, args.data_dir, args.cache_dir)
     if len(paths) == 1:  # one model: cross-validate the operating point over 5 groups of its validation patients
         rng = np.random.default_rng(0)
         order = {pt: k % 5 for k, pt in enumerate(rng.permutation(sorted(set(oof.patients))))}
         oof.folds = np.array([order[pt] for pt in oof.patients])
     stress_logits = {k: [] for k in STRESS}
     adult_logits = []
-    for path, ckpt in zip(paths, members):  # the shift proxies, member by member on its own validation fold
+    for path, ckpt, val in zip(paths, members, vals):  # the shift proxies, each model on its own fold
         pred, spec = Predictor.from_checkpoint(ckpt), input_spec(ckpt)
-        val = split_from_config(ckpt["config"], args.data_dir, spec.image_size, args.cache_dir).val
         for name, fn in STRESS.items():
             stress_logits[name].append(pred.logits(stressed(val.images, fn)))
         if adult_paths:

@@ -44,7 +44,7 @@ def configure_logging(log_file: Path | None = None, verbose: bool = False, quiet
 
 def _train_parser() -> argparse.ArgumentParser:
     from .augment import LEVELS
-    from .config import EVAL_METRICS, LOSSES, PRESETS
+    from .config import EVAL_METRICS, LOSSES, LR_SCHEDULES, PRESETS
     from .model import ARCHITECTURES
 
     p = argparse.ArgumentParser(
@@ -69,7 +69,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_metric", choices=list(EVAL_METRICS),
                    help="validation metric for best checkpoint, LR schedule and early stopping")
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs")
-    p.add_argument("--lr_schedule", choices=("plateau", "cosine"),
+    p.add_argument("--lr_schedule", choices=LR_SCHEDULES,
                    help="plateau: halve the LR when the validation metric stalls (the seed's); cosine: anneal "
                         "towards 1e-6 over --epochs")
     p.add_argument("--lr_patience", type=int)

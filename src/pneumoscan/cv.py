@@ -28,7 +28,7 @@ from .atomic import write_text
 from .calibration import fit_temperature, positive_probability
 from .checkpoint import input_spec, load_checkpoint
 from .config import TrainConfig
-from .data import split_from_config
+from .data import ImageSet, split_from_config
 from .metrics import auroc, expected_calibration_error, metrics_with_ci, threshold_for_sensitivity
 from .predict import Predictor
 from .results import write_json
@@ -71,18 +71,21 @@ def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | No
     return [fold_dir(out, f) / MODEL_FILE for f in folds]
 
 
-def collect_oof(model_paths: list[Path], data_dir: str, cache_dir: str = "") -> tuple[OutOfFold, list[dict]]:
-    """Each fold model's raw (uncalibrated) logits on its own validation fold; and the loaded checkpoints."""
-    logits, labels, patients, folds, ckpts = [], [], [], [], []
+def collect_oof(model_paths: list[Path], data_dir: str, cache_dir: str = ""
+                ) -> tuple[OutOfFold, list[dict], list[ImageSet]]:
+    """Each fold model's raw (uncalibrated) logits on its own validation fold; the loaded checkpoints
+    and those validation folds (in the same order)."""
+    logits, labels, patients, folds, ckpts, vals = [], [], [], [], [], []
     for i, path in enumerate(model_paths):
         ckpt = load_checkpoint(path)
         ckpts.append(ckpt)
         val = split_from_config(ckpt["config"], data_dir, input_spec(ckpt).image_size, cache_dir).val
+        vals.append(val)
         logits.append(Predictor.from_checkpoint(ckpt).logits(val.images))
         labels.append(val.labels)
         patients += list(val.patients)
         folds.append(np.full(len(val), ckpt["config"].get("cv_fold", i)))
-    return OutOfFold(torch.cat(logits), torch.cat(labels), patients, np.concatenate(folds)), ckpts
+    return OutOfFold(torch.cat(logits), torch.cat(labels), patients, np.concatenate(folds)), ckpts, vals
 
 
 def oof_report(oof: OutOfFold, target_sensitivity: float = 0.95) -> dict:
@@ -157,7 +160,7 @@ def run_cv(cfg: TrainConfig) -> dict:
 
     out = Path(cfg.output_dir)
     paths = train_folds(cfg)
-    oof, ckpts = collect_oof(paths, cfg.data_dir, cfg.cache_dir)
+    oof, ckpts, _ = collect_oof(paths, cfg.data_dir, cfg.cache_dir)
     report = {"config": cfg.to_dict(), "folds": [str(p) for p in paths],
               "oof": oof_report(oof, cfg.target_sensitivity)}
     if cfg.cv_holdout:

@@ -3,8 +3,8 @@
 An ensemble checkpoint is an ordinary pneumoscan checkpoint whose ``arch`` is ``ensemble`` and
 whose ``model_kwargs`` hold every member's kwargs and input normalisation (``model.Ensemble``).
 Everything that runs a model (``Predictor``, Grad-CAM, the gate, the scope check, ONNX export)
-works on it unchanged. Its temperature and threshold must come from predictions on patients the
-members did not see: for k-fold members, their pooled out-of-fold logits (experiments/kfold_eval.py).
+works on it unchanged. Its temperature, threshold and gate must come from patients no member saw:
+``write_ensemble`` fits them on the validation patients that k-fold runs with ``cv_holdout`` kept out.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from .checkpoint import input_spec, model_from_checkpoint, model_payload, save_checkpoint
 from .data import prepare_data
 from .errors import CheckpointError
-from .model import Ensemble, ensemble_kwargs
+from .model import Ensemble
 from .predict import InputSpec, Predictor
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def ensemble_payload(members: list[dict], *, temperature: float | None, threshol
     """The checkpoint dict of an ensemble; ``half`` stores floating weights as float16 (half the file;
     they are widened to float32 on load)."""
     model, spec = build_ensemble(members)
-    payload = model_payload(model, arch="ensemble", model_kw=model_kwargs_of(model, members), spec=spec,
+    payload = model_payload(model, arch="ensemble", model_kw=model.model_kwargs, spec=spec,
                             config=config or {"members": [m.get("config", {}) for m in members]},
                             temperature=temperature, threshold=threshold, metrics=metrics,
                             model_version=model_version, ood_gate=ood_gate)
@@ -59,11 +59,6 @@ def ensemble_payload(members: list[dict], *, temperature: float | None, threshol
                                   for k, v in payload["model_state"].items()}
         payload["weights_dtype"] = "float16"
     return payload
-
-
-def model_kwargs_of(model: Ensemble, members: list[dict]) -> dict:
-    return ensemble_kwargs([m["model_kwargs"] for m in members],
-                           [[float(model.norm_mean[i]), float(model.norm_std[i])] for i in range(len(members))])
 
 
 def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, report: dict | None = None,

@@ -160,6 +160,7 @@ class Ensemble(nn.Module):
             raise ValueError(f"an ensemble needs one (mean, std) per member; got {len(members)} member(s) "
                              f"and {len(norms)} normalisation(s)")
         self.members = nn.ModuleList(model_from_kwargs(kw) for kw in members)
+        self.model_kwargs = ensemble_kwargs(members, norms)  # what a checkpoint stores to rebuild it
         stats = torch.tensor([[float(m), float(sd)] for m, sd in norms])
         if not bool((stats[:, 1] > 0).all()):
             raise ValueError(f"member normalisation std must be positive, got {norms}")

@@ -275,9 +275,9 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
         stop = None
         elapsed_min = (time.time() - started) / 60
         per_epoch = elapsed_min / (epoch - first + 1)
-        if epoch == cfg.epochs:
-            pass  # the loop ends here anyway: the stop reason stays "reached --epochs"
-        elif epoch - progress.best_epoch >= cfg.patience:
+        if epoch == cfg.epochs:  # the loop ends here anyway: the stop reason stays "reached --epochs"
+            break
+        if epoch - progress.best_epoch >= cfg.patience:
             stop = f"early stopping: no {cfg.eval_metric} improvement for {cfg.patience} epochs"
         elif cfg.max_train_minutes and elapsed_min + per_epoch > cfg.max_train_minutes:
             stop = f"time budget: another epoch would pass --max_train_minutes {cfg.max_train_minutes}"
