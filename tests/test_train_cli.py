@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pneumoscan.checkpoint import load_checkpoint
 from pneumoscan.cli import train_main
@@ -223,3 +224,35 @@ def test_cosine_schedule_anneals_the_learning_rate_over_the_epochs(trained_run, 
     expected = [eta + (1e-3 - eta) * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)]
     assert lrs == pytest.approx(expected, rel=1e-6)
     assert json.loads((out / "training_results.json").read_text())["config"]["lr_schedule"] == "cosine"
+
+
+def test_init_from_fine_tunes_the_given_weights(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "fine_tuned"
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--init_from", str(trained_run.model_path), "--lr", "1e-12"]
+    assert train_main(argv) == 0
+    source, tuned = load_checkpoint(trained_run.model_path), load_checkpoint(out / "medical_cnn_model.pth")
+    key = "features.0.conv1.weight"
+    # a learning rate of 1e-12 leaves the source's weights where they were: they were loaded, not re-initialised
+    assert torch.allclose(tuned["model_state"][key], source["model_state"][key], atol=1e-8)
+    assert tuned["input_spec"]["mean"] == source["input_spec"]["mean"]  # the normalisation the weights expect
+    assert tuned["config"]["init_from"] == str(trained_run.model_path)
+    assert "fine-tuning from" in (out / "training.log").read_text()
+
+
+def test_init_from_another_network_is_refused_with_the_flags_to_give(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "mismatch"
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--init_from", str(trained_run.model_path), "--width", "0.5"]
+    assert train_main(argv) == 2
+    log = (out / "training.log").read_text()
+    assert "widths" in log and "--width" in log
+    assert "Epoch 1/" not in log
+
+
+def test_init_from_a_missing_file_is_refused(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "missing"
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--init_from", str(tmp_path / "nope.pth")]
+    assert train_main(argv) == 2
+    assert "does not exist" in (out / "training.log").read_text()

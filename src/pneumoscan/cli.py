@@ -91,6 +91,10 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="stop before training if any file cannot be decoded (default: skip and list them)")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from OUTPUT_DIR/checkpoint_last.pth")
+    p.add_argument("--init_from", metavar="CHECKPOINT",
+                   help="fine-tune: start from this checkpoint's weights and input normalisation ('shipped' "
+                        "for the shipped model) instead of a fresh initialisation; its --arch and --width "
+                        "must match")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

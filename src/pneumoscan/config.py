@@ -68,6 +68,7 @@ class TrainConfig:
     strict: bool = False
     cache_dir: str = ""
     resume: bool = False
+    init_from: str = ""  # start from these weights (a checkpoint path or "shipped") instead of Xavier init
     max_train_minutes: float = 0.0
     preset: str = "full"
     extra: dict = field(default_factory=dict)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .atomic import write_text
 from .augment import augment_batch
 from .calibration import cross_fitted_ece, fit_temperature, positive_probability
-from .checkpoint import load_checkpoint, model_payload, save_checkpoint, versions
+from .checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint, versions
 from .config import TrainConfig
 from .data import DataSplits, ImageSet, prepare_data
 from .distributed import World, all_sum, broadcast, close_world, init_world, main_first
@@ -95,16 +95,65 @@ class Progress:
     stop_reason: str = "reached --epochs"
 
 
-def build_trainer(cfg: TrainConfig, splits: DataSplits, device: torch.device, world: World = World()) -> Trainer:
+@dataclass
+class InitialWeights:
+    """What ``--init_from`` starts a run with: weights and the input normalisation they expect."""
+
+    state: dict
+    mean: float
+    std: float
+
+
+def initial_weights(cfg: TrainConfig) -> InitialWeights:
+    """Read and check ``cfg.init_from`` (fine-tuning), before any data is prepared.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be read, is an ensemble, or describes another network
+            than ``--arch``/``--width``/``--in_channels`` build.
+    """
+    path = default_model_path() if cfg.init_from == "shipped" else Path(cfg.init_from)
+    ckpt = load_checkpoint(path)
+    if ckpt.get("arch") == "ensemble" or "ensemble" in ckpt["model_kwargs"]:
+        raise CheckpointError(f"--init_from {path}: an ensemble cannot be fine-tuned as one network; "
+                              f"pass a single-model checkpoint")
+
+    def shape(kw: dict) -> dict:  # what fixes the parameters' shapes (dropout does not)
+        return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in kw.items() if k != "dropout"}
+
+    want, have = shape(model_kwargs(cfg.arch, cfg.in_channels, cfg.width, cfg.dropout)), shape(ckpt["model_kwargs"])
+    differ = [f"{k} {have.get(k)!r} (this run: {want.get(k)!r})" for k in sorted(want.keys() | have.keys())
+              if want.get(k) != have.get(k)]
+    if differ:
+        raise CheckpointError(f"--init_from {path} holds another network than this run builds "
+                              f"({'; '.join(differ)}); give the --arch, --width and --in_channels it was "
+                              f"trained with")
+    spec = ckpt["input_spec"]
+    if spec["image_size"] != cfg.image_size:
+        log.warning("--init_from %s was trained at %d px; fine-tuning it at %d px", path, spec["image_size"],
+                    cfg.image_size)
+    log.info("fine-tuning from %s (%s, epoch %s); keeping its input normalisation (mean %.4f, std %.4f)",
+             path, ckpt.get("model_version") or "unnamed", ckpt.get("epoch"), spec["mean"], spec["std"])
+    return InitialWeights(ckpt["model_state"], float(spec["mean"]), float(spec["std"]))
+
+
+def build_trainer(cfg: TrainConfig, splits: DataSplits, device: torch.device, world: World = World(),
+                  init: InitialWeights | None = None) -> Trainer:
     """Model, input contract (normalised with the training images' statistics), loss, optimiser, schedule.
+
+    With ``init`` (``--init_from``) the model starts from those weights and keeps the normalisation
+    they were trained with.
 
     Under torchrun the model is wrapped in DistributedDataParallel (which copies rank 0's initial
     weights to every rank) for the training passes; validation and checkpoints use the bare model.
     """
-    norm = normalization_stats(splits.train.images)
-    spec = InputSpec(cfg.image_size, norm["mean"], norm["std"], cfg.in_channels)
     counts = [splits.train.class_counts()[c] for c in CLASS_NAMES]
     model = build_model(cfg)
+    if init is not None:
+        model.load_state_dict(init.state)
+        spec = InputSpec(cfg.image_size, init.mean, init.std, cfg.in_channels)
+    else:
+        norm = normalization_stats(splits.train.images)
+        spec = InputSpec(cfg.image_size, norm["mean"], norm["std"], cfg.in_channels)
     log.info("model %s: %d parameters", cfg.arch, sum(p.numel() for p in model.parameters()))
     predictor = Predictor(model, spec, None, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -348,13 +397,14 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
              f"rank {world.rank} of {world.world_size} ({world.backend})" if world.distributed else "one process")
     log.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
 
+    init = initial_weights(cfg) if cfg.init_from else None  # a wrong file stops the run before data preparation
     t_data = time.time()
     # rank 0 decodes and fills the image cache; the other ranks then read it instead of decoding again
     splits = main_first(world, lambda: prepare_data(cfg.data_dir, cfg.image_size, cfg.val_fraction,
                                                     cfg.min_val_images, cfg.seed, cfg.strict, cfg.cache_dir,
                                                     cfg.cv_folds, cfg.cv_fold, cfg.cv_holdout))
     data_prep_s = time.time() - t_data
-    tr = build_trainer(cfg, splits, device, world)
+    tr = build_trainer(cfg, splits, device, world, init)
     progress = resume(tr, out) if cfg.resume else Progress()
     t_train = time.time()
     fit(tr, splits, progress, out)
