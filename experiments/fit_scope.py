@@ -20,7 +20,7 @@ of validation patients.
     python experiments/scope_corpus.py --out /tmp/scope_corpus
     python experiments/fit_scope.py --corpus /tmp/scope_corpus --ood_dir /tmp/ood --json docs/scope/scope_eval.json
     python experiments/fit_scope.py --corpus /tmp/scope_corpus --ood_dir /tmp/ood --write \\
-        src/pneumoscan/weights/pneumoscan-v1.pth           # fit on everything and store in the checkpoint
+        src/pneumoscan/weights/pneumoscan-v2.pth           # fit on everything and store in the checkpoint
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Store int8 activation ranges in a checkpoint, so that its onnx-int8 backend builds without data.
 
-    python experiments/int8_calibrate.py --model_path src/pneumoscan/weights/pneumoscan-v1.pth \
+    python experiments/int8_calibrate.py --model_path src/pneumoscan/weights/pneumoscan-v2.pth \
         --data_dir ../shared/data/chest_xray
 
 Calibrates on 256 training images of the checkpoint's own split (its validation split, rebuilt

@@ -6,7 +6,7 @@ the gate existed): rebuilds its own patient-level split from its config, runs th
 ``finalize`` step as ``pneumoscan train`` in float32 here, and writes the checkpoint back
 atomically with the validation report as JSON.
 
-    python experiments/recalibrate.py --model_path src/pneumoscan/weights/pneumoscan-v1.pth \
+    python experiments/recalibrate.py --model_path src/pneumoscan/weights/pneumoscan-v2.pth \
         --json docs/model/recalibration.json
 """
 

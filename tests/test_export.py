@@ -84,7 +84,7 @@ def test_metadata_is_stored_and_parsed_back(shipped, shipped_onnx, tiny, tmp_pat
     meta = read_metadata(shipped_onnx)
     assert meta["input_spec"] == InputSpec.from_dict(shipped["input_spec"])
     assert meta["temperature"] == shipped["temperature"] and meta["threshold"] == shipped["threshold"]
-    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["model_version"] == "pneumoscan-v1.0"
+    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["model_version"] == "pneumoscan-v2.0"
     assert meta["checkpoint_sha256"] == weights_digest(shipped)
     assert meta["ood_gate"]["present"] and meta["ood_gate"]["layers"] == [1, 2, 3, 4]
     assert "checkpoint" in meta["ood_gate"]["note"]

@@ -53,7 +53,7 @@ def test_upload_shows_results_heatmap_toggle_and_refusal(server, browser, upload
     page.goto(server.url + "/")
     expect = sync_api.expect
     expect(page.locator(".notice")).to_contain_text("Not a diagnostic device")
-    expect(page.locator("#model-line")).to_contain_text("pneumoscan-v1.0")
+    expect(page.locator("#model-line")).to_contain_text("pneumoscan-v2.0")
 
     page.set_input_files("#files", [str(xray), str(dcm), str(text)])
     cards = page.locator(".card")

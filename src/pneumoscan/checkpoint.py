@@ -28,7 +28,7 @@ FORMAT = "pneumoscan-checkpoint"
 # 2: the input contract is one ``input_spec`` dict (format 1 had image_size, normalization,
 # in_channels and preprocess at the top level; load_checkpoint still reads those).
 FORMAT_VERSION = 2
-SHIPPED_MODEL = "pneumoscan-v1.pth"
+SHIPPED_MODEL = "pneumoscan-v2.pth"
 
 
 def default_model_path() -> Path:
