@@ -12,6 +12,7 @@ from PIL import Image
 from serve_process import ServerProcess
 
 from pneumoscan.browser import find_chromium
+from pneumoscan.checkpoint import default_model_path, load_checkpoint
 
 sync_api = pytest.importorskip("playwright.sync_api")
 pytestmark = [pytest.mark.slow,
@@ -67,7 +68,9 @@ def test_upload_shows_results_heatmap_toggle_and_refusal(server, browser, upload
     expect(badge).to_have_text(re.compile(r"^Risk (LOW|MEDIUM|HIGH)$"))
     level = badge.inner_text().split()[-1]
     expect(badge).to_have_class(re.compile(rf"\b{level}\b"))
-    expect(jpeg.locator(".probability")).to_have_text(re.compile(r"^[01]\.\d{3} \(threshold 0\.626\)$"))
+    threshold = load_checkpoint(default_model_path())["threshold"]  # the page shows the served model's own
+    expect(jpeg.locator(".probability")).to_have_text(
+        re.compile(rf"^[01]\.\d{{3}} \(threshold {re.escape(f'{threshold:.3f}')}\)$"))
     expect(jpeg.locator(".uncertainty")).to_have_text(re.compile(r"^[01]\.\d{3}$"))
 
     picture, toggle = jpeg.locator(".picture"), jpeg.locator(".heatmap-toggle")
