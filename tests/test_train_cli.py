@@ -256,3 +256,14 @@ def test_init_from_a_missing_file_is_refused(trained_run, tmp_path, smoke_args):
             *smoke_args, "--init_from", str(tmp_path / "nope.pth")]
     assert train_main(argv) == 2
     assert "does not exist" in (out / "training.log").read_text()
+
+
+def test_resume_with_another_init_from_is_refused(trained_run, tmp_path, smoke_args):
+    # the weights on disk expect the normalisation of the run that wrote them
+    out = tmp_path / "changed_init"
+    shutil.copytree(trained_run.out, out)
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--epochs", "2", "--init_from", str(trained_run.model_path), "--resume"]
+    assert train_main(argv) == 2
+    log = (out / "training.log").read_text()
+    assert "init_from" in log and "Epoch 2/2" not in log

@@ -48,7 +48,7 @@ MODEL_FILE = "medical_cnn_model.pth"
 LAST_FILE = "checkpoint_last.pth"
 # Config fields that must not change when resuming a run.
 _RESUME_FIXED = ("arch", "width", "image_size", "in_channels", "dropout", "seed", "val_fraction", "cv_folds",
-                 "cv_fold", "cv_holdout", "lr_schedule")
+                 "cv_fold", "cv_holdout", "lr_schedule", "init_from")  # init_from fixes the input normalisation
 
 
 def normalization_stats(images: torch.Tensor) -> dict[str, float]:
