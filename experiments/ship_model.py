@@ -37,7 +37,6 @@ def main() -> int:
     if missing:
         raise SystemExit(f"{args.model_path} lacks {', '.join(missing)}: run fit_scope.py --write and "
                          f"int8_calibrate.py on it first")
-    ckpt = {k: v for k, v in ckpt.items() if k not in ("optimizer_state", "scheduler_state", "history")}
     ckpt["model_version"], ckpt["training_note"] = args.version, args.note
     save_checkpoint(ckpt, args.out)
     log.info("%s written to %s (threshold %.4f, temperature %.3f)", args.version, args.out, ckpt["threshold"],

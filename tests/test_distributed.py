@@ -59,6 +59,16 @@ def test_ddp_resume_continues_from_the_last_epoch(ddp_run):
     assert "resumed from" in (out / "training.log").read_text()
 
 
+def test_ddp_fine_tunes_from_rank_0s_checkpoint(ddp_run):
+    root, out, args, _ = ddp_run
+    tuned = root / "tuned"
+    args = [str(tuned) if a == str(out) else a for a in args]
+    proc = torchrun(*args, "--init_from", str(out / "medical_cnn_model.pth"), cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fine-tuning from" in (tuned / "training.log").read_text()
+    source, result = load_checkpoint(out / "medical_cnn_model.pth"), load_checkpoint(tuned / "medical_cnn_model.pth")
+    assert result["input_spec"]["mean"] == source["input_spec"]["mean"]
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_sharded_prediction_equals_a_single_process_run(tmp_path, trained_model, smoke_files, suffix):
     folder = tmp_path / "in"

@@ -100,8 +100,7 @@ class InitialWeights:
     """What ``--init_from`` starts a run with: weights and the input normalisation they expect."""
 
     state: dict
-    mean: float
-    std: float
+    norm: dict[str, float]  # as normalization_stats gives it
 
 
 def initial_weights(cfg: TrainConfig) -> InitialWeights:
@@ -113,7 +112,7 @@ def initial_weights(cfg: TrainConfig) -> InitialWeights:
     """
     path = default_model_path() if cfg.init_from == "shipped" else Path(cfg.init_from)
     ckpt = load_checkpoint(path)
-    if ckpt.get("arch") == "ensemble" or "ensemble" in ckpt["model_kwargs"]:
+    if "ensemble" in ckpt["model_kwargs"]:  # what model_from_kwargs builds an Ensemble from
         raise CheckpointError(f"--init_from {path}: an ensemble cannot be fine-tuned as one network; "
                               f"pass a single-model checkpoint")
 
@@ -133,7 +132,7 @@ def initial_weights(cfg: TrainConfig) -> InitialWeights:
                     cfg.image_size)
     log.info("fine-tuning from %s (%s, epoch %s); keeping its input normalisation (mean %.4f, std %.4f)",
              path, ckpt.get("model_version") or "unnamed", ckpt.get("epoch"), spec["mean"], spec["std"])
-    return InitialWeights(ckpt["model_state"], float(spec["mean"]), float(spec["std"]))
+    return InitialWeights(ckpt["model_state"], {"mean": float(spec["mean"]), "std": float(spec["std"])})
 
 
 def build_trainer(cfg: TrainConfig, splits: DataSplits, device: torch.device, world: World = World(),
@@ -150,10 +149,8 @@ def build_trainer(cfg: TrainConfig, splits: DataSplits, device: torch.device, wo
     model = build_model(cfg)
     if init is not None:
         model.load_state_dict(init.state)
-        spec = InputSpec(cfg.image_size, init.mean, init.std, cfg.in_channels)
-    else:
-        norm = normalization_stats(splits.train.images)
-        spec = InputSpec(cfg.image_size, norm["mean"], norm["std"], cfg.in_channels)
+    norm = init.norm if init is not None else normalization_stats(splits.train.images)
+    spec = InputSpec(cfg.image_size, norm["mean"], norm["std"], cfg.in_channels)
     log.info("model %s: %d parameters", cfg.arch, sum(p.numel() for p in model.parameters()))
     predictor = Predictor(model, spec, None, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -397,7 +394,9 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
              f"rank {world.rank} of {world.world_size} ({world.backend})" if world.distributed else "one process")
     log.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
 
-    init = initial_weights(cfg) if cfg.init_from else None  # a wrong file stops the run before data preparation
+    # a wrong file stops the run before data preparation; as for --resume, rank 0 reads it and sends it on
+    # (on several nodes only rank 0's disk may have it)
+    init = broadcast(initial_weights(cfg) if world.is_main else None, world) if cfg.init_from else None
     t_data = time.time()
     # rank 0 decodes and fills the image cache; the other ranks then read it instead of decoding again
     splits = main_first(world, lambda: prepare_data(cfg.data_dir, cfg.image_size, cfg.val_fraction,
