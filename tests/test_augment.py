@@ -71,3 +71,25 @@ def test_acquisition_markers_and_borders_hit_a_share_of_the_films(films):
     plain = _acquisition(batch, {**params, "marker": 0.0}, torch.Generator().manual_seed(2))
     plain_edge = torch.cat([plain[:, :, :2].flatten(1), plain[:, :, -2:].flatten(1)], 1)
     assert edge.mean() < 0.8 * plain_edge.mean()  # collimation bands darken the edges
+
+
+def _extent_ratio(film: torch.Tensor) -> float:
+    """Width over height of the bright blob in the centre of a (1, S, S) film (second moments)."""
+    s = film.shape[-1]
+    c = film[0, s // 5: s - s // 5, s // 5: s - s // 5] > 0.5
+    rows, cols = torch.nonzero(c, as_tuple=True)
+    return float(cols.float().std() / rows.float().std())
+
+
+def test_aspect_level_changes_width_to_height_and_acquisition_does_not():
+    """``acquisition_aspect`` squeezes or widens the content (up to 1.5x either way); the other
+    levels scale both axes alike, so a round blob stays round under them."""
+    s = 96
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    disk = (((yy - s / 2 + 0.5) ** 2 + (xx - s / 2 + 0.5) ** 2) < (0.18 * s) ** 2).float()
+    films = disk.expand(64, 1, s, s).clone()
+    plain = [_extent_ratio(f) for f in augment_batch(films, "acquisition", torch.Generator().manual_seed(0))]
+    aspect = [_extent_ratio(f) for f in augment_batch(films, "acquisition_aspect", torch.Generator().manual_seed(0))]
+    assert max(abs(np.log(r)) for r in plain) < 0.08
+    assert min(aspect) < 0.85 and max(aspect) > 1.18
+    assert max(abs(np.log(r)) for r in aspect) < np.log(1.5) + 0.08

@@ -28,6 +28,11 @@ LEVELS: dict[str, dict[str, float] | None] = {
                     "contrast": 0.20, "noise": 0.03, "gamma": 0.4, "window": 0.12, "sharpen": 1.5,
                     "lowres": 0.3, "border": 0.25, "marker": 0.3},
 }
+# ``acquisition`` plus a random aspect change: the content's width-to-height ratio multiplied by a
+# factor log-uniform in [1/aspect, aspect]. The data set's films were stretched to a square from
+# originals whose shape differs by class (normals nearer square), so without it a model can learn
+# how much a chest is squeezed sideways instead of the lungs (docs/experiments.md, "aspect shortcut").
+LEVELS["acquisition_aspect"] = {**LEVELS["acquisition"], "aspect": 1.5}
 
 
 def _uniform(n: int, bound: float, gen: torch.Generator, device) -> torch.Tensor:
@@ -43,9 +48,13 @@ def augment_batch(x: torch.Tensor, level: str, gen: torch.Generator) -> torch.Te
     angle = _uniform(n, math.radians(params["rotate"]), gen, device)
     scale = 1.0 + _uniform(n, params["scale"], gen, device)
     shift = torch.stack([_uniform(n, 2 * params["translate"], gen, device) for _ in range(2)], 1)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1),
-                         torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    sx = sy = scale
+    if "aspect" in params:  # content scaled by sx sideways and sy vertically, sx / sy = the aspect factor
+        ratio = torch.exp(_uniform(n, math.log(params["aspect"]), gen, device)).sqrt()
+        sx, sy = scale * ratio, scale / ratio
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos / sx, -sin / sy, shift[:, 0]], 1),
+                         torch.stack([sin / sx, cos / sy, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     contrast = (1.0 + _uniform(n, params["contrast"], gen, device)).view(n, 1, 1, 1)
