@@ -67,6 +67,14 @@ def stressed(images: torch.Tensor, fn) -> torch.Tensor:
     return torch.from_numpy(np.stack([fn(a) for a in images.numpy()]))
 
 
+def patient_groups(patients: list[str], k: int = 5) -> np.ndarray:
+    """For one model scored on its own validation films: each film's group (0..k-1), patients dealt
+    at random (seed 0) so that a patient's films share a group; the "folds" its operating point is
+    cross-validated over."""
+    order = {pt: i % k for i, pt in enumerate(np.random.default_rng(0).permutation(sorted(set(patients))))}
+    return np.array([order[pt] for pt in patients])
+
+
 def adult_films(folder: Path) -> tuple[list[Path], np.ndarray]:
     """dev_shift adult frontal films with a usable label: 0 = "No finding", 1 = a pneumonia."""
     # files over 1024 px or 600 kB were re-saved as .jpg under the same stem (dev_shift/README.md)
@@ -111,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     adult_paths, adult_y = adult_films(Path(args.adult_dir)) if args.adult_dir != "none" else ([], np.zeros(0))
     oof, members, vals = collect_oof(paths, args.data_dir, args.cache_dir)
     if len(paths) == 1:  # one model: cross-validate the operating point over 5 groups of its validation patients
-        rng = np.random.default_rng(0)
-        order = {pt: k % 5 for k, pt in enumerate(rng.permutation(sorted(set(oof.patients))))}
-        oof.folds = np.array([order[pt] for pt in oof.patients])
+        oof.folds = patient_groups(oof.patients)
     stress_logits = {k: [] for k in STRESS}
     adult_logits = []
     for path, ckpt, val in zip(paths, members, vals):  # the shift proxies, each model on its own fold

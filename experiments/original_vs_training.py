@@ -51,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
             variants["data set 224 px"].append(load_image(root / "chest_xray" / "train" / cls / original.name, size))
             labels.append(label)
     y = np.array(labels)
-    ref = np.stack(variants["data set 224 px"]).astype(np.float32)
-    p_ref = positive_probability(pred.logits(torch.from_numpy(ref.astype(np.uint8))), ckpt["temperature"])
-    for name, arrays in variants.items():
-        a = np.stack(arrays)
-        prob = positive_probability(pred.logits(torch.from_numpy(a)), ckpt["temperature"])
+    films = {name: np.stack(arrays) for name, arrays in variants.items()}
+    probs = {name: positive_probability(pred.logits(torch.from_numpy(a)), ckpt["temperature"])
+             for name, a in films.items()}
+    ref, p_ref = films["data set 224 px"].astype(np.float32), probs["data set 224 px"]
+    for name, prob in probs.items():
+        a = films[name].astype(np.float32)
         d = np.abs(prob - p_ref)
         labels_equal = int(((prob >= ckpt["threshold"]) == (p_ref >= ckpt["threshold"])).sum())
         log.info("%-22s mean |pixel diff| %.2f (bias %+.2f); P(PNEUMONIA) vs data set film: mean |d| %.4f, max %.4f; "

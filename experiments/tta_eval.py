@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kfold_eval import SHARED, STRESS, adult_films, adult_pixels, stressed  # noqa: E402
+from kfold_eval import SHARED, STRESS, adult_films, adult_pixels, patient_groups, stressed  # noqa: E402
 
 from pneumoscan.calibration import positive_probability  # noqa: E402
 from pneumoscan.checkpoint import default_model_path, input_spec, load_checkpoint, model_from_checkpoint  # noqa: E402
@@ -91,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         logits[name] = {k: pred.logits(v) for k, v in inputs.items()}
         log.info("view %s done", name)
     y = val.labels.numpy()
-    rng = np.random.default_rng(0)  # the same 5 patient groups as kfold_eval.py --single
-    order = {pt: k % 5 for k, pt in enumerate(rng.permutation(sorted(set(val.patients))))}
-    groups = np.array([order[pt] for pt in val.patients])
+    groups = patient_groups(list(val.patients))  # the groups kfold_eval.py --single cross-validates over
     report = {"source": str(path), "model_version": ckpt.get("model_version", ""), "views": list(VIEWS),
               "sets": SETS, "results": {}}
     for set_name, views in SETS.items():

@@ -69,6 +69,7 @@ def test_ddp_fine_tunes_from_rank_0s_checkpoint(ddp_run):
     source, result = load_checkpoint(out / "medical_cnn_model.pth"), load_checkpoint(tuned / "medical_cnn_model.pth")
     assert result["input_spec"]["mean"] == source["input_spec"]["mean"]
 
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_sharded_prediction_equals_a_single_process_run(tmp_path, trained_model, smoke_files, suffix):
     folder = tmp_path / "in"
