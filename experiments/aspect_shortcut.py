@@ -35,6 +35,8 @@ from pneumoscan.predict import Predictor
 
 log = logging.getLogger("pneumoscan.aspect_shortcut")
 FACTORS = (0.7, 0.8, 0.9, 1.0, 1.1, 1.25)
+RESOLUTIONS = (0.5, 0.25)
+MIXED_RANGE = 0.75  # per-film sideways factor log-uniform in [0.75, 1 / 0.75]
 
 
 def rescale(images: torch.Tensor, f: float, axis: str = "x") -> torch.Tensor:
@@ -45,6 +47,33 @@ def rescale(images: torch.Tensor, f: float, axis: str = "x") -> torch.Tensor:
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.squeeze(1).round().clamp(0, 255).to(torch.uint8)
+
+
+def rescale_each(images: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
+    """Each film's content scaled sideways by its own factor."""
+    return torch.cat([rescale(images[i:i + 1], float(f)) for i, f in enumerate(factors)])
+
+
+def lowres(images: torch.Tensor, r: float) -> torch.Tensor:
+    """uint8 (N, S, S) films taken down to ``r`` of their side (area) and back up (bilinear)."""
+    x = images.float().unsqueeze(1)
+    small = F.interpolate(x, scale_factor=r, mode="area")
+    out = F.interpolate(small, size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return out.squeeze(1).round().clamp(0, 255).to(torch.uint8)
+
+
+def conditions(images: torch.Tensor):
+    """(name, films) for every probed condition, in report order."""
+    for axis in ("x", "y"):
+        for f in FACTORS:
+            if axis == "y" and f == 1.0:
+                continue
+            yield ("plain" if f == 1.0 else f"{axis}{f}"), (rescale(images, f, axis) if f != 1.0 else images)
+    for r in RESOLUTIONS:
+        yield f"r{r}", lowres(images, r)
+    rng = np.random.default_rng(0)
+    factors = np.exp(rng.uniform(np.log(MIXED_RANGE), -np.log(MIXED_RANGE), len(images)))
+    yield "mixed", rescale_each(images, factors)
 
 
 def original_shapes(root: Path) -> dict:
@@ -65,19 +94,19 @@ def original_shapes(root: Path) -> dict:
 def probe(ckpt: dict, images: torch.Tensor, y: np.ndarray) -> dict:
     pred, t, thr = Predictor.from_checkpoint(ckpt), ckpt["temperature"], ckpt["threshold"]
     rows = {}
-    for axis in ("x", "y"):
-        for f in FACTORS:
-            if axis == "y" and f == 1.0:
-                continue
-            p = positive_probability(pred.logits(rescale(images, f, axis) if f != 1.0 else images), t)
-            key = "plain" if f == 1.0 else f"{axis}{f}"
-            rows[key] = {"auroc": auroc(y, p), "normal_mean_p": float(p[y == 0].mean()),
-                         "normals_called_pneumonia": int((p[y == 0] >= thr).sum()),
-                         "pneumonias_called_normal": int((p[y == 1] < thr).sum())}
-            r = rows[key]
-            log.info("%-8s %-6s AUROC %.4f  normals: mean P %.3f, called PNEUMONIA %3d/%d  pneumonias called NORMAL "
-                     "%3d/%d", ckpt.get("model_version", "?"), key, r["auroc"], r["normal_mean_p"],
-                     r["normals_called_pneumonia"], (y == 0).sum(), r["pneumonias_called_normal"], (y == 1).sum())
+    for key, films in conditions(images):
+        p = positive_probability(pred.logits(films), t)
+        rows[key] = {"auroc": auroc(y, p), "normal_mean_p": float(p[y == 0].mean()),
+                     "normals_called_pneumonia": int((p[y == 0] >= thr).sum()),
+                     "pneumonias_called_normal": int((p[y == 1] < thr).sum())}
+        r = rows[key]
+        log.info("%-8s %-6s AUROC %.4f  normals: mean P %.3f, called PNEUMONIA %3d/%d  pneumonias called NORMAL "
+                 "%3d/%d", ckpt.get("model_version", "?"), key, r["auroc"], r["normal_mean_p"],
+                 r["normals_called_pneumonia"], (y == 0).sum(), r["pneumonias_called_normal"], (y == 1).sum())
+    rows["aspect_errors"] = sum(r["normals_called_pneumonia"] + r["pneumonias_called_normal"]
+                                for k, r in rows.items() if k[0] in "xy")
+    log.info("wrong labels summed over the %d rescaled conditions: %d",
+             sum(k[0] in "xy" for k in rows if k != "aspect_errors"), rows["aspect_errors"])
     return rows
 
 
@@ -89,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", default="", help="another checkpoint, scored on the same films")
     p.add_argument("--json", default="")
     p.add_argument("--cache_dir", default="")
+    p.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
     configure_logging(None)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     report = {"originals": original_shapes(Path(args.data_root))}
     log.info("originals: %s", report["originals"])
     ckpt = load_checkpoint(args.model_path or default_model_path())
