@@ -28,7 +28,10 @@ RECIPES: dict[str, dict] = {
     "fast_light": {"preset": "fast", "augment": "light", "lr_schedule": "plateau"},
     "fast_acq": {"preset": "fast", "augment": "acquisition", "lr_schedule": "plateau"},
     "fast_acq_cosine": {"preset": "fast", "augment": "acquisition", "lr_schedule": "cosine"},
+    # the same with random aspect changes, against the film-shape shortcut (docs/experiments.md)
+    "fast_asp_cosine": {"preset": "fast", "augment": "acquisition_aspect", "lr_schedule": "cosine"},
     "full_acq": {"preset": "full", "augment": "acquisition"},
+    "full_asp": {"preset": "full", "augment": "acquisition_aspect"},
     "full_strong": {"preset": "full", "augment": "strong"},
     # half width at 224 px: five of them cost 1.25x one full-width model (the ensemble to ship, issue 7)
     "half_acq": {"preset": "full", "augment": "acquisition", "width": 0.5},
