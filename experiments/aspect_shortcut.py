@@ -62,18 +62,25 @@ def lowres(images: torch.Tensor, r: float) -> torch.Tensor:
     return out.squeeze(1).round().clamp(0, 255).to(torch.uint8)
 
 
-def conditions(images: torch.Tensor):
-    """(name, films) for every probed condition, in report order."""
+def conditions(images: torch.Tensor, only: set[str] | None = None):
+    """(name, films) for every probed condition (or those named in ``only``), in report order."""
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
     for axis in ("x", "y"):
         for f in FACTORS:
             if axis == "y" and f == 1.0:
                 continue
-            yield ("plain" if f == 1.0 else f"{axis}{f}"), (rescale(images, f, axis) if f != 1.0 else images)
+            name = "plain" if f == 1.0 else f"{axis}{f}"
+            if wanted(name):
+                yield name, (rescale(images, f, axis) if f != 1.0 else images)
     for r in RESOLUTIONS:
-        yield f"r{r}", lowres(images, r)
-    rng = np.random.default_rng(0)
-    factors = np.exp(rng.uniform(np.log(MIXED_RANGE), -np.log(MIXED_RANGE), len(images)))
-    yield "mixed", rescale_each(images, factors)
+        if wanted(f"r{r}"):
+            yield f"r{r}", lowres(images, r)
+    if wanted("mixed"):
+        rng = np.random.default_rng(0)
+        factors = np.exp(rng.uniform(np.log(MIXED_RANGE), -np.log(MIXED_RANGE), len(images)))
+        yield "mixed", rescale_each(images, factors)
 
 
 def original_shapes(root: Path) -> dict:
@@ -91,10 +98,10 @@ def original_shapes(root: Path) -> dict:
     return out
 
 
-def probe(ckpt: dict, images: torch.Tensor, y: np.ndarray) -> dict:
+def probe(ckpt: dict, images: torch.Tensor, y: np.ndarray, only: set[str] | None = None) -> dict:
     pred, t, thr = Predictor.from_checkpoint(ckpt), ckpt["temperature"], ckpt["threshold"]
     rows = {}
-    for key, films in conditions(images):
+    for key, films in conditions(images, only):
         p = positive_probability(pred.logits(films), t)
         rows[key] = {"auroc": auroc(y, p), "normal_mean_p": float(p[y == 0].mean()),
                      "normals_called_pneumonia": int((p[y == 0] >= thr).sum()),
@@ -103,6 +110,8 @@ def probe(ckpt: dict, images: torch.Tensor, y: np.ndarray) -> dict:
         log.info("%-8s %-6s AUROC %.4f  normals: mean P %.3f, called PNEUMONIA %3d/%d  pneumonias called NORMAL "
                  "%3d/%d", ckpt.get("model_version", "?"), key, r["auroc"], r["normal_mean_p"],
                  r["normals_called_pneumonia"], (y == 0).sum(), r["pneumonias_called_normal"], (y == 1).sum())
+    if only is not None:
+        return rows
     rows["aspect_errors"] = sum(r["normals_called_pneumonia"] + r["pneumonias_called_normal"]
                                 for k, r in rows.items() if k[0] in "xy")
     log.info("wrong labels summed over the %d rescaled conditions: %d",
@@ -116,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data_root", required=True, help="folder holding fullres_sample/")
     p.add_argument("--model_path", default="", help="a checkpoint (default: the shipped model)")
     p.add_argument("--compare", default="", help="another checkpoint, scored on the same films")
+    p.add_argument("--compare_only", nargs="*", default=None,
+                   help="score --compare only under these conditions (e.g. plain r0.5 r0.25 mixed)")
     p.add_argument("--json", default="")
     p.add_argument("--cache_dir", default="")
     p.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -130,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     y = val.labels.numpy()
     report["model"] = probe(ckpt, val.images, y)
     if args.compare:
-        report["compare"] = probe(load_checkpoint(args.compare), val.images, y)
+        report["compare"] = probe(load_checkpoint(args.compare), val.images, y,
+                                  set(args.compare_only) if args.compare_only is not None else None)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
