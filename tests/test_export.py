@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from shipped import SHIPPED_VERSION
 
 from pneumoscan.backends import BACKENDS, OnnxPredictor, make_predictor
 from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint
@@ -84,7 +85,7 @@ def test_metadata_is_stored_and_parsed_back(shipped, shipped_onnx, tiny, tmp_pat
     meta = read_metadata(shipped_onnx)
     assert meta["input_spec"] == InputSpec.from_dict(shipped["input_spec"])
     assert meta["temperature"] == shipped["temperature"] and meta["threshold"] == shipped["threshold"]
-    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["model_version"] == "pneumoscan-v2.0"
+    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["model_version"] == SHIPPED_VERSION
     assert meta["checkpoint_sha256"] == weights_digest(shipped)
     assert meta["ood_gate"]["present"] and meta["ood_gate"]["layers"] == [1, 2, 3, 4]
     assert "checkpoint" in meta["ood_gate"]["note"]

@@ -26,6 +26,7 @@ from dicom_files import IDENTIFIERS, dicom_bytes
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from serve_process import ServerProcess, audit_row, audit_rows, raw_http
+from shipped import SHIPPED_VERSION
 
 from pneumoscan.inference import MedicalImageInference
 from pneumoscan.serve.cli import audit_main
@@ -79,7 +80,7 @@ def assert_error(server, response, status: int, error_type: str) -> dict:
 def test_health_and_readiness_need_no_key(server):
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok", "model_version": None}
     ready = httpx.get(server.url + "/readyz").json()
-    assert ready == {"status": "ready", "model_version": "pneumoscan-v2.0"}
+    assert ready == {"status": "ready", "model_version": SHIPPED_VERSION}
     assert httpx.get(server.url + "/metrics").status_code == 200
 
 
@@ -323,7 +324,7 @@ def test_metrics(server, client, xray):
     assert delta("pneumoscan_predictions_total", prediction=ok["prediction"], risk_level=ok["risk_level"]) == 1
     assert delta("pneumoscan_refusals_total", reason="ImageError") == 1
     assert delta("pneumoscan_http_request_duration_seconds_count", path="/v1/predict") == 2
-    assert after[("pneumoscan_model_info", (("model_version", "pneumoscan-v2.0"),))] == 1
+    assert after[("pneumoscan_model_info", (("model_version", SHIPPED_VERSION),))] == 1
 
 
 def test_model_endpoint(client):

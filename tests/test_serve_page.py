@@ -10,6 +10,7 @@ import pytest
 from dicom_files import dicom_bytes
 from PIL import Image
 from serve_process import ServerProcess
+from shipped import SHIPPED_VERSION
 
 from pneumoscan.browser import find_chromium
 from pneumoscan.checkpoint import default_model_path, load_checkpoint
@@ -54,7 +55,7 @@ def test_upload_shows_results_heatmap_toggle_and_refusal(server, browser, upload
     page.goto(server.url + "/")
     expect = sync_api.expect
     expect(page.locator(".notice")).to_contain_text("Not a diagnostic device")
-    expect(page.locator("#model-line")).to_contain_text("pneumoscan-v2.0")
+    expect(page.locator("#model-line")).to_contain_text(SHIPPED_VERSION)
 
     page.set_input_files("#files", [str(xray), str(dcm), str(text)])
     cards = page.locator(".card")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shipped import SHIPPED_VERSION
 
 from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_from_checkpoint, save_checkpoint
 from pneumoscan.cli import predict_main
@@ -43,7 +44,7 @@ def images() -> list[Path]:
 
 def test_loads_without_a_path(engine):
     assert Path(engine.model_path) == default_model_path()
-    assert engine.model_version == "pneumoscan-v2.0"
+    assert engine.model_version == SHIPPED_VERSION
     assert engine.info["calibrated"] is True
     assert default_model_path().stat().st_size < 25 * 1024 * 1024
 
@@ -76,7 +77,7 @@ def test_applies_stored_temperature_and_threshold(engine, images):
         assert result.probabilities["PNEUMONIA"] == pytest.approx(float(expected[1]), abs=1e-5)
         assert result.threshold == pytest.approx(ckpt["threshold"])
         assert result.prediction == ("PNEUMONIA" if expected[1] >= ckpt["threshold"] else "NORMAL")
-        assert result.calibrated and result.model_version == "pneumoscan-v2.0"
+        assert result.calibrated and result.model_version == SHIPPED_VERSION
 
 
 def test_checkpoint_without_calibration_still_works(tmp_path, images):
@@ -102,7 +103,7 @@ def test_cli_predict_uses_shipped_model(tmp_path, images):
     out = tmp_path / "r.json"
     assert predict_main(["--image_path", str(images[-1]), "--output_path", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert doc["model"]["model_version"] == "pneumoscan-v2.0"
+    assert doc["model"]["model_version"] == SHIPPED_VERSION
     result = doc["results"][0]
-    assert result["model_version"] == "pneumoscan-v2.0"
+    assert result["model_version"] == SHIPPED_VERSION
     assert result["threshold"] == pytest.approx(load_checkpoint(default_model_path())["threshold"])
