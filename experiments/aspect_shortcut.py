@@ -39,48 +39,43 @@ RESOLUTIONS = (0.5, 0.25)
 MIXED_RANGE = 0.75  # per-film sideways factor log-uniform in [0.75, 1 / 0.75]
 
 
-def rescale(images: torch.Tensor, f: float, axis: str = "x") -> torch.Tensor:
-    """uint8 (N, S, S) films with their content scaled by ``f`` along ``axis`` about the centre."""
+# every probed condition, in report order: sideways (x) and vertical (y) rescalings, resolution loss (r)
+# and mixed shapes
+CONDITIONS = (*(("plain" if f == 1.0 else f"x{f}") for f in FACTORS), *(f"y{f}" for f in FACTORS if f != 1.0),
+              *(f"r{r}" for r in RESOLUTIONS), "mixed")
+
+
+def rescale(images: torch.Tensor, f: float | np.ndarray, axis: str = "x") -> torch.Tensor:
+    """uint8 (N, S, S) films with their content scaled by ``f`` (one factor, or one per film) along
+    ``axis`` about the centre."""
     x = images.float().unsqueeze(1)
-    sx, sy = (1.0 / f, 1.0) if axis == "x" else (1.0, 1.0 / f)
-    theta = torch.tensor([[sx, 0.0, 0.0], [0.0, sy, 0.0]]).expand(len(x), 2, 3)
+    inv = torch.as_tensor(1.0 / np.asarray(f, dtype=np.float64), dtype=torch.float32).expand(len(x))
+    theta = torch.zeros(len(x), 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = (inv, 1.0) if axis == "x" else (1.0, inv)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.squeeze(1).round().clamp(0, 255).to(torch.uint8)
 
 
-def rescale_each(images: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
-    """Each film's content scaled sideways by its own factor."""
-    return torch.cat([rescale(images[i:i + 1], float(f)) for i, f in enumerate(factors)])
-
-
 def lowres(images: torch.Tensor, r: float) -> torch.Tensor:
-    """uint8 (N, S, S) films taken down to ``r`` of their side (area) and back up (bilinear)."""
+    """uint8 (N, S, S) films taken down to ``r`` of their side (area) and back up (bilinear), as the
+    acquisition augmentation does."""
     x = images.float().unsqueeze(1)
     small = F.interpolate(x, scale_factor=r, mode="area")
     out = F.interpolate(small, size=images.shape[-2:], mode="bilinear", align_corners=False)
     return out.squeeze(1).round().clamp(0, 255).to(torch.uint8)
 
 
-def conditions(images: torch.Tensor, only: set[str] | None = None):
-    """(name, films) for every probed condition (or those named in ``only``), in report order."""
-    def wanted(name: str) -> bool:
-        return only is None or name in only
-
-    for axis in ("x", "y"):
-        for f in FACTORS:
-            if axis == "y" and f == 1.0:
-                continue
-            name = "plain" if f == 1.0 else f"{axis}{f}"
-            if wanted(name):
-                yield name, (rescale(images, f, axis) if f != 1.0 else images)
-    for r in RESOLUTIONS:
-        if wanted(f"r{r}"):
-            yield f"r{r}", lowres(images, r)
-    if wanted("mixed"):
+def condition(images: torch.Tensor, name: str) -> torch.Tensor:
+    """The films under one of ``CONDITIONS``."""
+    if name == "plain":
+        return images
+    if name == "mixed":
         rng = np.random.default_rng(0)
-        factors = np.exp(rng.uniform(np.log(MIXED_RANGE), -np.log(MIXED_RANGE), len(images)))
-        yield "mixed", rescale_each(images, factors)
+        return rescale(images, np.exp(rng.uniform(np.log(MIXED_RANGE), -np.log(MIXED_RANGE), len(images))))
+    if name[0] == "r":
+        return lowres(images, float(name[1:]))
+    return rescale(images, float(name[1:]), name[0])
 
 
 def original_shapes(root: Path) -> dict:
@@ -98,11 +93,11 @@ def original_shapes(root: Path) -> dict:
     return out
 
 
-def probe(ckpt: dict, images: torch.Tensor, y: np.ndarray, only: set[str] | None = None) -> dict:
+def probe(ckpt: dict, images: torch.Tensor, y: np.ndarray, only: tuple[str, ...] = CONDITIONS) -> dict:
     pred, t, thr = Predictor.from_checkpoint(ckpt), ckpt["temperature"], ckpt["threshold"]
     rows = {}
-    for key, films in conditions(images, only):
-        p = positive_probability(pred.logits(films), t)
+    for key in only:
+        p = positive_probability(pred.logits(condition(images, key)), t)
         rows[key] = {"auroc": auroc(y, p), "normal_mean_p": float(p[y == 0].mean()),
                      "normals_called_pneumonia": int((p[y == 0] >= thr).sum()),
                      "pneumonias_called_normal": int((p[y == 1] < thr).sum())}
@@ -110,12 +105,11 @@ def probe(ckpt: dict, images: torch.Tensor, y: np.ndarray, only: set[str] | None
         log.info("%-8s %-6s AUROC %.4f  normals: mean P %.3f, called PNEUMONIA %3d/%d  pneumonias called NORMAL "
                  "%3d/%d", ckpt.get("model_version", "?"), key, r["auroc"], r["normal_mean_p"],
                  r["normals_called_pneumonia"], (y == 0).sum(), r["pneumonias_called_normal"], (y == 1).sum())
-    if only is not None:
+    if only != CONDITIONS:
         return rows
-    rows["aspect_errors"] = sum(r["normals_called_pneumonia"] + r["pneumonias_called_normal"]
-                                for k, r in rows.items() if k[0] in "xy")
-    log.info("wrong labels summed over the %d rescaled conditions: %d",
-             sum(k[0] in "xy" for k in rows if k != "aspect_errors"), rows["aspect_errors"])
+    rescaled = [r for k, r in rows.items() if k[0] in "xy"]
+    rows["aspect_errors"] = sum(r["normals_called_pneumonia"] + r["pneumonias_called_normal"] for r in rescaled)
+    log.info("wrong labels summed over the %d rescaled conditions: %d", len(rescaled), rows["aspect_errors"])
     return rows
 
 
@@ -125,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data_root", required=True, help="folder holding fullres_sample/")
     p.add_argument("--model_path", default="", help="a checkpoint (default: the shipped model)")
     p.add_argument("--compare", default="", help="another checkpoint, scored on the same films")
-    p.add_argument("--compare_only", nargs="*", default=None,
-                   help="score --compare only under these conditions (e.g. plain r0.5 r0.25 mixed)")
+    p.add_argument("--compare_only", nargs="+", choices=CONDITIONS, metavar="CONDITION",
+                   help=f"score --compare only under these conditions, of {' '.join(CONDITIONS)}")
     p.add_argument("--json", default="")
     p.add_argument("--cache_dir", default="")
     p.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -141,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     y = val.labels.numpy()
     report["model"] = probe(ckpt, val.images, y)
     if args.compare:
-        report["compare"] = probe(load_checkpoint(args.compare), val.images, y,
-                                  set(args.compare_only) if args.compare_only is not None else None)
+        only = tuple(c for c in CONDITIONS if c in args.compare_only) if args.compare_only else CONDITIONS
+        report["compare"] = probe(load_checkpoint(args.compare), val.images, y, only)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -40,11 +40,11 @@ for recipe in $RECIPES; do
         --adult_dir "${ADULT_DIR:-.gpu/shared/data/dev_shift}" --write_ensemble "$OUT/ensemble_${recipe}_3.pth" \
         2>&1 | tee -a "$OUT/cv_console.log" | grep -E "OOF|rror"
     # full width: two members cost about 2x the shipped model (the limit) and weigh about 19 MB in float16
-    case "$recipe" in full_acq|full_asp) pair=1 ;; *) pair=0 ;; esac
-    [ "$pair" = 1 ] && python3 experiments/kfold_eval.py --data_dir "$DATA" --runs "/tmp/cv/$recipe" \
+    case "$recipe" in full_acq|full_asp) python3 experiments/kfold_eval.py --data_dir "$DATA" --runs "/tmp/cv/$recipe" \
         --only_folds 0 1 --json "$OUT/cv_${recipe}_f01.json" --cache_dir /tmp/cache \
         --adult_dir "${ADULT_DIR:-.gpu/shared/data/dev_shift}" --write_ensemble "$OUT/ensemble_${recipe}_2.pth" \
-        2>&1 | tee -a "$OUT/cv_console.log" | grep -E "OOF|rror"
+        2>&1 | tee -a "$OUT/cv_console.log" | grep -E "OOF|rror" ;;
+    esac
 done
 tar czf "$OUT/cv_runs.tgz" --exclude='*.pth' -C /tmp cv
 for f in "$OUT"/*.pth; do [ -e "$f" ] && split -b 15M -d "$f" "$f.part" && rm "$f"; done
