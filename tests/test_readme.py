@@ -103,3 +103,12 @@ def test_every_example_command_parses():
             PARSERS[key]().parse_args(words[2:])  # exits (SystemExit) on an unknown flag or bad value
             checked += 1
     assert checked >= 10
+
+
+@pytest.mark.parametrize("flag", ["--arch", "--loss", "--augment"])
+def test_listed_choices_are_the_cli_choices(flag):
+    """The README's "`--flag a | b | c`" lists name exactly the choices `pneumoscan train` accepts."""
+    listed = re.search(rf"`{flag} ([\w ]+(?:\|[\w ]+)+)`", " ".join(README.split()))
+    assert listed, f"README lists no choices for {flag}"
+    action = next(a for a in cli._train_parser()._actions if flag in a.option_strings)
+    assert sorted(c.strip() for c in listed.group(1).split("|")) == sorted(action.choices)
