@@ -30,6 +30,9 @@ RECIPES: dict[str, dict] = {
     "fast_acq_cosine": {"preset": "fast", "augment": "acquisition", "lr_schedule": "cosine"},
     # the same with random aspect changes, against the film-shape shortcut (docs/experiments.md)
     "fast_asp_cosine": {"preset": "fast", "augment": "acquisition_aspect", "lr_schedule": "cosine"},
+    # the fast preset with per-film histogram equalisation of the input (--intensity equalize)
+    "fast_eq_cosine": {"preset": "fast", "augment": "acquisition", "lr_schedule": "cosine",
+                       "intensity": "equalize"},
     "full_acq": {"preset": "full", "augment": "acquisition"},
     "full_asp": {"preset": "full", "augment": "acquisition_aspect"},
     "full_strong": {"preset": "full", "augment": "strong"},

@@ -64,6 +64,11 @@ def test_ensemble_checkpoint_round_trips(members, images, tmp_path, half):
 def test_members_that_expect_other_inputs_cannot_be_combined(members):
     with pytest.raises(CheckpointError, match="different inputs"):
         build_ensemble([members[0], member(3, 0.5, 0.2, size=96)])
+    equalized = member(4, 0.5, 0.29)
+    equalized["input_spec"]["intensity"] = "equalize"
+    with pytest.raises(CheckpointError, match="intensity"):
+        build_ensemble([members[0], equalized])
+    assert build_ensemble([equalized, equalized])[1].intensity == "equalize"
     with pytest.raises(CheckpointError, match="at least one"):
         build_ensemble([])
     nested = ensemble_payload(members[:2], temperature=None, threshold=0.5)

@@ -81,6 +81,14 @@ def test_onnx_graph_equals_torch_with_any_batch_size(tiny, train_dir, tmp_path):
     np.testing.assert_allclose(logits, expected.logits.numpy(), rtol=0, atol=1e-4)
 
 
+def test_onnx_graph_of_an_equalizing_model_equals_torch(tiny, train_dir):
+    ckpt = {**tiny, "input_spec": {**tiny["input_spec"], "intensity": "equalize"}}
+    images = real_images(train_dir, TINY_SIZE, 2)
+    expected = Predictor.from_checkpoint(ckpt).logits(images)
+    assert (expected - Predictor.from_checkpoint(tiny).logits(images)).abs().max() > 1e-3  # equalising changes them
+    torch.testing.assert_close(make_predictor(ckpt, "cpu", "onnx").logits(images), expected, rtol=0, atol=1e-4)
+
+
 def test_metadata_is_stored_and_parsed_back(shipped, shipped_onnx, tiny, tmp_path):
     meta = read_metadata(shipped_onnx)
     assert meta["input_spec"] == InputSpec.from_dict(shipped["input_spec"])

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pneumoscan.errors import ImageError
 from pneumoscan.predict import InputSpec
-from pneumoscan.preprocess import is_image_file, load_image, open_image, resize_gray
+from pneumoscan.preprocess import equalize, is_image_file, load_image, open_image, resize_gray
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +214,42 @@ def test_input_spec_to_tensor(in_channels):
     expected = (torch.tensor([[0.0, 1.0], [0.2, 0.4]]) - 0.5) / 0.25
     for c in range(in_channels):
         torch.testing.assert_close(x[0, c], expected)
+
+
+def _monotone_pair(film: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A film on 128 grey levels and the same film through a strictly increasing contrast curve (gamma 0.6)."""
+    coarse = film // 2
+    curve = np.round(255.0 * (np.arange(128) / 127.0) ** 0.6).astype(np.uint8)
+    assert len(np.unique(curve)) == 128  # strictly increasing: no two levels merged
+    return coarse, curve[coarse]
+
+
+def test_equalize_gives_a_real_film_the_same_input_under_any_increasing_contrast_curve(real_jpeg):
+    coarse, curved = _monotone_pair(load_image(real_jpeg, 224))
+    assert abs(float(coarse.mean()) - float(curved.mean())) > 40  # the two files differ a lot
+    eq, raw = InputSpec(224, 0.5, 0.29, 3, intensity="equalize"), InputSpec(224, 0.5, 0.29, 3)
+    a, b = (torch.from_numpy(x)[None] for x in (coarse, curved))
+    torch.testing.assert_close(eq.to_tensor(a), eq.to_tensor(b), rtol=0, atol=0)
+    assert (raw.to_tensor(a) - raw.to_tensor(b)).abs().max() > 1.0  # without it the input moves
+
+
+def test_equalize_values_are_mid_ranks_and_uint8_and_float_inputs_agree(real_jpeg):
+    film = torch.from_numpy(load_image(real_jpeg, 64))[None]
+    out = equalize(film.float().div(255.0).unsqueeze(1))
+    spec = InputSpec(64, 0.0, 1.0, 1, intensity="equalize")
+    torch.testing.assert_close(spec.to_tensor(film), spec.to_tensor(film.float().div(255.0).unsqueeze(1)))
+    assert 0.0 < float(out.min()) and float(out.max()) < 1.0
+    assert float(out.mean()) == pytest.approx(0.5, abs=1e-4)  # mid-ranks of all pixels average to one half
+    # order kept: a darker pixel never gets a higher value
+    order = film.flatten().argsort()
+    assert bool((out.flatten()[order].diff() >= 0).all())
+    torch.testing.assert_close(equalize(torch.full((2, 1, 8, 8), 0.3)), torch.full((2, 1, 8, 8), 0.5))
+
+
+def test_input_spec_refuses_an_unknown_intensity_and_old_specs_read_as_raw():
+    with pytest.raises(ValueError, match="intensity"):
+        InputSpec(64, 0.5, 0.25, 3, intensity="clahe")
+    assert InputSpec.from_dict({"image_size": 64, "mean": 0.5, "std": 0.25, "in_channels": 3}).intensity == "raw"
 
 
 def test_bytes_input_error_names_bytes():

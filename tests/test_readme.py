@@ -105,7 +105,7 @@ def test_every_example_command_parses():
     assert checked >= 10
 
 
-@pytest.mark.parametrize("flag", ["--arch", "--loss", "--augment"])
+@pytest.mark.parametrize("flag", ["--arch", "--loss", "--augment", "--intensity"])
 def test_listed_choices_are_the_cli_choices(flag):
     """The README's "`--flag a | b | c`" lists name exactly the choices `pneumoscan train` accepts."""
     listed = re.search(rf"`{flag} ([\w ]+(?:\|[\w ]+)+)`", " ".join(README.split()))

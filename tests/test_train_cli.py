@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,10 +131,10 @@ def test_resume_without_a_checkpoint_is_refused(trained_run, tmp_path, smoke_arg
     assert "checkpoint_last.pth" in (out / "training.log").read_text()
 
 
-@pytest.mark.parametrize("flag", ["image_size", "init_from"])
+@pytest.mark.parametrize("flag", ["image_size", "init_from", "intensity"])
 def test_resume_with_a_different_fixed_flag_is_refused(trained_run, tmp_path, smoke_args, flag):
     # init_from is fixed too: the weights on disk expect the normalisation of the run that wrote them
-    value = {"image_size": "32", "init_from": str(trained_run.model_path)}[flag]
+    value = {"image_size": "32", "init_from": str(trained_run.model_path), "intensity": "equalize"}[flag]
     out = tmp_path / "changed"
     shutil.copytree(trained_run.out, out)
     argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
@@ -260,3 +261,42 @@ def test_init_from_a_missing_file_is_refused(trained_run, tmp_path, smoke_args):
     assert train_main(argv) == 2
     assert "does not exist" in (out / "training.log").read_text()
 
+
+
+def test_intensity_equalize_trains_a_model_that_answers_alike_under_a_contrast_curve(trained_run, tmp_path, smoke_args,
+                                                                                     real_jpeg):
+    from PIL import Image
+
+    from pneumoscan.inference import MedicalImageInference
+    from pneumoscan.preprocess import load_image
+
+    out = tmp_path / "equalized"
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--intensity", "equalize"]
+    assert train_main(argv) == 0
+    ckpt = load_checkpoint(out / "medical_cnn_model.pth")
+    assert ckpt["input_spec"]["intensity"] == "equalize"
+    assert ckpt["input_spec"]["mean"] == pytest.approx(0.5, abs=0.01)  # statistics of the equalised inputs
+    # one real film at the model's size (no resize), and the same film through a gamma curve that merges no level
+    coarse = load_image(real_jpeg, 64) // 2
+    curve = np.round(255.0 * (np.arange(128) / 127.0) ** 0.6).astype(np.uint8)
+    files = [tmp_path / "film.png", tmp_path / "film_gamma.png"]
+    for arr, f in zip((coarse, curve[coarse]), files):
+        Image.fromarray(arr).save(f)
+
+    def probabilities(model_path) -> list[float]:
+        engine = MedicalImageInference(model_path, device="cpu", backend="torch", gate=False)
+        return [r.probabilities["PNEUMONIA"] for r in engine.predict_batch(files)]
+
+    p_eq, p_raw = probabilities(out / "medical_cnn_model.pth"), probabilities(trained_run.model_path)
+    assert p_eq[0] == pytest.approx(p_eq[1], abs=1e-9)
+    assert abs(p_raw[0] - p_raw[1]) > 1e-4  # the raw model's answer moves with the curve
+
+
+def test_init_from_a_model_with_other_grey_levels_is_refused(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "other_levels"
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--init_from", str(trained_run.model_path), "--intensity", "equalize"]
+    assert train_main(argv) == 2
+    log = (out / "training.log").read_text()
+    assert "--intensity raw" in log and "Epoch 1/" not in log

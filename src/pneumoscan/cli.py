@@ -46,6 +46,7 @@ def _train_parser() -> argparse.ArgumentParser:
     from .augment import LEVELS
     from .config import EVAL_METRICS, LOSSES, LR_SCHEDULES, PRESETS
     from .model import ARCHITECTURES
+    from .preprocess import INTENSITIES
 
     p = argparse.ArgumentParser(
         prog="pneumoscan train",
@@ -66,6 +67,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=LOSSES)
     p.add_argument("--focal_gamma", type=float)
     p.add_argument("--augment", choices=list(LEVELS))
+    p.add_argument("--intensity", choices=INTENSITIES,
+                   help="raw: grey levels as decoded (the shipped model's); equalize: each film's levels "
+                        "replaced by their rank in it, so exposure and contrast curves do not change the input")
     p.add_argument("--eval_metric", choices=list(EVAL_METRICS),
                    help="validation metric for best checkpoint, LR schedule and early stopping")
     p.add_argument("--patience", type=int, help="early-stopping patience in epochs")

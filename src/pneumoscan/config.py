@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .augment import LEVELS
 from .model import ARCHITECTURES
+from .preprocess import INTENSITIES
 
 LOSSES = ("weighted_ce", "ce", "focal")
 AUGMENTS = tuple(LEVELS)
@@ -50,6 +51,7 @@ class TrainConfig:
     loss: str = "focal"
     focal_gamma: float = 2.0
     augment: str = "strong"
+    intensity: str = "raw"  # equalize: each film's grey levels replaced by their rank (preprocess.equalize)
     eval_metric: str = "auroc"
     patience: int = 15
     lr_schedule: str = "plateau"  # plateau: ReduceLROnPlateau on eval_metric; cosine: to min_lr over --epochs
@@ -76,7 +78,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {"arch": tuple(ARCHITECTURES), "loss": LOSSES, "augment": AUGMENTS,
                    "eval_metric": tuple(EVAL_METRICS), "device": DEVICES, "preset": tuple(PRESETS),
-                   "lr_schedule": LR_SCHEDULES}
+                   "lr_schedule": LR_SCHEDULES, "intensity": INTENSITIES}
         for name, valid in choices.items():
             value = getattr(self, name)
             if value not in valid:

@@ -31,9 +31,10 @@ def build_ensemble(members: list[dict]) -> tuple[Ensemble, InputSpec]:
     if not members:
         raise CheckpointError("an ensemble needs at least one member checkpoint")
     specs = [input_spec(m) for m in members]
-    shape = {(s.image_size, s.in_channels, s.preprocess) for s in specs}
+    shape = {(s.image_size, s.in_channels, s.preprocess, s.intensity) for s in specs}
     if len(shape) > 1:
-        raise CheckpointError(f"ensemble members expect different inputs (size, channels, preprocessing): "
+        raise CheckpointError(f"ensemble members expect different inputs (size, channels, preprocessing, "
+                              f"intensity): "
                               f"{sorted(shape)}; combine only models trained alike")
     if any(m.get("arch") == "ensemble" for m in members):
         raise CheckpointError("an ensemble member is itself an ensemble; list its members instead")
@@ -41,7 +42,8 @@ def build_ensemble(members: list[dict]) -> tuple[Ensemble, InputSpec]:
     for net, m in zip(model.members, members):
         net.load_state_dict(model_from_checkpoint(m).state_dict())
     first = specs[0]
-    return model.eval(), InputSpec(first.image_size, 0.0, 1.0, first.in_channels, first.preprocess)
+    return model.eval(), InputSpec(first.image_size, 0.0, 1.0, first.in_channels, first.preprocess,
+                                   first.intensity)
 
 
 def ensemble_payload(members: list[dict], *, temperature: float | None, threshold: float, config: dict | None = None,

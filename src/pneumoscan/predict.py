@@ -19,7 +19,7 @@ from PIL import Image
 
 from .calibration import calibrated_probs
 from .heatmap import grad_cam
-from .preprocess import PREPROCESS_VERSION, resize_gray
+from .preprocess import INTENSITIES, PREPROCESS_VERSION, equalize, resize_gray
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,16 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What a model expects: ``image_size`` x ``image_size`` grayscale scaled to [0, 1], then
-    ``(x - mean) / std``, replicated to ``in_channels``, made by preprocessing ``preprocess``."""
+    """What a model expects: ``image_size`` x ``image_size`` grayscale scaled to [0, 1], equalised per
+    film when ``intensity`` is ``equalize``, then ``(x - mean) / std``, replicated to ``in_channels``,
+    made by preprocessing ``preprocess``."""
 
     image_size: int
     mean: float
     std: float
     in_channels: int
     preprocess: str = PREPROCESS_VERSION
+    intensity: str = "raw"
 
     def __post_init__(self) -> None:
         if self.image_size < 32 or self.image_size % 32:
@@ -54,6 +56,8 @@ class InputSpec:
             raise ValueError(f"normalisation std must be positive, got {self.std}")
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if self.intensity not in INTENSITIES:
+            raise ValueError(f"unknown intensity {self.intensity!r}; choose one of {', '.join(INTENSITIES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,16 +65,21 @@ class InputSpec:
     @classmethod
     def from_dict(cls, d: dict) -> InputSpec:
         return cls(int(d["image_size"]), float(d["mean"]), float(d["std"]), int(d["in_channels"]),
-                   str(d.get("preprocess", PREPROCESS_VERSION)))
+                   str(d.get("preprocess", PREPROCESS_VERSION)), str(d.get("intensity", "raw")))
 
     def pixels(self, gray: Image.Image) -> np.ndarray:
         """The uint8 (S, S) array the model sees for a grayscale image at any geometry."""
         return resize_gray(gray, self.image_size)
 
+    def scaled(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, S, S) or float [0, 1] (N, 1, S, S) images as float (N, 1, S, S) in [0, 1], equalised
+        per film when the model was trained so: the grey levels the model sees, before normalisation."""
+        x = images.float().div_(255.0).unsqueeze(1) if images.dtype == torch.uint8 else images
+        return equalize(x) if self.intensity == "equalize" else x
+
     def to_tensor(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, S, S) or float [0, 1] (N, 1, S, S) images to the normalised (N, C, S, S) input."""
-        x = images.float().div_(255.0).unsqueeze(1) if images.dtype == torch.uint8 else images
-        x = (x - self.mean) / self.std
+        x = (self.scaled(images) - self.mean) / self.std
         if self.in_channels == 3:
             x = x.expand(-1, 3, -1, -1)
         return x.contiguous(memory_format=torch.channels_last)

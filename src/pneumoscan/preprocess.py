@@ -4,7 +4,10 @@ An image becomes a grayscale uint8 array stretched to ``size`` x ``size`` (no as
 ratio kept: that is how the reference 224 px training set was made from the originals,
 and a bilinear stretch reproduces it best, measured on ``fullres_sample/``). The model
 input is that array scaled to [0, 1], normalised with the training set's mean and std,
-and replicated to the model's channel count.
+and replicated to the model's channel count. A model trained with ``intensity="equalize"`` first
+has each film's grey levels replaced by their mid-rank in that film (``equalize``), so that any
+monotone change of the grey scale (exposure, gamma, window, a vendor's contrast curve) gives it
+the same input.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .dicom import is_dicom, read_dicom
@@ -29,6 +33,8 @@ PREPROCESS_VERSION = "gray-stretch-bilinear-v2"
 # images with transparency (no JPEG, DICOM or grayscale PNG), so v1 models need no warning.
 COMPATIBLE_PREPROCESS = ("gray-stretch-bilinear-v1", PREPROCESS_VERSION)
 DEFAULT_NORMALIZATION = {"mean": 0.5, "std": 0.25}
+# What a model's input grey levels are: "raw" as decoded, or "equalize"d per film (``equalize``).
+INTENSITIES = ("raw", "equalize")
 
 # Larger images are refused before their pixels are decoded (decompression bombs). Checked here,
 # not through PIL's global Image.MAX_IMAGE_PIXELS, which an embedding application owns.
@@ -162,3 +168,19 @@ def resize_gray(img: Image.Image, size: int) -> np.ndarray:
 def load_image(source: str | os.PathLike | bytes, size: int) -> np.ndarray:
     """Decode an image file (or bytes) into the model's square uint8 grayscale array."""
     return resize_gray(open_image(source, size), size)
+
+
+def equalize(x: torch.Tensor) -> torch.Tensor:
+    """Per-film histogram equalisation of float images in [0, 1] shaped (N, 1, H, W).
+
+    Grey levels are quantised to 256 (exactly the stored levels for 8-bit inputs) and each pixel
+    becomes the mid-rank of its level in its film: (pixels below + half the pixels at the level) /
+    pixels, a value in (0, 1). A strictly increasing change of the levels a film uses leaves the
+    output unchanged; a uniform film maps to 0.5.
+    """
+    n = x.shape[0]
+    levels = (x * 255.0).round_().clamp_(0, 255).long().reshape(n, -1)
+    hist = torch.zeros((n, 256), dtype=torch.float32, device=x.device)
+    hist.scatter_add_(1, levels, torch.ones_like(levels, dtype=torch.float32))
+    mid = (hist.cumsum(1) - 0.5 * hist) / levels.shape[1]
+    return mid.gather(1, levels).reshape(x.shape)

@@ -48,12 +48,14 @@ MODEL_FILE = "medical_cnn_model.pth"
 LAST_FILE = "checkpoint_last.pth"
 # Config fields that must not change when resuming a run.
 _RESUME_FIXED = ("arch", "width", "image_size", "in_channels", "dropout", "seed", "val_fraction", "cv_folds",
-                 "cv_fold", "cv_holdout", "lr_schedule", "init_from")  # init_from fixes the input normalisation
+                 "cv_fold", "cv_holdout", "lr_schedule", "init_from",
+                 "intensity")  # init_from fixes the input normalisation
 
 
-def normalization_stats(images: torch.Tensor) -> dict[str, float]:
-    """Mean and std of the training images in [0, 1] (a sample of at most 512)."""
-    sample = images[:: max(1, len(images) // 512)].float() / 255.0
+def normalization_stats(images: torch.Tensor, intensity: str = "raw") -> dict[str, float]:
+    """Mean and std of the training images' model-input grey levels in [0, 1] (``intensity`` applied;
+    a sample of at most 512 images)."""
+    sample = InputSpec(32, 0.0, 1.0, 1, intensity=intensity).scaled(images[:: max(1, len(images) // 512)])
     return {"mean": float(sample.mean()), "std": float(sample.std())}
 
 
@@ -127,6 +129,10 @@ def initial_weights(cfg: TrainConfig) -> InitialWeights:
                               f"({'; '.join(differ)}); give the --arch, --width and --in_channels it was "
                               f"trained with")
     spec = ckpt["input_spec"]
+    if spec.get("intensity", "raw") != cfg.intensity:
+        raise CheckpointError(f"--init_from {path} was trained with --intensity {spec.get('intensity', 'raw')}, "
+                              f"this run asks for {cfg.intensity}: its weights expect other grey levels; "
+                              f"give --intensity {spec.get('intensity', 'raw')}")
     if spec["image_size"] != cfg.image_size:
         log.warning("--init_from %s was trained at %d px; fine-tuning it at %d px", path, spec["image_size"],
                     cfg.image_size)
@@ -149,8 +155,8 @@ def build_trainer(cfg: TrainConfig, splits: DataSplits, device: torch.device, wo
     model = build_model(cfg)
     if init is not None:
         model.load_state_dict(init.state)
-    norm = init.norm if init is not None else normalization_stats(splits.train.images)
-    spec = InputSpec(cfg.image_size, norm["mean"], norm["std"], cfg.in_channels)
+    norm = init.norm if init is not None else normalization_stats(splits.train.images, cfg.intensity)
+    spec = InputSpec(cfg.image_size, norm["mean"], norm["std"], cfg.in_channels, intensity=cfg.intensity)
     log.info("model %s: %d parameters", cfg.arch, sum(p.numel() for p in model.parameters()))
     predictor = Predictor(model, spec, None, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
