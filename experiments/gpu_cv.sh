@@ -16,7 +16,8 @@
 # about 2x): on the CPU the half-width 224 px folds scored adult AUROC 0.62 against 0.73-0.75 for full width
 # (docs/experiments.md), so the full-width ensemble may be the one that passes the decision rule.
 # RECIPES="full_asp full_acq" trains with random aspect changes too (the film-shape shortcut, docs/experiments.md);
-# full_asp is packed like full_acq. Judge a candidate also with experiments/aspect_shortcut.py --model_path.
+# full_asp is packed like full_acq. RECIPES="full_eq full_acq": per-film histogram-equalised input
+# (--intensity equalize, docs/experiments.md), packed like full_acq. Judge a candidate also with experiments/aspect_shortcut.py --model_path.
 # Then on this machine: python experiments/kfold_eval.py on the returned runs, fit_scope.py, int8_calibrate.py.
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -40,7 +41,7 @@ for recipe in $RECIPES; do
         --adult_dir "${ADULT_DIR:-.gpu/shared/data/dev_shift}" --write_ensemble "$OUT/ensemble_${recipe}_3.pth" \
         2>&1 | tee -a "$OUT/cv_console.log" | grep -E "OOF|rror"
     # full width: two members cost about 2x the shipped model (the limit) and weigh about 19 MB in float16
-    case "$recipe" in full_acq|full_asp) python3 experiments/kfold_eval.py --data_dir "$DATA" --runs "/tmp/cv/$recipe" \
+    case "$recipe" in full_acq|full_asp|full_eq) python3 experiments/kfold_eval.py --data_dir "$DATA" --runs "/tmp/cv/$recipe" \
         --only_folds 0 1 --json "$OUT/cv_${recipe}_f01.json" --cache_dir /tmp/cache \
         --adult_dir "${ADULT_DIR:-.gpu/shared/data/dev_shift}" --write_ensemble "$OUT/ensemble_${recipe}_2.pth" \
         2>&1 | tee -a "$OUT/cv_console.log" | grep -E "OOF|rror" ;;

@@ -35,6 +35,7 @@ RECIPES: dict[str, dict] = {
                        "intensity": "equalize"},
     "full_acq": {"preset": "full", "augment": "acquisition"},
     "full_asp": {"preset": "full", "augment": "acquisition_aspect"},
+    "full_eq": {"preset": "full", "augment": "acquisition", "intensity": "equalize"},
     "full_strong": {"preset": "full", "augment": "strong"},
     # half width at 224 px: five of them cost 1.25x one full-width model (the ensemble to ship, issue 7)
     "half_acq": {"preset": "full", "augment": "acquisition", "width": 0.5},
