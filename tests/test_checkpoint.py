@@ -51,8 +51,17 @@ def test_round_trip_gives_identical_outputs(tmp_path):
     assert input_spec(ckpt) == InputSpec(64, 0.42, 0.21, 1, PREPROCESS_VERSION)
     assert ckpt["temperature"] == 1.7 and ckpt["threshold"] == 0.35
     assert ckpt["class_names"] == list(CLASS_NAMES)
-    assert ckpt["format_version"] == FORMAT_VERSION
+    assert ckpt["format_version"] == 2  # raw grey levels: still readable by a pneumoscan of format 2
     assert ckpt["model_version"] == "unit-test" and ckpt["epoch"] == 3
+
+
+def test_an_equalizing_checkpoint_is_format_3_and_round_trips(tmp_path):
+    model, kw = small_model()
+    path = tmp_path / "eq.pth"
+    save_checkpoint(payload_for(model, kw, spec=InputSpec(64, 0.5, 0.29, 1, intensity="equalize")), path)
+    ckpt = load_checkpoint(path)
+    assert ckpt["format_version"] == FORMAT_VERSION == 3
+    assert input_spec(ckpt).intensity == "equalize"
 
     restored = model_from_checkpoint(ckpt)
     assert not restored.training

@@ -244,6 +244,10 @@ def test_equalize_values_are_mid_ranks_and_uint8_and_float_inputs_agree(real_jpe
     order = film.flatten().argsort()
     assert bool((out.flatten()[order].diff() >= 0).all())
     torch.testing.assert_close(equalize(torch.full((2, 1, 8, 8), 0.3)), torch.full((2, 1, 8, 8), 0.5))
+    # each film on its own histogram, not the batch's
+    other = (film.float().div(255.0).unsqueeze(1) * 0.5)
+    torch.testing.assert_close(equalize(torch.cat([out.new_tensor(film.float().div(255.0).unsqueeze(1)), other])),
+                               torch.cat([out, equalize(other)]), rtol=0, atol=0)
 
 
 def test_input_spec_refuses_an_unknown_intensity_and_old_specs_read_as_raw():

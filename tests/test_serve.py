@@ -338,6 +338,7 @@ def test_model_endpoint(client):
     assert info["validation_metrics"]["sensitivity"] == ckpt["metrics"]["val_sensitivity"]
     assert "children aged 1-5" in info["intended_use"] and "Not a diagnostic device" in info["notice"]
     assert info["max_upload_mb"] == LIMIT_MB and info["backend"] in ("torch", "onnx", "onnx-int8")
+    assert info["intensity"] == ckpt["input_spec"].get("intensity", "raw") == "raw"
 
 
 def test_page_and_docs(server):

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 FORMAT = "pneumoscan-checkpoint"
 # 2: the input contract is one ``input_spec`` dict (format 1 had image_size, normalization,
 # in_channels and preprocess at the top level; load_checkpoint still reads those).
-FORMAT_VERSION = 2
+# 3: the input spec may ask for equalised grey levels (``intensity``); only such checkpoints are
+# written as 3, so that a pneumoscan that cannot equalise refuses them instead of feeding raw levels.
+FORMAT_VERSION = 3
 SHIPPED_MODEL = "pneumoscan-v2.pth"
 
 
@@ -62,7 +64,7 @@ def model_payload(model: torch.nn.Module, *, arch: str, model_kw: dict, spec: In
         raise ValueError(f"input spec has {spec.in_channels} channel(s), the model {model_kw['in_channels']}")
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if spec.intensity != "raw" else 2,
         "model_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "arch": arch,
         "model_kwargs": model_kw,

@@ -4,8 +4,9 @@ The graph's interface (``GRAPH_INPUT``, ``LOGITS``, ``feature_outputs``), so tha
 needs only the stretch resize of ``InputSpec.pixels``:
 
 - input ``pixels``: uint8 (N, S, S), the stretch-resized grayscale image; scaling to [0, 1],
-  ``(x - mean) / std`` and the replication to the model's channels happen inside the graph,
-  traced from ``InputSpec.to_tensor``;
+  per-film equalisation for a model trained with ``--intensity equalize``, ``(x - mean) / std``
+  and the replication to the model's channels happen inside the graph, traced from
+  ``InputSpec.to_tensor``;
 - output ``logits``: float32 (N, 2), uncalibrated; P = softmax(logits / temperature);
 - outputs ``features_0`` .. ``features_4``: float32 (N, C_i), each conv block's output averaged
   over space (``MedicalCNN.forward_with_features``), what the out-of-scope gate scores.

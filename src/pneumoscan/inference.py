@@ -266,6 +266,7 @@ class MedicalImageInference:
         """What produced the predictions, for result files and audit logs."""
         return {"model_path": self.model_path, "model_version": self.model_version,
                 "arch": self.checkpoint.get("arch"), "image_size": self.image_size,
+                "intensity": self.predictor.spec.intensity,
                 "threshold": self.threshold, "temperature": self.temperature,
                 "calibrated": self.temperature is not None, "class_names": self.class_names,
                 "out_of_scope_gate": self.gate is not None, "scope_classifier": self.scope is not None,

@@ -179,6 +179,8 @@ def equalize(x: torch.Tensor) -> torch.Tensor:
     output unchanged; a uniform film maps to 0.5.
     """
     n = x.shape[0]
+    if n == 0:
+        return x.clone()
     levels = (x * 255.0).round_().clamp_(0, 255).long().reshape(n, -1)
     hist = torch.zeros((n, 256), dtype=torch.float32, device=x.device)
     hist.scatter_add_(1, levels, torch.ones_like(levels, dtype=torch.float32))

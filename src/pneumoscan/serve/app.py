@@ -98,7 +98,7 @@ class Service:
         self.model_info = {
             **{k: info[k] for k in ("model_version", "arch", "image_size", "class_names", "threshold",
                                     "temperature", "calibrated", "out_of_scope_gate")},
-            "intended_use": INTENDED_USE, "notice": NOTICE,
+            "intensity": info.get("intensity", "raw"), "intended_use": INTENDED_USE, "notice": NOTICE,
             "validation_metrics": {k.removeprefix("val_"): float(v)
                                    for k, v in (checkpoint.get("metrics") or {}).items()},
             "training_note": checkpoint.get("training_note"),

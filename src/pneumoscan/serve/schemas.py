@@ -44,6 +44,7 @@ class ModelInfo(BaseModel):
     model_version: str
     arch: str | None
     image_size: int
+    intensity: str = Field("raw", description="the input's grey levels: raw, or equalize (per film, by rank)")
     class_names: list[str]
     threshold: float
     temperature: float | None
