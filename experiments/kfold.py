@@ -33,6 +33,8 @@ RECIPES: dict[str, dict] = {
     # the fast preset with per-film histogram equalisation of the input (--intensity equalize)
     "fast_eq_cosine": {"preset": "fast", "augment": "acquisition", "lr_schedule": "cosine",
                        "intensity": "equalize"},
+    # the fast preset with mixup (alpha 0.2)
+    "fast_mix_cosine": {"preset": "fast", "augment": "acquisition", "lr_schedule": "cosine", "mixup": 0.2},
     "full_acq": {"preset": "full", "augment": "acquisition"},
     "full_asp": {"preset": "full", "augment": "acquisition_aspect"},
     "full_eq": {"preset": "full", "augment": "acquisition", "intensity": "equalize"},

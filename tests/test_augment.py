@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pneumoscan.augment import LEVELS, _acquisition, augment_batch
+from pneumoscan.augment import LEVELS, _acquisition, augment_batch, mixup
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,18 @@ def test_aspect_level_changes_width_to_height_and_acquisition_does_not():
     assert max(abs(np.log(r)) for r in plain) < 0.08
     assert min(aspect) < 0.85 and max(aspect) > 1.18
     assert max(abs(np.log(r)) for r in aspect) < np.log(1.5) + 0.08
+
+
+def test_mixup_blends_each_film_mostly_with_itself_and_is_reproducible(films):
+    target = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    mixed, partner, lam = mixup(films, target, 0.2, np.random.default_rng(5))
+    again, partner2, lam2 = mixup(films, target, 0.2, np.random.default_rng(5))
+    assert lam == lam2 and torch.equal(mixed, again) and torch.equal(partner, partner2)
+    assert 0.5 <= lam <= 1.0
+    # the partner of film i is the one whose target it got: mixed = lam * own + (1 - lam) * partner
+    for i in range(8):
+        j = next(k for k in range(8) if torch.allclose(mixed[i], lam * films[i] + (1 - lam) * films[k], atol=1e-6))
+        assert partner[i] == target[j]
+    assert sorted(partner.tolist()) == sorted(target.tolist())  # a permutation of the batch
+    lams = [mixup(films, target, 0.2, np.random.default_rng(s))[2] for s in range(200)]
+    assert np.mean(lams) > 0.8  # Beta(0.2, 0.2) folded: most mixes are light

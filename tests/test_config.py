@@ -9,6 +9,7 @@ import pytest
 from pneumoscan import cli
 from pneumoscan.config import AUGMENTS, DEVICES, EVAL_METRICS, LOSSES, LR_SCHEDULES, PRESETS, TrainConfig
 from pneumoscan.model import ARCHITECTURES
+from pneumoscan.preprocess import INTENSITIES
 
 CHOICE_FIELDS = [
     ("arch", "resnet50", tuple(ARCHITECTURES)),
@@ -18,6 +19,7 @@ CHOICE_FIELDS = [
     ("device", "tpu", DEVICES),
     ("preset", "slow", tuple(PRESETS)),
     ("lr_schedule", "step", LR_SCHEDULES),
+    ("intensity", "clahe", INTENSITIES),
 ]
 
 
@@ -51,6 +53,7 @@ BAD_VALUES = [
     ("target_sensitivity", 1.0, "target_sensitivity"),
     ("cv_folds", 1, "cv_folds"),
     ("cv_folds", -2, "cv_folds"),
+    ("mixup", -0.2, "mixup"),
 ]
 
 

@@ -303,3 +303,14 @@ def test_init_from_a_model_with_other_grey_levels_is_refused(trained_run, tmp_pa
     assert train_main(argv) == 2
     log = (out / "training.log").read_text()
     assert "--intensity raw" in log and "Epoch 1/" not in log
+
+
+def test_mixup_trains_on_mixed_batches(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "mixup"
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--mixup", "0.4"]
+    assert train_main(argv) == 0
+    assert json.loads((out / "training_results.json").read_text())["config"]["mixup"] == 0.4
+    # the same seed, data and schedule without mixup gave another training loss
+    loss, plain = (float(read_history(d)[0]["train_loss"]) for d in (out, trained_run.out))
+    assert math.isfinite(loss) and loss != pytest.approx(plain, rel=1e-6)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +69,20 @@ def augment_batch(x: torch.Tensor, level: str, gen: torch.Generator) -> torch.Te
         sigma = torch.rand(n, 1, 1, 1, generator=gen, device=device) * params["noise"]
         x = x + torch.randn(x.shape, generator=gen, device=device) * sigma
     return x.clamp_(0.0, 1.0)
+
+
+def mixup(x: torch.Tensor, target: torch.Tensor, alpha: float,
+          rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup (Zhang et al. 2018) of a batch with a shuffled copy of itself.
+
+    Returns ``lam * x + (1 - lam) * x[perm]``, the partners' targets ``target[perm]`` and ``lam``, drawn
+    from Beta(alpha, alpha) and folded to >= 0.5, so that each mixed film is mostly its own (its own
+    target stays the majority label). The loss is ``lam * loss(target) + (1 - lam) * loss(partner)``.
+    """
+    lam = float(rng.beta(alpha, alpha))
+    lam = max(lam, 1.0 - lam)
+    perm = torch.from_numpy(rng.permutation(x.shape[0])).to(x.device)
+    return lam * x + (1.0 - lam) * x[perm], target[perm], lam
 
 
 def _chance(n: int, p: float, gen: torch.Generator, device) -> torch.Tensor:

@@ -67,6 +67,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=LOSSES)
     p.add_argument("--focal_gamma", type=float)
     p.add_argument("--augment", choices=list(LEVELS))
+    p.add_argument("--mixup", type=float, metavar="ALPHA",
+                   help="mix each training batch with a shuffled copy, weights from Beta(ALPHA, ALPHA) (0.2 is "
+                        "usual; 0: off, the default)")
     p.add_argument("--intensity", choices=INTENSITIES,
                    help="raw: grey levels as decoded (the shipped model's); equalize: each film's levels "
                         "replaced by their rank in it, so exposure and contrast curves do not change the input")

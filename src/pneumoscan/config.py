@@ -51,6 +51,7 @@ class TrainConfig:
     loss: str = "focal"
     focal_gamma: float = 2.0
     augment: str = "strong"
+    mixup: float = 0.0  # > 0: mixup of each batch with Beta(mixup, mixup) weights (augment.mixup); 0: off
     intensity: str = "raw"  # equalize: each film's grey levels replaced by their rank (preprocess.equalize)
     eval_metric: str = "auroc"
     patience: int = 15
@@ -87,7 +88,7 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        non_negative = ("weight_decay", "lr_patience", "min_lr", "focal_gamma", "num_threads",
+        non_negative = ("weight_decay", "lr_patience", "min_lr", "focal_gamma", "num_threads", "mixup",
                         "max_train_minutes", "min_val_images")
         for name in non_negative:
             if getattr(self, name) < 0:

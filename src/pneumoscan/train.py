@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from .atomic import write_text
-from .augment import augment_batch
+from .augment import augment_batch, mixup
 from .calibration import cross_fitted_ece, fit_temperature, positive_probability
 from .checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint, versions
 from .config import TrainConfig
@@ -205,6 +206,8 @@ def train_one_epoch(tr: Trainer, data: ImageSet, epoch: int) -> dict:
         target = data.labels[idx].to(device, non_blocking=True)
         x = augment_batch(imgs.float().div_(255.0).unsqueeze(1), cfg.augment, tr.gen)
         x = tr.predictor.spec.to_tensor(x)
+        if cfg.mixup > 0:  # its draws depend only on seed, rank, epoch and batch: a resumed run repeats them
+            x, partner, lam = mixup(x, target, cfg.mixup, np.random.default_rng([cfg.seed, tr.world.rank, epoch, b]))
         if device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
@@ -212,6 +215,8 @@ def train_one_epoch(tr: Trainer, data: ImageSet, epoch: int) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
         loss = tr.criterion(logits.float(), target)
+        if cfg.mixup > 0:
+            loss = lam * loss + (1.0 - lam) * tr.criterion(logits.float(), partner)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}, batch {b}; "
                                      f"lower --lr")
