@@ -23,17 +23,18 @@ from pneumoscan.cv import train_folds
 log = logging.getLogger("pneumoscan.kfold")
 
 # preset plus overrides, every value that differs between recipes named (the presets may change);
-# "fast_light" is the fast preset as it was before issue 7, "fast_acq_cosine" the fast preset since
+# "fast_light" is the fast preset as it was before issue 7, "fast_acq_cosine" the fast preset from issue 7
+# to 2026-12-02, "fast_mix_cosine" the fast preset since (mixup added, docs/experiments.md)
 RECIPES: dict[str, dict] = {
-    "fast_light": {"preset": "fast", "augment": "light", "lr_schedule": "plateau"},
-    "fast_acq": {"preset": "fast", "augment": "acquisition", "lr_schedule": "plateau"},
-    "fast_acq_cosine": {"preset": "fast", "augment": "acquisition", "lr_schedule": "cosine"},
+    "fast_light": {"preset": "fast", "augment": "light", "lr_schedule": "plateau", "mixup": 0.0},
+    "fast_acq": {"preset": "fast", "augment": "acquisition", "lr_schedule": "plateau", "mixup": 0.0},
+    "fast_acq_cosine": {"preset": "fast", "augment": "acquisition", "lr_schedule": "cosine", "mixup": 0.0},
     # the same with random aspect changes, against the film-shape shortcut (docs/experiments.md)
-    "fast_asp_cosine": {"preset": "fast", "augment": "acquisition_aspect", "lr_schedule": "cosine"},
-    # the fast preset with per-film histogram equalisation of the input (--intensity equalize)
+    "fast_asp_cosine": {"preset": "fast", "augment": "acquisition_aspect", "lr_schedule": "cosine", "mixup": 0.0},
+    # with per-film histogram equalisation of the input (--intensity equalize)
     "fast_eq_cosine": {"preset": "fast", "augment": "acquisition", "lr_schedule": "cosine",
-                       "intensity": "equalize"},
-    # the fast preset with mixup (alpha 0.2)
+                       "intensity": "equalize", "mixup": 0.0},
+    # with mixup (alpha 0.2): the fast preset since 2026-12-02
     "fast_mix_cosine": {"preset": "fast", "augment": "acquisition", "lr_schedule": "cosine", "mixup": 0.2},
     "full_acq": {"preset": "full", "augment": "acquisition"},
     "full_asp": {"preset": "full", "augment": "acquisition_aspect"},

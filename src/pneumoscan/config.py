@@ -25,11 +25,12 @@ PRESETS: dict[str, dict] = {
     "full": {},
     # About 10 minutes on a 2-core CPU, data preparation included (benchmarks/fast_preset.py):
     # 128 px, half-width MedicalCNN (~4x fewer FLOPs), acquisition augmentation and a cosine schedule
-    # over 6 epochs (chosen by 5-fold cross-validation, docs/experiments.md "Issue 7"); stops before
-    # 8 minutes of training on a slower machine.
+    # over 6 epochs (chosen by 5-fold cross-validation, docs/experiments.md "Issue 7"), mixup 0.2
+    # (docs/experiments.md "Mixup for the fast preset"); stops before 8 minutes of training on a
+    # slower machine.
     "fast": {"image_size": 128, "width": 0.5, "epochs": 6, "lr": 2e-3, "augment": "acquisition",
              "lr_schedule": "cosine", "loss": "weighted_ce", "patience": 4, "lr_patience": 2,
-             "max_train_minutes": 8.0},
+             "mixup": 0.2, "max_train_minutes": 8.0},
 }
 
 
