@@ -314,3 +314,38 @@ def test_mixup_trains_on_mixed_batches(trained_run, tmp_path, smoke_args):
     # the same seed, data and schedule without mixup gave another training loss
     loss, plain = (float(read_history(d)[0]["train_loss"]) for d in (out, trained_run.out))
     assert math.isfinite(loss) and loss != pytest.approx(plain, rel=1e-6)
+
+
+def test_a_time_budget_ends_the_cosine_schedule_where_the_run_will_stop():
+    from pneumoscan.train import last_epoch_in_budget
+
+    # 2.9 min per epoch against 8 minutes: after epoch 1 (2.9 min) one more fits, so the run stops at 2
+    assert last_epoch_in_budget(1, 2.9, 2.9, 8.0) == 2
+    assert last_epoch_in_budget(2, 5.8, 2.9, 8.0) == 2  # the run's own stop rule: another would pass 8
+    assert last_epoch_in_budget(1, 1.1, 1.1, 8.0) == 7 and last_epoch_in_budget(3, 9.0, 3.0, 8.0) == 3
+    # a cosine schedule whose end moves to that epoch reaches its floor there, from where it was
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6, eta_min=1e-6)
+    opt.step()
+    sched.T_max = 2
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx((2e-3 + 1e-6) / 2)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-6)
+    assert sched.state_dict()["T_max"] == 2  # kept by checkpoint_last.pth for --resume
+
+
+def test_a_short_time_budget_shortens_the_cosine_schedule(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "budget"
+    # a budget of a few smoke epochs, with 50 planned: the cosine must end at the epoch the budget stops at
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--epochs", "50", "--lr_schedule", "cosine", "--lr", "0.001", "--max_train_minutes", "0.25"]
+    assert train_main(argv) == 0
+    history = read_history(out)
+    log = (out / "training.log").read_text()
+    assert "time budget" in log and len(history) < 50
+    if len(history) >= 3:  # one epoch of annealing seen: the last LR is far below an unshortened schedule's
+        unshortened = 1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi * (len(history) - 1) / 50)) / 2
+        assert float(history[-1]["lr"]) < 0.8 * unshortened
+        assert "the cosine schedule now ends at epoch" in log

@@ -242,6 +242,14 @@ def validate(tr: Trainer, data: ImageSet) -> tuple[dict, torch.Tensor]:
     return {"loss": loss, **m}, logits
 
 
+def last_epoch_in_budget(epoch: int, elapsed_min: float, per_epoch_min: float, budget_min: float) -> int:
+    """The last epoch that ends within ``budget_min`` minutes, ``epoch`` having ended at ``elapsed_min``
+    and epochs taking ``per_epoch_min`` each (the rule by which ``run_epochs`` stops for time)."""
+    if per_epoch_min <= 0:
+        return epoch
+    return epoch + max(0, math.floor((budget_min - elapsed_min) / per_epoch_min))
+
+
 def _is_better(value: float, best: float | None, mode: str) -> bool:
     if math.isnan(value):
         return False
@@ -308,6 +316,14 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
         if isinstance(tr.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             tr.scheduler.step(value)
         else:
+            if cfg.max_train_minutes and epoch < cfg.epochs:
+                elapsed_min = (time.time() - started) / 60
+                last = broadcast(last_epoch_in_budget(epoch, elapsed_min, elapsed_min / (epoch - first + 1),
+                                                      cfg.max_train_minutes) if world.is_main else None, world)
+                if epoch < last < tr.scheduler.T_max:  # anneal by the epoch the time budget will stop at
+                    log.info("time budget: about %d epochs fit in --max_train_minutes %s, not %d; the cosine "
+                             "schedule now ends at epoch %d", last, cfg.max_train_minutes, tr.scheduler.T_max, last)
+                    tr.scheduler.T_max = last
             tr.scheduler.step()
         row = {"epoch": epoch, "train_loss": trained["loss"], "train_accuracy": trained["accuracy"],
                **{f"val_{k}": v for k, v in val.items()}, "lr": lr, "epoch_time_s": time.time() - t0,
