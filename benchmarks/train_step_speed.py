@@ -63,7 +63,8 @@ def main() -> int:
               "image_size": args.image_size, "batch_size": args.batch_size, "intensity": args.intensity,
               "img_per_s_median": statistics.median(rates), "img_per_s_best": max(rates), "rounds": rates}
     emit(result, f"torch {torch.__version__} ({torch.get_num_threads()} threads), width {args.width}, "
-         f"{args.image_size} px, {args.intensity}: {statistics.median(rates):.2f} img/s median, {max(rates):.2f} best", args.json)
+         f"{args.image_size} px, {args.intensity}: {statistics.median(rates):.2f} img/s median, "
+         f"{max(rates):.2f} best", args.json)
     return 0
 
 

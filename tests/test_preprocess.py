@@ -235,9 +235,10 @@ def test_equalize_gives_a_real_film_the_same_input_under_any_increasing_contrast
 
 def test_equalize_values_are_mid_ranks_and_uint8_and_float_inputs_agree(real_jpeg):
     film = torch.from_numpy(load_image(real_jpeg, 64))[None]
-    out = equalize(film.float().div(255.0).unsqueeze(1))
+    scaled = film.float().div(255.0).unsqueeze(1)
+    out = equalize(scaled)
     spec = InputSpec(64, 0.0, 1.0, 1, intensity="equalize")
-    torch.testing.assert_close(spec.to_tensor(film), spec.to_tensor(film.float().div(255.0).unsqueeze(1)))
+    torch.testing.assert_close(spec.to_tensor(film), spec.to_tensor(scaled))
     assert 0.0 < float(out.min()) and float(out.max()) < 1.0
     assert float(out.mean()) == pytest.approx(0.5, abs=1e-4)  # mid-ranks of all pixels average to one half
     # order kept: a darker pixel never gets a higher value
@@ -245,8 +246,8 @@ def test_equalize_values_are_mid_ranks_and_uint8_and_float_inputs_agree(real_jpe
     assert bool((out.flatten()[order].diff() >= 0).all())
     torch.testing.assert_close(equalize(torch.full((2, 1, 8, 8), 0.3)), torch.full((2, 1, 8, 8), 0.5))
     # each film on its own histogram, not the batch's
-    other = (film.float().div(255.0).unsqueeze(1) * 0.5)
-    torch.testing.assert_close(equalize(torch.cat([out.new_tensor(film.float().div(255.0).unsqueeze(1)), other])),
+    other = scaled * 0.5
+    torch.testing.assert_close(equalize(torch.cat([scaled, other])),
                                torch.cat([out, equalize(other)]), rtol=0, atol=0)
 
 

@@ -9,6 +9,7 @@ works on it unchanged. Its temperature, threshold and gate must come from patien
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -41,9 +42,8 @@ def build_ensemble(members: list[dict]) -> tuple[Ensemble, InputSpec]:
     model = Ensemble([m["model_kwargs"] for m in members], [[s.mean, s.std] for s in specs])
     for net, m in zip(model.members, members):
         net.load_state_dict(model_from_checkpoint(m).state_dict())
-    first = specs[0]
-    return model.eval(), InputSpec(first.image_size, 0.0, 1.0, first.in_channels, first.preprocess,
-                                   first.intensity)
+    # the members' own normalisation runs inside the ensemble; every other field is theirs
+    return model.eval(), dataclasses.replace(specs[0], mean=0.0, std=1.0)
 
 
 def ensemble_payload(members: list[dict], *, temperature: float | None, threshold: float, config: dict | None = None,

@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,10 +131,11 @@ def initial_weights(cfg: TrainConfig) -> InitialWeights:
                               f"({'; '.join(differ)}); give the --arch, --width and --in_channels it was "
                               f"trained with")
     spec = ckpt["input_spec"]
-    if spec.get("intensity", "raw") != cfg.intensity:
-        raise CheckpointError(f"--init_from {path} was trained with --intensity {spec.get('intensity', 'raw')}, "
+    trained_with = spec.get("intensity", "raw")
+    if trained_with != cfg.intensity:
+        raise CheckpointError(f"--init_from {path} was trained with --intensity {trained_with}, "
                               f"this run asks for {cfg.intensity}: its weights expect other grey levels; "
-                              f"give --intensity {spec.get('intensity', 'raw')}")
+                              f"give --intensity {trained_with}")
     if spec["image_size"] != cfg.image_size:
         log.warning("--init_from %s was trained at %d px; fine-tuning it at %d px", path, spec["image_size"],
                     cfg.image_size)
@@ -244,9 +246,10 @@ def validate(tr: Trainer, data: ImageSet) -> tuple[dict, torch.Tensor]:
 
 def last_epoch_in_budget(epoch: int, elapsed_min: float, per_epoch_min: float, budget_min: float) -> int:
     """The last epoch that ends within ``budget_min`` minutes, ``epoch`` having ended at ``elapsed_min``
-    and epochs taking ``per_epoch_min`` each (the rule by which ``run_epochs`` stops for time)."""
+    and epochs taking ``per_epoch_min`` each; ``epoch`` itself when no other fits, which is when ``fit``
+    stops for time. Epochs that took no measurable time all fit."""
     if per_epoch_min <= 0:
-        return epoch
+        return sys.maxsize
     return epoch + max(0, math.floor((budget_min - elapsed_min) / per_epoch_min))
 
 
@@ -352,7 +355,8 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
             break
         if epoch - progress.best_epoch >= cfg.patience:
             stop = f"early stopping: no {cfg.eval_metric} improvement for {cfg.patience} epochs"
-        elif cfg.max_train_minutes and elapsed_min + per_epoch > cfg.max_train_minutes:
+        elif cfg.max_train_minutes and last_epoch_in_budget(epoch, elapsed_min, per_epoch,
+                                                            cfg.max_train_minutes) == epoch:
             stop = f"time budget: another epoch would pass --max_train_minutes {cfg.max_train_minutes}"
         stop = broadcast(stop, world)  # rank 0's clock decides, so that no rank trains alone
         if stop:
