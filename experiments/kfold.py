@@ -36,6 +36,9 @@ RECIPES: dict[str, dict] = {
                        "intensity": "equalize", "mixup": 0.0},
     # with mixup (alpha 0.2): the fast preset since 2026-12-02
     "fast_mix_cosine": {"preset": "fast", "augment": "acquisition", "lr_schedule": "cosine", "mixup": 0.2},
+    # the same at quarter width (channels 8-128; about 2.8x faster to train on a 2-core CPU), for slow machines
+    "fast_w25_cosine": {"preset": "fast", "augment": "acquisition", "lr_schedule": "cosine", "mixup": 0.2,
+                        "width": 0.25},
     "full_acq": {"preset": "full", "augment": "acquisition"},
     "full_asp": {"preset": "full", "augment": "acquisition_aspect"},
     "full_eq": {"preset": "full", "augment": "acquisition", "intensity": "equalize"},
