@@ -42,11 +42,15 @@ def subset(src: Path, dst: Path, per_class: int) -> Path:
 
 
 def git_revision() -> str:
+    """The commit measured, with "+uncommitted" when tracked files differ from it."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                 capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{head}+uncommitted" if changed else head
 
 
 def emit(result: dict, summary: str, json_path: str | None) -> None:

@@ -52,6 +52,7 @@ def recipe_config(recipe: str, folds: int, data_dir: str, out: Path, **overrides
     """The recipe's config for ``folds``-fold cross-validation in OUT/RECIPE; flags that are not None win."""
     spec = dict(RECIPES[recipe])
     preset = spec.pop("preset")
+    spec.setdefault("fallback_width", 0.0)  # a recipe's model must not depend on the machine's speed
     spec.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.from_overrides(preset, data_dir=data_dir, output_dir=str(out / recipe), cv_folds=folds, **spec)
 

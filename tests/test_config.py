@@ -54,6 +54,7 @@ BAD_VALUES = [
     ("cv_folds", 1, "cv_folds"),
     ("cv_folds", -2, "cv_folds"),
     ("mixup", -0.2, "mixup"),
+    ("fallback_width", -0.25, "fallback_width"),
 ]
 
 
@@ -109,6 +110,15 @@ def test_explicit_overrides_win_over_the_preset_and_none_is_ignored():
     assert cfg.data_dir == "d"
     cfg = TrainConfig.from_overrides("fast", epochs=3, lr=5e-4)
     assert (cfg.epochs, cfg.lr) == (3, 5e-4)
+
+
+def test_an_explicit_width_turns_the_fast_presets_fallback_width_off():
+    assert TrainConfig.from_overrides("fast").fallback_width == 0.25
+    cfg = TrainConfig.from_overrides("fast", width=0.5)
+    assert (cfg.width, cfg.fallback_width) == (0.5, 0.0)  # asked for: kept on any machine
+    cfg = TrainConfig.from_overrides("fast", width=0.5, fallback_width=0.125)
+    assert (cfg.width, cfg.fallback_width) == (0.5, 0.125)  # both asked for: both kept
+    assert TrainConfig.from_overrides("fast", width=None).fallback_width == 0.25  # an unset flag is no choice
 
 
 def test_unknown_preset_names_the_choices():

@@ -17,6 +17,7 @@ import torch
 
 from pneumoscan.checkpoint import load_checkpoint
 from pneumoscan.cli import train_main
+from pneumoscan.config import TrainConfig
 from pneumoscan.data import prepare_data
 
 pytestmark = pytest.mark.slow
@@ -349,3 +350,41 @@ def test_a_short_time_budget_shortens_the_cosine_schedule(trained_run, tmp_path,
         unshortened = 1e-6 + (1e-3 - 1e-6) * (1 + math.cos(math.pi * (len(history) - 1) / 50)) / 2
         assert float(history[-1]["lr"]) < 0.8 * unshortened
         assert "the cosine schedule now ends at epoch" in log
+
+
+def test_a_slow_machine_trains_the_fallback_width_says_so_and_resumes_at_it(trained_run, tmp_path, smoke_args):
+    from pneumoscan.model import build_model
+
+    out = tmp_path / "fallback"
+    # a budget no epoch fits in: the speed check must choose the fallback width before training
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--epochs", "2", "--fallback_width", "0.25", "--max_train_minutes", "0.0001"]
+    assert train_main(argv) == 0
+    results = json.loads((out / "training_results.json").read_text())
+    assert results["config"]["width"] == 0.25 and results["width_check"]["width_checked"] == 1.0
+    assert results["width_check"]["epochs_that_fit"] == 0
+    ckpt = load_checkpoint(out / "medical_cnn_model.pth")
+    narrow = build_model(TrainConfig(width=0.25))
+    assert {k: v.shape for k, v in ckpt["model_state"].items()} == {k: v.shape for k, v in narrow.state_dict().items()}
+    assert "width x0.25, not x1.0" in (out / "training_summary.txt").read_text()
+    assert "speed check" in (out / "training.log").read_text()
+    assert len(read_history(out)) == 1  # the same budget stopped it after one epoch
+    # --resume continues at the width the first run chose, without timing the machine again
+    assert train_main([*argv, "--resume"]) == 0
+    log = (out / "training.log").read_text()
+    assert "continuing at width 0.25" in log
+    assert [int(r["epoch"]) for r in read_history(out)] == [1, 2]
+    assert json.loads((out / "training_results.json").read_text())["config"]["width"] == 0.25
+
+
+def test_where_the_epochs_fit_the_speed_check_changes_nothing(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "fits"
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--fallback_width", "0.25", "--max_train_minutes", "600"]
+    assert train_main(argv) == 0
+    results = json.loads((out / "training_results.json").read_text())
+    assert results["width_check"]["width"] == results["config"]["width"] == 1.0
+    # the probe drew nothing the run would have drawn: the same weights as the plain smoke run
+    checked, plain = (load_checkpoint(d / "medical_cnn_model.pth")["model_state"] for d in (out, trained_run.out))
+    assert checked.keys() == plain.keys()
+    assert all(torch.equal(checked[k], plain[k]) for k in plain)

@@ -63,6 +63,10 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--in_channels", type=int, choices=(1, 3))
     p.add_argument("--arch", choices=list(ARCHITECTURES))
     p.add_argument("--width", type=float, help="channel-width multiplier (1.0 = the seed's)")
+    p.add_argument("--fallback_width", type=float, metavar="WIDTH",
+                   help="with --max_train_minutes: train at this width instead if a few timed steps show that "
+                        "--epochs at --width would not fit in the budget (the fast preset: 0.25; 0: off; "
+                        "an explicit --width turns it off)")
     p.add_argument("--dropout", type=float)
     p.add_argument("--loss", choices=LOSSES)
     p.add_argument("--focal_gamma", type=float)

@@ -26,11 +26,12 @@ PRESETS: dict[str, dict] = {
     # About 10 minutes on a 2-core CPU, data preparation included (benchmarks/fast_preset.py):
     # 128 px, half-width MedicalCNN (~4x fewer FLOPs), acquisition augmentation and a cosine schedule
     # over 6 epochs (chosen by 5-fold cross-validation, docs/experiments.md "Issue 7"), mixup 0.2
-    # (docs/experiments.md "Mixup for the fast preset"); stops before 8 minutes of training on a
-    # slower machine.
+    # (docs/experiments.md "Mixup for the fast preset"); stops before 8 minutes of training. Where a few
+    # timed steps show that 6 half-width epochs would not fit in those 8 minutes, it trains at quarter
+    # width instead (docs/experiments.md "A quarter-width fast preset for slow machines").
     "fast": {"image_size": 128, "width": 0.5, "epochs": 6, "lr": 2e-3, "augment": "acquisition",
              "lr_schedule": "cosine", "loss": "weighted_ce", "patience": 4, "lr_patience": 2,
-             "mixup": 0.2, "max_train_minutes": 8.0},
+             "mixup": 0.2, "max_train_minutes": 8.0, "fallback_width": 0.25},
 }
 
 
@@ -48,6 +49,9 @@ class TrainConfig:
     in_channels: int = 3
     arch: str = "medical_cnn"
     width: float = 1.0
+    # > 0 with --max_train_minutes: train at this width instead where --epochs at --width would not fit in the
+    # budget, as measured by timing a few training steps first (budget.choose_width); 0: off
+    fallback_width: float = 0.0
     dropout: float = 0.5
     loss: str = "focal"
     focal_gamma: float = 2.0
@@ -90,7 +94,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         non_negative = ("weight_decay", "lr_patience", "min_lr", "focal_gamma", "num_threads", "mixup",
-                        "max_train_minutes", "min_val_images")
+                        "max_train_minutes", "min_val_images", "fallback_width")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -125,5 +129,8 @@ class TrainConfig:
         """Defaults, then the preset's values, then the explicit overrides."""
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values = {**PRESETS[preset], **given}
+        if "width" in given and "fallback_width" not in given:  # an explicit --width is kept on any machine
+            values["fallback_width"] = 0.0
         return cls(preset=preset, **values)

@@ -12,7 +12,6 @@ import csv
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from .atomic import write_text
 from .augment import augment_batch, mixup
+from .budget import choose_width, last_epoch_in_budget
 from .calibration import cross_fitted_ece, fit_temperature, positive_probability
 from .checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint, versions
 from .config import TrainConfig
@@ -244,15 +244,6 @@ def validate(tr: Trainer, data: ImageSet) -> tuple[dict, torch.Tensor]:
     return {"loss": loss, **m}, logits
 
 
-def last_epoch_in_budget(epoch: int, elapsed_min: float, per_epoch_min: float, budget_min: float) -> int:
-    """The last epoch that ends within ``budget_min`` minutes, ``epoch`` having ended at ``elapsed_min``
-    and epochs taking ``per_epoch_min`` each; ``epoch`` itself when no other fits, which is when ``fit``
-    stops for time. Epochs that took no measurable time all fit."""
-    if per_epoch_min <= 0:
-        return sys.maxsize
-    return epoch + max(0, math.floor((budget_min - elapsed_min) / per_epoch_min))
-
-
 def _is_better(value: float, best: float | None, mode: str) -> bool:
     if math.isnan(value):
         return False
@@ -434,6 +425,7 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
                                                     cfg.min_val_images, cfg.seed, cfg.strict, cfg.cache_dir,
                                                     cfg.cv_folds, cfg.cv_fold, cfg.cv_holdout))
     data_prep_s = time.time() - t_data
+    cfg, width_check = choose_width(cfg, len(splits.train), len(splits.val), device, world, out / LAST_FILE)
     tr = build_trainer(cfg, splits, device, world, init)
     progress = resume(tr, out) if cfg.resume else Progress()
     t_train = time.time()
@@ -442,6 +434,7 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
     if not world.is_main:
         return {}
     results = finish(tr, splits, progress, out)
+    results["width_check"] = width_check
     results["world_size"] = world.world_size
     results["distributed"] = {"world_size": world.world_size, "backend": world.backend or None,
                               "batch_size_per_process": cfg.batch_size,
@@ -529,6 +522,13 @@ def summary_text(results: dict) -> str:
                          f"NORMAL {d['NORMAL']}, PNEUMONIA {d['PNEUMONIA']}")
     if data.get("bad_files"):
         lines.append(f"  skipped {data['bad_files']} unusable file(s); listed in training_results.json")
+    check = results.get("width_check")
+    if check and check["width"] != check["width_checked"]:
+        lines.append(f"width x{check['width']}, not x{check['width_checked']}: "
+                     + ("kept from the run it resumed" if check.get("resumed") else
+                        f"at x{check['width_checked']} an epoch took about {check['epoch_minutes_estimated']:.1f} "
+                        f"min here and only {check['epochs_that_fit']} of {cfg['epochs']} epochs fitted in "
+                        f"--max_train_minutes {cfg['max_train_minutes']}"))
     t = results["timings_s"]
     lines += [
         f"epochs run: {len(results['history'])}, stopped by {results['stop_reason']}",

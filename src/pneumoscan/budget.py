@@ -1,0 +1,131 @@
+"""Fitting a training run into ``--max_train_minutes``.
+
+``last_epoch_in_budget`` says where a run will stop (the training loop ends its cosine schedule
+there and stops by it). ``choose_width`` lets a preset fall back to a narrower model
+(``TrainConfig.fallback_width``) on a machine too slow for its epochs to fit: it times a few
+training steps of a throwaway model before training starts, so that the run that follows is the
+same, draw for draw, as one without the check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .augment import augment_batch
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .distributed import World, broadcast
+from .model import build_model
+from .predict import InputSpec
+
+log = logging.getLogger(__name__)
+
+# The probe leaves out what an epoch also does (batch indexing, the progress bar, two checkpoint
+# writes), and its few steps are noisy: an epoch is taken to cost this much more than the probe says.
+PROBE_MARGIN = 1.1
+
+
+def last_epoch_in_budget(epoch: int, elapsed_min: float, per_epoch_min: float, budget_min: float) -> int:
+    """The last epoch that ends within ``budget_min`` minutes, ``epoch`` having ended at ``elapsed_min``
+    and epochs taking ``per_epoch_min`` each; ``epoch`` itself when no other fits, which is when ``fit``
+    stops for time. Epochs that took no measurable time all fit."""
+    if per_epoch_min <= 0:
+        return sys.maxsize
+    return epoch + max(0, math.floor((budget_min - elapsed_min) / per_epoch_min))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def probe_epoch_minutes(cfg: TrainConfig, n_train: int, n_val: int, device: torch.device, steps: int = 3) -> float:
+    """Minutes one epoch of ``cfg`` (``n_train`` training images, ``n_val`` validated) would take here.
+
+    Times ``steps`` training steps (augmentation, input transform, forward, backward, Adam) of a
+    freshly built model on random images after one warm-up step, and one validation forward of
+    ``2 * batch_size`` images. torch's random state is restored afterwards: the probe draws nothing
+    that the training run would have drawn.
+    """
+    bs, size = cfg.batch_size, cfg.image_size
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        model = build_model(cfg).to(device).to(memory_format=torch.channels_last).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        spec = InputSpec(size, 0.5, 0.25, cfg.in_channels, intensity=cfg.intensity)
+        gen = torch.Generator(device=device).manual_seed(0)
+        images = torch.randint(0, 256, (bs, size, size), dtype=torch.uint8).to(device)
+        target = torch.arange(bs, device=device) % 2
+
+        def step() -> None:
+            x = spec.to_tensor(augment_batch(images.float().div(255.0).unsqueeze(1), cfg.augment, gen))
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(x)
+            F.cross_entropy(logits.float(), target).backward()
+            optimizer.step()
+
+        step()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        per_step = (time.perf_counter() - t0) / steps
+        model.eval()
+        val_images = images.repeat(2, 1, 1)
+        with torch.inference_mode():
+            _sync(device)
+            t0 = time.perf_counter()
+            model(spec.to_tensor(val_images))
+            _sync(device)
+        per_val_image = (time.perf_counter() - t0) / len(val_images)
+    return (math.ceil(n_train / bs) * per_step + n_val * per_val_image) / 60
+
+
+def _resumed_width(last_path: Path) -> float | None:
+    """The width the interrupted run at ``last_path`` trained at (None without that file)."""
+    if not last_path.exists():
+        return None  # the training loop's --resume says what is missing
+    return float(load_checkpoint(last_path)["config"]["width"])
+
+
+def choose_width(cfg: TrainConfig, n_train: int, n_val: int, device: torch.device, world: World,
+                 last_path: Path) -> tuple[TrainConfig, dict | None]:
+    """``cfg`` at ``cfg.fallback_width`` if its ``--epochs`` at ``cfg.width`` would not fit in
+    ``--max_train_minutes`` here, else ``cfg``; and what was measured (None when no check applies).
+
+    The check applies only with a fallback width, a time budget and fresh weights (``--init_from``
+    fixes the width). A ``--resume`` keeps the width of the run it continues. Under torchrun rank 0
+    measures (its share of the training split) and every rank follows it.
+    """
+    if not (cfg.fallback_width and cfg.max_train_minutes) or cfg.fallback_width == cfg.width or cfg.init_from:
+        return cfg, None
+    if cfg.resume:
+        width = broadcast(_resumed_width(last_path) if world.is_main else None, world)
+        if width != cfg.fallback_width:  # the same width, or another one that --resume will refuse
+            return cfg, None
+        log.info("--resume: continuing at width %s, the width the run's speed check chose", width)
+        return dataclasses.replace(cfg, width=width), {"width_checked": cfg.width, "width": width, "resumed": True}
+    per_rank = math.ceil(n_train / world.world_size)
+    minutes = broadcast(probe_epoch_minutes(cfg, per_rank, n_val, device) if world.is_main else None, world)
+    fit = last_epoch_in_budget(0, 0.0, PROBE_MARGIN * minutes, cfg.max_train_minutes)
+    info = {"width_checked": cfg.width, "epoch_minutes_estimated": minutes, "probe_margin": PROBE_MARGIN,
+            "epochs_that_fit": min(fit, cfg.epochs)}
+    if fit >= cfg.epochs:
+        log.info("speed check: an epoch at width %s takes about %.1f min here; %d epochs fit in "
+                 "--max_train_minutes %s", cfg.width, minutes, cfg.epochs, cfg.max_train_minutes)
+        return cfg, {**info, "width": cfg.width}
+    log.warning("speed check: an epoch at width %s takes about %.1f min here, so only %d of %d epochs fit in "
+                "--max_train_minutes %s; training at width %s instead (--width to insist on a width, "
+                "--fallback_width 0 to turn this off)", cfg.width, minutes, fit, cfg.epochs,
+                cfg.max_train_minutes, cfg.fallback_width)
+    return dataclasses.replace(cfg, width=cfg.fallback_width), {**info, "width": cfg.fallback_width}

@@ -1,0 +1,54 @@
+"""budget.py: how many epochs fit in --max_train_minutes, and the fast preset's fallback to a narrower model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pneumoscan.budget import choose_width, last_epoch_in_budget, probe_epoch_minutes
+from pneumoscan.config import TrainConfig
+from pneumoscan.distributed import World
+
+CPU = torch.device("cpu")
+# a small configuration, so that the probe's few real training steps take well under a second
+SMALL = {"image_size": 64, "batch_size": 8, "augment": "acquisition", "device": "cpu"}
+
+
+def test_last_epoch_in_budget_counts_the_epochs_that_still_fit():
+    assert last_epoch_in_budget(0, 0.0, 1.3, 8.0) == 6  # 6 x 1.3 = 7.8 fits, a 7th does not
+    assert last_epoch_in_budget(0, 0.0, 2.9, 8.0) == 2
+    assert last_epoch_in_budget(0, 0.0, 0.0, 8.0) > 10 ** 6  # nothing measurable: everything fits
+
+
+def test_the_probe_times_real_steps_and_draws_nothing_from_torchs_random_state():
+    cfg = TrainConfig(width=0.5, **SMALL)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    one = probe_epoch_minutes(cfg, 80, 40, CPU, steps=2)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert math.isfinite(one) and one > 0
+    # ten times the images: about ten times the minutes (timing noise allowed for)
+    ten = probe_epoch_minutes(cfg, 800, 400, CPU, steps=2)
+    assert 3 * one < ten < 30 * one
+
+
+def test_choose_width_falls_back_only_where_the_epochs_do_not_fit(tmp_path, caplog):
+    last = tmp_path / "checkpoint_last.pth"
+    roomy = TrainConfig(width=0.5, fallback_width=0.25, max_train_minutes=600.0, epochs=2, **SMALL)
+    cfg, info = choose_width(roomy, 64, 32, CPU, World(), last)
+    assert cfg == roomy and info["width"] == 0.5 and info["epochs_that_fit"] == 2
+    tight = TrainConfig(width=0.5, fallback_width=0.25, max_train_minutes=1e-6, epochs=6, **SMALL)
+    with caplog.at_level("WARNING", logger="pneumoscan.budget"):
+        cfg, info = choose_width(tight, 64, 32, CPU, World(), last)
+    assert cfg.width == 0.25 and cfg.fallback_width == 0.25 and info["width_checked"] == 0.5
+    assert info["epochs_that_fit"] == 0 and info["epoch_minutes_estimated"] > 0
+    assert "training at width 0.25 instead" in caplog.text and "--fallback_width 0" in caplog.text
+
+
+@pytest.mark.parametrize("flags", [{"fallback_width": 0.0}, {"max_train_minutes": 0.0},
+                                   {"init_from": "shipped"}, {"fallback_width": 0.5}])
+def test_no_speed_check_without_a_fallback_a_budget_or_fresh_weights(flags, tmp_path):
+    cfg = TrainConfig(**{"width": 0.5, "fallback_width": 0.25, "max_train_minutes": 1e-6, **SMALL, **flags})
+    assert choose_width(cfg, 64, 32, CPU, World(), tmp_path / "checkpoint_last.pth") == (cfg, None)
