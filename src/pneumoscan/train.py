@@ -526,9 +526,9 @@ def summary_text(results: dict) -> str:
     if check and check["width"] != check["width_checked"]:
         lines.append(f"width x{check['width']}, not x{check['width_checked']}: "
                      + ("kept from the run it resumed" if check.get("resumed") else
-                        f"at x{check['width_checked']} an epoch took about {check['epoch_minutes_estimated']:.1f} "
-                        f"min here and only {check['epochs_that_fit']} of {cfg['epochs']} epochs fitted in "
-                        f"--max_train_minutes {cfg['max_train_minutes']}"))
+                        f"timed steps said an epoch at x{check['width_checked']} would take about "
+                        f"{check['epoch_minutes_estimated']:.1f} min here, so only {check['epochs_that_fit']} of "
+                        f"{cfg['epochs']} epochs would fit in --max_train_minutes {cfg['max_train_minutes']}"))
     t = results["timings_s"]
     lines += [
         f"epochs run: {len(results['history'])}, stopped by {results['stop_reason']}",
