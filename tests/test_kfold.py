@@ -49,6 +49,17 @@ def test_folds_validate_on_disjoint_patients_that_cover_all_but_the_held_out(cv_
     assert 0.0 <= oof["cross_validated"]["ece"] <= 1.0 and [f["fold"] for f in oof["per_fold"]] == [0, 1]
     summary = (cv_run / "cv_summary.txt").read_text()
     assert "2-fold cross-validation by patient" in summary and "cross-validated operating point" in summary
+    assert report["fold_widths"] == [0.25, 0.25] and report["mixed_widths"] is None and "differ" not in summary
+
+
+def test_fold_models_of_different_widths_are_named_in_the_report(cv_run):
+    from pneumoscan.cv import mixed_widths
+
+    ckpts = [load_checkpoint(cv_run / f"fold{i}" / "medical_cnn_model.pth") for i in (0, 1)]
+    assert mixed_widths(ckpts) is None
+    ckpts[1]["config"]["width"] = 0.5  # as if the second fold's speed check had found time for half width
+    note = mixed_widths(ckpts)
+    assert "x0.25, x0.5" in note and "--width" in note
 
 
 def test_the_ensemble_is_calibrated_on_held_out_patients_and_predicts(cv_run, smoke_data, fullres_dir):

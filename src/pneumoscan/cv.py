@@ -127,6 +127,17 @@ def oof_report(oof: OutOfFold, target_sensitivity: float = 0.95) -> dict:
     }
 
 
+def mixed_widths(ckpts: list[dict]) -> str | None:
+    """Why the fold models differ in width, when they do: ``--fallback_width`` (the fast preset) times
+    the machine fold by fold, and near its limit some folds can fall back and others not."""
+    widths = [c["config"]["width"] for c in ckpts]
+    if len(set(widths)) < 2:
+        return None
+    return (f"the fold models differ in width ({', '.join(f'x{w}' for w in widths)}): the speed check of "
+            f"--fallback_width ran fold by fold and this machine is near its limit; train again with --width "
+            f"to give every fold the same model")
+
+
 def summary_text(report: dict) -> str:
     o = report["oof"]
     a, cvd = o["auroc"], o["cross_validated"]
@@ -141,6 +152,8 @@ def summary_text(report: dict) -> str:
         f"cross-validated operating point (fitted on the other folds): sensitivity {cvd['sensitivity']:.4f}, "
         f"specificity {cvd['specificity']:.4f}, accuracy {cvd['accuracy']:.4f}, ECE {cvd['ece']:.4f}",
     ]
+    if report.get("mixed_widths"):
+        lines.append(f"note: {report['mixed_widths']}")
     held = report.get("ensemble_holdout")
     if held:
         m = held["validation"]["at_threshold"]["metrics"]
@@ -162,7 +175,10 @@ def run_cv(cfg: TrainConfig) -> dict:
     paths = train_folds(cfg)
     oof, ckpts, _ = collect_oof(paths, cfg.data_dir, cfg.cache_dir)
     report = {"config": cfg.to_dict(), "folds": [str(p) for p in paths],
-              "oof": oof_report(oof, cfg.target_sensitivity)}
+              "oof": oof_report(oof, cfg.target_sensitivity),
+              "fold_widths": [c["config"]["width"] for c in ckpts], "mixed_widths": mixed_widths(ckpts)}
+    if report["mixed_widths"]:
+        log.warning("%s", report["mixed_widths"])
     if cfg.cv_holdout:
         final = write_ensemble(ckpts, out / MODEL_FILE, data_dir=cfg.data_dir, report=dict(report),
                                cache_dir=cfg.cache_dir)
