@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pneumoscan.budget import choose_width, last_epoch_in_budget, probe_epoch_minutes
+from pneumoscan.budget import choose_width, epoch_minutes, last_epoch_in_budget, probe_epoch_minutes
 from pneumoscan.config import TrainConfig
 from pneumoscan.distributed import World
 
@@ -29,9 +29,12 @@ def test_the_probe_times_real_steps_and_draws_nothing_from_torchs_random_state()
     one = probe_epoch_minutes(cfg, 80, 40, CPU, steps=2)
     assert torch.equal(torch.get_rng_state(), before)
     assert math.isfinite(one) and one > 0
-    # ten times the images: about ten times the minutes (timing noise allowed for)
-    ten = probe_epoch_minutes(cfg, 800, 400, CPU, steps=2)
-    assert 3 * one < ten < 30 * one
+
+
+def test_an_epoch_is_its_batches_steps_plus_its_validation_images():
+    # 4410 films in batches of 32: 138 steps (the last one short) of 1.2 s, and 780 films validated at 10 ms
+    assert epoch_minutes(4410, 780, 32, 1.2, 0.01) == pytest.approx((138 * 1.2 + 7.8) / 60)
+    assert epoch_minutes(64, 0, 32, 3.0, 1.0) == pytest.approx(0.1)
 
 
 def test_choose_width_falls_back_only_where_the_epochs_do_not_fit(tmp_path, caplog):
@@ -45,6 +48,7 @@ def test_choose_width_falls_back_only_where_the_epochs_do_not_fit(tmp_path, capl
     assert cfg.width == 0.25 and cfg.fallback_width == 0.25 and info["width_checked"] == 0.5
     assert info["epochs_that_fit"] == 0 and info["epoch_minutes_estimated"] > 0
     assert "training at width 0.25 instead" in caplog.text and "--fallback_width 0" in caplog.text
+    assert info["check_s"] > 0 and "10% margin" in caplog.text
 
 
 @pytest.mark.parametrize("flags", [{"fallback_width": 0.0}, {"max_train_minutes": 0.0},

@@ -55,6 +55,7 @@ BAD_VALUES = [
     ("cv_folds", -2, "cv_folds"),
     ("mixup", -0.2, "mixup"),
     ("fallback_width", -0.25, "fallback_width"),
+    ("fallback_width", 1.5, "must not exceed width"),
 ]
 
 

@@ -94,3 +94,18 @@ def test_kfold_eval_reports_shift_proxies_and_writes_the_same_ensemble(cv_run, s
     assert set(report["stress_auroc"]) == set(report["ensemble_holdout"]["stress_auroc"]) == {
         "hist_eq", "jpeg_q10", "lowres_25"}
     assert load_checkpoint(ens_path)["threshold"] == pytest.approx(cli_report["ensemble_holdout"]["threshold"])
+
+
+def test_the_first_folds_speed_check_decides_every_folds_width(tmp_path, smoke_data, smoke_args):
+    out = tmp_path / "cv"
+    # a budget no epoch fits in: fold 0 falls back to width 0.25; fold 1 must follow it without a check
+    argv = ["--data_dir", str(smoke_data), "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"),
+            "--cv_folds", "2", "--fallback_width", "0.25", "--max_train_minutes", "0.0001", *smoke_args]
+    assert train_main(argv) == 0
+    widths = [json.loads((out / f"fold{i}" / "training_results.json").read_text())["config"]["width"] for i in (0, 1)]
+    assert widths == [0.25, 0.25]
+    log = (out / "training.log").read_text()
+    assert log.count("speed check (") == 1 and "the other folds train at width 0.25 too" in log
+    report = json.loads((out / "cv_results.json").read_text())
+    assert report["fold_widths"] == [0.25, 0.25] and report["mixed_widths"] is None
+    assert "fold models at width x0.25, not x1.0" in (out / "cv_summary.txt").read_text()

@@ -369,12 +369,16 @@ def test_a_slow_machine_trains_the_fallback_width_says_so_and_resumes_at_it(trai
     assert "width x0.25, not x1.0" in (out / "training_summary.txt").read_text()
     assert "speed check" in (out / "training.log").read_text()
     assert len(read_history(out)) == 1  # the same budget stopped it after one epoch
-    # --resume continues at the width the first run chose, without timing the machine again
-    assert train_main([*argv, "--resume"]) == 0
+    # --resume continues at the width the first run chose, even with a budget where a new speed check
+    # would keep width 1.0 (600 minutes), and does not time the machine again
+    resumed = [*argv[:-1], "600", "--resume"]
+    assert train_main(resumed) == 0
     log = (out / "training.log").read_text()
-    assert "continuing at width 0.25" in log
+    assert "continuing at width 0.25" in log and log.count("speed check (") == 1
     assert [int(r["epoch"]) for r in read_history(out)] == [1, 2]
-    assert json.loads((out / "training_results.json").read_text())["config"]["width"] == 0.25
+    results = json.loads((out / "training_results.json").read_text())
+    assert results["config"]["width"] == 0.25 and results["width_check"]["resumed"] is True
+    assert "kept from the run it resumed" in (out / "training_summary.txt").read_text()
 
 
 def test_where_the_epochs_fit_the_speed_check_changes_nothing(trained_run, tmp_path, smoke_args):

@@ -47,13 +47,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def epoch_minutes(n_train: int, n_val: int, batch_size: int, step_s: float, val_image_s: float) -> float:
+    """Minutes of one epoch: ``ceil(n_train / batch_size)`` training steps of ``step_s`` seconds, then
+    ``n_val`` validation images of ``val_image_s`` seconds each."""
+    return (math.ceil(n_train / batch_size) * step_s + n_val * val_image_s) / 60
+
+
 def probe_epoch_minutes(cfg: TrainConfig, n_train: int, n_val: int, device: torch.device, steps: int = 3) -> float:
     """Minutes one epoch of ``cfg`` (``n_train`` training images, ``n_val`` validated) would take here.
 
     Times ``steps`` training steps (augmentation, input transform, forward, backward, Adam) of a
     freshly built model on random images after one warm-up step, and one validation forward of
-    ``2 * batch_size`` images. torch's random state is restored afterwards: the probe draws nothing
-    that the training run would have drawn.
+    ``2 * batch_size`` images after a warm-up forward. Mixup and the loss's kind are left out (one
+    blend and a few element-wise operations per batch). torch's random state is restored afterwards:
+    the probe draws nothing that the training run would have drawn.
     """
     bs, size = cfg.batch_size, cfg.image_size
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -83,12 +90,13 @@ def probe_epoch_minutes(cfg: TrainConfig, n_train: int, n_val: int, device: torc
         model.eval()
         val_images = images.repeat(2, 1, 1)
         with torch.inference_mode():
+            model(spec.to_tensor(val_images[:2]))
             _sync(device)
             t0 = time.perf_counter()
             model(spec.to_tensor(val_images))
             _sync(device)
         per_val_image = (time.perf_counter() - t0) / len(val_images)
-    return (math.ceil(n_train / bs) * per_step + n_val * per_val_image) / 60
+    return epoch_minutes(n_train, n_val, bs, per_step, per_val_image)
 
 
 def _resumed_width(last_path: Path) -> float | None:
@@ -105,7 +113,11 @@ def choose_width(cfg: TrainConfig, n_train: int, n_val: int, device: torch.devic
 
     The check applies only with a fallback width, a time budget and fresh weights (``--init_from``
     fixes the width). A ``--resume`` keeps the width of the run it continues. Under torchrun rank 0
-    measures (its share of the training split) and every rank follows it.
+    measures (its share of the training split) and every rank follows it; rank 0 times alone, without
+    gradient all-reduce, so where several ranks share the CPU cores the estimate is too low.
+
+    Raises:
+        CheckpointError: ``--resume`` and ``checkpoint_last.pth`` cannot be read.
     """
     if not (cfg.fallback_width and cfg.max_train_minutes) or cfg.fallback_width == cfg.width or cfg.init_from:
         return cfg, None
@@ -113,19 +125,20 @@ def choose_width(cfg: TrainConfig, n_train: int, n_val: int, device: torch.devic
         width = broadcast(_resumed_width(last_path) if world.is_main else None, world)
         if width != cfg.fallback_width:  # the same width, or another one that --resume will refuse
             return cfg, None
-        log.info("--resume: continuing at width %s, the width the run's speed check chose", width)
+        log.info("--resume: continuing at width %s, the width in %s (not %s)", width, last_path.name, cfg.width)
         return dataclasses.replace(cfg, width=width), {"width_checked": cfg.width, "width": width, "resumed": True}
     per_rank = math.ceil(n_train / world.world_size)
+    t0 = time.perf_counter()
     minutes = broadcast(probe_epoch_minutes(cfg, per_rank, n_val, device) if world.is_main else None, world)
     fit = last_epoch_in_budget(0, 0.0, PROBE_MARGIN * minutes, cfg.max_train_minutes)
     info = {"width_checked": cfg.width, "epoch_minutes_estimated": minutes, "probe_margin": PROBE_MARGIN,
-            "epochs_that_fit": min(fit, cfg.epochs)}
+            "epochs_that_fit": min(fit, cfg.epochs), "check_s": time.perf_counter() - t0}
+    said = (f"speed check ({info['check_s']:.0f} s): an epoch at width {cfg.width} would take about "
+            f"{PROBE_MARGIN * minutes:.1f} min here (timed steps plus a {PROBE_MARGIN - 1:.0%} margin)")
     if fit >= cfg.epochs:
-        log.info("speed check: an epoch at width %s takes about %.1f min here; %d epochs fit in "
-                 "--max_train_minutes %s", cfg.width, minutes, cfg.epochs, cfg.max_train_minutes)
+        log.info("%s; %d epochs fit in --max_train_minutes %s", said, cfg.epochs, cfg.max_train_minutes)
         return cfg, {**info, "width": cfg.width}
-    log.warning("speed check: an epoch at width %s takes about %.1f min here, so only %d of %d epochs fit in "
-                "--max_train_minutes %s; training at width %s instead (--width to insist on a width, "
-                "--fallback_width 0 to turn this off)", cfg.width, minutes, fit, cfg.epochs,
+    log.warning("%s, so only %d of %d epochs fit in --max_train_minutes %s; training at width %s instead "
+                "(--width to insist on a width, --fallback_width 0 to turn this off)", said, fit, cfg.epochs,
                 cfg.max_train_minutes, cfg.fallback_width)
     return dataclasses.replace(cfg, width=cfg.fallback_width), {**info, "width": cfg.fallback_width}

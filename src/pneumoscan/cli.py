@@ -65,8 +65,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=float, help="channel-width multiplier (1.0 = the seed's)")
     p.add_argument("--fallback_width", type=float, metavar="WIDTH",
                    help="with --max_train_minutes: train at this width instead if a few timed steps show that "
-                        "--epochs at --width would not fit in the budget (the fast preset: 0.25; 0: off; "
-                        "an explicit --width turns it off)")
+                        "--epochs at --width would not fit in the budget, also when you raise --epochs or lower "
+                        "the budget (the fast preset: 0.25; 0: off; --width without --fallback_width turns it off)")
     p.add_argument("--dropout", type=float)
     p.add_argument("--loss", choices=LOSSES)
     p.add_argument("--focal_gamma", type=float)
@@ -141,7 +141,7 @@ def train_main(argv: list[str] | None = None) -> int:
         log.error("interrupted; the last finished epoch is in %s/checkpoint_last.pth: continue with --resume",
                   cfg.output_dir)
         return 130
-    if results:
+    if "model_path" in results:  # rank 0 (or the only process)
         log.info("model written to %s; summary in %s/training_summary.txt", results["model_path"], cfg.output_dir)
     return EXIT_OK
 

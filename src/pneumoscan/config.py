@@ -101,6 +101,9 @@ class TrainConfig:
         if self.image_size < 32 or self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 and >= 32 (five 2x2 poolings), "
                              f"got {self.image_size}")
+        if self.fallback_width > self.width:
+            raise ValueError(f"fallback_width ({self.fallback_width}) must not exceed width ({self.width}): it is the "
+                             f"narrower, faster model trained where --epochs at --width do not fit the time budget")
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if self.cv_folds == 1 or self.cv_folds < 0:

@@ -18,6 +18,7 @@ command can simply be started again), then ``cv_results.json`` and ``cv_summary.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -64,10 +65,16 @@ def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | No
         run_dir = fold_dir(out, fold)
         if (run_dir / "training_results.json").exists():
             log.info("fold %d of %d: finished earlier (%s), skipped", fold, cfg.cv_folds, run_dir)
-            continue
-        resume = (run_dir / LAST_FILE).exists()
-        log.info("fold %d of %d%s", fold, cfg.cv_folds, " (resumed)" if resume else "")
-        run_training(dataclasses.replace(cfg, cv_fold=fold, output_dir=str(run_dir), resume=resume))
+            trained = json.loads((run_dir / "training_results.json").read_text())["config"]
+        else:
+            resume = (run_dir / LAST_FILE).exists()
+            log.info("fold %d of %d%s", fold, cfg.cv_folds, " (resumed)" if resume else "")
+            trained = run_training(dataclasses.replace(cfg, cv_fold=fold, output_dir=str(run_dir),
+                                                       resume=resume))["config"]
+        if cfg.fallback_width:  # the first fold's speed check decides the width of every fold
+            if trained["width"] != cfg.width:
+                log.info("the other folds train at width %s too, the width fold %d trained at", trained["width"], fold)
+            cfg = dataclasses.replace(cfg, width=trained["width"], fallback_width=0.0)
     return [fold_dir(out, f) / MODEL_FILE for f in folds]
 
 
@@ -128,14 +135,14 @@ def oof_report(oof: OutOfFold, target_sensitivity: float = 0.95) -> dict:
 
 
 def mixed_widths(ckpts: list[dict]) -> str | None:
-    """Why the fold models differ in width, when they do: ``--fallback_width`` (the fast preset) times
-    the machine fold by fold, and near its limit some folds can fall back and others not."""
+    """Why the fold models differ in width, when they do (``--fallback_width``, the fast preset's speed
+    check, is decided by a run's first fold; folds trained by different runs can differ)."""
     widths = [c["config"]["width"] for c in ckpts]
     if len(set(widths)) < 2:
         return None
-    return (f"the fold models differ in width ({', '.join(f'x{w}' for w in widths)}): the speed check of "
-            f"--fallback_width ran fold by fold and this machine is near its limit; train again with --width "
-            f"to give every fold the same model")
+    return (f"the fold models differ in width ({', '.join(f'x{w}' for w in widths)}); their folds were trained "
+            f"by different runs (the first fold of a run decides the width of the others); train again into a "
+            f"new --output_dir with --width to give every fold the same model")
 
 
 def summary_text(report: dict) -> str:
@@ -152,8 +159,12 @@ def summary_text(report: dict) -> str:
         f"cross-validated operating point (fitted on the other folds): sensitivity {cvd['sensitivity']:.4f}, "
         f"specificity {cvd['specificity']:.4f}, accuracy {cvd['accuracy']:.4f}, ECE {cvd['ece']:.4f}",
     ]
+    widths = report.get("fold_widths") or []
     if report.get("mixed_widths"):
         lines.append(f"note: {report['mixed_widths']}")
+    elif widths and widths[0] != report["config"]["width"]:
+        lines.append(f"fold models at width x{widths[0]}, not x{report['config']['width']}: the first fold's speed "
+                     f"check found that --epochs at x{report['config']['width']} would not fit --max_train_minutes")
     held = report.get("ensemble_holdout")
     if held:
         m = held["validation"]["at_threshold"]["metrics"]

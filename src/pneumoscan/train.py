@@ -391,7 +391,8 @@ def finish(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> di
 
 
 def run_training(cfg: TrainConfig) -> dict:
-    """Train, calibrate and evaluate as ``cfg`` says; returns the results written to JSON."""
+    """Train, calibrate and evaluate as ``cfg`` says; returns the results written to JSON (under torchrun,
+    on ranks other than 0, only ``{"config": ...}``, the config as trained: the width may be the fallback's)."""
     device = resolve_device(cfg.device)
     world = init_world(device.type)
     try:
@@ -431,8 +432,8 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
     t_train = time.time()
     fit(tr, splits, progress, out)
     train_s = time.time() - t_train
-    if not world.is_main:
-        return {}
+    if not world.is_main:  # rank 0 writes the results; the others return the config they trained with
+        return {"config": cfg.to_dict()}
     results = finish(tr, splits, progress, out)
     results["width_check"] = width_check
     results["world_size"] = world.world_size
@@ -527,7 +528,8 @@ def summary_text(results: dict) -> str:
         lines.append(f"width x{check['width']}, not x{check['width_checked']}: "
                      + ("kept from the run it resumed" if check.get("resumed") else
                         f"timed steps said an epoch at x{check['width_checked']} would take about "
-                        f"{check['epoch_minutes_estimated']:.1f} min here, so only {check['epochs_that_fit']} of "
+                        f"{check['epoch_minutes_estimated'] * check['probe_margin']:.1f} min here (with a "
+                        f"{check['probe_margin'] - 1:.0%} margin), so only {check['epochs_that_fit']} of "
                         f"{cfg['epochs']} epochs would fit in --max_train_minutes {cfg['max_train_minutes']}"))
     t = results["timings_s"]
     lines += [
