@@ -55,10 +55,10 @@ def test_folds_validate_on_disjoint_patients_that_cover_all_but_the_held_out(cv_
 def test_fold_models_of_different_widths_are_named_in_the_report(cv_run):
     from pneumoscan.cv import mixed_widths
 
-    ckpts = [load_checkpoint(cv_run / f"fold{i}" / "medical_cnn_model.pth") for i in (0, 1)]
-    assert mixed_widths(ckpts) is None
-    ckpts[1]["config"]["width"] = 0.5  # as if the second fold's speed check had found time for half width
-    note = mixed_widths(ckpts)
+    widths = [load_checkpoint(cv_run / f"fold{i}" / "medical_cnn_model.pth")["config"]["width"] for i in (0, 1)]
+    assert mixed_widths(widths) is None
+    widths[1] = 0.5  # as if the second fold's speed check had found time for half width
+    note = mixed_widths(widths)
     assert "x0.25, x0.5" in note and "--width" in note
 
 

@@ -134,10 +134,9 @@ def oof_report(oof: OutOfFold, target_sensitivity: float = 0.95) -> dict:
     }
 
 
-def mixed_widths(ckpts: list[dict]) -> str | None:
-    """Why the fold models differ in width, when they do (``--fallback_width``, the fast preset's speed
-    check, is decided by a run's first fold; folds trained by different runs can differ)."""
-    widths = [c["config"]["width"] for c in ckpts]
+def mixed_widths(widths: list[float]) -> str | None:
+    """Why the fold models (of these ``widths``) differ in width, when they do (``--fallback_width``, the
+    fast preset's speed check, is decided by a run's first fold; folds trained by different runs can differ)."""
     if len(set(widths)) < 2:
         return None
     return (f"the fold models differ in width ({', '.join(f'x{w}' for w in widths)}); their folds were trained "
@@ -185,9 +184,10 @@ def run_cv(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
     paths = train_folds(cfg)
     oof, ckpts, _ = collect_oof(paths, cfg.data_dir, cfg.cache_dir)
+    widths = [c["config"]["width"] for c in ckpts]
     report = {"config": cfg.to_dict(), "folds": [str(p) for p in paths],
               "oof": oof_report(oof, cfg.target_sensitivity),
-              "fold_widths": [c["config"]["width"] for c in ckpts], "mixed_widths": mixed_widths(ckpts)}
+              "fold_widths": widths, "mixed_widths": mixed_widths(widths)}
     if report["mixed_widths"]:
         log.warning("%s", report["mixed_widths"])
     if cfg.cv_holdout:
