@@ -22,8 +22,9 @@ def test_last_epoch_in_budget_counts_the_epochs_that_still_fit():
     assert last_epoch_in_budget(0, 0.0, 0.0, 8.0) > 10 ** 6  # nothing measurable: everything fits
 
 
-def test_the_probe_times_real_steps_and_draws_nothing_from_torchs_random_state():
-    cfg = TrainConfig(width=0.5, **SMALL)
+@pytest.mark.parametrize("flags", [{}, {"mixup": 0.2, "loss": "weighted_ce"}])
+def test_the_probe_times_real_steps_and_draws_nothing_from_torchs_random_state(flags):
+    cfg = TrainConfig(width=0.5, **SMALL, **flags)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     one = probe_epoch_minutes(cfg, 80, 40, CPU, steps=2)
@@ -37,14 +38,13 @@ def test_an_epoch_is_its_batches_steps_plus_its_validation_images():
     assert epoch_minutes(64, 0, 32, 3.0, 1.0) == pytest.approx(0.1)
 
 
-def test_choose_width_falls_back_only_where_the_epochs_do_not_fit(tmp_path, caplog):
-    last = tmp_path / "checkpoint_last.pth"
+def test_choose_width_falls_back_only_where_the_epochs_do_not_fit(caplog):
     roomy = TrainConfig(width=0.5, fallback_width=0.25, max_train_minutes=600.0, epochs=2, **SMALL)
-    cfg, info = choose_width(roomy, 64, 32, CPU, World(), last)
+    cfg, info = choose_width(roomy, 64, 32, CPU, World())
     assert cfg == roomy and info["width"] == 0.5 and info["epochs_that_fit"] == 2
     tight = TrainConfig(width=0.5, fallback_width=0.25, max_train_minutes=1e-6, epochs=6, **SMALL)
     with caplog.at_level("WARNING", logger="pneumoscan.budget"):
-        cfg, info = choose_width(tight, 64, 32, CPU, World(), last)
+        cfg, info = choose_width(tight, 64, 32, CPU, World())
     assert cfg.width == 0.25 and cfg.fallback_width == 0.25 and info["width_checked"] == 0.5
     assert info["epochs_that_fit"] == 0 and info["epoch_minutes_estimated"] > 0
     assert "training at width 0.25 instead" in caplog.text and "--fallback_width 0" in caplog.text
@@ -53,6 +53,6 @@ def test_choose_width_falls_back_only_where_the_epochs_do_not_fit(tmp_path, capl
 
 @pytest.mark.parametrize("flags", [{"fallback_width": 0.0}, {"max_train_minutes": 0.0},
                                    {"init_from": "shipped"}, {"fallback_width": 0.5}])
-def test_no_speed_check_without_a_fallback_a_budget_or_fresh_weights(flags, tmp_path):
+def test_no_speed_check_without_a_fallback_a_budget_or_fresh_weights(flags):
     cfg = TrainConfig(**{"width": 0.5, "fallback_width": 0.25, "max_train_minutes": 1e-6, **SMALL, **flags})
-    assert choose_width(cfg, 64, 32, CPU, World(), tmp_path / "checkpoint_last.pth") == (cfg, None)
+    assert choose_width(cfg, 64, 32, CPU, World()) == (cfg, None)

@@ -129,7 +129,9 @@ def test_resume_without_a_checkpoint_is_refused(trained_run, tmp_path, smoke_arg
     argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
             *smoke_args, "--resume"]
     assert train_main(argv) == 2
-    assert "checkpoint_last.pth" in (out / "training.log").read_text()
+    log = (out / "training.log").read_text()
+    assert "no checkpoint_last.pth" in log and "start without --resume" in log
+    assert "data set root" not in log  # refused before any data is prepared
 
 
 @pytest.mark.parametrize("flag", ["image_size", "init_from", "intensity"])

@@ -14,17 +14,16 @@ import logging
 import math
 import sys
 import time
-from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .augment import augment_batch
-from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .distributed import World, broadcast
+from .losses import build_loss
 from .model import build_model
 from .predict import InputSpec
+from .step import sync, train_step, training_batch
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +41,6 @@ def last_epoch_in_budget(epoch: int, elapsed_min: float, per_epoch_min: float, b
     return epoch + max(0, math.floor((budget_min - elapsed_min) / per_epoch_min))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def epoch_minutes(n_train: int, n_val: int, batch_size: int, step_s: float, val_image_s: float) -> float:
     """Minutes of one epoch: ``ceil(n_train / batch_size)`` training steps of ``step_s`` seconds, then
     ``n_val`` validation images of ``val_image_s`` seconds each."""
@@ -56,77 +50,67 @@ def epoch_minutes(n_train: int, n_val: int, batch_size: int, step_s: float, val_
 def probe_epoch_minutes(cfg: TrainConfig, n_train: int, n_val: int, device: torch.device, steps: int = 3) -> float:
     """Minutes one epoch of ``cfg`` (``n_train`` training images, ``n_val`` validated) would take here.
 
-    Times ``steps`` training steps (augmentation, input transform, forward, backward, Adam) of a
-    freshly built model on random images after one warm-up step, and one validation forward of
-    ``2 * batch_size`` images after a warm-up forward. Mixup and the loss's kind are left out (one
-    blend and a few element-wise operations per batch). torch's random state is restored afterwards:
+    Times ``steps`` training steps of a freshly built model on random images after one warm-up step
+    (the training loop's own ``training_batch`` and ``train_step``: augmentation, input transform,
+    mixup, forward, the run's kind of loss, backward, Adam), and one validation forward of
+    ``2 * batch_size`` images after a warm-up forward. torch's random state is restored afterwards:
     the probe draws nothing that the training run would have drawn.
     """
     bs, size = cfg.batch_size, cfg.image_size
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         model = build_model(cfg).to(device).to(memory_format=torch.channels_last).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        criterion = build_loss(cfg.loss, [1, 1], cfg.focal_gamma).to(device)
         spec = InputSpec(size, 0.5, 0.25, cfg.in_channels, intensity=cfg.intensity)
         gen = torch.Generator(device=device).manual_seed(0)
+        mix_rng = np.random.default_rng(0)
         images = torch.randint(0, 256, (bs, size, size), dtype=torch.uint8).to(device)
         target = torch.arange(bs, device=device) % 2
 
         def step() -> None:
-            x = spec.to_tensor(augment_batch(images.float().div(255.0).unsqueeze(1), cfg.augment, gen))
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(x)
-            F.cross_entropy(logits.float(), target).backward()
-            optimizer.step()
+            train_step(model, optimizer, criterion, training_batch(images, target, spec, cfg, gen, mix_rng),
+                       "the speed check")
 
         step()
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        _sync(device)
+        sync(device)
         per_step = (time.perf_counter() - t0) / steps
         model.eval()
         val_images = images.repeat(2, 1, 1)
         with torch.inference_mode():
             model(spec.to_tensor(val_images[:2]))
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             model(spec.to_tensor(val_images))
-            _sync(device)
+            sync(device)
         per_val_image = (time.perf_counter() - t0) / len(val_images)
     return epoch_minutes(n_train, n_val, bs, per_step, per_val_image)
 
 
-def _resumed_width(last_path: Path) -> float | None:
-    """The width the interrupted run at ``last_path`` trained at (None without that file)."""
-    if not last_path.exists():
-        return None  # the training loop's --resume says what is missing
-    return float(load_checkpoint(last_path)["config"]["width"])
-
-
 def choose_width(cfg: TrainConfig, n_train: int, n_val: int, device: torch.device, world: World,
-                 last_path: Path) -> tuple[TrainConfig, dict | None]:
+                 resumed_width: float | None = None) -> tuple[TrainConfig, dict | None]:
     """``cfg`` at ``cfg.fallback_width`` if its ``--epochs`` at ``cfg.width`` would not fit in
     ``--max_train_minutes`` here, else ``cfg``; and what was measured (None when no check applies).
 
     The check applies only with a fallback width, a time budget and fresh weights (``--init_from``
-    fixes the width). A ``--resume`` keeps the width of the run it continues. Under torchrun rank 0
-    measures (its share of the training split) and every rank follows it; rank 0 times alone, without
-    gradient all-reduce, so where several ranks share the CPU cores the estimate is too low.
-
-    Raises:
-        CheckpointError: ``--resume`` and ``checkpoint_last.pth`` cannot be read.
+    fixes the width). A ``--resume`` keeps ``resumed_width``, the width in the ``checkpoint_last.pth``
+    of the run it continues (every rank is given it). Under torchrun rank 0 measures (its share of the
+    training split) and every rank follows it; rank 0 times alone, without gradient all-reduce, so
+    where several ranks share the CPU cores the estimate is too low.
     """
     if not (cfg.fallback_width and cfg.max_train_minutes) or cfg.fallback_width == cfg.width or cfg.init_from:
         return cfg, None
     if cfg.resume:
-        width = broadcast(_resumed_width(last_path) if world.is_main else None, world)
-        if width != cfg.fallback_width:  # the same width, or another one that --resume will refuse
+        if resumed_width != cfg.fallback_width:  # the same width, or another one that --resume will refuse
             return cfg, None
-        log.info("--resume: continuing at width %s, the width in %s (not %s)", width, last_path.name, cfg.width)
-        return dataclasses.replace(cfg, width=width), {"width_checked": cfg.width, "width": width, "resumed": True}
+        log.info("--resume: continuing at width %s, the width in checkpoint_last.pth (not %s)", resumed_width,
+                 cfg.width)
+        return (dataclasses.replace(cfg, width=resumed_width),
+                {"width_checked": cfg.width, "width": resumed_width, "resumed": True})
     per_rank = math.ceil(n_train / world.world_size)
     t0 = time.perf_counter()
     minutes = broadcast(probe_epoch_minutes(cfg, per_rank, n_val, device) if world.is_main else None, world)

@@ -21,7 +21,6 @@ import torch
 from tqdm import tqdm
 
 from .atomic import write_text
-from .augment import augment_batch, mixup
 from .budget import choose_width, last_epoch_in_budget
 from .calibration import cross_fitted_ece, fit_temperature, positive_probability
 from .checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint, versions
@@ -43,6 +42,7 @@ from .model import build_model, model_kwargs
 from .plots import plot_history, plot_reliability
 from .predict import CLASS_NAMES, InputSpec, Predictor, resolve_device
 from .results import write_json
+from .step import sync, train_step, training_batch
 
 log = logging.getLogger(__name__)
 
@@ -206,24 +206,12 @@ def train_one_epoch(tr: Trainer, data: ImageSet, epoch: int) -> dict:
             continue
         imgs = data.images[idx].to(device, non_blocking=True)
         target = data.labels[idx].to(device, non_blocking=True)
-        x = augment_batch(imgs.float().div_(255.0).unsqueeze(1), cfg.augment, tr.gen)
-        x = tr.predictor.spec.to_tensor(x)
-        if cfg.mixup > 0:  # its draws depend only on seed, rank, epoch and batch: a resumed run repeats them
-            x, partner, lam = mixup(x, target, cfg.mixup, np.random.default_rng([cfg.seed, tr.world.rank, epoch, b]))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        # mixup's draws depend only on seed, rank, epoch and batch: a resumed run repeats them
+        batch = training_batch(imgs, target, tr.predictor.spec, cfg, tr.gen,
+                               np.random.default_rng([cfg.seed, tr.world.rank, epoch, b]))
+        sync(device)
         t1 = time.perf_counter()
-        tr.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x)
-        loss = tr.criterion(logits.float(), target)
-        if cfg.mixup > 0:
-            loss = lam * loss + (1.0 - lam) * tr.criterion(logits.float(), partner)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at epoch {epoch}, batch {b}; "
-                                     f"lower --lr")
-        loss.backward()
-        tr.optimizer.step()
+        loss, logits = train_step(model, tr.optimizer, tr.criterion, batch, f"epoch {epoch}, batch {b}")
         total_loss += loss.item() * len(idx)
         correct += int((logits.argmax(1) == target).sum())
         seen += len(idx)
@@ -259,23 +247,26 @@ def _check_resume(state: dict, cfg: TrainConfig) -> None:
                               + " (use the original flags or a new --output_dir)")
 
 
-def resume(tr: Trainer, out: Path) -> Progress:
-    """Restore weights, optimiser, schedule, random state and history from ``out/checkpoint_last.pth``.
+def read_last_checkpoint(out: Path) -> dict:
+    """``out/checkpoint_last.pth``, the state that ``--resume`` continues from.
 
     Raises:
-        CheckpointError: there is no last checkpoint, or it was written with other fixed flags.
+        CheckpointError: the file is missing or cannot be read.
     """
     last_path = out / LAST_FILE
+    if not last_path.exists():
+        raise CheckpointError(f"--resume: no {LAST_FILE} in {out}; start without --resume")
+    return load_checkpoint(last_path)
 
-    def load() -> dict:
-        if not last_path.exists():
-            raise CheckpointError(f"--resume: no {LAST_FILE} in {out}; start without --resume")
-        state = load_checkpoint(last_path)
-        _check_resume(state, tr.cfg)
-        return state
 
-    # rank 0 reads the file and sends it to the others (on several nodes only rank 0's disk has it)
-    state = broadcast(load() if tr.world.is_main else None, tr.world)
+def resume(tr: Trainer, out: Path, state: dict) -> Progress:
+    """Restore weights, optimiser, schedule, random state and history from ``state``, the
+    ``read_last_checkpoint(out)`` that every rank was given.
+
+    Raises:
+        CheckpointError: it was written with other fixed flags.
+    """
+    _check_resume(state, tr.cfg)
     tr.model.load_state_dict(state["model_state"])
     tr.optimizer.load_state_dict(state["optimizer_state"])
     tr.scheduler.load_state_dict(state["scheduler_state"])
@@ -286,7 +277,7 @@ def resume(tr: Trainer, out: Path) -> Progress:
         tr.gen.manual_seed(tr.cfg.seed + 7919 * tr.world.rank + 104729 * state["epoch"])
     progress = Progress(history=state["history"], best_value=state["best_value"], best_epoch=state["best_epoch"],
                         next_epoch=state["epoch"] + 1)
-    log.info("resumed from %s at epoch %d (best %s %.4f at epoch %d)", last_path, progress.next_epoch,
+    log.info("resumed from %s at epoch %d (best %s %.4f at epoch %d)", out / LAST_FILE, progress.next_epoch,
              tr.cfg.eval_metric, progress.best_value if progress.best_value is not None else float("nan"),
              progress.best_epoch)
     return progress
@@ -417,18 +408,20 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
              f"rank {world.rank} of {world.world_size} ({world.backend})" if world.distributed else "one process")
     log.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
 
-    # a wrong file stops the run before data preparation; as for --resume, rank 0 reads it and sends it on
-    # (on several nodes only rank 0's disk may have it)
+    # a wrong --init_from or a missing --resume checkpoint stops the run before data preparation; rank 0
+    # reads the file and sends it on (on several nodes only rank 0's disk may have it)
     init = broadcast(initial_weights(cfg) if world.is_main else None, world) if cfg.init_from else None
+    last_state = broadcast(read_last_checkpoint(out) if world.is_main else None, world) if cfg.resume else None
     t_data = time.time()
     # rank 0 decodes and fills the image cache; the other ranks then read it instead of decoding again
     splits = main_first(world, lambda: prepare_data(cfg.data_dir, cfg.image_size, cfg.val_fraction,
                                                     cfg.min_val_images, cfg.seed, cfg.strict, cfg.cache_dir,
                                                     cfg.cv_folds, cfg.cv_fold, cfg.cv_holdout))
     data_prep_s = time.time() - t_data
-    cfg, width_check = choose_width(cfg, len(splits.train), len(splits.val), device, world, out / LAST_FILE)
+    cfg, width_check = choose_width(cfg, len(splits.train), len(splits.val), device, world,
+                                    float(last_state["config"]["width"]) if last_state else None)
     tr = build_trainer(cfg, splits, device, world, init)
-    progress = resume(tr, out) if cfg.resume else Progress()
+    progress = resume(tr, out, last_state) if last_state else Progress()
     t_train = time.time()
     fit(tr, splits, progress, out)
     train_s = time.time() - t_train
