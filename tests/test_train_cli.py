@@ -134,17 +134,20 @@ def test_resume_without_a_checkpoint_is_refused(trained_run, tmp_path, smoke_arg
     assert "data set root" not in log  # refused before any data is prepared
 
 
-@pytest.mark.parametrize("flag", ["image_size", "init_from", "intensity"])
+@pytest.mark.parametrize("flag", ["image_size", "init_from", "intensity", "width"])
 def test_resume_with_a_different_fixed_flag_is_refused(trained_run, tmp_path, smoke_args, flag):
     # init_from is fixed too: the weights on disk expect the normalisation of the run that wrote them
-    value = {"image_size": "32", "init_from": str(trained_run.model_path), "intensity": "equalize"}[flag]
+    value = {"image_size": "32", "init_from": str(trained_run.model_path), "intensity": "equalize",
+             "width": "0.5"}[flag]
     out = tmp_path / "changed"
     shutil.copytree(trained_run.out, out)
+    first_run = len((out / "training.log").read_text())
     argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
             *smoke_args, "--epochs", "2", f"--{flag}", value, "--resume"]
     assert train_main(argv) == 2
-    log = (out / "training.log").read_text()
-    assert flag in log and "Epoch 2/2" not in log
+    log = (out / "training.log").read_text()[first_run:]  # what the refused run wrote
+    assert f"cannot --resume with a different {flag}" in log and "Epoch 2/2" not in log
+    assert "data set root" not in log  # refused before any data is prepared
 
 
 @pytest.fixture

@@ -238,30 +238,34 @@ def _is_better(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
-def _check_resume(state: dict, cfg: TrainConfig) -> None:
+def _check_resume(state: dict, cfg: TrainConfig, but: tuple[str, ...] = ()) -> None:
     old = state.get("config", {})
     changed = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in _RESUME_FIXED
-               if k in old and old[k] != getattr(cfg, k)]
+               if k not in but and k in old and old[k] != getattr(cfg, k)]
     if changed:
         raise CheckpointError("cannot --resume with a different " + "; ".join(changed)
                               + " (use the original flags or a new --output_dir)")
 
 
-def read_last_checkpoint(out: Path) -> dict:
-    """``out/checkpoint_last.pth``, the state that ``--resume`` continues from.
+def read_last_checkpoint(out: Path, cfg: TrainConfig) -> dict:
+    """``out/checkpoint_last.pth``, the state that ``--resume`` continues from, read before any data is
+    prepared and checked against ``cfg``'s fixed flags (all but a width equal to ``--fallback_width``,
+    which the speed check may still choose; ``resume`` checks it).
 
     Raises:
-        CheckpointError: the file is missing or cannot be read.
+        CheckpointError: the file is missing or cannot be read, or was written with other fixed flags.
     """
     last_path = out / LAST_FILE
     if not last_path.exists():
         raise CheckpointError(f"--resume: no {LAST_FILE} in {out}; start without --resume")
-    return load_checkpoint(last_path)
+    state = load_checkpoint(last_path)
+    _check_resume(state, cfg, but=("width",) if state.get("config", {}).get("width") == cfg.fallback_width else ())
+    return state
 
 
 def resume(tr: Trainer, out: Path, state: dict) -> Progress:
     """Restore weights, optimiser, schedule, random state and history from ``state``, the
-    ``read_last_checkpoint(out)`` that every rank was given.
+    ``read_last_checkpoint`` of ``out`` that every rank was given.
 
     Raises:
         CheckpointError: it was written with other fixed flags.
@@ -408,10 +412,10 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
              f"rank {world.rank} of {world.world_size} ({world.backend})" if world.distributed else "one process")
     log.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
 
-    # a wrong --init_from or a missing --resume checkpoint stops the run before data preparation; rank 0
+    # a wrong --init_from or --resume checkpoint stops the run before data preparation; rank 0
     # reads the file and sends it on (on several nodes only rank 0's disk may have it)
     init = broadcast(initial_weights(cfg) if world.is_main else None, world) if cfg.init_from else None
-    last_state = broadcast(read_last_checkpoint(out) if world.is_main else None, world) if cfg.resume else None
+    last_state = broadcast(read_last_checkpoint(out, cfg) if world.is_main else None, world) if cfg.resume else None
     t_data = time.time()
     # rank 0 decodes and fills the image cache; the other ranks then read it instead of decoding again
     splits = main_first(world, lambda: prepare_data(cfg.data_dir, cfg.image_size, cfg.val_fraction,
