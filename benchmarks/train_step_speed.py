@@ -5,8 +5,10 @@
     /other/venv/bin/python benchmarks/train_step_speed.py ...   # the same under another torch build
     python benchmarks/train_step_speed.py --width 0.5 --image_size 128 --intensity equalize  # input equalised
 
-Times full training steps (the model input made from uint8 images by ``InputSpec.to_tensor``, with
-``--intensity``; forward, backward, Adam step; channels_last, float32, batch 32) on random images
+Times bare training steps (the model input made from uint8 images by ``InputSpec.to_tensor``, with
+``--intensity``; forward, plain cross-entropy, backward, Adam step; channels_last, float32, batch 32;
+no augmentation or mixup, unlike ``pneumoscan.step.train_step``, so that the network's own cost is
+what differs between builds, and the numbers recorded since issue 3 stay comparable) on random images
 after two warm-up steps, over ``--rounds`` rounds, and prints the median and best images per
 second with the torch version and thread count. Run two builds one after the other, alternating
 (A B A B), and compare only within one such sitting: machines differ and are noisy.

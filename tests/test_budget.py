@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from pneumoscan import budget
 from pneumoscan.budget import choose_width, epoch_minutes, last_epoch_in_budget, probe_epoch_minutes
 from pneumoscan.config import TrainConfig
 from pneumoscan.distributed import World
@@ -23,13 +24,23 @@ def test_last_epoch_in_budget_counts_the_epochs_that_still_fit():
 
 
 @pytest.mark.parametrize("flags", [{}, {"mixup": 0.2, "loss": "weighted_ce"}])
-def test_the_probe_times_real_steps_and_draws_nothing_from_torchs_random_state(flags):
+def test_the_probe_times_the_training_loops_own_steps_and_draws_nothing_from_torchs_random_state(
+        flags, monkeypatch):
+    seen, real = [], budget.train_step
+
+    def spy(model, optimizer, criterion, batch, where):
+        seen.append((batch.partner is not None, type(criterion).__name__))
+        return real(model, optimizer, criterion, batch, where)
+
     cfg = TrainConfig(width=0.5, **SMALL, **flags)
+    monkeypatch.setattr(budget, "train_step", spy)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     one = probe_epoch_minutes(cfg, 80, 40, CPU, steps=2)
     assert torch.equal(torch.get_rng_state(), before)
     assert math.isfinite(one) and one > 0
+    loss = {"focal": "FocalLoss", "weighted_ce": "CrossEntropyLoss"}[cfg.loss]
+    assert seen == [(cfg.mixup > 0, loss)] * 3  # a warm-up step and 2 timed ones, mixed up as the run would be
 
 
 def test_an_epoch_is_its_batches_steps_plus_its_validation_images():
@@ -40,11 +51,11 @@ def test_an_epoch_is_its_batches_steps_plus_its_validation_images():
 
 def test_choose_width_falls_back_only_where_the_epochs_do_not_fit(caplog):
     roomy = TrainConfig(width=0.5, fallback_width=0.25, max_train_minutes=600.0, epochs=2, **SMALL)
-    cfg, info = choose_width(roomy, 64, 32, CPU, World())
+    cfg, info = choose_width(roomy, 64, 32, CPU, World(), resumed_width=None)
     assert cfg == roomy and info["width"] == 0.5 and info["epochs_that_fit"] == 2
     tight = TrainConfig(width=0.5, fallback_width=0.25, max_train_minutes=1e-6, epochs=6, **SMALL)
     with caplog.at_level("WARNING", logger="pneumoscan.budget"):
-        cfg, info = choose_width(tight, 64, 32, CPU, World())
+        cfg, info = choose_width(tight, 64, 32, CPU, World(), resumed_width=None)
     assert cfg.width == 0.25 and cfg.fallback_width == 0.25 and info["width_checked"] == 0.5
     assert info["epochs_that_fit"] == 0 and info["epoch_minutes_estimated"] > 0
     assert "training at width 0.25 instead" in caplog.text and "--fallback_width 0" in caplog.text
@@ -55,4 +66,4 @@ def test_choose_width_falls_back_only_where_the_epochs_do_not_fit(caplog):
                                    {"init_from": "shipped"}, {"fallback_width": 0.5}])
 def test_no_speed_check_without_a_fallback_a_budget_or_fresh_weights(flags):
     cfg = TrainConfig(**{"width": 0.5, "fallback_width": 0.25, "max_train_minutes": 1e-6, **SMALL, **flags})
-    assert choose_width(cfg, 64, 32, CPU, World()) == (cfg, None)
+    assert choose_width(cfg, 64, 32, CPU, World(), resumed_width=None) == (cfg, None)

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.slow
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return subprocess.run([*TORCHRUN, "-m", "pneumoscan", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env=env)
+                          timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,18 @@ def test_ddp_resume_continues_from_the_last_epoch(ddp_run):
     results = json.loads((out / "training_results.json").read_text())
     assert [h["epoch"] for h in results["history"]] == [1, 2]
     assert "resumed from" in (out / "training.log").read_text()
+
+
+def test_ddp_an_error_on_rank_0_stops_every_rank_with_its_message(ddp_run):
+    # rank 0 reads checkpoint_last.pth for everyone: when it is missing, the other rank must not wait
+    # for it until the process group's 30-minute timeout
+    root, out, args, _ = ddp_run
+    empty = root / "empty"
+    args = [str(empty) if a == str(out) else a for a in args]
+    proc = torchrun(*args, "--resume", cwd=root, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("--resume: no checkpoint_last.pth") == 2, proc.stderr[-3000:]  # both ranks say why
+    assert "no checkpoint_last.pth" in (empty / "training.log").read_text()
 
 
 def test_ddp_fine_tunes_from_rank_0s_checkpoint(ddp_run):
@@ -102,3 +114,23 @@ def test_sharded_prediction_equals_a_single_process_run(tmp_path, trained_model,
 
 def test_torchrun_is_installed_with_torch():
     assert shutil.which("torchrun") or (Path(sys.executable).parent / "torchrun").exists()
+
+
+class _NeedsTwoArgs(Exception):
+    def __init__(self, path, why):
+        super().__init__(f"{path}: {why}")
+
+
+@pytest.mark.parametrize("exc, sent", [(ValueError("bad flag"), ValueError("bad flag")),
+                                       (_NeedsTwoArgs("x.pth", "truncated"),
+                                        RuntimeError("_NeedsTwoArgs: x.pth: truncated"))])
+def test_what_rank_0_sends_when_it_fails_can_be_unpickled_by_the_others(exc, sent):
+    from pneumoscan.distributed import _outcome
+
+    def fail():
+        raise exc
+
+    kind, value, local = _outcome(fail)
+    assert kind == "error" and local is exc
+    assert type(value) is type(sent) and str(value) == str(sent)
+    assert _outcome(lambda: 3) == ("ok", 3, None)

@@ -10,7 +10,7 @@ from pneumoscan.config import TrainConfig
 from pneumoscan.losses import build_loss
 from pneumoscan.model import build_model
 from pneumoscan.predict import InputSpec
-from pneumoscan.step import train_step, training_batch
+from pneumoscan.step import TrainingBatch, train_step, training_batch
 
 CFG = TrainConfig(width=0.25, image_size=32, augment="acquisition", device="cpu")
 SPEC = InputSpec(32, 0.5, 0.25, CFG.in_channels)
@@ -48,3 +48,18 @@ def test_a_step_changes_the_weights_and_a_non_finite_loss_stops_before_it_does()
         train_step(model, optimizer, criterion, bad, "epoch 3, batch 7")
     assert all(torch.equal(after[k], v) for k, v in model.state_dict().items()
                if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+
+
+def test_with_mixup_the_loss_is_the_blend_of_both_targets_losses():
+    torch.manual_seed(0)
+    model = build_model(CFG).eval()  # eval: the forward pass below sees the same network
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)  # lr 0: the step leaves the weights as they are
+    criterion = build_loss("weighted_ce", [1, 3])
+    plain = _batch(CFG)
+    mixed = TrainingBatch(plain.x, plain.target, 1 - plain.target, 0.7)  # every partner of the other class
+    loss, _ = train_step(model, optimizer, criterion, mixed, "epoch 1, batch 0")
+    with torch.no_grad():
+        logits = model(mixed.x)
+        own, other = criterion(logits, mixed.target).item(), criterion(logits, mixed.partner).item()
+    assert loss.item() == pytest.approx(0.7 * own + 0.3 * other, rel=1e-5)
+    assert own != pytest.approx(other, rel=1e-4)  # so that the blend differs from either loss alone

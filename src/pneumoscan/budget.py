@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .distributed import World, broadcast
+from .distributed import World, from_main
 from .losses import build_loss
 from .model import build_model
 from .predict import InputSpec
@@ -91,8 +91,8 @@ def probe_epoch_minutes(cfg: TrainConfig, n_train: int, n_val: int, device: torc
     return epoch_minutes(n_train, n_val, bs, per_step, per_val_image)
 
 
-def choose_width(cfg: TrainConfig, n_train: int, n_val: int, device: torch.device, world: World,
-                 resumed_width: float | None = None) -> tuple[TrainConfig, dict | None]:
+def choose_width(cfg: TrainConfig, n_train: int, n_val: int, device: torch.device, world: World, *,
+                 resumed_width: float | None) -> tuple[TrainConfig, dict | None]:
     """``cfg`` at ``cfg.fallback_width`` if its ``--epochs`` at ``cfg.width`` would not fit in
     ``--max_train_minutes`` here, else ``cfg``; and what was measured (None when no check applies).
 
@@ -113,7 +113,7 @@ def choose_width(cfg: TrainConfig, n_train: int, n_val: int, device: torch.devic
                 {"width_checked": cfg.width, "width": resumed_width, "resumed": True})
     per_rank = math.ceil(n_train / world.world_size)
     t0 = time.perf_counter()
-    minutes = broadcast(probe_epoch_minutes(cfg, per_rank, n_val, device) if world.is_main else None, world)
+    minutes = from_main(lambda: probe_epoch_minutes(cfg, per_rank, n_val, device), world)
     fit = last_epoch_in_budget(0, 0.0, PROBE_MARGIN * minutes, cfg.max_train_minutes)
     info = {"width_checked": cfg.width, "epoch_minutes_estimated": minutes, "probe_margin": PROBE_MARGIN,
             "epochs_that_fit": min(fit, cfg.epochs), "check_s": time.perf_counter() - t0}

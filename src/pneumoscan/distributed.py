@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -99,14 +100,38 @@ def all_sum(values: list[float], world: World) -> list[float]:
     return t.cpu().tolist()
 
 
+def _outcome(fn) -> tuple:
+    """("ok", ``fn()``, None) or ("error", the exception it raised made picklable, the exception)."""
+    try:
+        return "ok", fn(), None
+    except Exception as exc:
+        try:
+            sent = pickle.loads(pickle.dumps(exc))
+        except Exception:  # an exception that cannot travel: its type and message do
+            sent = RuntimeError(f"{type(exc).__name__}: {exc}")
+        return "error", sent, exc
+
+
+def from_main(fn, world: World, send_result: bool = True):
+    """``fn()`` run on rank 0 only, its result on every rank (None on the others if not
+    ``send_result``); if it raises, every rank raises it.
+
+    Without the second half a rank-0 error (a missing checkpoint, a full disk) would leave the other
+    ranks waiting for a result that never comes, until the process group's timeout (30 minutes).
+    """
+    if not world.distributed:
+        return fn()
+    outcome = _outcome(fn) if world.is_main else None
+    box = [(outcome[0], outcome[1] if send_result or outcome[0] == "error" else None) if outcome else None]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise outcome[2] if outcome else value  # rank 0 raises its own exception, with its traceback
+    return outcome[1] if outcome else value
+
+
 def main_first(world: World, fn):
     """``fn()`` on rank 0, then on the other ranks (e.g. rank 0 fills a cache the others then read).
-
-    An exception on rank 0 ends its process with an error, and torchrun then stops the others.
-    """
-    if world.is_main:
-        result = fn()
-        barrier(world)
-        return result
-    barrier(world)
-    return fn()
+    If it raises on rank 0, every rank raises it without running it."""
+    result = from_main(fn, world, send_result=False)
+    return result if world.is_main else fn()

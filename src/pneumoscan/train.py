@@ -26,7 +26,7 @@ from .calibration import cross_fitted_ece, fit_temperature, positive_probability
 from .checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint, versions
 from .config import TrainConfig
 from .data import DataSplits, ImageSet, prepare_data
-from .distributed import World, all_sum, broadcast, close_world, init_world, main_first
+from .distributed import World, all_sum, broadcast, close_world, from_main, init_world, main_first
 from .errors import CheckpointError
 from .gate import OutOfScopeGate
 from .losses import build_loss
@@ -287,6 +287,18 @@ def resume(tr: Trainer, out: Path, state: dict) -> Progress:
     return progress
 
 
+def write_epoch(tr: Trainer, out: Path, epoch: int, val: dict, progress: Progress, improved: bool) -> None:
+    """``checkpoint_last.pth`` (for --resume) and, if ``improved``, ``medical_cnn_model.pth``."""
+    if improved:
+        save_checkpoint(tr.payload(out, epoch, metrics={"val": val}), out / MODEL_FILE)
+    save_checkpoint({**tr.payload(out, epoch, metrics={"val": val}),
+                     "optimizer_state": tr.optimizer.state_dict(),
+                     "scheduler_state": tr.scheduler.state_dict(),
+                     "generator_state": tr.gen.get_state().cpu(), "torch_rng_state": torch.get_rng_state(),
+                     "history": progress.history, "best_value": progress.best_value,
+                     "best_epoch": progress.best_epoch}, out / LAST_FILE)
+
+
 def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progress:
     """Train from ``progress.next_epoch`` until --epochs, early stopping or the time budget.
 
@@ -299,7 +311,7 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
     for epoch in range(first, cfg.epochs + 1):
         t0 = time.time()
         trained = train_one_epoch(tr, splits.train, epoch)
-        val = broadcast(validate(tr, splits.val)[0] if world.is_main else None, world)
+        val = from_main(lambda: validate(tr, splits.val)[0], world)
         value = val[cfg.eval_metric]
         lr = tr.optimizer.param_groups[0]["lr"]
         if isinstance(tr.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -322,18 +334,12 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
         log.info("Epoch %d/%d - Train Loss: %.4f, Val Sensitivity: %.4f, Val Specificity: %.4f, "
                  "Val AUROC: %.4f, Val Loss: %.4f, LR: %.2g, %.0fs", epoch, cfg.epochs, trained["loss"],
                  val["sensitivity"], val["specificity"], val["auroc"], val["loss"], lr, row["epoch_time_s"])
-        if _is_better(value, progress.best_value, cfg.metric_mode):
+        improved = _is_better(value, progress.best_value, cfg.metric_mode)
+        if improved:
             progress.best_value, progress.best_epoch = value, epoch
             progress.best_state = copy.deepcopy(tr.model.state_dict())
-            if world.is_main:
-                save_checkpoint(tr.payload(out, epoch, metrics={"val": val}), out / MODEL_FILE)
-        if world.is_main:
-            save_checkpoint({**tr.payload(out, epoch, metrics={"val": val}),
-                             "optimizer_state": tr.optimizer.state_dict(),
-                             "scheduler_state": tr.scheduler.state_dict(),
-                             "generator_state": tr.gen.get_state().cpu(), "torch_rng_state": torch.get_rng_state(),
-                             "history": progress.history, "best_value": progress.best_value,
-                             "best_epoch": progress.best_epoch}, out / LAST_FILE)
+        # rank 0 writes; a write that fails there (a full disk) stops every rank
+        from_main(lambda: write_epoch(tr, out, epoch, val, progress, improved), world)
         stop = None
         elapsed_min = (time.time() - started) / 60
         per_epoch = elapsed_min / (epoch - first + 1)
@@ -414,18 +420,20 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
 
     # a wrong --init_from or --resume checkpoint stops the run before data preparation; rank 0
     # reads the file and sends it on (on several nodes only rank 0's disk may have it)
-    init = broadcast(initial_weights(cfg) if world.is_main else None, world) if cfg.init_from else None
-    last_state = broadcast(read_last_checkpoint(out, cfg) if world.is_main else None, world) if cfg.resume else None
+    init = from_main(lambda: initial_weights(cfg), world) if cfg.init_from else None
+    last_state = from_main(lambda: read_last_checkpoint(out, cfg), world) if cfg.resume else None
     t_data = time.time()
     # rank 0 decodes and fills the image cache; the other ranks then read it instead of decoding again
     splits = main_first(world, lambda: prepare_data(cfg.data_dir, cfg.image_size, cfg.val_fraction,
                                                     cfg.min_val_images, cfg.seed, cfg.strict, cfg.cache_dir,
                                                     cfg.cv_folds, cfg.cv_fold, cfg.cv_holdout))
     data_prep_s = time.time() - t_data
+    resumed_width = last_state.get("config", {}).get("width") if last_state else None
     cfg, width_check = choose_width(cfg, len(splits.train), len(splits.val), device, world,
-                                    float(last_state["config"]["width"]) if last_state else None)
+                                    resumed_width=None if resumed_width is None else float(resumed_width))
     tr = build_trainer(cfg, splits, device, world, init)
     progress = resume(tr, out, last_state) if last_state else Progress()
+    del last_state, init  # weights and optimiser state now live in the trainer
     t_train = time.time()
     fit(tr, splits, progress, out)
     train_s = time.time() - t_train
