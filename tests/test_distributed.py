@@ -112,6 +112,22 @@ def test_sharded_prediction_equals_a_single_process_run(tmp_path, trained_model,
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # part files merged, removed
 
 
+def test_a_rank_that_cannot_write_its_share_stops_the_merge_and_keeps_the_other_parts(tmp_path, trained_model,
+                                                                                      smoke_files):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in smoke_files["NORMAL"][:4]:
+        (folder / f.name).symlink_to(f)
+    (tmp_path / ".out.rank1-of-2.jsonl").mkdir()  # rank 1's part file cannot be written
+    proc = torchrun("predict", "--image_dir", str(folder), "--model_path", str(trained_model), "--device", "cpu",
+                    "--output_path", str(tmp_path / "out.jsonl"), cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "Is a directory" in proc.stderr and "1 of 2 rank(s) could not finish their share" in proc.stderr
+    assert "Connection closed by peer" not in proc.stderr  # rank 0 did not try to merge and crash
+    assert not (tmp_path / "out.jsonl").exists()
+    assert len((tmp_path / ".out.rank0-of-2.jsonl").read_text().splitlines()) == 2  # rank 0's share is kept
+
+
 def test_torchrun_is_installed_with_torch():
     assert shutil.which("torchrun") or (Path(sys.executable).parent / "torchrun").exists()
 

@@ -234,19 +234,30 @@ def _predict_sharded(engine, files: list, args, world) -> tuple[int, int]:
     """Under torchrun: each rank predicts every WORLD_SIZE-th file into its own part file; rank 0 then
     merges the parts in listing order into ``--output_path`` (each file exactly once) and removes them."""
     from .atomic import atomic_path
-    from .distributed import barrier
+    from .distributed import all_sum
     from .results import write_json
 
     jsonl = args.output_path.lower().endswith(".jsonl")
     part = _part_path(args.output_path, world.rank, world.world_size)
     if jsonl and not args.resume and Path(args.output_path).exists():
         raise FileExistsError(f"{args.output_path} already exists: pass --resume to continue it, or remove it")
-    if not (jsonl and args.resume):
-        part.unlink(missing_ok=True)  # a part left by an earlier interrupted run that is not being resumed
     shard = files[world.rank::world.world_size]
     log.info("rank %d of %d: %d of the %d file(s)", world.rank, world.world_size, len(shard), len(files))
-    _stream_jsonl(engine, shard, part, jsonl and args.resume, args.heatmap_dir, progress=world.is_main)
-    barrier(world)
+    failure = None
+    try:
+        if not (jsonl and args.resume):
+            part.unlink(missing_ok=True)  # a part left by an earlier interrupted run that is not being resumed
+        _stream_jsonl(engine, shard, part, jsonl and args.resume, args.heatmap_dir, progress=world.is_main)
+    except (PneumoscanError, ValueError, OSError) as exc:  # every rank must still reach the count below
+        failure = exc
+    unfinished = int(all_sum([float(failure is not None)], world)[0])  # also the barrier before the merge
+    if failure is not None:
+        raise failure
+    if unfinished:
+        kept = " (--resume continues them)" if jsonl else ""
+        raise DataError(f"{unfinished} of {world.world_size} rank(s) could not finish their share of the files "
+                        f"(each says why in its own error line); nothing was merged into {args.output_path}, "
+                        f"and the finished ranks' part files are kept{kept}")
     if not world.is_main:
         return 0, 0
     parts = [_part_path(args.output_path, r, world.world_size) for r in range(world.world_size)]
