@@ -339,7 +339,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         parser.error("--resume needs --output_path ending in .jsonl (a .json document is written only at the end)")
     if world.distributed and not args.output_path:
         parser.error("under torchrun, --output_path is needed (.jsonl or .json): the ranks' results are merged there")
-    world = init_world("cpu")  # gloo: prediction only needs a barrier between the ranks
+    world = init_world("cpu")  # gloo: prediction only needs the ranks' count of failed shares
     try:
         return _predict(args, world, jsonl)
     finally:

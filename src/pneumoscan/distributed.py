@@ -75,11 +75,6 @@ def close_world(world: World) -> None:
         dist.destroy_process_group()
 
 
-def barrier(world: World) -> None:
-    if world.distributed:
-        dist.barrier()
-
-
 def broadcast(obj, world: World):
     """Rank 0's ``obj`` on every rank (any picklable value; the ranks' own values are ignored)."""
     if not world.distributed:
