@@ -289,9 +289,10 @@ def resume(tr: Trainer, out: Path, state: dict) -> Progress:
 
 def write_epoch(tr: Trainer, out: Path, epoch: int, val: dict, progress: Progress, improved: bool) -> None:
     """``checkpoint_last.pth`` (for --resume) and, if ``improved``, ``medical_cnn_model.pth``."""
+    payload = tr.payload(out, epoch, metrics={"val": val})  # the weights copied once for both files
     if improved:
-        save_checkpoint(tr.payload(out, epoch, metrics={"val": val}), out / MODEL_FILE)
-    save_checkpoint({**tr.payload(out, epoch, metrics={"val": val}),
+        save_checkpoint(payload, out / MODEL_FILE)
+    save_checkpoint({**payload,
                      "optimizer_state": tr.optimizer.state_dict(),
                      "scheduler_state": tr.scheduler.state_dict(),
                      "generator_state": tr.gen.get_state().cpu(), "torch_rng_state": torch.get_rng_state(),
