@@ -6,7 +6,9 @@ pooled, these out-of-fold (OOF) logits give the numbers of ``pneumoscan.cv.oof_r
 a patient-level CI, OOF temperature and threshold, the cross-validated operating point and ECE),
 and here also
 - stress AUROC: the OOF films after changes no recipe trains on (histogram equalisation,
-  JPEG quality 10, resolution loss to 25 %), a proxy for another hospital's processing;
+  JPEG quality 10, resolution loss to 25 %), a proxy for another hospital's processing; and on the
+  same changed films, sensitivity, specificity and ECE at the operating point cross-fitted on the
+  plain films (``stress_at_plain_operating_point``): does the stored calibration hold?
 - on dev_shift/adult_frontal (never trained on): the AUROC of "No finding" against the
   pneumonias, per fold model and for the ensemble (mean of the fold models' logits).
 
@@ -34,7 +36,7 @@ from PIL import Image, ImageOps
 from pneumoscan.calibration import positive_probability
 from pneumoscan.checkpoint import input_spec, load_checkpoint
 from pneumoscan.cli import configure_logging
-from pneumoscan.cv import collect_oof, oof_report
+from pneumoscan.cv import collect_oof, cross_fitted, oof_report, operating_point
 from pneumoscan.data import split_from_config
 from pneumoscan.metrics import auroc, binary_metrics
 from pneumoscan.predict import Predictor
@@ -138,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     report["stress_auroc_fold_mean"] = {
         k: float(np.mean([auroc(y[a:b], positive_probability(lg)) for a, b, lg in zip(bounds[:-1], bounds[1:], v)]))
         for k, v in stress_logits.items()}
+    # does the operating point hold when the films change and the calibration does not? Temperature and
+    # threshold cross-fitted on the plain films (as "cross_validated"), applied to the changed copies
+    report["stress_at_plain_operating_point"] = {
+        k: operating_point(y, *cross_fitted(oof, applied_to=torch.cat(v))[:2]) for k, v in stress_logits.items()}
     t, thr = report["oof"]["temperature"], report["oof"]["threshold"]
     report["adult_dev_shift"] = None
     if adult_logits:
@@ -160,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
              o["cross_validated"]["accuracy"], o["cross_validated"]["ece"],
              {k: round(v, 4) for k, v in report["stress_auroc"].items()},
              (report["adult_dev_shift"] or {}).get("auroc_ensemble", float("nan")))
+    for k, m in report["stress_at_plain_operating_point"].items():
+        log.info("%s at the plain films' cross-fitted operating point: sens %.3f spec %.3f ECE %.4f",
+                 k, m["sensitivity"], m["specificity"], m["ece"])
     if args.write_ensemble:
         from pneumoscan.ensemble import write_ensemble
 

@@ -94,6 +94,43 @@ def test_kfold_eval_reports_shift_proxies_and_writes_the_same_ensemble(cv_run, s
     assert set(report["stress_auroc"]) == set(report["ensemble_holdout"]["stress_auroc"]) == {
         "hist_eq", "jpeg_q10", "lowres_25"}
     assert load_checkpoint(ens_path)["threshold"] == pytest.approx(cli_report["ensemble_holdout"]["threshold"])
+    held = report["stress_at_plain_operating_point"]
+    assert set(held) == set(report["stress_auroc"])
+    assert all(0.0 <= m[k] <= 1.0 for m in held.values() for k in ("sensitivity", "specificity", "accuracy", "ece"))
+
+
+def _oof(logit_gap: float, n: int = 60):
+    """Synthetic OOF logits of n films in 3 folds: pneumonias score logit_gap higher, with noise."""
+    import numpy as np
+    import torch
+
+    from pneumoscan.cv import OutOfFold
+
+    rng = np.random.default_rng(0)
+    y = np.arange(n) % 2
+    z = rng.normal(size=n) + logit_gap * y
+    logits = torch.tensor(np.stack([-z / 2, z / 2], axis=1), dtype=torch.float32)
+    return OutOfFold(logits, torch.tensor(y), [f"p{i}" for i in range(n)], np.arange(n) % 3)
+
+
+def test_cross_fitted_operating_point_applied_to_changed_films():
+    import numpy as np
+
+    from pneumoscan.cv import cross_fitted, oof_report, operating_point
+
+    oof = _oof(3.0)
+    prob, pred, params = cross_fitted(oof)
+    again = cross_fitted(oof, applied_to=oof.logits.clone())
+    assert np.array_equal(prob, again[0]) and np.array_equal(pred, again[1]) and [f for f, _, _ in params] == [0, 1, 2]
+    y = oof.labels.numpy()
+    assert operating_point(y, prob, pred) == oof_report(oof)["cross_validated"]
+    # every film pushed towards PNEUMONIA, as a shift that the stored calibration did not see: the
+    # operating point fitted on the plain films now calls every normal PNEUMONIA
+    shifted = oof.logits + oof.logits.new_tensor([-10.0, 10.0])
+    moved = operating_point(y, *cross_fitted(oof, applied_to=shifted)[:2])
+    assert moved["sensitivity"] == 1.0 and moved["specificity"] == 0.0 and moved["ece"] > 0.4
+    with pytest.raises(ValueError, match="rows"):
+        cross_fitted(oof, applied_to=oof.logits[:-1])
 
 
 def test_the_first_folds_speed_check_decides_every_folds_width(tmp_path, smoke_data, smoke_args):

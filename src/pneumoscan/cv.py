@@ -95,6 +95,40 @@ def collect_oof(model_paths: list[Path], data_dir: str, cache_dir: str = ""
     return OutOfFold(torch.cat(logits), torch.cat(labels), patients, np.concatenate(folds)), ckpts, vals
 
 
+def cross_fitted(oof: OutOfFold, target_sensitivity: float = 0.95, applied_to: torch.Tensor | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, float, float]]]:
+    """For each fold: the temperature and the threshold fitted on the *other* folds' OOF logits, applied to
+    this fold's films. ``applied_to`` (the same films in the same order, changed, e.g. re-encoded) replaces
+    the logits they are applied to, so the operating point stays the one fitted on the unchanged films.
+    Returns the calibrated P(PNEUMONIA) per film, the call per film, and (fold, temperature, threshold)."""
+    y, logits, labels, folds = oof.labels.numpy(), oof.logits, oof.labels, oof.folds
+    target = oof.logits if applied_to is None else applied_to
+    if len(target) != len(y):
+        raise ValueError(f"applied_to has {len(target)} rows for {len(y)} OOF films")
+    cv_prob = np.zeros(len(y))
+    cv_pred = np.zeros(len(y), dtype=bool)
+    params = []
+    for f in np.unique(folds):
+        held, fit = folds == f, folds != f
+        if not fit.any():
+            raise ValueError("cross-validating the operating point needs at least two folds")
+        t = fit_temperature(logits[fit], labels[fit])
+        thr = threshold_for_sensitivity(y[fit], positive_probability(logits[fit], t), target_sensitivity)
+        cv_prob[held] = positive_probability(target[held], t)
+        cv_pred[held] = cv_prob[held] >= thr
+        params.append((int(f), t, thr))
+    return cv_prob, cv_pred, params
+
+
+def operating_point(y: np.ndarray, prob: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Sensitivity, specificity, accuracy of the calls ``pred`` and the 15-bin ECE of ``prob``."""
+    pos, neg = y == 1, y == 0
+    return {"sensitivity": float((pred & pos).sum() / max(pos.sum(), 1)),
+            "specificity": float((~pred & neg).sum() / max(neg.sum(), 1)),
+            "accuracy": float((pred == pos).mean()),
+            "ece": expected_calibration_error(y, prob)}
+
+
 def oof_report(oof: OutOfFold, target_sensitivity: float = 0.95) -> dict:
     """AUROC, OOF operating point and its cross-validated counterpart (see the module docstring)."""
     y, logits, labels, folds = oof.labels.numpy(), oof.logits, oof.labels, oof.folds
@@ -102,23 +136,13 @@ def oof_report(oof: OutOfFold, target_sensitivity: float = 0.95) -> dict:
     p_all = positive_probability(logits, t_all)
     thr_all = threshold_for_sensitivity(y, p_all, target_sensitivity)
     at_thr = metrics_with_ci(y, p_all, thr_all, groups=oof.patients)
-    cv_prob = np.zeros(len(y))
-    cv_pred = np.zeros(len(y), dtype=bool)
-    per_fold = []
-    for f in np.unique(folds):
-        held, fit = folds == f, folds != f
-        if not fit.any():
-            raise ValueError("cross-validating the operating point needs at least two folds")
-        t = fit_temperature(logits[fit], labels[fit])
-        thr = threshold_for_sensitivity(y[fit], positive_probability(logits[fit], t), target_sensitivity)
-        cv_prob[held] = positive_probability(logits[held], t)
-        cv_pred[held] = cv_prob[held] >= thr
-        per_fold.append({"fold": int(f), "n": int(held.sum()), "auroc": auroc(y[held], p_all[held]),
-                         "temperature": t, "threshold": thr})
-    pos, neg = y == 1, y == 0
+    cv_prob, cv_pred, params = cross_fitted(oof, target_sensitivity)
+    per_fold = [{"fold": f, "n": int((folds == f).sum()), "auroc": auroc(y[folds == f], p_all[folds == f]),
+                 "temperature": t, "threshold": thr} for f, t, thr in params]
     aurocs = [r["auroc"] for r in per_fold]
     return {
-        "n": len(y), "patients": len(set(oof.patients)), "normal": int(neg.sum()), "pneumonia": int(pos.sum()),
+        "n": len(y), "patients": len(set(oof.patients)),
+        "normal": int((y == 0).sum()), "pneumonia": int((y == 1).sum()),
         "auroc": at_thr["metrics"]["auroc"],
         "fold_auroc_mean": float(np.mean(aurocs)),
         "fold_auroc_sd": float(np.std(aurocs, ddof=1)) if len(aurocs) > 1 else 0.0,
@@ -126,10 +150,7 @@ def oof_report(oof: OutOfFold, target_sensitivity: float = 0.95) -> dict:
         "at_oof_threshold": {k: at_thr["metrics"][k] for k in ("sensitivity", "specificity", "accuracy")},
         "ece_raw": expected_calibration_error(y, positive_probability(logits)),
         "ece_after_in_sample": expected_calibration_error(y, p_all),
-        "cross_validated": {"sensitivity": float((cv_pred & pos).sum() / max(pos.sum(), 1)),
-                            "specificity": float((~cv_pred & neg).sum() / max(neg.sum(), 1)),
-                            "accuracy": float((cv_pred == pos).mean()),
-                            "ece": expected_calibration_error(y, cv_prob)},
+        "cross_validated": operating_point(y, cv_prob, cv_pred),
         "per_fold": per_fold,
     }
 
