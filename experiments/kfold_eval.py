@@ -36,7 +36,7 @@ from PIL import Image, ImageOps
 from pneumoscan.calibration import positive_probability
 from pneumoscan.checkpoint import input_spec, load_checkpoint
 from pneumoscan.cli import configure_logging
-from pneumoscan.cv import collect_oof, cross_fitted, oof_report, operating_point
+from pneumoscan.cv import collect_oof, cross_fitted, deal_patients, oof_report, operating_point
 from pneumoscan.data import split_from_config
 from pneumoscan.metrics import auroc, binary_metrics
 from pneumoscan.predict import Predictor
@@ -67,14 +67,6 @@ STRESS = {"hist_eq": _hist_eq, "jpeg_q10": _jpeg10, "lowres_25": _lowres25}
 
 def stressed(images: torch.Tensor, fn) -> torch.Tensor:
     return torch.from_numpy(np.stack([fn(a) for a in images.numpy()]))
-
-
-def patient_groups(patients: list[str], k: int = 5) -> np.ndarray:
-    """For one model scored on its own validation films: each film's group (0..k-1), patients dealt
-    at random (seed 0) so that a patient's films share a group; the "folds" its operating point is
-    cross-validated over."""
-    order = {pt: i % k for i, pt in enumerate(np.random.default_rng(0).permutation(sorted(set(patients))))}
-    return np.array([order[pt] for pt in patients])
 
 
 def adult_films(folder: Path) -> tuple[list[Path], np.ndarray]:
@@ -121,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     adult_paths, adult_y = adult_films(Path(args.adult_dir)) if args.adult_dir != "none" else ([], np.zeros(0))
     oof, members, vals = collect_oof(paths, args.data_dir, args.cache_dir)
     if len(paths) == 1:  # one model: cross-validate the operating point over 5 groups of its validation patients
-        oof.folds = patient_groups(oof.patients)
+        oof.folds = deal_patients(oof.patients)
     stress_logits = {k: [] for k in STRESS}
     adult_logits = []
     for path, ckpt, val in zip(paths, members, vals):  # the shift proxies, each model on its own fold

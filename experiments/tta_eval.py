@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kfold_eval import SHARED, STRESS, adult_films, adult_pixels, patient_groups, stressed  # noqa: E402
+from kfold_eval import SHARED, STRESS, adult_films, adult_pixels, stressed  # noqa: E402
 
 from pneumoscan.calibration import positive_probability  # noqa: E402
 from pneumoscan.checkpoint import default_model_path, input_spec, load_checkpoint, model_from_checkpoint  # noqa: E402
 from pneumoscan.cli import configure_logging  # noqa: E402
-from pneumoscan.cv import OutOfFold, oof_report  # noqa: E402
+from pneumoscan.cv import OutOfFold, deal_patients, oof_report  # noqa: E402
 from pneumoscan.data import split_from_config  # noqa: E402
 from pneumoscan.metrics import auroc  # noqa: E402
 from pneumoscan.predict import Predictor  # noqa: E402
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         logits[name] = {k: pred.logits(v) for k, v in inputs.items()}
         log.info("view %s done", name)
     y = val.labels.numpy()
-    groups = patient_groups(list(val.patients))  # the groups kfold_eval.py --single cross-validates over
+    groups = deal_patients(list(val.patients))  # the groups kfold_eval.py --single cross-validates over
     report = {"source": str(path), "model_version": ckpt.get("model_version", ""), "views": list(VIEWS),
               "sets": SETS, "results": {}}
     for set_name, views in SETS.items():

@@ -1,4 +1,4 @@
-"""Command-line entry points: ``pneumoscan train | evaluate | predict``.
+"""Command-line entry points: ``pneumoscan train | evaluate | predict | calibrate``.
 
 Each ``*_main(argv)`` parses flags, configures logging once, and returns an exit code:
 0 success, 1 some inputs failed (the rest were processed), 2 bad usage or input.
@@ -485,9 +485,72 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     return EXIT_SOME_FAILED if bad else EXIT_OK
 
 
+def _calibrate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pneumoscan calibrate",
+        description="Refit a model's temperature and operating threshold on a site's own labelled films and write "
+                    "a new checkpoint (same weights); prints the stored operating point on those films and what "
+                    "the refitted one does on new films of the site (cross-validated by patient).")
+    p.add_argument("--model_path", help="checkpoint to calibrate (default: the shipped model); it is not changed")
+    p.add_argument("--data_dir", required=True,
+                   help="labelled films of the site: a folder with NORMAL/ and PNEUMONIA/, or a data set root")
+    p.add_argument("--split", default="test", help="split under a data set root (default test)")
+    p.add_argument("--output_path", required=True, help="the site-calibrated checkpoint to write (a new file)")
+    p.add_argument("--site", default="site", help="short site name, appended to the model version (default site)")
+    p.add_argument("--target_sensitivity", type=float,
+                   help="sensitivity the new threshold must keep on the site's films (default: the checkpoint's)")
+    p.add_argument("--folds", type=int, default=5, help="patient groups for the cross-validated estimate")
+    p.add_argument("--min_per_class", type=int, default=50, help="fewest films of each class accepted")
+    p.add_argument("--json", help="write the report (both operating points, with CIs) here")
+    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--cache_dir", default="", help="decoded-image cache ('none' disables)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def calibrate_main(argv: list[str] | None = None) -> int:
+    """``pneumoscan calibrate``: a site-calibrated copy of a checkpoint, and the table of what changed."""
+    from .checkpoint import default_model_path, load_checkpoint, save_checkpoint
+    from .data import load_labelled_folder
+    from .predict import Predictor, resolve_device
+    from .results import write_json
+    from .site_calibration import SiteCalibrationConfig, calibrate_on_site, check_output_path, format_site_report
+
+    args = _calibrate_parser().parse_args(argv)
+    configure_logging(verbose=args.verbose)
+    try:
+        cfg = SiteCalibrationConfig(site=args.site, target_sensitivity=args.target_sensitivity, folds=args.folds,
+                                    min_per_class=args.min_per_class, n_boot=args.n_boot)
+        args.model_path = args.model_path or str(default_model_path())
+        out = check_output_path(args.model_path, args.output_path)
+        ckpt = load_checkpoint(args.model_path)
+        predictor = Predictor.from_checkpoint(ckpt, resolve_device(args.device))
+        data, bad = load_labelled_folder(args.data_dir, predictor.spec.image_size, args.split, args.cache_dir)
+        new, record = calibrate_on_site(ckpt, predictor, data, cfg)
+        record.update(data_dir=args.data_dir, model_path=args.model_path,
+                      skipped_files=[{"path": p, "reason": r} for p, r in bad])
+    except (PneumoscanError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    try:
+        save_checkpoint(new, out)
+    except OSError as exc:
+        log.error("could not write the site-calibrated checkpoint %s (%s); nothing was written", out, exc)
+        return EXIT_BAD_INPUT
+    sys.stdout.write(format_site_report(record) + "\n")
+    sys.stdout.write(f"wrote {args.output_path} (model version {new['model_version']}); use it with --model_path\n")
+    if args.json:
+        write_json(record, args.json)
+        log.info("report written to %s", args.json)
+    if bad:
+        log.warning("%d file(s) could not be read and were left out (listed in the report)", len(bad))
+    return EXIT_SOME_FAILED if bad else EXIT_OK
+
+
 # Commands living in their own modules are imported only when run, so that e.g. ``predict``
 # never imports the web service's dependencies.
-COMMANDS = {"train": train_main, "predict": predict_main, "evaluate": evaluate_main,
+COMMANDS = {"train": train_main, "predict": predict_main, "evaluate": evaluate_main, "calibrate": calibrate_main,
             "export": "pneumoscan.export:export_main", "serve": "pneumoscan.serve.cli:serve_main",
             "audit": "pneumoscan.serve.cli:audit_main"}
 EXTRAS = {"export": "onnx", "serve": "serve", "audit": "serve"}

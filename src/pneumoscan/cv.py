@@ -95,6 +95,14 @@ def collect_oof(model_paths: list[Path], data_dir: str, cache_dir: str = ""
     return OutOfFold(torch.cat(logits), torch.cat(labels), patients, np.concatenate(folds)), ckpts, vals
 
 
+def deal_patients(patients: list[str], k: int = 5) -> np.ndarray:
+    """Each film's group (0..k-1), patients dealt at random (seed 0) so that a patient's films share a
+    group: the "folds" over which one model's operating point is cross-validated on films it was not
+    trained on (its own validation split, or a site's films for ``pneumoscan calibrate``)."""
+    order = {pt: i % k for i, pt in enumerate(np.random.default_rng(0).permutation(sorted(set(patients))))}
+    return np.array([order[pt] for pt in patients])
+
+
 def cross_fitted(oof: OutOfFold, target_sensitivity: float = 0.95, applied_to: torch.Tensor | None = None,
                  ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, float, float]]]:
     """For each fold: the temperature and the threshold fitted on the *other* folds' OOF logits, applied to

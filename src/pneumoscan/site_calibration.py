@@ -1,0 +1,188 @@
+"""``pneumoscan calibrate``: refit a model's temperature and operating threshold on a site's own films.
+
+A stored operating point is fitted on one hospital's validation films. On another site's films the
+ranking may hold while the threshold does not (docs/experiments.md: histogram-equalised copies of
+the validation films keep AUROC 0.998 but lose 11 points of sensitivity at the stored threshold).
+Given labelled local films, this module
+
+- measures the stored operating point on them (sensitivity, specificity, ECE, patient-level CIs);
+- estimates what a refitted one will do on *new* films of that site: temperature and threshold fitted
+  on 4 of 5 patient groups and counted on the fifth (``cv.cross_fitted``), the honest number;
+- refits both on all the films and writes a new checkpoint: same weights, same scope checks, the
+  new temperature and threshold, a ``model_version`` naming the site, and a ``site_calibration``
+  record (films, patients, date, the previous values, both measurements).
+
+The weights are not touched, so AUROC cannot change; only what a probability and the call mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .calibration import fit_temperature, positive_probability
+from .checkpoint import default_model_path
+from .cv import OutOfFold, cross_fitted, deal_patients, operating_point
+from .data import ImageSet
+from .errors import DataError
+from .metrics import expected_calibration_error, metrics_with_ci, threshold_for_sensitivity
+from .predict import Predictor
+
+log = logging.getLogger(__name__)
+
+_SITE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteCalibrationConfig:
+    """What ``pneumoscan calibrate`` needs besides the films."""
+
+    site: str = "site"
+    target_sensitivity: float | None = None  # None: the checkpoint's own (its training target)
+    folds: int = 5
+    min_per_class: int = 50
+    n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        if not _SITE.match(self.site):
+            raise ValueError(f"--site {self.site!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
+                             f"letter or digit (it becomes part of the model version)")
+        if self.target_sensitivity is not None and not 0.5 <= self.target_sensitivity < 1.0:
+            raise ValueError(f"--target_sensitivity {self.target_sensitivity}: give a value in [0.5, 1)")
+        if self.folds < 2:
+            raise ValueError(f"--folds {self.folds}: the estimate on new films needs at least 2 patient groups")
+        if self.min_per_class < 1:
+            raise ValueError(f"--min_per_class {self.min_per_class}: give at least 1")
+
+
+def check_enough(data: ImageSet, cfg: SiteCalibrationConfig) -> None:
+    """Raises DataError when a class or the patients are too few to fit and cross-check an operating point."""
+    counts = data.class_counts()
+    short = {k: v for k, v in counts.items() if v < cfg.min_per_class}
+    if short:
+        raise DataError(
+            f"calibrating needs at least {cfg.min_per_class} films of each class (a threshold for a target "
+            f"sensitivity rests on the pneumonia films, the specificity on the normal ones); found "
+            + ", ".join(f"{v} {k}" for k, v in counts.items())
+            + ". Add labelled films, or lower --min_per_class knowing the new threshold will be unstable")
+    patients = len(set(data.patients))
+    if patients < cfg.folds:
+        raise DataError(f"the films come from {patients} patient(s); cross-checking over {cfg.folds} patient "
+                        f"groups needs at least {cfg.folds}")
+
+
+def _at(y: np.ndarray, prob: np.ndarray, threshold: float, patients: list[str], n_boot: int) -> dict:
+    """Metrics with patient-level CIs at ``threshold``, and the 15-bin ECE."""
+    report = metrics_with_ci(y, prob, threshold, n_boot=n_boot, groups=patients)
+    return {"threshold": float(threshold), "metrics": report["metrics"], "ece_15": expected_calibration_error(y, prob)}
+
+
+def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
+                      cfg: SiteCalibrationConfig) -> tuple[dict, dict]:
+    """The site-calibrated checkpoint (a deep copy of ``ckpt``) and the report of what changed.
+
+    Raises:
+        DataError: too few films of a class, or too few patients (``check_enough``).
+    """
+    check_enough(data, cfg)
+    target = cfg.target_sensitivity
+    if target is None:
+        target = float((ckpt.get("config") or {}).get("target_sensitivity", 0.95))
+    logits = predictor.logits(data.images)
+    labels = data.labels
+    y = labels.numpy()
+    patients = list(data.patients)
+    old_t, old_thr = ckpt.get("temperature"), float(ckpt.get("threshold", 0.5))
+    stored = _at(y, positive_probability(logits, old_t), old_thr, patients, cfg.n_boot)
+    oof = OutOfFold(logits, labels, patients, deal_patients(patients, cfg.folds))
+    cv_prob, cv_pred, params = cross_fitted(oof, target, applied_to=logits)
+    new_t = fit_temperature(logits, labels)
+    new_prob = positive_probability(logits, new_t)
+    new_thr = threshold_for_sensitivity(y, new_prob, target)
+    refit = _at(y, new_prob, new_thr, patients, cfg.n_boot)
+    record = {
+        "site": cfg.site,
+        "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "films": len(y), "patients": len(set(patients)), "class_counts": data.class_counts(),
+        "target_sensitivity": target,
+        "previous": {"model_version": ckpt.get("model_version", ""), "temperature": old_t, "threshold": old_thr},
+        "temperature": new_t, "threshold": new_thr,
+        "stored_operating_point_on_site": stored,
+        "refitted_cross_validated": {**operating_point(y, cv_prob, cv_pred), "folds": cfg.folds,
+                                     "per_fold": [{"fold": f, "temperature": t, "threshold": thr,
+                                                   **operating_point(y[oof.folds == f], cv_prob[oof.folds == f],
+                                                                     cv_pred[oof.folds == f])}
+                                                  for f, t, thr in params]},
+        "refitted_in_sample": refit,
+    }
+    out = copy.deepcopy(ckpt)
+    base = str(ckpt.get("model_version") or "model")
+    out.update(temperature=new_t, threshold=new_thr, model_version=f"{base}+{cfg.site}",
+               site_calibration=record)
+    return out, record
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    a, b = Path(a).expanduser(), Path(b).expanduser()
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+
+
+def check_output_path(model_path: str | Path, output_path: str | Path) -> Path:
+    """The path to write the site checkpoint to; checked before any work is done.
+
+    Raises:
+        DataError: ``output_path`` is the input checkpoint or the shipped model, a folder, or its folder is missing.
+    """
+    out = Path(output_path).expanduser()
+    for other, what in ((default_model_path(), "the shipped model"), (model_path, "the checkpoint being calibrated")):
+        if same_file(out, other):
+            raise DataError(f"--output_path {output_path} is {what}; write the site-calibrated copy to a new file "
+                            f"(the original stays as it was, so every earlier result stays traceable)")
+    if out.is_dir():
+        raise DataError(f"--output_path {output_path} is a folder; give a file name such as {out / 'site.pth'}")
+    if not out.parent.is_dir():
+        raise DataError(f"--output_path {output_path}: folder {out.parent} does not exist; create it first")
+    return out
+
+
+def format_site_report(record: dict) -> str:
+    """The before/after table ``pneumoscan calibrate`` prints."""
+    s, cv = record["stored_operating_point_on_site"], record["refitted_cross_validated"]
+    m = s["metrics"]
+
+    def ci(k: str) -> str:
+        v = m[k]
+        return f"{v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+
+    def spread(k: str) -> str:
+        values = [f[k] for f in cv["per_fold"]]
+        return f"{min(values):.3f}-{max(values):.3f}"
+
+    prev = record["previous"]
+    prev_t = "none" if prev["temperature"] is None else f"{prev['temperature']:.3f}"
+    lines = [
+        f"site {record['site']}: {record['films']} films of {record['patients']} patients "
+        f"({', '.join(f'{v} {k}' for k, v in record['class_counts'].items())}); "
+        f"target sensitivity {record['target_sensitivity']:.2f}",
+        "",
+        "| operating point | temperature | threshold | sensitivity | specificity | ECE |",
+        "|---|---|---|---|---|---|",
+        f"| stored, on these films | {prev_t} | {prev['threshold']:.4f} | {ci('sensitivity')} | "
+        f"{ci('specificity')} | {s['ece_15']:.3f} |",
+        f"| refitted, on new films of this site (cross-validated over {cv['folds']} patient groups) | "
+        f"{record['temperature']:.3f} | {record['threshold']:.4f} | "
+        f"{cv['sensitivity']:.3f} ({spread('sensitivity')}) | "
+        f"{cv['specificity']:.3f} ({spread('specificity')}) | {cv['ece']:.3f} |",
+        "",
+        "In brackets for the refitted point: the lowest and highest of the patient groups, a guide to how much it "
+        "can move on the next films.",
+        "The weights are unchanged, so AUROC is unchanged "
+        f"({m['auroc']['value']:.4f} [{m['auroc']['ci_low']:.4f}, {m['auroc']['ci_high']:.4f}] on these films).",
+    ]
+    return "\n".join(lines)
