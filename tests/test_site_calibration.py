@@ -113,7 +113,12 @@ def test_site_checkpoint_keeps_the_weights_and_checks_and_names_the_site(calibra
     rec = site["site_calibration"]
     assert rec["site"] == "eq-site" and rec["films"] == sum(PER_HALF.values())
     assert rec["previous"] == {"model_version": shipped["model_version"], "temperature": shipped["temperature"],
-                               "threshold": shipped["threshold"]}
+                               "threshold": shipped["threshold"], "metrics": shipped["metrics"]}
+    # the metrics stored beside the new threshold describe it (the service shows them), not the old one
+    cv = report["refitted_cross_validated"]
+    assert site["metrics"]["val_sensitivity"] == cv["sensitivity"] and site["metrics"]["val_specificity"] == cv[
+        "specificity"]
+    assert "site-calibrated" in site["training_note"] and shipped["training_note"] in site["training_note"]
     assert report["threshold"] == site["threshold"] and report["target_sensitivity"] == 0.95
     assert "stored, on these films" in stdout and "refitted, on new films of this site" in stdout
     assert "AUROC is unchanged" in stdout

@@ -111,7 +111,8 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
         "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "films": len(y), "patients": len(set(patients)), "class_counts": data.class_counts(),
         "target_sensitivity": target,
-        "previous": {"model_version": ckpt.get("model_version", ""), "temperature": old_t, "threshold": old_thr},
+        "previous": {"model_version": ckpt.get("model_version", ""), "temperature": old_t, "threshold": old_thr,
+                     "metrics": dict(ckpt.get("metrics") or {})},
         "temperature": new_t, "threshold": new_thr,
         "stored_operating_point_on_site": stored,
         "refitted_cross_validated": {**operating_point(y, cv_prob, cv_pred), "folds": cfg.folds,
@@ -123,8 +124,16 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
     }
     out = copy.deepcopy(ckpt)
     base = str(ckpt.get("model_version") or "model")
-    out.update(temperature=new_t, threshold=new_thr, model_version=f"{base}+{cfg.site}",
-               site_calibration=record)
+    cv = record["refitted_cross_validated"]
+    # what is shown beside the threshold (the service's model card) must describe *this* threshold
+    metrics = {"val_sensitivity": cv["sensitivity"], "val_specificity": cv["specificity"],
+               "val_accuracy": cv["accuracy"], "val_auroc": stored["metrics"]["auroc"]["value"]}
+    note = (f"{ckpt.get('training_note') or base}; then site-calibrated by pneumoscan calibrate on "
+            f"{record['films']} labelled films of {record['patients']} patients of site {cfg.site} "
+            f"({record['calibrated_at'][:10]}): temperature and threshold refitted, weights unchanged; "
+            f"the metrics are that site's patient-level cross-validated estimate")
+    out.update(temperature=new_t, threshold=new_thr, model_version=f"{base}+{cfg.site}", metrics=metrics,
+               training_note=note, site_calibration=record)
     return out, record
 
 
