@@ -160,3 +160,18 @@ def test_output_folder_must_exist(sites, tmp_path, capsys):
     out = tmp_path / "missing" / "x.pth"
     assert calibrate_main(["--data_dir", str(sites[0]), "--output_path", str(out)]) == EXIT_BAD_INPUT
     assert "does not exist; create it first" in capsys.readouterr().err
+
+
+def test_the_service_shows_the_site_version_and_the_metrics_of_its_threshold(calibrated, tmp_path):
+    import httpx
+    from serve_process import ServerProcess
+
+    out, report, _ = calibrated
+    proc = ServerProcess(tmp_path / "serve", "--model_path", str(out), "--backend", "torch").start()
+    try:
+        info = httpx.get(proc.url + "/v1/model", timeout=30).json()
+    finally:
+        assert proc.stop(), proc.log()[-2000:]
+    assert info["model_version"].endswith("+eq-site") and info["threshold"] == report["threshold"]
+    assert info["validation_metrics"]["sensitivity"] == report["refitted_cross_validated"]["sensitivity"]
+    assert "site-calibrated" in info["training_note"]
