@@ -122,6 +122,21 @@ def test_site_checkpoint_keeps_the_weights_and_checks_and_names_the_site(calibra
     assert report["threshold"] == site["threshold"] and report["target_sensitivity"] == 0.95
     assert "stored, on these films" in stdout and "refitted, on new films of this site" in stdout
     assert "AUROC is unchanged" in stdout
+    assert report["warnings"] == [] and "WARNING" not in stdout  # a model that ranks the site well
+
+
+def test_warnings_for_a_ranking_too_poor_to_calibrate():
+    from pneumoscan.site_calibration import site_warnings
+
+    def record(auroc, sens, spec):
+        return {"target_sensitivity": 0.95, "stored_operating_point_on_site": {"metrics": {"auroc": {"value": auroc}}},
+                "refitted_cross_validated": {"sensitivity": sens, "specificity": spec}}
+
+    assert site_warnings(record(0.99, 0.95, 0.9)) == []
+    poor = site_warnings(record(0.38, 0.947, 0.0))
+    assert len(poor) == 2 and "ranks this site's films poorly (AUROC 0.380" in poor[0]
+    assert "specificity is 0.000" in poor[1]
+    assert "more than 5 points below the target" in site_warnings(record(0.97, 0.85, 0.9))[0]
 
 
 def test_predictions_of_the_site_checkpoint_say_so(calibrated, sites):

@@ -122,6 +122,9 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
                                                   for f, t, thr in params]},
         "refitted_in_sample": refit,
     }
+    record["warnings"] = site_warnings(record)
+    for w in record["warnings"]:
+        log.warning("%s", w)
     out = copy.deepcopy(ckpt)
     base = str(ckpt.get("model_version") or "model")
     cv = record["refitted_cross_validated"]
@@ -135,6 +138,28 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
     out.update(temperature=new_t, threshold=new_thr, model_version=f"{base}+{cfg.site}", metrics=metrics,
                training_note=note, site_calibration=record)
     return out, record
+
+
+# below this AUROC on a site's films the ranking itself has failed there: no threshold will mend it
+POOR_AUROC = 0.90
+
+
+def site_warnings(record: dict) -> list[str]:
+    """What a user must read before using the site checkpoint: a ranking too poor to calibrate, or a
+    refitted point whose estimate misses the target or gives up specificity."""
+    out = []
+    auroc = record["stored_operating_point_on_site"]["metrics"]["auroc"]["value"]
+    cv = record["refitted_cross_validated"]
+    if auroc < POOR_AUROC:
+        out.append(f"the model ranks this site's films poorly (AUROC {auroc:.3f} < {POOR_AUROC}): recalibrating "
+                   f"cannot fix that; the model is not validated for these films and should not be used on them")
+    if cv["specificity"] < 0.5:
+        out.append(f"at the refitted threshold the estimated specificity is {cv['specificity']:.3f}: most normal "
+                   f"films would be called PNEUMONIA")
+    if cv["sensitivity"] < record["target_sensitivity"] - 0.05:
+        out.append(f"the estimated sensitivity on new films of this site ({cv['sensitivity']:.3f}) is more than 5 "
+                   f"points below the target {record['target_sensitivity']:.2f}: add labelled films")
+    return out
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:
@@ -191,6 +216,7 @@ def format_site_report(record: dict) -> str:
         "",
         "In brackets for the refitted point: the lowest and highest of the patient groups, a guide to how much it "
         "can move on the next films.",
+        *[f"WARNING: {w}" for w in record.get("warnings", [])],
         "The weights are unchanged, so AUROC is unchanged "
         f"({m['auroc']['value']:.4f} [{m['auroc']['ci_low']:.4f}, {m['auroc']['ci_high']:.4f}] on these films).",
     ]
