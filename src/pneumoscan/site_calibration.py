@@ -101,7 +101,7 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
     old_t, old_thr = ckpt.get("temperature"), float(ckpt.get("threshold", 0.5))
     stored = _at(y, positive_probability(logits, old_t), old_thr, patients, cfg.n_boot)
     oof = OutOfFold(logits, labels, patients, deal_patients(patients, cfg.folds))
-    cv_prob, cv_pred, params = cross_fitted(oof, target, applied_to=logits)
+    cv_prob, cv_pred, params = cross_fitted(oof, target)
     new_t = fit_temperature(logits, labels)
     new_prob = positive_probability(logits, new_t)
     new_thr = threshold_for_sensitivity(y, new_prob, target)
