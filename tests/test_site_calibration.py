@@ -190,3 +190,14 @@ def test_the_service_shows_the_site_version_and_the_metrics_of_its_threshold(cal
     assert info["model_version"].endswith("+eq-site") and info["threshold"] == report["threshold"]
     assert info["validation_metrics"]["sensitivity"] == report["refitted_cross_validated"]["sensitivity"]
     assert "site-calibrated" in info["training_note"]
+
+
+def test_evaluate_points_to_calibrate_when_the_stored_point_does_not_hold(sites, calibrated, capsys):
+    from pneumoscan.cli import evaluate_main
+
+    assert evaluate_main(["--data_dir", str(sites[1]), "--cache_dir", "none", "--n_boot", "200"]) == EXIT_OK
+    assert "the operating point does not hold here; `pneumoscan calibrate`" in capsys.readouterr().err
+    out, _, _ = calibrated  # the site checkpoint, on other patients of the same site: no such warning
+    assert evaluate_main(["--model_path", str(out), "--data_dir", str(sites[1]), "--cache_dir", "none",
+                          "--n_boot", "200"]) == EXIT_OK
+    assert "does not hold here" not in capsys.readouterr().err

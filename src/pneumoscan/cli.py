@@ -469,6 +469,12 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     report.update({"model_path": args.model_path, "model_version": ckpt.get("model_version"),
                    "data_dir": args.data_dir,
                    "skipped_files": [{"path": p, "reason": r} for p, r in bad]})
+    target = (ckpt.get("config") or {}).get("target_sensitivity")
+    sens = report["metrics"]["sensitivity"]
+    if args.threshold is None and target and sens["ci_high"] < target:
+        log.warning("sensitivity at the stored threshold on these films is %.3f [%.3f, %.3f], below the %.2f it was "
+                    "fitted for: the operating point does not hold here; `pneumoscan calibrate` refits it on "
+                    "labelled local films", sens["value"], sens["ci_low"], sens["ci_high"], target)
     cal = "calibrated" if report["calibrated"] else "uncalibrated (checkpoint has no temperature)"
     sys.stdout.write(f"{args.model_path} on {args.data_dir}: {cal}, ECE(15 bins) {report['ece_15']:.4f}\n")
     sys.stdout.write(format_metrics_table(report) + "\n")
