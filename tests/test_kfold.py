@@ -124,6 +124,19 @@ def test_cross_fitted_operating_point_applied_to_changed_films():
     assert np.array_equal(prob, again[0]) and np.array_equal(pred, again[1]) and [f for f, _, _ in params] == [0, 1, 2]
     y = oof.labels.numpy()
     assert operating_point(y, prob, pred) == oof_report(oof)["cross_validated"]
+    # by hand for fold 0: temperature and threshold from folds 1-2 only, applied to fold 0's changed rows
+    import torch
+
+    from pneumoscan.calibration import fit_temperature, positive_probability
+    from pneumoscan.metrics import threshold_for_sensitivity
+
+    changed = oof.logits * torch.linspace(0.5, 1.5, len(y))[:, None]  # a different change for every row
+    fit, held = oof.folds != 0, oof.folds == 0
+    t = fit_temperature(oof.logits[fit], oof.labels[fit])
+    thr = threshold_for_sensitivity(y[fit], positive_probability(oof.logits[fit], t), 0.95)
+    p_changed, c_changed, _ = cross_fitted(oof, applied_to=changed)
+    assert np.allclose(p_changed[held], positive_probability(changed[held], t))
+    assert np.array_equal(c_changed[held], positive_probability(changed[held], t) >= thr)
     # every film pushed towards PNEUMONIA, as a shift that the stored calibration did not see: the
     # operating point fitted on the plain films now calls every normal PNEUMONIA
     shifted = oof.logits + oof.logits.new_tensor([-10.0, 10.0])

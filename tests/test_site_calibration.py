@@ -112,6 +112,7 @@ def test_site_checkpoint_keeps_the_weights_and_checks_and_names_the_site(calibra
     assert site["threshold"] != shipped["threshold"] and site["temperature"] != shipped["temperature"]
     rec = site["site_calibration"]
     assert rec["site"] == "eq-site" and rec["films"] == sum(PER_HALF.values())
+    assert "data_dir" not in rec and "skipped_files" not in rec and report["data_dir"]  # paths: report only
     assert rec["previous"] == {"model_version": shipped["model_version"], "temperature": shipped["temperature"],
                                "threshold": shipped["threshold"], "metrics": shipped["metrics"]}
     # the metrics stored beside the new threshold describe it (the service shows them), not the old one
@@ -201,3 +202,42 @@ def test_evaluate_points_to_calibrate_when_the_stored_point_does_not_hold(sites,
     assert evaluate_main(["--model_path", str(out), "--data_dir", str(sites[1]), "--cache_dir", "none",
                           "--n_boot", "200"]) == EXIT_OK
     assert "does not hold here" not in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_through_links_and_relative_paths(calibrated, tmp_path, monkeypatch):
+    from pneumoscan.errors import DataError
+    from pneumoscan.site_calibration import check_output_path
+
+    out, _, _ = calibrated
+    link = tmp_path / "link.pth"
+    link.symlink_to(out)
+    hard = tmp_path / "hard.pth"
+    hard.hardlink_to(out)
+    monkeypatch.chdir(out.parent)
+    for path in (link, hard, out.name, Path(".") / out.name):
+        with pytest.raises(DataError, match="is the checkpoint being calibrated"):
+            check_output_path(out, path)
+    with pytest.raises(DataError, match="--json .* is the shipped model"):
+        check_output_path(out, default_model_path(), "--json")
+    assert check_output_path(out, tmp_path / "new.pth") == tmp_path / "new.pth"
+
+
+def test_the_report_never_replaces_a_checkpoint(calibrated, sites, tmp_path, capsys):
+    out, _, _ = calibrated
+    before = _sha(out)
+    for json_path in (out, tmp_path / "site.pth"):
+        assert calibrate_main(["--data_dir", str(sites[0]), "--model_path", str(out), "--output_path",
+                               str(tmp_path / "site.pth"), "--json", str(json_path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "--json" in err and "is the checkpoint being calibrated" in err and "give the report its own file" in err
+    assert _sha(out) == before and not (tmp_path / "site.pth").exists()
+
+
+def test_a_site_checkpoint_is_judged_against_its_own_target(calibrated):
+    from pneumoscan.site_calibration import stored_target
+
+    out, _, _ = calibrated
+    site = load_checkpoint(out)
+    assert stored_target(site) == 0.95
+    site["site_calibration"]["target_sensitivity"] = 0.9
+    assert stored_target(site) == 0.9 and stored_target({"config": {"target_sensitivity": 0.97}}) == 0.97

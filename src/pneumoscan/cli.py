@@ -451,6 +451,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from .metrics import format_metrics_table
     from .predict import Predictor, resolve_device
     from .results import write_json
+    from .site_calibration import stored_target
 
     args = _evaluate_parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
@@ -469,9 +470,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     report.update({"model_path": args.model_path, "model_version": ckpt.get("model_version"),
                    "data_dir": args.data_dir,
                    "skipped_files": [{"path": p, "reason": r} for p, r in bad]})
-    target = (ckpt.get("config") or {}).get("target_sensitivity")
+    target = stored_target(ckpt)
     sens = report["metrics"]["sensitivity"]
-    if args.threshold is None and target and sens["ci_high"] < target:
+    if args.threshold is None and sens["ci_high"] < target:
         log.warning("sensitivity at the stored threshold on these films is %.3f [%.3f, %.3f], below the %.2f it was "
                     "fitted for: the operating point does not hold here; `pneumoscan calibrate` refits it on "
                     "labelled local films", sens["value"], sens["ci_low"], sens["ci_high"], target)
@@ -521,7 +522,13 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     from .data import load_labelled_folder
     from .predict import Predictor, resolve_device
     from .results import write_json
-    from .site_calibration import SiteCalibrationConfig, calibrate_on_site, check_output_path, format_site_report
+    from .site_calibration import (
+        SiteCalibrationConfig,
+        calibrate_on_site,
+        check_output_path,
+        format_site_report,
+        same_file,
+    )
 
     args = _calibrate_parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
@@ -530,12 +537,14 @@ def calibrate_main(argv: list[str] | None = None) -> int:
                                     min_per_class=args.min_per_class, n_boot=args.n_boot)
         args.model_path = args.model_path or str(default_model_path())
         out = check_output_path(args.model_path, args.output_path)
+        if args.json:
+            report_path = check_output_path(args.model_path, args.json, "--json")
+            if same_file(report_path, out):
+                raise DataError(f"--json {args.json} is --output_path; give the report its own file")
         ckpt = load_checkpoint(args.model_path)
         predictor = Predictor.from_checkpoint(ckpt, resolve_device(args.device))
         data, bad = load_labelled_folder(args.data_dir, predictor.spec.image_size, args.split, args.cache_dir)
         new, record = calibrate_on_site(ckpt, predictor, data, cfg)
-        record.update(data_dir=args.data_dir, model_path=args.model_path,
-                      skipped_files=[{"path": p, "reason": r} for p, r in bad])
     except (PneumoscanError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
@@ -547,7 +556,13 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     sys.stdout.write(format_site_report(record) + "\n")
     sys.stdout.write(f"wrote {args.output_path} (model version {new['model_version']}); use it with --model_path\n")
     if args.json:
-        write_json(record, args.json)
+        record.update(data_dir=args.data_dir, model_path=args.model_path,  # in the report, not in the checkpoint
+                      skipped_files=[{"path": p, "reason": r} for p, r in bad])
+        try:
+            write_json(record, args.json)
+        except OSError as exc:
+            log.error("the site checkpoint %s was written, but not the report %s (%s)", out, args.json, exc)
+            return EXIT_SOME_FAILED
         log.info("report written to %s", args.json)
     if bad:
         log.warning("%d file(s) could not be read and were left out (listed in the report)", len(bad))

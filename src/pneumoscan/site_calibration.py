@@ -30,7 +30,7 @@ from .calibration import fit_temperature, positive_probability
 from .checkpoint import default_model_path
 from .cv import OutOfFold, cross_fitted, deal_patients, operating_point
 from .data import ImageSet
-from .errors import DataError
+from .errors import CheckpointError, DataError
 from .metrics import expected_calibration_error, metrics_with_ci, threshold_for_sensitivity
 from .predict import Predictor
 
@@ -59,6 +59,12 @@ class SiteCalibrationConfig:
             raise ValueError(f"--folds {self.folds}: the estimate on new films needs at least 2 patient groups")
         if self.min_per_class < 1:
             raise ValueError(f"--min_per_class {self.min_per_class}: give at least 1")
+
+
+def stored_target(ckpt: dict) -> float:
+    """The sensitivity a checkpoint's threshold was fitted for: its site calibration's, else its training's."""
+    site = ckpt.get("site_calibration") or {}
+    return float(site.get("target_sensitivity") or (ckpt.get("config") or {}).get("target_sensitivity", 0.95))
 
 
 def check_enough(data: ImageSet, cfg: SiteCalibrationConfig) -> None:
@@ -91,9 +97,7 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
         DataError: too few films of a class, or too few patients (``check_enough``).
     """
     check_enough(data, cfg)
-    target = cfg.target_sensitivity
-    if target is None:
-        target = float((ckpt.get("config") or {}).get("target_sensitivity", 0.95))
+    target = cfg.target_sensitivity if cfg.target_sensitivity is not None else stored_target(ckpt)
     logits = predictor.logits(data.images)
     labels = data.labels
     y = labels.numpy()
@@ -136,7 +140,7 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
             f"({record['calibrated_at'][:10]}): temperature and threshold refitted, weights unchanged; "
             f"the metrics are that site's patient-level cross-validated estimate")
     out.update(temperature=new_t, threshold=new_thr, model_version=f"{base}+{cfg.site}", metrics=metrics,
-               training_note=note, site_calibration=record)
+               training_note=note, site_calibration=copy.deepcopy(record))  # the caller's additions stay out
     return out, record
 
 
@@ -167,21 +171,26 @@ def same_file(a: str | Path, b: str | Path) -> bool:
     return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
 
 
-def check_output_path(model_path: str | Path, output_path: str | Path) -> Path:
-    """The path to write the site checkpoint to; checked before any work is done.
+def check_output_path(model_path: str | Path, output_path: str | Path, flag: str = "--output_path") -> Path:
+    """The path to write the site checkpoint (or, with ``flag``, its report) to; checked before any work.
 
     Raises:
         DataError: ``output_path`` is the input checkpoint or the shipped model, a folder, or its folder is missing.
     """
     out = Path(output_path).expanduser()
-    for other, what in ((default_model_path(), "the shipped model"), (model_path, "the checkpoint being calibrated")):
+    protected = [(model_path, "the checkpoint being calibrated")]
+    try:
+        protected.insert(0, (default_model_path(), "the shipped model"))
+    except CheckpointError:
+        pass  # a broken install without its weights: nothing shipped to protect
+    for other, what in protected:
         if same_file(out, other):
-            raise DataError(f"--output_path {output_path} is {what}; write the site-calibrated copy to a new file "
+            raise DataError(f"{flag} {output_path} is {what}; write to a new file "
                             f"(the original stays as it was, so every earlier result stays traceable)")
     if out.is_dir():
-        raise DataError(f"--output_path {output_path} is a folder; give a file name such as {out / 'site.pth'}")
+        raise DataError(f"{flag} {output_path} is a folder; give a file name in it")
     if not out.parent.is_dir():
-        raise DataError(f"--output_path {output_path}: folder {out.parent} does not exist; create it first")
+        raise DataError(f"{flag} {output_path}: folder {out.parent} does not exist; create it first")
     return out
 
 
