@@ -39,6 +39,15 @@ def positive_probability(logits: torch.Tensor, temperature: float | None = None)
     return calibrated_probs(logits, temperature)[:, 1].numpy()
 
 
+def fit_operating_point(logits: torch.Tensor, labels: torch.Tensor, target_sensitivity: float) -> tuple[float, float]:
+    """The temperature fitted on these films, and the threshold on their calibrated P(PNEUMONIA) that keeps
+    sensitivity >= ``target_sensitivity`` (``metrics.threshold_for_sensitivity``): an operating point."""
+    from .metrics import threshold_for_sensitivity
+
+    t = fit_temperature(logits, labels)
+    return t, threshold_for_sensitivity(labels.numpy(), positive_probability(logits, t), target_sensitivity)
+
+
 def cross_fitted_ece(logits: torch.Tensor, labels: torch.Tensor, groups: list[str], n_bins: int = 15,
                      seed: int = 0) -> float:
     """ECE of temperature scaling measured honestly: fit on half the patients, measure on the other.

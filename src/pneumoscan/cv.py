@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from .atomic import write_text
-from .calibration import fit_temperature, positive_probability
+from .calibration import fit_operating_point, positive_probability
 from .checkpoint import input_spec, load_checkpoint
 from .config import TrainConfig
 from .data import ImageSet, split_from_config
-from .metrics import auroc, expected_calibration_error, metrics_with_ci, threshold_for_sensitivity
+from .metrics import auroc, expected_calibration_error, metrics_with_ci
 from .predict import Predictor
 from .results import write_json
 
@@ -120,8 +120,7 @@ def cross_fitted(oof: OutOfFold, target_sensitivity: float = 0.95, applied_to: t
         held, fit = folds == f, folds != f
         if not fit.any():
             raise ValueError("cross-validating the operating point needs at least two folds")
-        t = fit_temperature(logits[fit], labels[fit])
-        thr = threshold_for_sensitivity(y[fit], positive_probability(logits[fit], t), target_sensitivity)
+        t, thr = fit_operating_point(logits[fit], labels[fit], target_sensitivity)
         cv_prob[held] = positive_probability(target[held], t)
         cv_pred[held] = cv_prob[held] >= thr
         params.append((int(f), t, thr))
@@ -140,9 +139,8 @@ def operating_point(y: np.ndarray, prob: np.ndarray, pred: np.ndarray) -> dict[s
 def oof_report(oof: OutOfFold, target_sensitivity: float = 0.95) -> dict:
     """AUROC, OOF operating point and its cross-validated counterpart (see the module docstring)."""
     y, logits, labels, folds = oof.labels.numpy(), oof.logits, oof.labels, oof.folds
-    t_all = fit_temperature(logits, labels)
+    t_all, thr_all = fit_operating_point(logits, labels, target_sensitivity)
     p_all = positive_probability(logits, t_all)
-    thr_all = threshold_for_sensitivity(y, p_all, target_sensitivity)
     at_thr = metrics_with_ci(y, p_all, thr_all, groups=oof.patients)
     cv_prob, cv_pred, params = cross_fitted(oof, target_sensitivity)
     per_fold = [{"fold": f, "n": int((folds == f).sum()), "auroc": auroc(y[folds == f], p_all[folds == f]),

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibration import fit_temperature, positive_probability
+from .calibration import fit_operating_point, positive_probability
 from .checkpoint import default_model_path
 from .cv import OutOfFold, cross_fitted, deal_patients, operating_point
 from .data import ImageSet
 from .errors import CheckpointError, DataError
-from .metrics import expected_calibration_error, metrics_with_ci, threshold_for_sensitivity
+from .metrics import expected_calibration_error, metrics_with_ci
 from .predict import Predictor
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,8 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
     stored = _at(y, positive_probability(logits, old_t), old_thr, patients, cfg.n_boot)
     oof = OutOfFold(logits, labels, patients, deal_patients(patients, cfg.folds))
     cv_prob, cv_pred, params = cross_fitted(oof, target)
-    new_t = fit_temperature(logits, labels)
-    new_prob = positive_probability(logits, new_t)
-    new_thr = threshold_for_sensitivity(y, new_prob, target)
-    refit = _at(y, new_prob, new_thr, patients, cfg.n_boot)
+    new_t, new_thr = fit_operating_point(logits, labels, target)
+    refit = _at(y, positive_probability(logits, new_t), new_thr, patients, cfg.n_boot)
     record = {
         "site": cfg.site,
         "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

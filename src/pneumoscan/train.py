@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .atomic import write_text
 from .budget import choose_width, last_epoch_in_budget
-from .calibration import cross_fitted_ece, fit_temperature, positive_probability
+from .calibration import cross_fitted_ece, fit_operating_point, positive_probability
 from .checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint, versions
 from .config import TrainConfig
 from .data import DataSplits, ImageSet, prepare_data
@@ -36,7 +36,6 @@ from .metrics import (
     format_metrics_table,
     metrics_with_ci,
     reliability_bins,
-    threshold_for_sensitivity,
 )
 from .model import build_model, model_kwargs
 from .plots import plot_history, plot_reliability
@@ -461,9 +460,8 @@ def finalize(predictor: Predictor, splits: DataSplits, cfg: TrainConfig) -> dict
     log.info("out-of-scope gate: feature-distance score limit %.2f (%.1f%% quantile of validation)",
              gate.threshold, 100 * gate.quantile)
     y = splits.val.labels.numpy()
-    temperature = fit_temperature(logits, splits.val.labels)
+    temperature, threshold = fit_operating_point(logits, splits.val.labels, cfg.target_sensitivity)
     raw, cal = positive_probability(logits), positive_probability(logits, temperature)
-    threshold = threshold_for_sensitivity(y, cal, cfg.target_sensitivity)
     validation = {
         "at_threshold": metrics_with_ci(y, cal, threshold, groups=splits.val.patients),
         "at_0.5": metrics_with_ci(y, cal, 0.5, groups=splits.val.patients),
