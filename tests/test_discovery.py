@@ -170,7 +170,7 @@ def test_decode_records_fills_hashes_and_uses_the_cache(tmp_path, few_images, mo
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although the cache holds every image")
 
-    monkeypatch.setattr(data_mod, "load_image", no_decoding)
+    monkeypatch.setattr(data_mod, "decode_image", no_decoding)
     fresh = discover_labelled(tmp_path / "train")
     again, bad = decode_records(fresh, 32, cache_dir, workers=2)
     assert bad == []

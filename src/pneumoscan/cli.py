@@ -379,6 +379,13 @@ def _predict(args, world, jsonl: bool) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
+def _add_patients_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--patients", default="", metavar="CSV",
+                   help="CSV with columns file,patient giving every film's patient, for patient-level CIs and "
+                        "groups (default: a DICOM file's PatientID, else the Kermany file-name rule, else one "
+                        "patient per file)")
+
+
 def _evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pneumoscan evaluate",
                                 description="Measure a model on labelled images, with 95% CIs; on a folder "
@@ -391,6 +398,7 @@ def _evaluate_parser() -> argparse.ArgumentParser:
                    help="report refusals and population/lateral warnings by reason (every image under --data_dir, "
                         "labelled or not) instead of metrics")
     p.add_argument("--split", default="test", help="split under a data set root (default test)")
+    _add_patients_flag(p)
     p.add_argument("--output_path", help="write the metrics as JSON here (default: table on stdout only)")
     p.add_argument("--report", help="write a self-contained HTML report here (curves, calibration, errors)")
     p.add_argument("--threshold", type=float, help="override the model's operating threshold")
@@ -462,7 +470,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         ckpt = load_checkpoint(args.model_path)
         predictor = Predictor.from_checkpoint(ckpt, resolve_device(args.device))
         threshold = ckpt.get("threshold", 0.5) if args.threshold is None else args.threshold
-        data, bad = load_labelled_folder(args.data_dir, predictor.spec.image_size, args.split, args.cache_dir)
+        data, bad = load_labelled_folder(args.data_dir, predictor.spec.image_size, args.split, args.cache_dir,
+                                         args.patients)
         report, prob = evaluate_imageset(predictor, data, threshold, args.n_boot)
     except (PneumoscanError, ValueError) as exc:
         log.error("%s", exc)
@@ -477,7 +486,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                     "fitted for: the operating point does not hold here; `pneumoscan calibrate` refits it on "
                     "labelled local films", sens["value"], sens["ci_low"], sens["ci_high"], target)
     cal = "calibrated" if report["calibrated"] else "uncalibrated (checkpoint has no temperature)"
-    sys.stdout.write(f"{args.model_path} on {args.data_dir}: {cal}, ECE(15 bins) {report['ece_15']:.4f}\n")
+    sys.stdout.write(f"{args.model_path} on {args.data_dir} ({len(data)} films of {report['patients']} patients; "
+                     f"CIs resample patients): {cal}, ECE(15 bins) {report['ece_15']:.4f}\n")
     sys.stdout.write(format_metrics_table(report) + "\n")
     if args.output_path:
         write_json(report, args.output_path)
@@ -502,6 +512,7 @@ def _calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", required=True,
                    help="labelled films of the site: a folder with NORMAL/ and PNEUMONIA/, or a data set root")
     p.add_argument("--split", default="test", help="split under a data set root (default test)")
+    _add_patients_flag(p)
     p.add_argument("--output_path", required=True, help="the site-calibrated checkpoint to write (a new file)")
     p.add_argument("--site", default="site", help="short site name, appended to the model version (default site)")
     p.add_argument("--target_sensitivity", type=float,
@@ -543,7 +554,8 @@ def calibrate_main(argv: list[str] | None = None) -> int:
                 raise DataError(f"--json {args.json} is --output_path; give the report its own file")
         ckpt = load_checkpoint(args.model_path)
         predictor = Predictor.from_checkpoint(ckpt, resolve_device(args.device))
-        data, bad = load_labelled_folder(args.data_dir, predictor.spec.image_size, args.split, args.cache_dir)
+        data, bad = load_labelled_folder(args.data_dir, predictor.spec.image_size, args.split, args.cache_dir,
+                                         args.patients)
         new, record = calibrate_on_site(ckpt, predictor, data, cfg)
     except (PneumoscanError, ValueError) as exc:
         log.error("%s", exc)

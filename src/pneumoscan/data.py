@@ -8,7 +8,9 @@ files' content, so later epochs and later runs never decode a JPEG again.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import logging
 import os
 import random
@@ -21,9 +23,10 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
+from .dicom import patient_key
 from .errors import DataError, ImageError
 from .predict import CLASS_NAMES
-from .preprocess import PREPROCESS_VERSION, is_image_file, load_image
+from .preprocess import PREPROCESS_VERSION, decode_image, is_image_file, is_input_file, resize_gray
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +126,27 @@ def find_dataset_root(data_dir: str | os.PathLike) -> Path:
 
 
 def list_images(folder: Path) -> tuple[list[Path], int]:
-    """Image files under ``folder`` (recursive, sorted) and how many other files were ignored."""
+    """Image and DICOM files under ``folder`` (recursive, sorted) and how many other files were ignored."""
     images, ignored = [], 0
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in _SKIP_DIRS)
         for name in filenames:
             path = Path(dirpath) / name
-            if is_image_file(path):
+            if is_input_file(path):
                 images.append(path)
             elif not name.startswith("."):
                 ignored += 1
     return sorted(images), ignored
+
+
+def file_patient(path: Path) -> str:
+    """The patient a labelled file belongs to: a DICOM file's PatientID (as a pseudonymous hash,
+    ``dicom.patient_key``), else the Kermany file-name rule (``patient_id``)."""
+    if not is_image_file(path):  # .dcm, .dicom or a DICOM file without an extension
+        key = patient_key(path)
+        if key:
+            return key
+    return patient_id(path.name)
 
 
 def discover_labelled(folder: Path) -> list[Record]:
@@ -151,11 +164,84 @@ def discover_labelled(folder: Path) -> list[Record]:
                             f"expected {' and '.join(c + '/' for c in CLASS_NAMES)}")
         files, ignored = list_images(cls_dir)
         if ignored:
-            log.warning("%s: ignored %d file(s) without a .jpg/.jpeg/.png extension", cls_dir, ignored)
+            log.warning("%s: ignored %d file(s) that are neither JPEG/PNG nor DICOM", cls_dir, ignored)
         if not files:
-            raise DataError(f"{cls_dir}: no .jpg, .jpeg or .png images found")
-        records += [Record(p, label, patient_id(p.name)) for p in files]
+            raise DataError(f"{cls_dir}: no .jpg, .jpeg, .png or DICOM files found")
+        records += [Record(p, label, file_patient(p)) for p in files]
     return records
+
+
+def read_patients_csv(csv_path: str | os.PathLike) -> list[tuple[str, str]]:
+    """The (file, patient) rows of a CSV with a header naming the columns ``file`` and ``patient``.
+
+    Raises:
+        DataError: the file cannot be read, lacks a column, or has a row with an empty value.
+    """
+    path = Path(csv_path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not part of a name
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"--patients {csv_path}: cannot read it as a UTF-8 CSV file ({exc})") from exc
+    reader = csv.reader(io.StringIO(text))
+    header = [h.strip().lower() for h in next(reader, [])]
+    if "file" not in header or "patient" not in header:
+        raise DataError(f"--patients {csv_path}: the first line must name the columns 'file' and 'patient' "
+                        f"(found {', '.join(header) or 'nothing'}); one row per film: its path or file name, "
+                        f"then its patient's identifier")
+    fi, pi = header.index("file"), header.index("patient")
+    rows = []
+    for line, row in enumerate(reader, start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        cells = [row[i].strip() if i < len(row) else "" for i in (fi, pi)]
+        if not all(cells):
+            raise DataError(f"--patients {csv_path}, line {line}: empty {'file' if not cells[0] else 'patient'}")
+        rows.append((cells[0], cells[1]))
+    if not rows:
+        raise DataError(f"--patients {csv_path}: no rows after the header")
+    return rows
+
+
+def assign_patients(records: list[Record], rows: list[tuple[str, str]], folder: Path) -> None:
+    """Set every record's patient from ``rows`` (``read_patients_csv``), matched by path.
+
+    A row's file matches a record whose path relative to ``folder`` ends with it (``NORMAL/a.dcm``,
+    or a bare ``a.dcm`` when no other file has that name), or which it ends with (a longer or
+    absolute path). The patient identifiers are used only to group films; they are never logged.
+
+    Raises:
+        DataError: a row matches several files, two rows give one file different patients, or a
+            film has no row (a film left to the file-name rule would make the CIs optimistic).
+    """
+    by_name: dict[str, list[tuple[str, Record]]] = {}
+    for r in records:
+        by_name.setdefault(r.path.name, []).append((r.path.relative_to(folder).as_posix(), r))
+    given: dict[int, str] = {}
+    unmatched = 0
+    for file, patient in rows:
+        f = file.replace("\\", "/").removeprefix("./")
+        hits = [r for rel, r in by_name.get(f.rsplit("/", 1)[-1], [])
+                if rel == f or rel.endswith("/" + f) or f.endswith("/" + rel)]
+        if not hits:
+            unmatched += 1
+            continue
+        if len(hits) > 1:
+            raise DataError(f"--patients: {file!r} matches {len(hits)} files ("
+                            + ", ".join(str(h.path.relative_to(folder)) for h in hits[:3])
+                            + "); give the path below the data folder, e.g. NORMAL/name")
+        key = id(hits[0])
+        if given.setdefault(key, patient) != patient:
+            raise DataError(f"--patients: {file!r} is given two different patients; one film has one patient")
+    missing = [r for r in records if id(r) not in given]
+    if missing:
+        raise DataError(f"--patients: {len(missing)} of {len(records)} films have no row, e.g. "
+                        + ", ".join(str(r.path.relative_to(folder)) for r in missing[:5])
+                        + "; add a row for every film (patient-level CIs and folds need every film's patient)")
+    if unmatched:
+        log.warning("--patients: %d row(s) name no film under %s (ignored)", unmatched, folder)
+    for r in records:
+        r.patient = "csv:" + given[id(r)]
+    log.info("patients from the CSV: %d films of %d patients", len(records), len(set(given.values())))
 
 
 def discover_splits(root: Path) -> dict[str, list[Record] | None]:
@@ -182,9 +268,13 @@ def _hash_file(path: Path) -> tuple[str, str]:
 
 def _decode_file(path: Path, size: int) -> tuple[np.ndarray | None, str]:
     try:
-        return load_image(path, size), ""
+        decoded = decode_image(path, size)
     except ImageError as exc:
         return None, str(exc).removeprefix(f"{path}: ")
+    if decoded.dicom is not None and decoded.dicom.is_lateral:
+        return None, (f"lateral view (DICOM ViewPosition {decoded.dicom.view_position}): the model reads frontal "
+                      f"films only, so laterals are left out of training, evaluation and calibration")
+    return resize_gray(decoded.gray, size), ""
 
 
 def decode_records(records: list[Record], size: int, cache_dir: Path | None = None,
@@ -450,12 +540,16 @@ def split_from_config(config: dict, data_dir: str, image_size: int, cache_dir: s
                         cv_fold=config.get("cv_fold", 0), cv_holdout=config.get("cv_holdout", False))
 
 
-def load_labelled_folder(data_dir: str, image_size: int, split: str = "test",
-                         cache_dir: str = "") -> tuple[ImageSet, list[tuple[str, str]]]:
+def load_labelled_folder(data_dir: str, image_size: int, split: str = "test", cache_dir: str = "",
+                         patients_csv: str = "") -> tuple[ImageSet, list[tuple[str, str]]]:
     """Images of a folder holding NORMAL/ and PNEUMONIA/, or of ``split`` under a data set root.
 
+    Each film's patient comes from ``patients_csv`` when given (``assign_patients``), else from its
+    DICOM PatientID or its Kermany-style file name (``file_patient``).
+
     Raises:
-        DataError: neither layout is found, or no usable image remains.
+        DataError: neither layout is found, the patients CSV does not fit the films, or no usable
+            image remains.
     """
     base = Path(data_dir).expanduser()
     if not base.is_dir():
@@ -469,6 +563,8 @@ def load_labelled_folder(data_dir: str, image_size: int, split: str = "test",
             raise DataError(f"{root} has no {split}/ folder; pass a folder holding NORMAL/ and PNEUMONIA/ "
                             f"or a data set root with {split}/")
     records = discover_labelled(folder)
+    if patients_csv:
+        assign_patients(records, read_patients_csv(patients_csv), folder)
     decoded, bad = decode_records(records, image_size, _resolve_cache(cache_dir))
     for p, why in bad:
         log.warning("skipping %s: %s", p, why)

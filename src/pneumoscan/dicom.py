@@ -7,7 +7,8 @@ LUT or window, 8-bit data is shown as stored (it is usually a capture of an alre
 windowed image) and deeper data is stretched from its minimum to its maximum.
 
 Only image-describing attributes are read: no patient identifier (name, ID, birth date)
-is stored, logged or put into an error message.
+is stored, logged or put into an error message. The one exception is ``patient_key``: labelled
+folders group a patient's films by (0010,0020) PatientID, which it returns only as a hash.
 
 pydicom is an optional dependency (``pip install 'pneumoscan[dicom]'``), imported when a
 DICOM file is first read, so ``is_dicom`` works without it.
@@ -15,8 +16,10 @@ DICOM file is first read, so ``is_dicom`` works without it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -102,6 +105,23 @@ class DicomInfo:
 def is_dicom(data: bytes) -> bool:
     """True when ``data`` is a DICOM Part 10 file: "DICM" after the 128-byte preamble, whatever the file name."""
     return data[128:132] == b"DICM"
+
+
+def patient_key(path: str | os.PathLike) -> str:
+    """A pseudonymous key for the patient of a DICOM file: ``dicom:`` and 16 hex digits of the sha256
+    of its (0010,0020) PatientID, or "" when the file has none or its header cannot be read.
+
+    Used only to keep one patient's films together (patient-level splits, folds and bootstrap CIs);
+    the PatientID itself is never returned, stored or logged.
+    """
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+        pid = str(ds.get("PatientID", "") or "").strip()
+    except Exception:  # pydicom fails with many types on a broken header; decoding reports what is wrong
+        return ""
+    return f"dicom:{hashlib.sha256(pid.encode()).hexdigest()[:16]}" if pid else ""
 
 
 def read_dicom(data: bytes, name: str) -> tuple[Image.Image, DicomInfo]:

@@ -26,4 +26,5 @@ def evaluate_imageset(predictor: Predictor, data: ImageSet, threshold: float,
     report["calibrated"] = predictor.temperature is not None
     report["ece_15"] = expected_calibration_error(y, prob)
     report["class_counts"] = data.class_counts()
+    report["patients"] = len(set(data.patients))  # the groups the CIs resample
     return report, prob

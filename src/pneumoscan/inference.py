@@ -24,12 +24,11 @@ import torch
 from PIL import Image
 
 from .checkpoint import default_model_path, load_checkpoint
-from .dicom import is_dicom
 from .errors import CheckpointError, DataError, ImageError, OutOfScopeError
 from .gate import OutOfScopeGate
 from .heatmap import overlay_png
 from .predict import Predictor, resolve_device
-from .preprocess import DecodedImage, decode_image, is_image_file
+from .preprocess import DecodedImage, decode_image, is_input_file
 from .scope import ScopeClassifier, model_digest
 
 log = logging.getLogger(__name__)
@@ -87,30 +86,6 @@ def risk_level(confidence: float, uncertainty: float) -> str:
     return RISK_HIGH
 
 
-def _is_input_file(path: Path) -> bool:
-    """Images by extension, .dcm, and extension-less files that carry the DICOM preamble.
-
-    A broken link or a file that cannot be opened counts as an input when its name could be
-    one, so that prediction reports it instead of the listing dropping it unseen.
-    """
-    if is_image_file(path):
-        return True
-    if path.name.startswith("."):
-        return False
-    suffix = path.suffix.lower()
-    if suffix in (".dcm", ".dicom"):
-        return True
-    if suffix == "" or suffix[1:].isdigit():
-        if not path.is_file():  # broken link, FIFO, socket: never opened here (a FIFO would block)
-            return True
-        try:
-            with open(path, "rb") as f:
-                return is_dicom(f.read(132))
-        except OSError:
-            return True  # unreadable: let prediction report why
-    return False
-
-
 def iter_inputs(directory: str | os.PathLike, recursive: bool = True) -> Iterator[Path]:
     """Image and DICOM files under ``directory``, depth first, each folder's entries sorted by name.
 
@@ -141,7 +116,7 @@ def iter_inputs(directory: str | os.PathLike, recursive: bool = True) -> Iterato
                     yield from walk(path)
             elif path.is_symlink() and path.is_dir():
                 continue  # a link to a folder: not followed (no cycles, no surprises)
-            elif _is_input_file(path):
+            elif is_input_file(path):
                 yield path
             elif not name.startswith("."):
                 skipped += 1

@@ -47,6 +47,30 @@ def is_image_file(path: Path) -> bool:
     return not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def is_input_file(path: Path) -> bool:
+    """Images by extension, .dcm, and extension-less files that carry the DICOM preamble.
+
+    A broken link or a file that cannot be opened counts as an input when its name could be
+    one, so that prediction reports it instead of the listing dropping it unseen.
+    """
+    if is_image_file(path):
+        return True
+    if path.name.startswith("."):
+        return False
+    suffix = path.suffix.lower()
+    if suffix in (".dcm", ".dicom"):
+        return True
+    if suffix == "" or suffix[1:].isdigit():
+        if not path.is_file():  # broken link, FIFO, socket: never opened here (a FIFO would block)
+            return True
+        try:
+            with open(path, "rb") as f:
+                return is_dicom(f.read(132))
+        except OSError:
+            return True  # unreadable: let prediction report why
+    return False
+
+
 def _high_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
     """Scale integer/float pixel data wider than 8 bits to 0..255 by its apparent bit depth.
 

@@ -89,6 +89,15 @@ def _at(y: np.ndarray, prob: np.ndarray, threshold: float, patients: list[str], 
     return {"threshold": float(threshold), "metrics": report["metrics"], "ece_15": expected_calibration_error(y, prob)}
 
 
+def _group_point(y: np.ndarray, prob: np.ndarray, pred: np.ndarray, member: np.ndarray, group: int,
+                 temperature: float, threshold: float) -> dict:
+    """One patient group's films at the operating point fitted on the other groups, with its class counts
+    (a group without pneumonia films has no sensitivity: ``format_site_report`` leaves it out)."""
+    return {"fold": int(group), "temperature": temperature, "threshold": threshold,
+            "pneumonia": int((y[member] == 1).sum()), "normal": int((y[member] == 0).sum()),
+            **operating_point(y[member], prob[member], pred[member])}
+
+
 def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
                       cfg: SiteCalibrationConfig) -> tuple[dict, dict]:
     """The site-calibrated checkpoint (a deep copy of ``ckpt``) and the report of what changed.
@@ -118,9 +127,7 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
         "temperature": new_t, "threshold": new_thr,
         "stored_operating_point_on_site": stored,
         "refitted_cross_validated": {**operating_point(y, cv_prob, cv_pred), "folds": cfg.folds,
-                                     "per_fold": [{"fold": f, "temperature": t, "threshold": thr,
-                                                   **operating_point(y[oof.folds == f], cv_prob[oof.folds == f],
-                                                                     cv_pred[oof.folds == f])}
+                                     "per_fold": [_group_point(y, cv_prob, cv_pred, oof.folds == f, f, t, thr)
                                                   for f, t, thr in params]},
         "refitted_in_sample": refit,
     }
@@ -201,9 +208,9 @@ def format_site_report(record: dict) -> str:
         v = m[k]
         return f"{v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
 
-    def spread(k: str) -> str:
-        values = [f[k] for f in cv["per_fold"]]
-        return f"{min(values):.3f}-{max(values):.3f}"
+    def spread(k: str, films: str) -> str:  # over the groups holding films of the class the metric counts
+        values = [f[k] for f in cv["per_fold"] if f.get(films, 1)]
+        return f"{min(values):.3f}-{max(values):.3f}" if values else "n/a"
 
     prev = record["previous"]
     prev_t = "none" if prev["temperature"] is None else f"{prev['temperature']:.3f}"
@@ -218,8 +225,8 @@ def format_site_report(record: dict) -> str:
         f"{ci('specificity')} | {s['ece_15']:.3f} |",
         f"| refitted, on new films of this site (cross-validated over {cv['folds']} patient groups) | "
         f"{record['temperature']:.3f} | {record['threshold']:.4f} | "
-        f"{cv['sensitivity']:.3f} ({spread('sensitivity')}) | "
-        f"{cv['specificity']:.3f} ({spread('specificity')}) | {cv['ece']:.3f} |",
+        f"{cv['sensitivity']:.3f} ({spread('sensitivity', 'pneumonia')}) | "
+        f"{cv['specificity']:.3f} ({spread('specificity', 'normal')}) | {cv['ece']:.3f} |",
         "",
         "In brackets for the refitted point: the lowest and highest of the patient groups, a guide to how much it "
         "can move on the next films.",

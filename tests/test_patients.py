@@ -1,0 +1,150 @@
+"""Which patient a labelled film belongs to: DICOM PatientID, a ``--patients`` CSV, the Kermany names.
+
+Patient-level CIs, folds and the site-calibration estimate resample or deal *patients*; a patient whose
+films count as several makes them optimistic. Real films, written as real DICOM files where needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dicom_files import IDENTIFIERS, dicom_bytes
+from PIL import Image
+
+from pneumoscan.cli import EXIT_BAD_INPUT, EXIT_SOME_FAILED, calibrate_main, evaluate_main
+from pneumoscan.data import CLASS_NAMES, assign_patients, discover_labelled, load_labelled_folder, read_patients_csv
+from pneumoscan.errors import DataError
+from pneumoscan.site_calibration import format_site_report
+
+
+def _films(train_dir: Path, cls: str, n: int) -> list[Path]:
+    return sorted((train_dir / cls).iterdir())[:n]
+
+
+@pytest.fixture(scope="module")
+def dicom_folder(tmp_path_factory, train_dir) -> Path:
+    """Real films as DICOM files: NORMAL/ holds 3 films of one patient, 1 without a PatientID, and a
+    lateral; PNEUMONIA/ 4 films of 4 patients (one file without an extension)."""
+    root = tmp_path_factory.mktemp("dicom_site")
+    for cls in CLASS_NAMES:
+        (root / cls).mkdir()
+    pixels = [np.asarray(Image.open(p).convert("L")) for p in _films(train_dir, "NORMAL", 5)]
+    for i in range(3):
+        dicom_bytes(root / "NORMAL", pixels[i], filename=f"n{i}.dcm", PatientID="MRN-0001", ViewPosition="PA")
+    dicom_bytes(root / "NORMAL", pixels[3], filename="anon.dcm", drop=("PatientID",))
+    dicom_bytes(root / "NORMAL", pixels[4], filename="side.dcm", PatientID="MRN-0002", ViewPosition="LL")
+    for i, p in enumerate(_films(train_dir, "PNEUMONIA", 4)):
+        name = "p3" if i == 3 else f"p{i}.dcm"  # a DICOM file without an extension counts too
+        dicom_bytes(root / "PNEUMONIA", np.asarray(Image.open(p).convert("L")), filename=name,
+                    PatientID=f"MRN-1{i:03d}", ViewPosition="AP")
+    return root
+
+
+def test_labelled_dicom_films_are_grouped_by_patient_id_which_never_appears(dicom_folder, caplog):
+    with caplog.at_level(logging.INFO):
+        data, bad = load_labelled_folder(str(dicom_folder), 224, cache_dir="none")
+    by_name = {Path(p).name: pt for p, pt in zip(data.paths, data.patients)}
+    assert set(by_name) == {"n0.dcm", "n1.dcm", "n2.dcm", "anon.dcm", "p0.dcm", "p1.dcm", "p2.dcm", "p3"}
+    assert by_name["n0.dcm"] == by_name["n1.dcm"] == by_name["n2.dcm"] != by_name["p0.dcm"]
+    assert by_name["anon.dcm"] == "anon"  # no PatientID: the file-name rule (its own patient)
+    assert len(set(data.patients)) == 6 and data.class_counts() == {"NORMAL": 4, "PNEUMONIA": 4}
+    # the lateral film is left out, with the reason
+    assert [(Path(p).name, "lateral view (DICOM ViewPosition LL)" in r) for p, r in bad] == [("side.dcm", True)]
+    pid = IDENTIFIERS["PatientID"]
+    shown = repr(data.patients) + caplog.text + repr(bad)
+    assert "MRN-0001" not in shown and pid not in shown and all(p.startswith("dicom:") for p in data.patients
+                                                                if p != "anon")
+
+
+def test_evaluate_on_a_labelled_dicom_folder_resamples_patients(dicom_folder, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    code = evaluate_main(["--data_dir", str(dicom_folder), "--output_path", str(out), "--n_boot", "50",
+                          "--cache_dir", "none"])
+    report = json.loads(out.read_text())
+    assert code == EXIT_SOME_FAILED and report["patients"] == 6  # the lateral is skipped: some failed
+    assert report["class_counts"] == {"NORMAL": 4, "PNEUMONIA": 4}
+    assert [Path(s["path"]).name for s in report["skipped_files"]] == ["side.dcm"]
+    assert "8 films of 6 patients" in capsys.readouterr().out
+
+
+def _csv(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def jpeg_folder(tmp_path, train_dir) -> Path:
+    """Two real films per class, copied as film0.jpeg and film1.jpeg into both class folders."""
+    root = tmp_path / "site"
+    for cls in CLASS_NAMES:
+        (root / cls).mkdir(parents=True)
+        for i, p in enumerate(_films(train_dir, cls, 2)):
+            (root / cls / f"film{i}.jpeg").write_bytes(p.read_bytes())
+    return root
+
+
+def test_patients_csv_groups_films_by_path_or_unique_name(jpeg_folder, tmp_path):
+    rows = read_patients_csv(_csv(tmp_path / "p.csv", "\ufeffFile,Patient,age\nNORMAL/film0.jpeg,A,3\n"
+                                  "NORMAL/film1.jpeg,A,3\n\n./PNEUMONIA/film0.jpeg,B,4\n"
+                                  f"{jpeg_folder}/PNEUMONIA/film1.jpeg,C,5\nother/film9.jpeg,D,1\n"))
+    assert rows[0] == ("NORMAL/film0.jpeg", "A") and len(rows) == 5  # BOM, case, extra column, blank line
+    data, bad = load_labelled_folder(str(jpeg_folder), 224, cache_dir="none", patients_csv=str(tmp_path / "p.csv"))
+    got = {Path(p).parent.name + "/" + Path(p).name: pt for p, pt in zip(data.paths, data.patients)}
+    assert got == {"NORMAL/film0.jpeg": "csv:A", "NORMAL/film1.jpeg": "csv:A",
+                   "PNEUMONIA/film0.jpeg": "csv:B", "PNEUMONIA/film1.jpeg": "csv:C"} and not bad
+    # without the CSV the file-name rule groups by stem (the same name in both class folders: one patient)
+    plain, _ = load_labelled_folder(str(jpeg_folder), 224, cache_dir="none")
+    assert plain.patients == ["film0", "film1", "film0", "film1"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name,id\nNORMAL/film0.jpeg,A\n", "must name the columns 'file' and 'patient' (found name, id)"),
+    ("file,patient\nNORMAL/film0.jpeg,\n", "line 2: empty patient"),
+    ("file,patient\n", "no rows after the header"),
+    ("file,patient\nfilm0.jpeg,A\n", "'film0.jpeg' matches 2 files"),
+    ("file,patient\nNORMAL/film0.jpeg,A\nNORMAL/film0.jpeg,B\n", "is given two different patients"),
+    ("file,patient\nNORMAL/film0.jpeg,A\nNORMAL/film1.jpeg,A\nPNEUMONIA/film0.jpeg,B\n",
+     "1 of 4 films have no row, e.g. PNEUMONIA/film1.jpeg"),
+])
+def test_a_patients_csv_that_does_not_fit_the_films_is_refused_with_what_to_fix(jpeg_folder, tmp_path, text,
+                                                                                message):
+    records = discover_labelled(jpeg_folder)
+    with pytest.raises(DataError) as exc:
+        assign_patients(records, read_patients_csv(_csv(tmp_path / "p.csv", text)), jpeg_folder)
+    assert message in str(exc.value)
+    assert "csv:" not in repr([r.patient for r in records])  # nothing half-assigned
+
+
+def test_calibrate_with_an_incomplete_patients_csv_stops_before_any_work(jpeg_folder, tmp_path, capsys):
+    out = tmp_path / "site.pth"
+    bad = _csv(tmp_path / "p.csv", "file,patient\nNORMAL/film0.jpeg,A\n")
+    code = calibrate_main(["--data_dir", str(jpeg_folder), "--output_path", str(out), "--patients", str(bad),
+                           "--cache_dir", "none"])
+    assert code == EXIT_BAD_INPUT and not out.exists()
+    assert "3 of 4 films have no row" in capsys.readouterr().err
+    missing = tmp_path / "none.csv"
+    assert evaluate_main(["--data_dir", str(jpeg_folder), "--patients", str(missing)]) == EXIT_BAD_INPUT
+    assert f"--patients {missing}: cannot read it" in capsys.readouterr().err
+
+
+def test_site_report_spread_leaves_out_groups_without_the_class():
+    def group(sens, spec, pneumonia, normal):
+        return {"sensitivity": sens, "specificity": spec, "pneumonia": pneumonia, "normal": normal}
+
+    record = {"site": "s", "films": 9, "patients": 5, "class_counts": {"NORMAL": 4, "PNEUMONIA": 5},
+              "target_sensitivity": 0.95, "temperature": 1.0, "threshold": 0.5,
+              "previous": {"temperature": None, "threshold": 0.5},
+              "stored_operating_point_on_site": {"ece_15": 0.1, "metrics": {
+                  k: {"value": 0.9, "ci_low": 0.8, "ci_high": 1.0} for k in ("sensitivity", "specificity", "auroc")}},
+              "refitted_cross_validated": {"folds": 3, "sensitivity": 0.9, "specificity": 0.8, "ece": 0.05,
+                                           "per_fold": [group(0.8, 1.0, 3, 2), group(0.0, 0.6, 0, 2),
+                                                        group(1.0, 0.0, 2, 0)]}}
+    row = format_site_report(record).splitlines()[5]
+    # the group without pneumonia films has no sensitivity, the one without normals no specificity
+    assert "0.900 (0.800-1.000)" in row and "0.800 (0.600-1.000)" in row
+    record["refitted_cross_validated"]["per_fold"] = [group(0.0, 1.0, 0, 2)]
+    assert "0.900 (n/a)" in format_site_report(record).splitlines()[5]
