@@ -15,8 +15,15 @@ import pytest
 from dicom_files import IDENTIFIERS, dicom_bytes
 from PIL import Image
 
-from pneumoscan.cli import EXIT_BAD_INPUT, EXIT_SOME_FAILED, calibrate_main, evaluate_main
-from pneumoscan.data import CLASS_NAMES, assign_patients, discover_labelled, load_labelled_folder, read_patients_csv
+from pneumoscan.cli import EXIT_BAD_INPUT, EXIT_SOME_FAILED, calibrate_main, evaluate_main, train_main
+from pneumoscan.data import (
+    CLASS_NAMES,
+    assign_patients,
+    discover_labelled,
+    load_labelled_folder,
+    prepare_data,
+    read_patients_csv,
+)
 from pneumoscan.errors import DataError
 from pneumoscan.site_calibration import format_site_report
 
@@ -148,3 +155,48 @@ def test_site_report_spread_leaves_out_groups_without_the_class():
     assert "0.900 (0.800-1.000)" in row and "0.800 (0.600-1.000)" in row
     record["refitted_cross_validated"]["per_fold"] = [group(0.0, 1.0, 0, 2)]
     assert "0.900 (n/a)" in format_site_report(record).splitlines()[5]
+
+
+@pytest.fixture()
+def anonymous_root(tmp_path, train_dir) -> tuple[Path, Path]:
+    """A data set root of 24 real films per class under names that say nothing of the patient, and a CSV
+    giving them to 8 patients per class (3 films each)."""
+    root = tmp_path / "data"
+    rows = ["file,patient"]
+    for cls in CLASS_NAMES:
+        (root / "train" / cls).mkdir(parents=True)
+        for i, p in enumerate(_films(train_dir, cls, 24)):
+            (root / "train" / cls / f"{cls[0]}{i:02d}.jpeg").write_bytes(p.read_bytes())
+            rows.append(f"train/{cls}/{cls[0]}{i:02d}.jpeg,{cls}-{i // 3}")
+    return root, _csv(tmp_path / "patients.csv", "\n".join(rows) + "\n")
+
+
+def test_training_splits_and_folds_keep_each_csv_patient_on_one_side(anonymous_root):
+    root, csv_path = anonymous_root
+
+    def sides(splits) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for side in ("train", "val"):
+            for path in getattr(splits, side).paths:
+                stem = Path(path).stem
+                out.setdefault(f"{stem[0]}{int(stem[1:]) // 3}", set()).add(side)
+        return out
+
+    plain = prepare_data(str(root), 32, val_fraction=0.25, cache_dir="none")
+    assert len(set(plain.train.patients) | set(plain.val.patients)) == 48  # each file its own patient
+    assert any(len(s) == 2 for s in sides(plain).values())  # ... so one patient's films straddle the split
+    for kwargs in ({}, {"cv_folds": 3, "cv_fold": 1}):
+        splits = prepare_data(str(root), 32, val_fraction=0.25, cache_dir="none", patients_csv=str(csv_path),
+                              **kwargs)
+        assert len(set(splits.train.patients) | set(splits.val.patients)) == 16
+        assert all(len(s) == 1 for s in sides(splits).values()), kwargs  # never straddle
+
+
+def test_train_with_a_patients_csv_that_misses_films_stops_before_training(anonymous_root, tmp_path, capsys):
+    root, csv_path = anonymous_root
+    lines = csv_path.read_text().splitlines()
+    short = _csv(tmp_path / "short.csv", "\n".join(lines[:-2]) + "\n")
+    out = tmp_path / "run"
+    assert train_main(["--data_dir", str(root), "--output_dir", str(out), "--patients", str(short),
+                       "--epochs", "1", "--cache_dir", "none"]) == EXIT_BAD_INPUT
+    assert "2 of 48 films have no row" in capsys.readouterr().err and not (out / "medical_cnn_model.pth").exists()

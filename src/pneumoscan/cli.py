@@ -92,6 +92,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--cv_holdout", action="store_true", default=None,
                    help="with --cv_folds: set the usual validation patients aside first; they calibrate the "
                         "folds' ensemble, written as OUTPUT_DIR/medical_cnn_model.pth")
+    _add_patients_flag(p, dest="patients_csv", default=None)
     p.add_argument("--target_sensitivity", type=float, help="operating threshold's validation sensitivity")
     p.add_argument("--max_train_minutes", type=float, help="stop before an epoch would pass this budget")
     p.add_argument("--seed", type=int)
@@ -379,11 +380,11 @@ def _predict(args, world, jsonl: bool) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def _add_patients_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--patients", default="", metavar="CSV",
-                   help="CSV with columns file,patient giving every film's patient, for patient-level CIs and "
-                        "groups (default: a DICOM file's PatientID, else the Kermany file-name rule, else one "
-                        "patient per file)")
+def _add_patients_flag(p: argparse.ArgumentParser, **kwargs) -> None:
+    p.add_argument("--patients", metavar="CSV", **{"default": "", **kwargs},
+                   help="CSV with columns file,patient giving every film's patient, for patient-level splits, "
+                        "folds and CIs (default: a DICOM file's PatientID, else the Kermany file-name rule, else "
+                        "one patient per file)")
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:

@@ -68,6 +68,7 @@ class TrainConfig:
     cv_folds: int = 0  # k > 0: patient-level k-fold; fold cv_fold is the validation split
     cv_fold: int = 0
     cv_holdout: bool = False  # keep the usual validation patients out of every fold (for an ensemble)
+    patients_csv: str = ""  # file,patient rows for every film (data.assign_patients); "": DICOM PatientID or names
     min_val_images: int = 100
     target_sensitivity: float = 0.95
     seed: int = 42

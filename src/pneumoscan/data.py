@@ -448,7 +448,7 @@ def _usable(records: list[Record], bad: list[tuple[str, str]]) -> list[Record]:
 
 def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min_val_images: int = 100,
                  seed: int = 42, strict: bool = False, cache_dir: str = "", cv_folds: int = 0,
-                 cv_fold: int = 0, cv_holdout: bool = False) -> DataSplits:
+                 cv_fold: int = 0, cv_holdout: bool = False, patients_csv: str = "") -> DataSplits:
     """Discover, check, decode and split a data set for training.
 
     Validation comes from ``val/`` when it holds at least ``min_val_images`` images;
@@ -458,7 +458,8 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
     the usual patient-level validation split (``val_fraction``, ``seed``) is first set aside and
     only the rest is dealt, so that models of every fold leave the same patients unseen (to
     calibrate and check their ensemble, ``ensemble.write_ensemble``).
-    ``test/`` is decoded for the single final evaluation only.
+    ``test/`` is decoded for the single final evaluation only. Patients: ``patients_csv`` when given
+    (``assign_patients``), else each file's DICOM PatientID or Kermany-style name (``file_patient``).
 
     Raises:
         DataError: the layout is wrong, or ``strict`` and some files cannot be decoded
@@ -467,6 +468,8 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
     root = find_dataset_root(data_dir)
     found = discover_splits(root)
     all_records = [r for recs in found.values() if recs for r in recs]
+    if patients_csv:  # rows name files below the root: train/NORMAL/a.jpg, or a name found once
+        assign_patients(all_records, read_patients_csv(patients_csv), root)
     log.info("data set root %s: %s", root, ", ".join(
         f"{s}={len(v) if v is not None else 'absent'}" for s, v in found.items()))
     decoded, bad = decode_records(all_records, image_size, _resolve_cache(cache_dir))
@@ -537,7 +540,8 @@ def split_from_config(config: dict, data_dir: str, image_size: int, cache_dir: s
     """The same splits a training run with ``config`` (a checkpoint's stored config) made, at ``image_size``."""
     return prepare_data(data_dir, image_size, config.get("val_fraction", 0.15), config.get("min_val_images", 100),
                         config.get("seed", 42), cache_dir=cache_dir, cv_folds=config.get("cv_folds", 0),
-                        cv_fold=config.get("cv_fold", 0), cv_holdout=config.get("cv_holdout", False))
+                        cv_fold=config.get("cv_fold", 0), cv_holdout=config.get("cv_holdout", False),
+                        patients_csv=config.get("patients_csv", ""))
 
 
 def load_labelled_folder(data_dir: str, image_size: int, split: str = "test", cache_dir: str = "",

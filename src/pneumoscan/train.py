@@ -49,7 +49,7 @@ MODEL_FILE = "medical_cnn_model.pth"
 LAST_FILE = "checkpoint_last.pth"
 # Config fields that must not change when resuming a run.
 _RESUME_FIXED = ("arch", "width", "image_size", "in_channels", "dropout", "seed", "val_fraction", "cv_folds",
-                 "cv_fold", "cv_holdout", "lr_schedule", "init_from",
+                 "cv_fold", "cv_holdout", "patients_csv", "lr_schedule", "init_from",
                  "intensity")  # init_from fixes the input normalisation
 
 
@@ -426,7 +426,7 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
     # rank 0 decodes and fills the image cache; the other ranks then read it instead of decoding again
     splits = main_first(world, lambda: prepare_data(cfg.data_dir, cfg.image_size, cfg.val_fraction,
                                                     cfg.min_val_images, cfg.seed, cfg.strict, cfg.cache_dir,
-                                                    cfg.cv_folds, cfg.cv_fold, cfg.cv_holdout))
+                                                    cfg.cv_folds, cfg.cv_fold, cfg.cv_holdout, cfg.patients_csv))
     data_prep_s = time.time() - t_data
     resumed_width = last_state.get("config", {}).get("width") if last_state else None
     cfg, width_check = choose_width(cfg, len(splits.train), len(splits.val), device, world,
