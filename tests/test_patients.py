@@ -200,3 +200,53 @@ def test_train_with_a_patients_csv_that_misses_films_stops_before_training(anony
     assert train_main(["--data_dir", str(root), "--output_dir", str(out), "--patients", str(short),
                        "--epochs", "1", "--cache_dir", "none"]) == EXIT_BAD_INPUT
     assert "2 of 48 films have no row" in capsys.readouterr().err and not (out / "medical_cnn_model.pth").exists()
+
+
+def test_in_use_counts_refusals_and_low_risk_errors_by_true_class():
+    from pneumoscan.inference import InferenceFailure, InferenceResult
+    from pneumoscan.scope_report import format_in_use, in_use_report
+
+    def answer(pred, risk, warnings=()):
+        return InferenceResult(prediction=pred, confidence=0.9, probabilities={}, risk_level=risk, uncertainty=0.1,
+                               processing_time=0.0, timestamp="", warnings=list(warnings))
+
+    refused = InferenceFailure("x", "out of scope: looks like a radiograph of another body part", "OutOfScopeError")
+    outcomes = [answer("NORMAL", "LOW"), answer("PNEUMONIA", "LOW"), refused,  # NORMAL films
+                answer("PNEUMONIA", "LOW"), answer("NORMAL", "LOW"), answer("NORMAL", "MEDIUM"),  # PNEUMONIA
+                answer("PNEUMONIA", "HIGH", ["outside the validated population: an adult film?"])]
+    r = in_use_report(outcomes, [0, 0, 0, 1, 1, 1, 1])
+    assert (r["films"], r["refused"], r["answered"]) == (7, 1, 6)
+    assert r["refused_by_class"] == {"NORMAL": 1, "PNEUMONIA": 0} and r["refused_by_reason"] == {"other_body": 1}
+    assert r["answered_sensitivity"] == 2 / 4 and r["answered_specificity"] == 1 / 2
+    assert r["wrong_with_low_risk_by_class"] == {"NORMAL": 1, "PNEUMONIA": 1} and r["wrong_with_low_risk"] == 2
+    assert r["answered_with_lateral_or_population_warning"] == 1
+    assert "wrong with LOW risk: 2 (1 NORMAL called PNEUMONIA, 1 PNEUMONIA called NORMAL)" in format_in_use(r)
+    with pytest.raises(ValueError):
+        in_use_report(outcomes, [0, 1])
+
+
+DEV_SHIFT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dev_shift"
+
+
+@pytest.mark.skipif(not DEV_SHIFT.is_dir(), reason=f"dev_shift films not found at {DEV_SHIFT}")
+def test_evaluate_reports_what_the_pipeline_refuses_among_labelled_films(tmp_path, train_dir, capsys):
+    """Radiographs of other body parts filed as NORMAL by mistake: the model-only metrics score them,
+    the in-use counts show they would get no answer."""
+    root = tmp_path / "site"
+    for cls in CLASS_NAMES:
+        (root / cls).mkdir(parents=True)
+        for p in _films(train_dir, cls, 8):
+            (root / cls / p.name).write_bytes(p.read_bytes())
+    knees = sorted((DEV_SHIFT / "other_radiographs").glob("other_radiographs_kneeoa_*"))[:4]
+    for p in knees:
+        (root / "NORMAL" / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "m.json"
+    assert evaluate_main(["--data_dir", str(root), "--output_path", str(out), "--n_boot", "20"]) == 0
+    report = json.loads(out.read_text())
+    use = report["in_use"]
+    assert report["n"] == use["films"] == 20 and use["refused"] + use["answered"] == 20
+    assert use["refused_by_class"]["NORMAL"] >= 3 and use["refused_by_reason"].get("other_body", 0) >= 3
+    assert use["refused_by_class"]["PNEUMONIA"] <= 1
+    assert "in use (the whole pipeline, scope checks included): 20 films" in capsys.readouterr().out
+    assert evaluate_main(["--data_dir", str(root), "--output_path", str(out), "--n_boot", "20", "--model_only"]) == 0
+    assert "in_use" not in json.loads(out.read_text())

@@ -403,6 +403,9 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_path", help="write the metrics as JSON here (default: table on stdout only)")
     p.add_argument("--report", help="write a self-contained HTML report here (curves, calibration, errors)")
     p.add_argument("--threshold", type=float, help="override the model's operating threshold")
+    p.add_argument("--model_only", action="store_true",
+                   help="labelled films: only the model's metrics, without also running every film through the "
+                        "prediction pipeline (scope checks, risk levels) for the 'in use' counts")
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--cache_dir", default="", help="decoded-image cache ('none' disables)")
@@ -457,9 +460,11 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from .checkpoint import default_model_path, load_checkpoint
     from .data import load_labelled_folder
     from .evaluate import evaluate_imageset
+    from .inference import MedicalImageInference
     from .metrics import format_metrics_table
     from .predict import Predictor, resolve_device
     from .results import write_json
+    from .scope_report import format_in_use, in_use_report
     from .site_calibration import stored_target
 
     args = _evaluate_parser().parse_args(argv)
@@ -474,6 +479,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         data, bad = load_labelled_folder(args.data_dir, predictor.spec.image_size, args.split, args.cache_dir,
                                          args.patients)
         report, prob = evaluate_imageset(predictor, data, threshold, args.n_boot)
+        if not args.model_only:  # every film through the pipeline a prediction takes, scope checks included
+            engine = MedicalImageInference(args.model_path, device=args.device, threshold=args.threshold)
+            report["in_use"] = in_use_report(list(engine.iter_predict(data.paths)), data.labels.numpy())
     except (PneumoscanError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
@@ -490,11 +498,12 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     sys.stdout.write(f"{args.model_path} on {args.data_dir} ({len(data)} films of {report['patients']} patients; "
                      f"CIs resample patients): {cal}, ECE(15 bins) {report['ece_15']:.4f}\n")
     sys.stdout.write(format_metrics_table(report) + "\n")
+    if "in_use" in report:
+        sys.stdout.write(format_in_use(report["in_use"]) + "\n")
     if args.output_path:
         write_json(report, args.output_path)
         log.info("metrics written to %s", args.output_path)
     if args.report:
-        from .inference import MedicalImageInference
         from .report import build_report
 
         engine = MedicalImageInference(args.model_path, device=args.device, gate=False)

@@ -104,3 +104,48 @@ def format_scope_report(report: dict) -> str:
     if report["all"]["unreadable"]:
         lines.append(f"unreadable (not counted): {report['all']['unreadable']}")
     return "\n".join(lines)
+
+
+def in_use_report(outcomes: list, labels) -> dict:
+    """What the whole pipeline (scope checks, calibrated call, risk rule) did to labelled films.
+
+    ``outcomes`` are ``iter_predict`` results in the order of ``labels`` (1 = PNEUMONIA). The model-only
+    metrics count every film; in use a refused film gets no answer and a wrong answer with LOW risk is
+    the error a reader is least likely to question, so both are counted here, by true class.
+    """
+    if len(outcomes) != len(labels):
+        raise ValueError(f"{len(outcomes)} outcomes for {len(labels)} labelled films")
+    truth = ["PNEUMONIA" if int(y) == 1 else "NORMAL" for y in labels]
+    counts = _counts(outcomes)
+    refused_by_class = Counter(t for o, t in zip(outcomes, truth) if isinstance(o, InferenceFailure))
+    answered = [(o, t) for o, t in zip(outcomes, truth) if isinstance(o, InferenceResult)]
+    pos = [o for o, t in answered if t == "PNEUMONIA"]
+    neg = [o for o, t in answered if t == "NORMAL"]
+    wrong_low = Counter(t for o, t in answered if o.prediction != t and o.risk_level == "LOW")
+    return {
+        "films": len(outcomes), "refused": counts["refused"], "unreadable": counts["unreadable"],
+        "refused_by_reason": counts["refused_by_reason"],
+        "refused_by_class": {c: refused_by_class.get(c, 0) for c in ("NORMAL", "PNEUMONIA")},
+        "answered": len(answered),
+        "answered_with_lateral_or_population_warning": counts["answered_with_lateral_or_population_warning"],
+        "answered_sensitivity": sum(o.prediction == "PNEUMONIA" for o in pos) / len(pos) if pos else math.nan,
+        "answered_specificity": sum(o.prediction == "NORMAL" for o in neg) / len(neg) if neg else math.nan,
+        "answered_risk_levels": counts["answered_risk_levels"],
+        "wrong_with_low_risk": sum(wrong_low.values()),
+        "wrong_with_low_risk_by_class": {c: wrong_low.get(c, 0) for c in ("NORMAL", "PNEUMONIA")},
+    }
+
+
+def format_in_use(r: dict) -> str:
+    """Two lines on what a reader of the service's answers would have seen for these films."""
+    reasons = ", ".join(f"{k} {v}" for k, v in r["refused_by_reason"].items()) or "none"
+    wrong = r["wrong_with_low_risk_by_class"]
+    return "\n".join([
+        f"in use (the whole pipeline, scope checks included): {r['films']} films, refused {r['refused']} "
+        f"({r['refused_by_class']['NORMAL']} NORMAL, {r['refused_by_class']['PNEUMONIA']} PNEUMONIA; by reason: "
+        f"{reasons}), answered {r['answered']} ({r['answered_with_lateral_or_population_warning']} with a lateral or "
+        f"population warning)",
+        f"on the answered films: sensitivity {r['answered_sensitivity']:.3f}, specificity "
+        f"{r['answered_specificity']:.3f}; wrong with LOW risk: {r['wrong_with_low_risk']} "
+        f"({wrong['NORMAL']} NORMAL called PNEUMONIA, {wrong['PNEUMONIA']} PNEUMONIA called NORMAL)",
+    ])
