@@ -52,7 +52,7 @@ def dicom_folder(tmp_path_factory, train_dir) -> Path:
 
 
 def test_labelled_dicom_films_are_grouped_by_patient_id_which_never_appears(dicom_folder, caplog):
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):
         data, bad = load_labelled_folder(str(dicom_folder), 224, cache_dir="none")
     by_name = {Path(p).name: pt for p, pt in zip(data.paths, data.patients)}
     assert set(by_name) == {"n0.dcm", "n1.dcm", "n2.dcm", "anon.dcm", "p0.dcm", "p1.dcm", "p2.dcm", "p3"}
@@ -61,10 +61,10 @@ def test_labelled_dicom_films_are_grouped_by_patient_id_which_never_appears(dico
     assert len(set(data.patients)) == 6 and data.class_counts() == {"NORMAL": 4, "PNEUMONIA": 4}
     # the lateral film is left out, with the reason
     assert [(Path(p).name, "lateral view (DICOM ViewPosition LL)" in r) for p, r in bad] == [("side.dcm", True)]
-    pid = IDENTIFIERS["PatientID"]
     shown = repr(data.patients) + caplog.text + repr(bad)
-    assert "MRN-0001" not in shown and pid not in shown and all(p.startswith("dicom:") for p in data.patients
-                                                                if p != "anon")
+    assert all(p.startswith("dicom:") for p in data.patients if p != "anon")
+    for secret in ("MRN-", IDENTIFIERS["PatientName"], IDENTIFIERS["PatientBirthDate"]):
+        assert secret not in shown
 
 
 def test_evaluate_on_a_labelled_dicom_folder_resamples_patients(dicom_folder, tmp_path, capsys):
@@ -109,11 +109,14 @@ def test_patients_csv_groups_films_by_path_or_unique_name(jpeg_folder, tmp_path)
 
 
 @pytest.mark.parametrize("text, message", [
-    ("name,id\nNORMAL/film0.jpeg,A\n", "must name the columns 'file' and 'patient' (found name, id)"),
+    ("name,id\nNORMAL/film0.jpeg,A\n", "must be the header file,patient (found the columns name, id)"),
+    ("file;patient\nNORMAL/film0.jpeg;A\n", "it holds ';': separate the columns with commas"),
     ("file,patient\nNORMAL/film0.jpeg,\n", "line 2: empty patient"),
     ("file,patient\n", "no rows after the header"),
-    ("file,patient\nfilm0.jpeg,A\n", "'film0.jpeg' matches 2 files"),
-    ("file,patient\nNORMAL/film0.jpeg,A\nNORMAL/film0.jpeg,B\n", "is given two different patients"),
+    ("file,patient\nfilm0.jpeg,A\n", "'film0.jpeg' matches 2 files (NORMAL/film0.jpeg, PNEUMONIA/film0.jpeg)"),
+    ("file,patient\nNORMAL/film0.jpeg,A\nNORMAL/film0.jpeg,B\n", "NORMAL/film0.jpeg is given two different"),
+    ("file,patient\nNORMAL/film0.jpeg,A\nNORMAL/film1.jpeg,A\nPNEUMONIA/film0.jpeg,B\nPNEUMONIA/Film1.jpeg,C\n",
+     "1 row(s) name no film here, e.g. 'PNEUMONIA/Film1.jpeg' (paths are below"),
     ("file,patient\nNORMAL/film0.jpeg,A\nNORMAL/film1.jpeg,A\nPNEUMONIA/film0.jpeg,B\n",
      "1 of 4 films have no row, e.g. PNEUMONIA/film1.jpeg"),
 ])
@@ -250,3 +253,81 @@ def test_evaluate_reports_what_the_pipeline_refuses_among_labelled_films(tmp_pat
     assert "in use (the whole pipeline, scope checks included): 20 films" in capsys.readouterr().out
     assert evaluate_main(["--data_dir", str(root), "--output_path", str(out), "--n_boot", "20", "--model_only"]) == 0
     assert "in_use" not in json.loads(out.read_text())
+
+
+def test_rows_must_name_the_file_itself_not_a_namesake_in_another_split(tmp_path, train_dir):
+    """train/ and test/ holding the same names: a row for train/NORMAL/a.jpeg never names test/NORMAL/a.jpeg."""
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for cls in CLASS_NAMES:
+            (root / split / cls).mkdir(parents=True)
+            for i, p in enumerate(_films(train_dir, cls, 2)):
+                (root / split / cls / f"f{i}.jpeg").write_bytes(p.read_bytes())
+    test = root / "test"
+    records = discover_labelled(test)
+    train_rows = [(f"train/{c}/f{i}.jpeg", f"{c}{i}") for c in CLASS_NAMES for i in range(2)]
+    with pytest.raises(DataError, match="4 of 4 films have no row.*4 row\\(s\\) name no film here"):
+        assign_patients(records, train_rows, test)
+    elsewhere = [(f"/somewhere/else/{c}/f{i}.jpeg", "X") for c in CLASS_NAMES for i in range(2)]
+    with pytest.raises(DataError, match="4 of 4 films have no row"):
+        assign_patients(records, elsewhere, test)
+    # the forms that do name these films: below the folder, with the folder's own name, absolute, Windows-style
+    rows = [("NORMAL/f0.jpeg", "a"), ("test/NORMAL/f1.jpeg", "b"), (str(test / "PNEUMONIA" / "f0.jpeg"), "c"),
+            ("C:\\data\\test\\PNEUMONIA\\f1.jpeg", "d"), ("./NORMAL/../NORMAL/f0.jpeg", "a")]
+    assign_patients(records, rows, test)
+    assert [r.patient for r in records] == ["csv:a", "csv:b", "csv:c", "csv:d"]
+
+
+def test_a_csv_without_header_never_shows_its_cells(anonymous_root, tmp_path, capsys):
+    root, csv_path = anonymous_root
+    headless = _csv(tmp_path / "h.csv", "\n".join(csv_path.read_text().splitlines()[1:]).replace(
+        "NORMAL-0", "MRN-7654321") + "\n")
+    out = tmp_path / "run"
+    assert train_main(["--data_dir", str(root), "--output_dir", str(out), "--patients", str(headless),
+                       "--epochs", "1", "--cache_dir", "none"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "the first line must be the header file,patient" in err and "not shown" in err
+    logs = "".join(p.read_text() for p in out.glob("*.log")) if out.exists() else ""
+    assert "MRN-7654321" not in err + logs and "train/NORMAL/N00.jpeg" not in err
+
+
+def test_a_changed_patients_csv_cannot_rebuild_the_split(anonymous_root):
+    from pneumoscan.config import TrainConfig
+    from pneumoscan.data import file_sha256, split_from_config
+    from pneumoscan.errors import CheckpointError
+    from pneumoscan.train import _check_resume
+
+    root, csv_path = anonymous_root
+    pinned = {"patients_csv": str(csv_path), "patients_csv_sha256": file_sha256(csv_path), "val_fraction": 0.25}
+    assert len(set(split_from_config(pinned, str(root), 32, cache_dir="none").val.patients)) == 4
+    csv_path.write_text(csv_path.read_text().replace("NORMAL-0\n", "NORMAL-1\n"))
+    with pytest.raises(DataError, match="has changed since the model was trained"):
+        split_from_config(pinned, str(root), 32, cache_dir="none")
+    cfg = TrainConfig(data_dir=str(root), patients_csv=str(csv_path), patients_csv_sha256=file_sha256(csv_path))
+    with pytest.raises(CheckpointError, match="patients_csv_sha256"):
+        _check_resume({"config": pinned}, cfg)
+
+
+def test_patients_that_look_wrong_are_warned_about(caplog):
+    from pneumoscan.data import Record, check_patients
+
+    one = [Record(Path(f"/d/NORMAL/{i}.dcm"), 0, "dicom:0123456789abcdef") for i in range(20)]
+    none = [Record(Path(f"/d/NORMAL/{i}.dcm"), 0, str(i)) for i in range(3)]
+    with caplog.at_level(logging.WARNING):
+        check_patients(one + [Record(Path(f"/d/PNEUMONIA/p{i}.jpeg"), 1, f"p{i}") for i in range(10)])
+        check_patients(none)
+        check_patients([Record(Path(f"/d/NORMAL/{i}.jpeg"), 0, str(i)) for i in range(30)])
+    text = caplog.text
+    assert "20 of 30 films belong to one patient" in text and "anonymised" in text
+    assert "3 DICOM file(s) have no PatientID" in text and text.count("WARNING") == 2
+
+
+def test_a_patient_group_without_a_class_stores_no_value_for_it():
+    from pneumoscan.site_calibration import _group_point
+
+    y, prob = np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.9, 0.8])
+    pred = prob >= 0.5
+    no_pneumonia = _group_point(y, prob, pred, np.array([True, True, False, False]), 0, 1.0, 0.5)
+    assert no_pneumonia["sensitivity"] is None and no_pneumonia["specificity"] == 1.0
+    no_normal = _group_point(y, prob, pred, np.array([False, False, True, True]), 1, 1.0, 0.5)
+    assert no_normal["specificity"] is None and no_normal["sensitivity"] == 1.0

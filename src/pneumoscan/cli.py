@@ -384,7 +384,7 @@ def _add_patients_flag(p: argparse.ArgumentParser, **kwargs) -> None:
     p.add_argument("--patients", metavar="CSV", **{"default": "", **kwargs},
                    help="CSV with columns file,patient giving every film's patient, for patient-level splits, "
                         "folds and CIs (default: a DICOM file's PatientID, else the Kermany file-name rule, else "
-                        "one patient per file)")
+                        "the file name without its extension)")
 
 
 def _evaluate_parser() -> argparse.ArgumentParser:

@@ -8,11 +8,13 @@ files' content, so later epochs and later runs never decode a JPEG again.
 
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import io
 import logging
 import os
+import posixpath
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -142,15 +144,16 @@ def list_images(folder: Path) -> tuple[list[Path], int]:
 def file_patient(path: Path) -> str:
     """The patient a labelled file belongs to: a DICOM file's PatientID (as a pseudonymous hash,
     ``dicom.patient_key``), else the Kermany file-name rule (``patient_id``)."""
-    if not is_image_file(path):  # .dcm, .dicom or a DICOM file without an extension
+    if not is_image_file(path) and path.is_file():  # a regular .dcm, .dicom or extension-less DICOM file
         key = patient_key(path)
         if key:
             return key
     return patient_id(path.name)
 
 
-def discover_labelled(folder: Path) -> list[Record]:
-    """Records of ``folder/NORMAL`` and ``folder/PNEUMONIA``.
+def discover_labelled(folder: Path, dicom_ids: bool = True) -> list[Record]:
+    """Records of ``folder/NORMAL`` and ``folder/PNEUMONIA``; patients by ``file_patient`` (without
+    ``dicom_ids``, by file name only: a patients CSV will replace them).
 
     Raises:
         DataError: a class folder is missing or holds no images; names what was found.
@@ -167,12 +170,31 @@ def discover_labelled(folder: Path) -> list[Record]:
             log.warning("%s: ignored %d file(s) that are neither JPEG/PNG nor DICOM", cls_dir, ignored)
         if not files:
             raise DataError(f"{cls_dir}: no .jpg, .jpeg, .png or DICOM files found")
-        records += [Record(p, label, file_patient(p)) for p in files]
+        records += [Record(p, label, file_patient(p) if dicom_ids else patient_id(p.name)) for p in files]
     return records
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (what pins a patients CSV to the split it made).
+
+    Raises:
+        DataError: the file cannot be read.
+    """
+    try:
+        return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+    except OSError as exc:
+        raise DataError(f"--patients {path}: cannot read it ({exc.strerror or exc})") from exc
+
+
+_CSV_COLUMNS = ("file", "patient")
+_HEADER_WORDS = {"file", "patient", "path", "filename", "id", "patient_id", "patientid", "name", "label", "class",
+                 "split", "age", "sex", "view"}
 
 
 def read_patients_csv(csv_path: str | os.PathLike) -> list[tuple[str, str]]:
     """The (file, patient) rows of a CSV with a header naming the columns ``file`` and ``patient``.
+
+    No cell is ever echoed in an error: a data row mistaken for the header may hold an identifier.
 
     Raises:
         DataError: the file cannot be read, lacks a column, or has a row with an empty value.
@@ -180,17 +202,29 @@ def read_patients_csv(csv_path: str | os.PathLike) -> list[tuple[str, str]]:
     path = Path(csv_path).expanduser()
     try:
         text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not part of a name
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"--patients {csv_path}: cannot read it as a UTF-8 CSV file ({exc})") from exc
-    reader = csv.reader(io.StringIO(text))
-    header = [h.strip().lower() for h in next(reader, [])]
-    if "file" not in header or "patient" not in header:
-        raise DataError(f"--patients {csv_path}: the first line must name the columns 'file' and 'patient' "
-                        f"(found {', '.join(header) or 'nothing'}); one row per film: its path or file name, "
+    except UnicodeDecodeError as exc:
+        raise DataError(f"--patients {csv_path}: not UTF-8 text; save it as 'CSV UTF-8' (in a spreadsheet: "
+                        f"Save As, CSV UTF-8)") from exc
+    except OSError as exc:
+        raise DataError(f"--patients {csv_path}: cannot read it ({exc.strerror or exc})") from exc
+    try:
+        lines = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise DataError(f"--patients {csv_path}: not a readable CSV file ({exc})") from exc
+    header = [h.strip().lower() for h in (lines[0] if lines else [])]
+    if not all(c in header for c in _CSV_COLUMNS):
+        if header and set(header) <= _HEADER_WORDS:  # column names only: safe to show
+            found = f"found the columns {', '.join(header)}"
+        else:  # maybe a data row: never shown, it may hold a patient identifier
+            found = f"its first line has {len(header)} cell(s) and no columns named file and patient; not shown"
+            if ";" in text.split("\n", 1)[0]:
+                found += "; it holds ';': separate the columns with commas"
+        raise DataError(f"--patients {csv_path}: the first line must be the header file,patient ({found}); "
+                        f"then one row per film: its path below the data folder (or a file name found once), "
                         f"then its patient's identifier")
     fi, pi = header.index("file"), header.index("patient")
     rows = []
-    for line, row in enumerate(reader, start=2):
+    for line, row in enumerate(lines[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
         cells = [row[i].strip() if i < len(row) else "" for i in (fi, pi)]
@@ -202,55 +236,97 @@ def read_patients_csv(csv_path: str | os.PathLike) -> list[tuple[str, str]]:
     return rows
 
 
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:/")
+
+
+def _row_matches(row: str, rel: str, folder_parts: tuple[str, ...], path: Path) -> bool:
+    """Whether a CSV row's (normalised) file names the file at ``rel`` below the folder (``folder_parts``:
+    the folder's absolute path). A bare name is matched by the caller; a longer row must continue with the
+    folder's own last parts (``test/NORMAL/a.jpg`` for a folder ``.../test``), an absolute one be the file."""
+    if row == rel:
+        return True
+    if row.startswith("/"):
+        return Path(row).resolve() == path.resolve()
+    parts, rel_parts = row.split("/"), rel.split("/")
+    if len(parts) <= len(rel_parts) or parts[-len(rel_parts):] != rel_parts:
+        return False
+    prefix = parts[:-len(rel_parts)]
+    if _WINDOWS_DRIVE.match(row):
+        prefix = prefix[1:]  # a Windows path: its drive cannot be compared here, its folders can
+    return tuple(prefix) == folder_parts[len(folder_parts) - len(prefix):]
+
+
 def assign_patients(records: list[Record], rows: list[tuple[str, str]], folder: Path) -> None:
     """Set every record's patient from ``rows`` (``read_patients_csv``), matched by path.
 
-    A row's file matches a record whose path relative to ``folder`` ends with it (``NORMAL/a.dcm``,
-    or a bare ``a.dcm`` when no other file has that name), or which it ends with (a longer or
-    absolute path). The patient identifiers are used only to group films; they are never logged.
+    A row names a file by its path below ``folder`` (``NORMAL/a.dcm``; under a data set root
+    ``train/NORMAL/a.dcm``), by a longer path that ends in the folder itself (``test/NORMAL/a.dcm`` for
+    ``DIR/test``), by its absolute path, or by its bare name when no other file has it. Paths are
+    case-sensitive. The patient identifiers are used only to group films; they are never logged.
 
     Raises:
         DataError: a row matches several files, two rows give one file different patients, or a
             film has no row (a film left to the file-name rule would make the CIs optimistic).
     """
+    folder_parts = folder.resolve().parts[1:]
     by_name: dict[str, list[tuple[str, Record]]] = {}
     for r in records:
         by_name.setdefault(r.path.name, []).append((r.path.relative_to(folder).as_posix(), r))
     given: dict[int, str] = {}
-    unmatched = 0
+    unmatched: list[str] = []
     for file, patient in rows:
-        f = file.replace("\\", "/").removeprefix("./")
-        hits = [r for rel, r in by_name.get(f.rsplit("/", 1)[-1], [])
-                if rel == f or rel.endswith("/" + f) or f.endswith("/" + rel)]
+        f = posixpath.normpath(file.replace("\\", "/"))
+        named = by_name.get(f.rsplit("/", 1)[-1], [])
+        hits = [r for rel, r in named if _row_matches(f, rel, folder_parts, r.path)] if "/" in f else [
+            r for _, r in named]
         if not hits:
-            unmatched += 1
+            unmatched.append(file)
             continue
         if len(hits) > 1:
             raise DataError(f"--patients: {file!r} matches {len(hits)} files ("
-                            + ", ".join(str(h.path.relative_to(folder)) for h in hits[:3])
-                            + "); give the path below the data folder, e.g. NORMAL/name")
+                            + ", ".join(h.path.relative_to(folder).as_posix() for h in hits[:3])
+                            + f"); give the path below {folder}, e.g. {hits[0].path.relative_to(folder).as_posix()}")
         key = id(hits[0])
         if given.setdefault(key, patient) != patient:
-            raise DataError(f"--patients: {file!r} is given two different patients; one film has one patient")
+            raise DataError(f"--patients: {hits[0].path.relative_to(folder).as_posix()} is given two different "
+                            f"patients (rows naming it: one film has one patient)")
     missing = [r for r in records if id(r) not in given]
     if missing:
+        hint = (f"; {len(unmatched)} row(s) name no film here, e.g. {', '.join(repr(u) for u in unmatched[:3])} "
+                f"(paths are below {folder} and case-sensitive)" if unmatched else "")
         raise DataError(f"--patients: {len(missing)} of {len(records)} films have no row, e.g. "
-                        + ", ".join(str(r.path.relative_to(folder)) for r in missing[:5])
-                        + "; add a row for every film (patient-level CIs and folds need every film's patient)")
+                        + ", ".join(r.path.relative_to(folder).as_posix() for r in missing[:5])
+                        + hint + "; add a row for every film (patient-level CIs and folds need every film's patient)")
     if unmatched:
-        log.warning("--patients: %d row(s) name no film under %s (ignored)", unmatched, folder)
+        log.warning("--patients: %d row(s) name no film under %s (ignored), e.g. %s", len(unmatched), folder,
+                    ", ".join(repr(u) for u in unmatched[:3]))
     for r in records:
         r.patient = "csv:" + given[id(r)]
     log.info("patients from the CSV: %d films of %d patients", len(records), len(set(given.values())))
 
 
-def discover_splits(root: Path) -> dict[str, list[Record] | None]:
+def discover_splits(root: Path, dicom_ids: bool = True) -> dict[str, list[Record] | None]:
     """Records of each split under ``root``; None for a split folder that does not exist."""
     out: dict[str, list[Record] | None] = {}
     for split in SPLITS:
         folder = _child_named(root, split)
-        out[split] = discover_labelled(folder) if folder is not None else None
+        out[split] = discover_labelled(folder, dicom_ids) if folder is not None else None
     return out
+
+
+def check_patients(records: list[Record]) -> None:
+    """Warn where the patients look wrong: DICOM files without a PatientID (each its own patient), or one
+    patient holding most films (an anonymiser's constant ID?), either of which makes CIs optimistic."""
+    no_id = sum(not is_image_file(r.path) and not r.patient.startswith(("dicom:", "csv:")) for r in records)
+    if no_id:
+        log.warning("%d DICOM file(s) have no PatientID: each counts as its own patient (by file name); if one "
+                    "patient has several films, give --patients CSV", no_id)
+    if len(records) >= 20:
+        top = collections.Counter(r.patient for r in records).most_common(1)[0][1]
+        if top > len(records) / 2:
+            log.warning("%d of %d films belong to one patient (by DICOM PatientID, the CSV or the file name). If "
+                        "the IDs were replaced by one value when the films were anonymised, give --patients CSV: "
+                        "CIs resample patients and are far too narrow with few", top, len(records))
 
 
 def default_cache_dir() -> Path:
@@ -260,6 +336,8 @@ def default_cache_dir() -> Path:
 
 def _hash_file(path: Path) -> tuple[str, str]:
     """(sha1 of the bytes, '') or ('', why the file cannot be read)."""
+    if path.exists() and not path.is_file():  # a FIFO would block the read
+        return "", "not a regular file (a pipe, socket or device); copy the image to a file"
     try:
         return hashlib.sha1(path.read_bytes()).hexdigest(), ""
     except OSError as exc:
@@ -448,7 +526,8 @@ def _usable(records: list[Record], bad: list[tuple[str, str]]) -> list[Record]:
 
 def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min_val_images: int = 100,
                  seed: int = 42, strict: bool = False, cache_dir: str = "", cv_folds: int = 0,
-                 cv_fold: int = 0, cv_holdout: bool = False, patients_csv: str = "") -> DataSplits:
+                 cv_fold: int = 0, cv_holdout: bool = False, patients_csv: str = "",
+                 patients_csv_sha256: str = "") -> DataSplits:
     """Discover, check, decode and split a data set for training.
 
     Validation comes from ``val/`` when it holds at least ``min_val_images`` images;
@@ -466,10 +545,14 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
             (every bad file is named), or too few images remain.
     """
     root = find_dataset_root(data_dir)
-    found = discover_splits(root)
+    found = discover_splits(root, dicom_ids=not patients_csv)
     all_records = [r for recs in found.values() if recs for r in recs]
     if patients_csv:  # rows name files below the root: train/NORMAL/a.jpg, or a name found once
+        if patients_csv_sha256 and file_sha256(patients_csv) != patients_csv_sha256:
+            raise DataError(f"the patients CSV {patients_csv} has changed since the model was trained, so its "
+                            f"patient split cannot be rebuilt; restore the file, or train again")
         assign_patients(all_records, read_patients_csv(patients_csv), root)
+    check_patients(all_records)
     log.info("data set root %s: %s", root, ", ".join(
         f"{s}={len(v) if v is not None else 'absent'}" for s, v in found.items()))
     decoded, bad = decode_records(all_records, image_size, _resolve_cache(cache_dir))
@@ -541,7 +624,8 @@ def split_from_config(config: dict, data_dir: str, image_size: int, cache_dir: s
     return prepare_data(data_dir, image_size, config.get("val_fraction", 0.15), config.get("min_val_images", 100),
                         config.get("seed", 42), cache_dir=cache_dir, cv_folds=config.get("cv_folds", 0),
                         cv_fold=config.get("cv_fold", 0), cv_holdout=config.get("cv_holdout", False),
-                        patients_csv=config.get("patients_csv", ""))
+                        patients_csv=config.get("patients_csv", ""),
+                        patients_csv_sha256=config.get("patients_csv_sha256", ""))
 
 
 def load_labelled_folder(data_dir: str, image_size: int, split: str = "test", cache_dir: str = "",
@@ -566,9 +650,10 @@ def load_labelled_folder(data_dir: str, image_size: int, split: str = "test", ca
         if folder is None:
             raise DataError(f"{root} has no {split}/ folder; pass a folder holding NORMAL/ and PNEUMONIA/ "
                             f"or a data set root with {split}/")
-    records = discover_labelled(folder)
+    records = discover_labelled(folder, dicom_ids=not patients_csv)
     if patients_csv:
         assign_patients(records, read_patients_csv(patients_csv), folder)
+    check_patients(records)
     decoded, bad = decode_records(records, image_size, _resolve_cache(cache_dir))
     for p, why in bad:
         log.warning("skipping %s: %s", p, why)

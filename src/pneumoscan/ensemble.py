@@ -84,7 +84,8 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
         raise CheckpointError("every ensemble member must be a k-fold run with the usual validation patients held "
                               "out (experiments/kfold.py --holdout, or pneumoscan train --cv_folds K --cv_holdout): "
                               "otherwise no patients are left to calibrate the ensemble on")
-    split_keys = {(c.get("seed"), c.get("val_fraction"), c.get("cv_folds"), c.get("patients_csv", "")) for c in configs}
+    split_keys = {(c.get("seed"), c.get("val_fraction"), c.get("cv_folds"), c.get("patients_csv_sha256", ""))
+                  for c in configs}
     if len(split_keys) > 1:
         raise CheckpointError(f"ensemble members come from different splits (seed, val_fraction, folds, patients): "
                               f"{sorted(split_keys, key=str)}")
@@ -92,7 +93,8 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
     first = configs[0]
     splits = prepare_data(data_dir, spec.image_size, first.get("val_fraction", 0.15),
                           first.get("min_val_images", 100), first.get("seed", 42), cache_dir=cache_dir,
-                          patients_csv=first.get("patients_csv", ""))
+                          patients_csv=first.get("patients_csv", ""),
+                          patients_csv_sha256=first.get("patients_csv_sha256", ""))
     cfg = TrainConfig(target_sensitivity=first.get("target_sensitivity", 0.95))
     final = finalize(Predictor(model, spec), splits, cfg)
     payload = ensemble_payload(members, temperature=final["temperature"], threshold=final["threshold"],

@@ -91,11 +91,15 @@ def _at(y: np.ndarray, prob: np.ndarray, threshold: float, patients: list[str], 
 
 def _group_point(y: np.ndarray, prob: np.ndarray, pred: np.ndarray, member: np.ndarray, group: int,
                  temperature: float, threshold: float) -> dict:
-    """One patient group's films at the operating point fitted on the other groups, with its class counts
-    (a group without pneumonia films has no sensitivity: ``format_site_report`` leaves it out)."""
-    return {"fold": int(group), "temperature": temperature, "threshold": threshold,
-            "pneumonia": int((y[member] == 1).sum()), "normal": int((y[member] == 0).sum()),
-            **operating_point(y[member], prob[member], pred[member])}
+    """One patient group's films at the operating point fitted on the other groups, with its class counts;
+    a group without pneumonia films has no sensitivity (None), one without normal films no specificity."""
+    point = {"fold": int(group), "temperature": temperature, "threshold": threshold,
+             "pneumonia": int((y[member] == 1).sum()), "normal": int((y[member] == 0).sum()),
+             **operating_point(y[member], prob[member], pred[member])}
+    for metric, films in (("sensitivity", "pneumonia"), ("specificity", "normal")):
+        if not point[films]:
+            point[metric] = None
+    return point
 
 
 def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
@@ -209,7 +213,7 @@ def format_site_report(record: dict) -> str:
         return f"{v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
 
     def spread(k: str, films: str) -> str:  # over the groups holding films of the class the metric counts
-        values = [f[k] for f in cv["per_fold"] if f.get(films, 1)]
+        values = [f[k] for f in cv["per_fold"] if f.get(films, 1) and f[k] is not None]
         return f"{min(values):.3f}-{max(values):.3f}" if values else "n/a"
 
     prev = record["previous"]

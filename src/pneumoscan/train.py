@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from .budget import choose_width, last_epoch_in_budget
 from .calibration import cross_fitted_ece, fit_operating_point, positive_probability
 from .checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint, versions
 from .config import TrainConfig
-from .data import DataSplits, ImageSet, prepare_data
+from .data import DataSplits, ImageSet, file_sha256, prepare_data
 from .distributed import World, all_sum, broadcast, close_world, from_main, init_world, main_first
 from .errors import CheckpointError
 from .gate import OutOfScopeGate
@@ -49,7 +49,7 @@ MODEL_FILE = "medical_cnn_model.pth"
 LAST_FILE = "checkpoint_last.pth"
 # Config fields that must not change when resuming a run.
 _RESUME_FIXED = ("arch", "width", "image_size", "in_channels", "dropout", "seed", "val_fraction", "cv_folds",
-                 "cv_fold", "cv_holdout", "patients_csv", "lr_schedule", "init_from",
+                 "cv_fold", "cv_holdout", "patients_csv_sha256", "lr_schedule", "init_from",
                  "intensity")  # init_from fixes the input normalisation
 
 
@@ -416,6 +416,9 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
     log.info("pneumoscan %s, torch %s, device %s, %d CPU threads, %s", versions()["pneumoscan"],
              torch.__version__, device, torch.get_num_threads(),
              f"rank {world.rank} of {world.world_size} ({world.backend})" if world.distributed else "one process")
+    if cfg.patients_csv:  # pinned by content: a later --resume, ensemble or split_from_config checks it
+        csv_path = Path(cfg.patients_csv).expanduser().resolve()
+        cfg = replace(cfg, patients_csv=str(csv_path), patients_csv_sha256=file_sha256(csv_path))
     log.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
 
     # a wrong --init_from or --resume checkpoint stops the run before data preparation; rank 0
@@ -426,7 +429,8 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
     # rank 0 decodes and fills the image cache; the other ranks then read it instead of decoding again
     splits = main_first(world, lambda: prepare_data(cfg.data_dir, cfg.image_size, cfg.val_fraction,
                                                     cfg.min_val_images, cfg.seed, cfg.strict, cfg.cache_dir,
-                                                    cfg.cv_folds, cfg.cv_fold, cfg.cv_holdout, cfg.patients_csv))
+                                                    cfg.cv_folds, cfg.cv_fold, cfg.cv_holdout, cfg.patients_csv,
+                                                    cfg.patients_csv_sha256))
     data_prep_s = time.time() - t_data
     resumed_width = last_state.get("config", {}).get("width") if last_state else None
     cfg, width_check = choose_width(cfg, len(splits.train), len(splits.val), device, world,
