@@ -243,10 +243,17 @@ def test_evaluate_reports_what_the_pipeline_refuses_among_labelled_films(tmp_pat
     knees = sorted((DEV_SHIFT / "other_radiographs").glob("other_radiographs_kneeoa_*"))[:4]
     for p in knees:
         (root / "NORMAL" / p.name).write_bytes(p.read_bytes())
-    out = tmp_path / "m.json"
-    assert evaluate_main(["--data_dir", str(root), "--output_path", str(out), "--n_boot", "20"]) == 0
+    out, page = tmp_path / "m.json", tmp_path / "r.html"
+    assert evaluate_main(["--data_dir", str(root), "--output_path", str(out), "--n_boot", "20", "--report",
+                          str(page)]) == 0
     report = json.loads(out.read_text())
     use = report["in_use"]
+    refused = {Path(r["path"]).name: r["reason"] for r in use["refused_files"]}
+    assert len(refused) == use["refused"] and {refused[p.name] for p in knees if p.name in refused} == {"other_body"}
+    # the report's galleries say which confident errors would have been refused in use
+    html_text = page.read_text()
+    shown_knees = [p.name for p in knees if p.name in html_text and p.name in refused]
+    assert html_text.count("<b>refused in use</b> (other_body)") >= len(shown_knees) >= 1
     assert report["n"] == use["films"] == 20 and use["refused"] + use["answered"] == 20
     assert use["refused_by_class"]["NORMAL"] >= 3 and use["refused_by_reason"].get("other_body", 0) >= 3
     assert use["refused_by_class"]["PNEUMONIA"] <= 1

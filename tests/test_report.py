@@ -35,8 +35,12 @@ def test_report_is_self_contained_with_every_section(report):
     path, metrics = report
     page = path.read_text()
     for section in ("Metrics at the operating threshold", "ROC and precision-recall curves", "Confusion matrix",
-                    "Calibration", "Threshold table", "Sensitivity by pneumonia type", "Most confident errors"):
+                    "Calibration", "Threshold table", "Sensitivity by pneumonia type", "Most confident errors",
+                    "In use: the whole prediction pipeline, scope checks included"):
         assert section in page
+    use = metrics["in_use"]
+    assert use["films"] == metrics["n"] == 36 and f"<td>{use['films']}</td>" in page
+    assert f"{use['answered']}</td>" in page and f"; {metrics['patients']} patients)" in page
     assert "bacterial" in page and "viral" in page
     assert not re.search(r"""(src|href)=["']https?://""", page), "the report must not load anything from the network"
     assert page.count("data:image/png;base64,") >= 2

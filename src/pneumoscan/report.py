@@ -100,6 +100,26 @@ def _subtype(path: str) -> str:
     return "bacterial" if "bacteria" in name else "viral" if "virus" in name else ""
 
 
+def _in_use_html(u: dict) -> str:
+    """The 'in use' section: what the whole prediction pipeline did to these films (``scope_report.in_use_report``)."""
+    def rate(v: float) -> str:
+        return "n/a" if v != v else f"{v:.3f}"  # NaN: no film of that class was answered
+
+    reasons = ", ".join(f"{html.escape(k)} {v}" for k, v in u["refused_by_reason"].items()) or "none"
+    wrong, refused = u["wrong_with_low_risk_by_class"], u["refused_by_class"]
+    return f"""<h2>In use: the whole prediction pipeline, scope checks included</h2>
+<p>The metrics above score the model on every film. Run as a prediction, each film first passes the scope
+checks; a refused film gets no answer, and a wrong answer with LOW risk is the error a reader is least
+likely to question.</p>
+<table><tr><th>films</th><th>refused (NORMAL / PNEUMONIA)</th><th>refused by reason</th><th>answered</th>
+<th>answered with a lateral or population warning</th><th>sensitivity / specificity on the answered</th>
+<th>wrong with LOW risk (NORMAL called PNEUMONIA / PNEUMONIA called NORMAL)</th></tr>
+<tr><td>{u['films']}</td><td>{u['refused']} ({refused['NORMAL']} / {refused['PNEUMONIA']})</td>
+<td>{reasons}</td><td>{u['answered']}</td><td>{u['answered_with_lateral_or_population_warning']}</td>
+<td>{rate(u['answered_sensitivity'])} / {rate(u['answered_specificity'])}</td>
+<td>{u['wrong_with_low_risk']} ({wrong['NORMAL']} / {wrong['PNEUMONIA']})</td></tr></table>"""
+
+
 def build_report(report: dict, y: np.ndarray, prob: np.ndarray, paths: list[str], out_path: str | Path,
                  heatmap: Callable[[str], str | None] | None = None, gallery_size: int = 6) -> None:
     """Write the HTML report.
@@ -140,10 +160,13 @@ def build_report(report: dict, y: np.ndarray, prob: np.ndarray, paths: list[str]
         for i in idx:
             src = heatmap(paths[i]) if heatmap else None
             img = f'<img src="{src}" alt="heatmap">' if src else "<div class='noimg'>no heatmap</div>"
-            cards += (f"<figure>{img}<figcaption>{esc(Path(paths[i]).name)}<br>P(PNEUMONIA) = {p[i]:.3f}"
+            note = f"<br><b>refused in use</b> ({esc(refused[paths[i]])})" if paths[i] in refused else ""
+            cards += (f"<figure>{img}<figcaption>{esc(Path(paths[i]).name)}<br>P(PNEUMONIA) = {p[i]:.3f}{note}"
                       f"</figcaption></figure>")
         return f"<h3>{esc(title)} ({len(idx)} shown)</h3><div class='gallery'>{cards or '<p>none</p>'}</div>"
 
+    in_use_html = _in_use_html(report["in_use"]) if report.get("in_use") else ""
+    refused = {r["path"]: r["reason"] for r in (report.get("in_use") or {}).get("refused_files", [])}
     fp_idx = [i for i in np.argsort(-p) if y[i] == 0 and p[i] >= thr][:gallery_size]
     fn_idx = [i for i in np.argsort(p) if y[i] == 1 and p[i] < thr][:gallery_size]
     cal = "calibrated (temperature scaling)" if report.get("calibrated") else "uncalibrated"
@@ -155,7 +178,7 @@ h1{{font-size:1.6em}} h2{{border-bottom:1px solid #ccc;padding-bottom:4px;margin
 table{{border-collapse:collapse;margin:8px 0}} td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
 th{{background:#f0f0f0}} td:first-child{{text-align:left}} tr.op{{background:#fff3c4;font-weight:bold}}
 .cm td{{width:120px;text-align:center}} .meta{{color:#555}}
-.gallery{{display:flex;flex-wrap:wrap;gap:10px}} figure{{margin:0;width:170px;font-size:.8em}}
+.gallery{{display:flex;flex-wrap:wrap;gap:10px}} figure{{margin:0;width:170px;font-size:.8em;overflow-wrap:anywhere}}
 figure img{{width:170px;height:170px;object-fit:contain;background:#000}}
 .noimg{{width:170px;height:170px;background:#eee;display:flex;align-items:center;justify-content:center}}
 .warn{{background:#fdecea;padding:8px;border-left:4px solid #c62828}}
@@ -163,7 +186,8 @@ figure img{{width:170px;height:170px;object-fit:contain;background:#000}}
 <h1>pneumoscan evaluation report</h1>
 <p class="meta">Model <b>{esc(str(report.get('model_version', '')))}</b>
 on <b>{esc(str(report.get('data_dir', '')))}</b>
-&middot; {report['n']} images ({report['n_positive']} PNEUMONIA, {report['n'] - report['n_positive']} NORMAL)
+&middot; {report['n']} images ({report['n_positive']} PNEUMONIA, {report['n'] - report['n_positive']} NORMAL{
+    f"; {report['patients']} patients" if 'patients' in report else ""})
 &middot; probabilities {cal} &middot; operating threshold {thr:.4f} &middot; generated
 {datetime.now().astimezone().isoformat(timespec='seconds')}</p>
 <p class="warn">A screening aid for frontal pediatric chest radiographs, read by a clinician; not a diagnosis.</p>
@@ -181,6 +205,7 @@ on <b>{esc(str(report.get('data_dir', '')))}</b>
 <h2>Threshold table</h2>
 <table><tr><th>threshold</th><th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th></tr>{thr_rows}</table>
 <h2>Sensitivity by pneumonia type</h2>{subtype_html}
+{in_use_html}
 <h2>Most confident errors</h2>
 {gallery("False positives: NORMAL films called PNEUMONIA", fp_idx)}
 {gallery("False negatives: PNEUMONIA films called NORMAL", fn_idx)}

@@ -133,6 +133,8 @@ def in_use_report(outcomes: list, labels) -> dict:
         "answered_risk_levels": counts["answered_risk_levels"],
         "wrong_with_low_risk": sum(wrong_low.values()),
         "wrong_with_low_risk_by_class": {c: wrong_low.get(c, 0) for c in ("NORMAL", "PNEUMONIA")},
+        "refused_files": [{"path": o.image_path, "reason": refusal_category(o.error)} for o in outcomes
+                          if isinstance(o, InferenceFailure) and o.error_type == "OutOfScopeError"],
     }
 
 
