@@ -7,8 +7,8 @@ LUT or window, 8-bit data is shown as stored (it is usually a capture of an alre
 windowed image) and deeper data is stretched from its minimum to its maximum.
 
 Only image-describing attributes are read: no patient identifier (name, ID, birth date)
-is stored, logged or put into an error message. The one exception is ``patient_key``: labelled
-folders group a patient's films by (0010,0020) PatientID, which it returns only as a hash.
+is stored, logged or put into an error message. ``patient_key`` reads (0010,0020) PatientID for one
+purpose: labelled folders group a patient's films by a hash of it, kept in memory only.
 
 pydicom is an optional dependency (``pip install 'pneumoscan[dicom]'``), imported when a
 DICOM file is first read, so ``is_dicom`` works without it.
@@ -108,11 +108,12 @@ def is_dicom(data: bytes) -> bool:
 
 
 def patient_key(path: str | os.PathLike) -> str:
-    """A pseudonymous key for the patient of a DICOM file: ``dicom:`` and 16 hex digits of the sha256
-    of its (0010,0020) PatientID, or "" when the file has none or its header cannot be read.
+    """A grouping key for the patient of a DICOM file: ``dicom:`` and 16 hex digits of the sha256 of its
+    (0010,0020) PatientID, or "" when the file has none or its header cannot be read.
 
-    Used only to keep one patient's films together (patient-level splits, folds and bootstrap CIs);
-    the PatientID itself is never returned, stored or logged.
+    Used only in memory, to keep one patient's films together (patient-level splits, folds and bootstrap
+    CIs); neither the PatientID nor the key is stored or logged. The key is not anonymous (an unsalted
+    hash of a short ID can be reversed by trying every ID), so it must never be written out either.
     """
     try:
         import pydicom
