@@ -196,16 +196,17 @@ class AuditLog:
             future.set_result(None)
 
 
-def _since_utc(since: str) -> str:
-    """``--since`` (ISO 8601 date or time; without an offset it is this machine's local time) in the log's format.
+def to_utc(moment_text: str, flag: str = "--since") -> str:
+    """A date or time given on the command line (ISO 8601; without an offset it is this machine's local time)
+    in the log's format (UTC).
 
     Raises:
         ValueError: not an ISO 8601 date or time.
     """
     try:
-        moment = datetime.fromisoformat(since)
+        moment = datetime.fromisoformat(moment_text)
     except ValueError as exc:
-        raise ValueError(f"--since {since!r} is not an ISO 8601 date or time, e.g. 2026-01-31 or "
+        raise ValueError(f"{flag} {moment_text!r} is not an ISO 8601 date or time, e.g. 2026-01-31 or "
                          "2026-01-31T08:00:00+01:00") from exc
     if moment.tzinfo is None:
         moment = moment.astimezone()  # local time
@@ -222,7 +223,7 @@ def iter_records(path: str | os.PathLike, since: str | None = None) -> Iterator[
     path = Path(path)
     if not path.is_file():
         raise AuditError(f"audit_db {str(path)!r} does not exist")
-    where, params = ("WHERE time >= ?", (_since_utc(since),)) if since else ("", ())
+    where, params = ("WHERE time >= ?", (to_utc(since),)) if since else ("", ())
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     except sqlite3.Error as exc:

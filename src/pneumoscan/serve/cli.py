@@ -7,8 +7,9 @@ import dataclasses
 import logging
 import sys
 
-from ..cli import EXIT_BAD_INPUT, EXIT_OK, configure_logging
-from .audit import AuditError, export
+from ..cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, configure_logging
+from .audit import AuditError, export, iter_records, to_utc
+from .drift import PERIODS, format_summary, summarise
 from .settings import BACKENDS, DEFAULT_AUDIT_DB, ServeSettings
 
 log = logging.getLogger("pneumoscan.serve")
@@ -88,12 +89,21 @@ def serve_main(argv: list[str] | None = None) -> int:
 
 def _audit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pneumoscan audit",
-                                description="Export the service's audit log (one row per /v1 request).")
+                                description="Export the service's audit log (one row per /v1 request), or with "
+                                            "--summary count its predictions per period and flag drift.")
     p.add_argument("--audit_db", default=DEFAULT_AUDIT_DB, help="the SQLite file pneumoscan serve wrote "
                                                                 "(default ./%(default)s)")
     p.add_argument("--since", help="only requests from this ISO 8601 date or time on (no offset: local time)")
     p.add_argument("--format", default="csv", choices=("csv", "jsonl"))
-    p.add_argument("--output_path", help="write here instead of stdout")
+    p.add_argument("--output_path", help="write here instead of stdout (with --summary: the summary as JSON)")
+    p.add_argument("--summary", action="store_true",
+                   help="per period: requests, refusals by reason, PNEUMONIA-call rate, mean P(PNEUMONIA), risk "
+                        "levels; refusal and call rates tested against a baseline, flags printed as DRIFT lines")
+    p.add_argument("--by", default="day", choices=PERIODS, help="--summary period (UTC; default day)")
+    p.add_argument("--baseline_until", help="--summary baseline: the requests before this ISO 8601 date or time "
+                                            "(no offset: local time); default: the first period")
+    p.add_argument("--fail_on_drift", action="store_true", help="--summary: exit with status 1 when a period "
+                                                                "is flagged (for a scheduled check)")
     return p
 
 
@@ -101,6 +111,8 @@ def audit_main(argv: list[str] | None = None) -> int:
     """``pneumoscan audit``: the log as CSV or JSON Lines on stdout (or ``--output_path``)."""
     args = _audit_parser().parse_args(argv)
     configure_logging()
+    if args.summary:
+        return _summary_main(args)
     try:
         if args.output_path:
             with open(args.output_path, "w", encoding="utf-8", newline="") as out:
@@ -112,3 +124,24 @@ def audit_main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     log.info("%d request(s) exported%s", count, f" to {args.output_path}" if args.output_path else "")
     return EXIT_OK
+
+
+def _summary_main(args) -> int:
+    """``pneumoscan audit --summary``: the table on stdout, the JSON to ``--output_path``."""
+    from ..results import write_json
+
+    try:
+        until = to_utc(args.baseline_until, "--baseline_until") if args.baseline_until else None
+        since = to_utc(args.since) if args.since else None
+        summary = summarise(iter_records(args.audit_db), args.by, until, since)
+        summary.update(audit_db=args.audit_db, since=args.since)
+        sys.stdout.write(format_summary(summary) + "\n")
+        if args.output_path:
+            write_json(summary, args.output_path)
+            log.info("summary written to %s", args.output_path)
+    except (AuditError, ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    if not summary["periods"]:
+        log.warning("no prediction requests in %s%s", args.audit_db, f" since {args.since}" if args.since else "")
+    return EXIT_SOME_FAILED if args.fail_on_drift and summary["flagged_periods"] else EXIT_OK
