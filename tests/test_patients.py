@@ -214,16 +214,24 @@ def test_in_use_counts_refusals_and_low_risk_errors_by_true_class():
                                processing_time=0.0, timestamp="", warnings=list(warnings))
 
     refused = InferenceFailure("x", "out of scope: looks like a radiograph of another body part", "OutOfScopeError")
+    unreadable = InferenceFailure("y", "file is empty (0 bytes)", "ImageError")
     outcomes = [answer("NORMAL", "LOW"), answer("PNEUMONIA", "LOW"), refused,  # NORMAL films
                 answer("PNEUMONIA", "LOW"), answer("NORMAL", "LOW"), answer("NORMAL", "MEDIUM"),  # PNEUMONIA
-                answer("PNEUMONIA", "HIGH", ["outside the validated population: an adult film?"])]
-    r = in_use_report(outcomes, [0, 0, 0, 1, 1, 1, 1])
-    assert (r["films"], r["refused"], r["answered"]) == (7, 1, 6)
+                answer("PNEUMONIA", "HIGH", ["outside the validated population: an adult film?"]), unreadable]
+    r = in_use_report(outcomes, [0, 0, 0, 1, 1, 1, 1, 1])
+    assert (r["films"], r["refused"], r["unreadable"], r["answered"]) == (8, 1, 1, 6)
     assert r["refused_by_class"] == {"NORMAL": 1, "PNEUMONIA": 0} and r["refused_by_reason"] == {"other_body": 1}
+    assert r["unreadable_by_class"] == {"NORMAL": 0, "PNEUMONIA": 1}
+    assert r["answered_by_class"] == {"NORMAL": 2, "PNEUMONIA": 4}
     assert r["answered_sensitivity"] == 2 / 4 and r["answered_specificity"] == 1 / 2
     assert r["wrong_with_low_risk_by_class"] == {"NORMAL": 1, "PNEUMONIA": 1} and r["wrong_with_low_risk"] == 2
     assert r["answered_with_lateral_or_population_warning"] == 1
-    assert "wrong with LOW risk: 2 (1 NORMAL called PNEUMONIA, 1 PNEUMONIA called NORMAL)" in format_in_use(r)
+    text = format_in_use(r)
+    assert "wrong with LOW risk: 2 (1 NORMAL called PNEUMONIA, 1 PNEUMONIA called NORMAL)" in text
+    assert "refused 1 (1 NORMAL, 0 PNEUMONIA; by reason: other_body 1), unreadable 1, answered 6" in text
+    assert "sensitivity 2/4 = 0.500 [" in text and "specificity 1/2 = 0.500 [" in text
+    only_normals = in_use_report([refused, answer("NORMAL", "LOW")], [1, 0])
+    assert "sensitivity n/a (none answered)" in format_in_use(only_normals)
     with pytest.raises(ValueError):
         in_use_report(outcomes, [0, 1])
 
@@ -257,7 +265,7 @@ def test_evaluate_reports_what_the_pipeline_refuses_among_labelled_films(tmp_pat
     assert report["n"] == use["films"] == 20 and use["refused"] + use["answered"] == 20
     assert use["refused_by_class"]["NORMAL"] >= 3 and use["refused_by_reason"].get("other_body", 0) >= 3
     assert use["refused_by_class"]["PNEUMONIA"] <= 1
-    assert "in use (the whole pipeline, scope checks included): 20 films" in capsys.readouterr().out
+    assert "in use (the whole pipeline, scope checks included, backend torch): 20 films" in capsys.readouterr().out
     assert evaluate_main(["--data_dir", str(root), "--output_path", str(out), "--n_boot", "20", "--model_only"]) == 0
     assert "in_use" not in json.loads(out.read_text())
 
@@ -338,3 +346,9 @@ def test_a_patient_group_without_a_class_stores_no_value_for_it():
     assert no_pneumonia["sensitivity"] is None and no_pneumonia["specificity"] == 1.0
     no_normal = _group_point(y, prob, pred, np.array([False, False, True, True]), 1, 1.0, 0.5)
     assert no_normal["specificity"] is None and no_normal["sensitivity"] == 1.0
+
+
+@pytest.mark.parametrize("threshold", ["1.5", "0", "-0.2"])
+def test_evaluate_refuses_a_threshold_that_is_not_a_probability_before_any_work(jpeg_folder, capsys, threshold):
+    assert evaluate_main(["--data_dir", str(jpeg_folder), "--threshold", threshold, "--model_only"]) == EXIT_BAD_INPUT
+    assert f"--threshold {float(threshold)}: give a probability between 0 and 1" in capsys.readouterr().err

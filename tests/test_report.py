@@ -39,8 +39,10 @@ def test_report_is_self_contained_with_every_section(report):
                     "In use: the whole prediction pipeline, scope checks included"):
         assert section in page
     use = metrics["in_use"]
-    assert use["films"] == metrics["n"] == 36 and f"<td>{use['films']}</td>" in page
-    assert f"{use['answered']}</td>" in page and f"; {metrics['patients']} patients)" in page
+    assert use["films"] == metrics["n"] == 36 and f"<tr><td>{use['films']}</td>" in page
+    answered = use["answered_by_class"]
+    assert f"{use['answered_pneumonia_called_pneumonia']}/{answered['PNEUMONIA']} = " in page
+    assert f"; {metrics['patients']} patients)" in page
     assert "bacterial" in page and "viral" in page
     assert not re.search(r"""(src|href)=["']https?://""", page), "the report must not load anything from the network"
     assert page.count("data:image/png;base64,") >= 2

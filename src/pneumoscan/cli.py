@@ -405,7 +405,11 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="override the model's operating threshold")
     p.add_argument("--model_only", action="store_true",
                    help="labelled films: only the model's metrics, without also running every film through the "
-                        "prediction pipeline (scope checks, risk levels) for the 'in use' counts")
+                        "prediction pipeline (scope checks, risk levels) for the 'in use' counts (about half the "
+                        "time)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx", "onnx-int8"),
+                   help="what runs the model for the 'in use' counts (default torch, as for the model-only metrics) "
+                        "and the scope report (default auto: what predict and serve use, onnx-int8 on a CPU)")
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--cache_dir", default="", help="decoded-image cache ('none' disables)")
@@ -437,7 +441,8 @@ def _scope_report_main(args) -> int:
     from .scope_report import format_scope_report, scope_report
 
     try:
-        engine = MedicalImageInference(args.model_path, device=args.device, threshold=args.threshold)
+        engine = MedicalImageInference(args.model_path, device=args.device, threshold=args.threshold,
+                                       backend=args.backend or "auto")
         files = list_inputs(args.data_dir)
         if not files:
             raise DataError(f"no .jpg, .jpeg, .png or DICOM files found in {args.data_dir}")
@@ -469,6 +474,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
     args = _evaluate_parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        log.error("--threshold %s: give a probability between 0 and 1 (the checkpoint's own is used without it)",
+                  args.threshold)
+        return EXIT_BAD_INPUT
     if args.scope_report or not _labelled(args.data_dir, args.split):
         return _scope_report_main(args)
     try:
@@ -480,8 +489,13 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                                          args.patients)
         report, prob = evaluate_imageset(predictor, data, threshold, args.n_boot)
         if not args.model_only:  # every film through the pipeline a prediction takes, scope checks included
-            engine = MedicalImageInference(args.model_path, device=args.device, threshold=args.threshold)
-            report["in_use"] = in_use_report(list(engine.iter_predict(data.paths)), data.labels.numpy())
+            engine = MedicalImageInference(args.model_path, device=args.device, threshold=args.threshold,
+                                           backend=args.backend or "torch")
+            try:
+                report["in_use"] = in_use_report(list(engine.iter_predict(data.paths)), data.labels.numpy())
+            finally:
+                engine.close()
+            report["in_use"]["backend"] = engine.backend
     except (PneumoscanError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT

@@ -102,8 +102,8 @@ def _subtype(path: str) -> str:
 
 def _in_use_html(u: dict) -> str:
     """The 'in use' section: what the whole prediction pipeline did to these films (``scope_report.in_use_report``)."""
-    def rate(v: float) -> str:
-        return "n/a" if v != v else f"{v:.3f}"  # NaN: no film of that class was answered
+    def rate(k: int, n: int) -> str:
+        return f"{k}/{n} = {k / n:.3f}" if n else "n/a"
 
     reasons = ", ".join(f"{html.escape(k)} {v}" for k, v in u["refused_by_reason"].items()) or "none"
     wrong, refused = u["wrong_with_low_risk_by_class"], u["refused_by_class"]
@@ -114,9 +114,11 @@ likely to question.</p>
 <table><tr><th>films</th><th>refused (NORMAL / PNEUMONIA)</th><th>refused by reason</th><th>answered</th>
 <th>answered with a lateral or population warning</th><th>sensitivity / specificity on the answered</th>
 <th>wrong with LOW risk (NORMAL called PNEUMONIA / PNEUMONIA called NORMAL)</th></tr>
-<tr><td>{u['films']}</td><td>{u['refused']} ({refused['NORMAL']} / {refused['PNEUMONIA']})</td>
+<tr><td>{u['films']}{f" ({u['unreadable']} unreadable)" if u['unreadable'] else ""}</td>
+<td>{u['refused']} ({refused['NORMAL']} / {refused['PNEUMONIA']})</td>
 <td>{reasons}</td><td>{u['answered']}</td><td>{u['answered_with_lateral_or_population_warning']}</td>
-<td>{rate(u['answered_sensitivity'])} / {rate(u['answered_specificity'])}</td>
+<td>{rate(u['answered_pneumonia_called_pneumonia'], u['answered_by_class']['PNEUMONIA'])} /
+{rate(u['answered_normal_called_normal'], u['answered_by_class']['NORMAL'])}</td>
 <td>{u['wrong_with_low_risk']} ({wrong['NORMAL']} / {wrong['PNEUMONIA']})</td></tr></table>"""
 
 

@@ -106,6 +106,10 @@ def format_scope_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _failed(outcome) -> bool:
+    return isinstance(outcome, InferenceFailure)
+
+
 def in_use_report(outcomes: list, labels) -> dict:
     """What the whole pipeline (scope checks, calibrated call, risk rule) did to labelled films.
 
@@ -117,7 +121,11 @@ def in_use_report(outcomes: list, labels) -> dict:
         raise ValueError(f"{len(outcomes)} outcomes for {len(labels)} labelled films")
     truth = ["PNEUMONIA" if int(y) == 1 else "NORMAL" for y in labels]
     counts = _counts(outcomes)
-    refused_by_class = Counter(t for o, t in zip(outcomes, truth) if isinstance(o, InferenceFailure))
+
+    def by_class(keep) -> dict[str, int]:
+        c = Counter(t for o, t in zip(outcomes, truth) if keep(o))
+        return {k: c.get(k, 0) for k in ("NORMAL", "PNEUMONIA")}
+
     answered = [(o, t) for o, t in zip(outcomes, truth) if isinstance(o, InferenceResult)]
     pos = [o for o, t in answered if t == "PNEUMONIA"]
     neg = [o for o, t in answered if t == "NORMAL"]
@@ -125,9 +133,12 @@ def in_use_report(outcomes: list, labels) -> dict:
     return {
         "films": len(outcomes), "refused": counts["refused"], "unreadable": counts["unreadable"],
         "refused_by_reason": counts["refused_by_reason"],
-        "refused_by_class": {c: refused_by_class.get(c, 0) for c in ("NORMAL", "PNEUMONIA")},
-        "answered": len(answered),
+        "refused_by_class": by_class(lambda o: _failed(o) and o.error_type == "OutOfScopeError"),
+        "unreadable_by_class": by_class(lambda o: _failed(o) and o.error_type != "OutOfScopeError"),
+        "answered": len(answered), "answered_by_class": {"NORMAL": len(neg), "PNEUMONIA": len(pos)},
         "answered_with_lateral_or_population_warning": counts["answered_with_lateral_or_population_warning"],
+        "answered_pneumonia_called_pneumonia": sum(o.prediction == "PNEUMONIA" for o in pos),
+        "answered_normal_called_normal": sum(o.prediction == "NORMAL" for o in neg),
         "answered_sensitivity": sum(o.prediction == "PNEUMONIA" for o in pos) / len(pos) if pos else math.nan,
         "answered_specificity": sum(o.prediction == "NORMAL" for o in neg) / len(neg) if neg else math.nan,
         "answered_risk_levels": counts["answered_risk_levels"],
@@ -138,16 +149,27 @@ def in_use_report(outcomes: list, labels) -> dict:
     }
 
 
+def _share(k: int, n: int) -> str:
+    """``k/n = 0.950 [0.93, 0.97]`` (Wilson 95 %), or ``n/a`` when no film."""
+    if not n:
+        return "n/a (none answered)"
+    lo, hi = wilson_interval(k, n)
+    return f"{k}/{n} = {k / n:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def format_in_use(r: dict) -> str:
-    """Two lines on what a reader of the service's answers would have seen for these films."""
+    """What a reader of the service's answers would have seen for these films."""
     reasons = ", ".join(f"{k} {v}" for k, v in r["refused_by_reason"].items()) or "none"
-    wrong = r["wrong_with_low_risk_by_class"]
+    wrong, refused, answered = r["wrong_with_low_risk_by_class"], r["refused_by_class"], r["answered_by_class"]
+    unreadable = f", unreadable {r['unreadable']}" if r["unreadable"] else ""
+    backend = f", backend {r['backend']}" if r.get("backend") else ""
     return "\n".join([
-        f"in use (the whole pipeline, scope checks included): {r['films']} films, refused {r['refused']} "
-        f"({r['refused_by_class']['NORMAL']} NORMAL, {r['refused_by_class']['PNEUMONIA']} PNEUMONIA; by reason: "
-        f"{reasons}), answered {r['answered']} ({r['answered_with_lateral_or_population_warning']} with a lateral or "
-        f"population warning)",
-        f"on the answered films: sensitivity {r['answered_sensitivity']:.3f}, specificity "
-        f"{r['answered_specificity']:.3f}; wrong with LOW risk: {r['wrong_with_low_risk']} "
-        f"({wrong['NORMAL']} NORMAL called PNEUMONIA, {wrong['PNEUMONIA']} PNEUMONIA called NORMAL)",
+        f"in use (the whole pipeline, scope checks included{backend}): {r['films']} films, refused {r['refused']} "
+        f"({refused['NORMAL']} NORMAL, {refused['PNEUMONIA']} PNEUMONIA; by reason: {reasons}){unreadable}, answered "
+        f"{r['answered']} ({r['answered_with_lateral_or_population_warning']} with a lateral or population warning)",
+        f"on the answered films (film level, Wilson 95 % CI): sensitivity "
+        f"{_share(r['answered_pneumonia_called_pneumonia'], answered['PNEUMONIA'])}, specificity "
+        f"{_share(r['answered_normal_called_normal'], answered['NORMAL'])}; wrong with LOW risk: "
+        f"{r['wrong_with_low_risk']} ({wrong['NORMAL']} NORMAL called PNEUMONIA, {wrong['PNEUMONIA']} PNEUMONIA "
+        f"called NORMAL)",
     ])

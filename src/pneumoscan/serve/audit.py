@@ -196,9 +196,9 @@ class AuditLog:
             future.set_result(None)
 
 
-def to_utc(moment_text: str, flag: str = "--since") -> str:
-    """A date or time given on the command line (ISO 8601; without an offset it is this machine's local time)
-    in the log's format (UTC).
+def to_utc(moment_text: str, flag: str = "--since", naive_is_utc: bool = False) -> str:
+    """A date or time given on the command line (ISO 8601) in the log's format (UTC). Without an offset it
+    is this machine's local time, or UTC with ``naive_is_utc`` (where the periods it bounds are UTC days).
 
     Raises:
         ValueError: not an ISO 8601 date or time.
@@ -209,7 +209,7 @@ def to_utc(moment_text: str, flag: str = "--since") -> str:
         raise ValueError(f"{flag} {moment_text!r} is not an ISO 8601 date or time, e.g. 2026-01-31 or "
                          "2026-01-31T08:00:00+01:00") from exc
     if moment.tzinfo is None:
-        moment = moment.astimezone()  # local time
+        moment = moment.replace(tzinfo=timezone.utc) if naive_is_utc else moment.astimezone()  # else local time
     return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
@@ -238,8 +238,11 @@ def iter_records(path: str | os.PathLike, since: str | None = None) -> Iterator[
         if version > SCHEMA_VERSION:
             log.warning("%s has schema version %d (this pneumoscan knows %d); exporting its columns as they are",
                         path, version, SCHEMA_VERSION)
-        for row in cursor:
-            yield dict(row)
+        try:
+            for row in cursor:
+                yield dict(row)
+        except sqlite3.DatabaseError as exc:  # locked, or damaged after the first rows
+            raise AuditError(f"audit_db {str(path)!r} could not be read to the end ({exc})") from exc
     finally:
         conn.close()
 

@@ -7,10 +7,12 @@ import dataclasses
 import logging
 import sys
 
-from ..cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_SOME_FAILED, configure_logging
+from ..cli import EXIT_BAD_INPUT, EXIT_OK, configure_logging
 from .audit import AuditError, export, iter_records, to_utc
-from .drift import PERIODS, format_summary, summarise
+from .drift import MIN_REQUESTS, PERIODS, format_summary, summarise
 from .settings import BACKENDS, DEFAULT_AUDIT_DB, ServeSettings
+
+EXIT_DRIFT = 3  # audit --summary --fail_on_drift: a period is flagged (1 is a crash or a bad file)
 
 log = logging.getLogger("pneumoscan.serve")
 
@@ -101,9 +103,10 @@ def _audit_parser() -> argparse.ArgumentParser:
                         "levels; refusal and call rates tested against a baseline, flags printed as DRIFT lines")
     p.add_argument("--by", default="day", choices=PERIODS, help="--summary period (UTC; default day)")
     p.add_argument("--baseline_until", help="--summary baseline: the requests before this ISO 8601 date or time "
-                                            "(no offset: local time); default: the first period")
-    p.add_argument("--fail_on_drift", action="store_true", help="--summary: exit with status 1 when a period "
-                                                                "is flagged (for a scheduled check)")
+                                            "(with --summary, no offset means UTC); default: the first whole period")
+    p.add_argument("--fail_on_drift", action="store_true",
+                   help=f"--summary: exit with status {EXIT_DRIFT} when a period is flagged, and {EXIT_BAD_INPUT} when "
+                        f"the baseline is too small to test anything (for a scheduled check)")
     return p
 
 
@@ -131,10 +134,11 @@ def _summary_main(args) -> int:
     from ..results import write_json
 
     try:
-        until = to_utc(args.baseline_until, "--baseline_until") if args.baseline_until else None
-        since = to_utc(args.since) if args.since else None
+        # the periods are UTC days, so dates without an offset are UTC here (a local midnight would cut them)
+        until = to_utc(args.baseline_until, "--baseline_until", naive_is_utc=True) if args.baseline_until else None
+        since = to_utc(args.since, naive_is_utc=True) if args.since else None
         summary = summarise(iter_records(args.audit_db), args.by, until, since)
-        summary.update(audit_db=args.audit_db, since=args.since)
+        summary.update(audit_db=args.audit_db, since=since, baseline_until=until)
         sys.stdout.write(format_summary(summary) + "\n")
         if args.output_path:
             write_json(summary, args.output_path)
@@ -144,4 +148,11 @@ def _summary_main(args) -> int:
         return EXIT_BAD_INPUT
     if not summary["periods"]:
         log.warning("no prediction requests in %s%s", args.audit_db, f" since {args.since}" if args.since else "")
-    return EXIT_SOME_FAILED if args.fail_on_drift and summary["flagged_periods"] else EXIT_OK
+    if not summary["baseline_usable"]:
+        (log.error if args.fail_on_drift else log.warning)(
+            "the baseline (%s) has %d answered requests, fewer than the %d a test needs: nothing was tested; "
+            "choose a --baseline_until after enough requests", summary["baseline"]["rule"],
+            summary["baseline"]["answered"], MIN_REQUESTS)
+        if args.fail_on_drift:
+            return EXIT_BAD_INPUT
+    return EXIT_DRIFT if args.fail_on_drift and summary["flagged_periods"] else EXIT_OK
