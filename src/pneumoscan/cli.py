@@ -543,6 +543,10 @@ def _calibrate_parser() -> argparse.ArgumentParser:
                    help="sensitivity the new threshold must keep on the site's films (default: the checkpoint's)")
     p.add_argument("--folds", type=int, default=5, help="patient groups for the cross-validated estimate")
     p.add_argument("--min_per_class", type=int, default=50, help="fewest films of each class accepted")
+    p.add_argument("--refit_gate", action="store_true",
+                   help="also raise the feature-distance gate's limit to the same quantile of these films, for a "
+                        "site whose processing makes the gate refuse valid films (never lowered; the scope "
+                        "classifier is unchanged; what it costs on out-of-scope inputs: docs/experiments.md)")
     p.add_argument("--json", help="write the report (both operating points, with CIs) here")
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -569,7 +573,7 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     configure_logging(verbose=args.verbose)
     try:
         cfg = SiteCalibrationConfig(site=args.site, target_sensitivity=args.target_sensitivity, folds=args.folds,
-                                    min_per_class=args.min_per_class, n_boot=args.n_boot)
+                                    min_per_class=args.min_per_class, n_boot=args.n_boot, refit_gate=args.refit_gate)
         args.model_path = args.model_path or str(default_model_path())
         out = check_output_path(args.model_path, args.output_path)
         if args.json:

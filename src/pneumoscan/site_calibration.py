@@ -48,6 +48,7 @@ class SiteCalibrationConfig:
     folds: int = 5
     min_per_class: int = 50
     n_boot: int = 1000
+    refit_gate: bool = False  # also raise the feature-distance limit to the site films' own quantile
 
     def __post_init__(self) -> None:
         if not _SITE.match(self.site):
@@ -110,8 +111,11 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
         DataError: too few films of a class, or too few patients (``check_enough``).
     """
     check_enough(data, cfg)
+    if cfg.refit_gate and not ckpt.get("ood_gate"):
+        raise DataError("--refit_gate: this checkpoint has no feature-distance gate to refit")
     target = cfg.target_sensitivity if cfg.target_sensitivity is not None else stored_target(ckpt)
-    logits = predictor.logits(data.images)
+    outputs = predictor.outputs(data.images, features=cfg.refit_gate)
+    logits = outputs.logits
     labels = data.labels
     y = labels.numpy()
     patients = list(data.patients)
@@ -135,6 +139,8 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
                                                   for f, t, thr in params]},
         "refitted_in_sample": refit,
     }
+    if cfg.refit_gate:
+        gate_dict, record["gate"] = refit_gate_limit(ckpt["ood_gate"], outputs.features, oof.folds)
     record["warnings"] = site_warnings(record)
     for w in record["warnings"]:
         log.warning("%s", w)
@@ -148,9 +154,51 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
             f"{record['films']} labelled films of {record['patients']} patients of site {cfg.site} "
             f"({record['calibrated_at'][:10]}): temperature and threshold refitted, weights unchanged; "
             f"the metrics are that site's patient-level cross-validated estimate")
+    if cfg.refit_gate:
+        g = record["gate"]
+        note += (f"; feature-distance limit raised from {g['previous_threshold']:.3f} to {g['threshold']:.3f} "
+                 f"(the {g['quantile']:.1%} quantile of the site's films)")
+        out["ood_gate"] = gate_dict
     out.update(temperature=new_t, threshold=new_thr, model_version=f"{base}+{cfg.site}", metrics=metrics,
                training_note=note, site_calibration=copy.deepcopy(record))  # the caller's additions stay out
     return out, record
+
+
+# A site whose films need a feature-distance limit this many times the stored one is not a processing
+# change the gate should learn to accept: it refuses to refit (the films may not be chest radiographs).
+MAX_GATE_RAISE = 3.0
+
+
+def refit_gate_limit(gate_dict: dict, features: list, groups: np.ndarray) -> tuple[dict, dict]:
+    """The gate with its feature-distance limit raised to the site films' own quantile (never lowered; the
+    means, covariances, pixel checks and the scope classifier are unchanged), and what that does: the
+    share of the site's films refused before, and after as estimated on new films (limit fitted on the
+    other patient groups, counted on each group).
+
+    Raises:
+        DataError: the site's quantile is more than ``MAX_GATE_RAISE`` times the stored limit.
+    """
+    from .gate import OutOfScopeGate
+
+    gate = OutOfScopeGate.from_dict(gate_dict)
+    scores = gate.scores(features).numpy()
+    old = gate.threshold
+
+    def limit(x: np.ndarray) -> float:
+        return max(old, float(np.quantile(x, gate.quantile)))
+
+    new = limit(scores)
+    if new > MAX_GATE_RAISE * old:
+        raise DataError(f"--refit_gate: the site's films would need a feature-distance limit of {new:.2f}, more than "
+                        f"{MAX_GATE_RAISE:g} times the stored {old:.2f}: they are too unlike the training films for "
+                        f"the gate to be loosened (are they all frontal chest radiographs?); calibrate without "
+                        f"--refit_gate")
+    cv_refused = sum(int((scores[groups == g] > limit(scores[groups != g])).sum()) for g in np.unique(groups))
+    gate.threshold = new
+    record = {"previous_threshold": old, "threshold": new, "quantile": gate.quantile,
+              "site_refused_before": float((scores > old).mean()),
+              "site_refused_after_cross_validated": cv_refused / len(scores)}
+    return gate.to_dict(), record
 
 
 # below this AUROC on a site's films the ranking itself has failed there: no threshold will mend it
@@ -203,6 +251,12 @@ def check_output_path(model_path: str | Path, output_path: str | Path, flag: str
     return out
 
 
+def _gate_line(g: dict) -> list[str]:
+    return [f"feature-distance gate: limit {g['previous_threshold']:.3f} -> {g['threshold']:.3f}; site films refused "
+            f"by it {g['site_refused_before']:.1%} -> {g['site_refused_after_cross_validated']:.1%} (on new films, "
+            f"cross-validated); the scope classifier and pixel checks are unchanged"]
+
+
 def format_site_report(record: dict) -> str:
     """The before/after table ``pneumoscan calibrate`` prints."""
     s, cv = record["stored_operating_point_on_site"], record["refitted_cross_validated"]
@@ -234,6 +288,7 @@ def format_site_report(record: dict) -> str:
         "",
         "In brackets for the refitted point: the lowest and highest of the patient groups, a guide to how much it "
         "can move on the next films.",
+        *(_gate_line(record["gate"]) if "gate" in record else []),
         *[f"WARNING: {w}" for w in record.get("warnings", [])],
         "The weights are unchanged, so AUROC is unchanged "
         f"({m['auroc']['value']:.4f} [{m['auroc']['ci_low']:.4f}, {m['auroc']['ci_high']:.4f}] on these films).",
