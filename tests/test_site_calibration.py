@@ -4,7 +4,9 @@ sensitivity, docs/experiments.md). Calibrated on half of those patients, checked
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -241,3 +243,42 @@ def test_a_site_checkpoint_is_judged_against_its_own_target(calibrated):
     assert stored_target(site) == 0.95
     site["site_calibration"]["target_sensitivity"] = 0.9
     assert stored_target(site) == 0.9 and stored_target({"config": {"target_sensitivity": 0.97}}) == 0.97
+
+
+def test_refit_gate_accepts_the_site_processing_on_its_other_patients(sites, tmp_path):
+    from pneumoscan.gate import OutOfScopeGate
+
+    a, b = sites
+    out = tmp_path / "gate.pth"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert calibrate_main(["--data_dir", str(a), "--output_path", str(out), "--site", "eq-gate", "--refit_gate",
+                               "--n_boot", "50", "--cache_dir", "none"]) == EXIT_OK
+    shipped, site = load_checkpoint(default_model_path()), load_checkpoint(out)
+    old, new = shipped["ood_gate"]["threshold"], site["ood_gate"]["threshold"]
+    assert old < new <= 3 * old  # raised, within the cap
+    for key in ("means", "precisions", "scales"):  # only the limit moves
+        assert _same(site["ood_gate"][key], shipped["ood_gate"][key]), key
+    assert _same(site.get("scope_classifier"), shipped.get("scope_classifier"))
+    rec = site["site_calibration"]["gate"]
+    assert rec["previous_threshold"] == old and rec["threshold"] == new and rec["site_refused_before"] > 0
+    assert "feature-distance gate: limit" in printed.getvalue() and "feature-distance limit raised" in site[
+        "training_note"]
+    # on the site's other patients the distance stage refuses fewer of these valid films
+    data, _ = load_labelled_folder(str(b), 224, cache_dir="none")
+    scores = OutOfScopeGate.from_dict(shipped["ood_gate"]).scores(
+        Predictor.from_checkpoint(shipped).outputs(data.images).features)
+    assert int((scores > new).sum()) < int((scores > old).sum())
+
+
+def test_refit_gate_refuses_to_learn_images_that_are_not_radiographs(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for cls in CLASS_NAMES:
+        (tmp_path / "junk" / cls).mkdir(parents=True)
+        for i in range(50):
+            noise = rng.integers(0, 256, (256, 256), dtype=np.uint8)
+            Image.fromarray(noise).save(tmp_path / "junk" / cls / f"n{i}.png")
+    out = tmp_path / "x.pth"
+    assert calibrate_main(["--data_dir", str(tmp_path / "junk"), "--output_path", str(out), "--refit_gate",
+                           "--n_boot", "20", "--cache_dir", "none"]) == EXIT_BAD_INPUT
+    assert "too unlike the training films for the gate to be loosened" in capsys.readouterr().err
+    assert not out.exists()
