@@ -261,8 +261,21 @@ def test_refit_gate_accepts_the_site_processing_on_its_other_patients(sites, tmp
     assert _same(site.get("scope_classifier"), shipped.get("scope_classifier"))
     rec = site["site_calibration"]["gate"]
     assert rec["previous_threshold"] == old and rec["threshold"] == new and rec["site_refused_before"] > 0
-    assert "feature-distance gate: limit" in printed.getvalue() and "feature-distance limit raised" in site[
-        "training_note"]
+    assert rec["films_setting_it"] + rec["films_left_out_by_scope"] == 150 and rec["training_threshold"] == old
+    # another limit answers: the version says so (the audit log and the drift check see a new model), and so
+    # does a refusal's reason
+    assert site["model_version"] == shipped["model_version"] + "+eq-gate+gate"
+    assert site["ood_gate"]["fitted_on"] == "site eq-gate's films" and site["ood_gate"]["base_threshold"] == old
+    # calibrating the site checkpoint again cannot compound the cap, and keeps saying the limit was raised
+    again = tmp_path / "again.pth"
+    with contextlib.redirect_stdout(io.StringIO()) as printed_again:
+        assert calibrate_main(["--model_path", str(out), "--data_dir", str(a), "--output_path", str(again),
+                               "--site", "eq2", "--n_boot", "50", "--cache_dir", "none"]) == EXIT_OK
+    kept = load_checkpoint(again)
+    assert kept["ood_gate"]["threshold"] == new and kept["site_calibration"]["gate"]["kept_from"].endswith("+gate")
+    assert "set by an earlier site calibration" in printed_again.getvalue()
+    assert "feature-distance gate: limit" in printed.getvalue() and "CAUTION" in printed.getvalue()
+    assert f"feature-distance limit {old:.3f} -> {new:.3f}" in site["training_note"]
     # on the site's other patients the distance stage refuses fewer of these valid films
     data, _ = load_labelled_folder(str(b), 224, cache_dir="none")
     scores = OutOfScopeGate.from_dict(shipped["ood_gate"]).scores(
@@ -280,5 +293,16 @@ def test_refit_gate_refuses_to_learn_images_that_are_not_radiographs(tmp_path, c
     out = tmp_path / "x.pth"
     assert calibrate_main(["--data_dir", str(tmp_path / "junk"), "--output_path", str(out), "--refit_gate",
                            "--n_boot", "20", "--cache_dir", "none"]) == EXIT_BAD_INPUT
-    assert "too unlike the training films for the gate to be loosened" in capsys.readouterr().err
+    # the scope classifier accepts none of them, so none may set a limit
+    assert "only 0 of the site's films pass the scope classifier" in capsys.readouterr().err
     assert not out.exists()
+    # and were they let through, the cap against the training limit stops the refit
+    from pneumoscan.data import load_labelled_folder as load
+    from pneumoscan.errors import DataError
+    from pneumoscan.site_calibration import refit_gate_limit
+
+    shipped = load_checkpoint(default_model_path())
+    junk, _ = load(str(tmp_path / "junk"), 224, cache_dir="none")
+    feats = Predictor.from_checkpoint(shipped).outputs(junk.images).features
+    with pytest.raises(DataError, match="too unlike the training films for the gate to be loosened"):
+        refit_gate_limit(shipped["ood_gate"], feats, np.arange(len(junk)) % 5)

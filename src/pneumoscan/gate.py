@@ -58,7 +58,8 @@ class OutOfScopeGate:
 
     def __init__(self, layers: list[int], means: list[torch.Tensor], precisions: list[torch.Tensor],
                  scales: list[float], threshold: float, min_std: float = DEFAULT_MIN_STD,
-                 max_colorfulness: float = DEFAULT_MAX_COLORFULNESS, quantile: float = 0.995) -> None:
+                 max_colorfulness: float = DEFAULT_MAX_COLORFULNESS, quantile: float = 0.995,
+                 fitted_on: str = "validation radiographs", base_threshold: float | None = None) -> None:
         self.layers = [int(i) for i in layers]
         self.means = means
         self.precisions = precisions
@@ -67,6 +68,8 @@ class OutOfScopeGate:
         self.min_std = float(min_std)
         self.max_colorfulness = float(max_colorfulness)
         self.quantile = float(quantile)
+        self.fitted_on = str(fitted_on)  # whose films the limit is the quantile of (a site's after calibrate)
+        self.base_threshold = float(threshold if base_threshold is None else base_threshold)  # the training limit
 
     @classmethod
     def fit(cls, train_feats: list[torch.Tensor], train_labels: torch.Tensor, val_feats: list[torch.Tensor],
@@ -108,7 +111,7 @@ class OutOfScopeGate:
             if score > self.threshold:
                 out.append(GateVerdict(False, f"out of scope: image unlike the chest radiographs the model was "
                                               f"trained on (feature distance score {score:.2f} > {self.threshold:.2f},"
-                                              f" the {self.quantile:.1%} quantile on validation radiographs)", score))
+                                              f" the {self.quantile:.1%} quantile on {self.fitted_on})", score))
             else:
                 out.append(GateVerdict(True, "", score))
         return out
@@ -117,7 +120,8 @@ class OutOfScopeGate:
         return {"kind": "multi-layer-mahalanobis", "layers": self.layers,
                 "means": [m.float() for m in self.means], "precisions": [p.float() for p in self.precisions],
                 "scales": self.scales, "threshold": self.threshold, "min_std": self.min_std,
-                "max_colorfulness": self.max_colorfulness, "quantile": self.quantile}
+                "max_colorfulness": self.max_colorfulness, "quantile": self.quantile, "fitted_on": self.fitted_on,
+                "base_threshold": self.base_threshold}
 
     @classmethod
     def from_dict(cls, d: dict) -> OutOfScopeGate:
@@ -130,4 +134,5 @@ class OutOfScopeGate:
             raise ValueError("the checkpoint's out-of-scope gate is of an older kind; refit it with "
                              "experiments/recalibrate.py")
         return cls(d["layers"], d["means"], d["precisions"], d["scales"], d["threshold"], d["min_std"],
-                   d["max_colorfulness"], d.get("quantile", 0.995))
+                   d["max_colorfulness"], d.get("quantile", 0.995), d.get("fitted_on", "validation radiographs"),
+                   d.get("base_threshold"))

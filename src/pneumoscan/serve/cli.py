@@ -95,12 +95,14 @@ def _audit_parser() -> argparse.ArgumentParser:
                                             "--summary count its predictions per period and flag drift.")
     p.add_argument("--audit_db", default=DEFAULT_AUDIT_DB, help="the SQLite file pneumoscan serve wrote "
                                                                 "(default ./%(default)s)")
-    p.add_argument("--since", help="only requests from this ISO 8601 date or time on (no offset: local time)")
+    p.add_argument("--since", help="only requests from this ISO 8601 date or time on (no offset: local time; "
+                                   "with --summary, UTC)")
     p.add_argument("--format", default="csv", choices=("csv", "jsonl"))
     p.add_argument("--output_path", help="write here instead of stdout (with --summary: the summary as JSON)")
     p.add_argument("--summary", action="store_true",
-                   help="per period: requests, refusals by reason, PNEUMONIA-call rate, mean P(PNEUMONIA), risk "
-                        "levels; refusal and call rates tested against a baseline, flags printed as DRIFT lines")
+                   help="per period: requests, refusals by reason, unreadable uploads, PNEUMONIA-call rate, mean "
+                        "P(PNEUMONIA), risk levels; refusal, unreadable and call rates tested against a baseline, "
+                        "flags printed as DRIFT lines")
     p.add_argument("--by", default="day", choices=PERIODS, help="--summary period (UTC; default day)")
     p.add_argument("--baseline_until", help="--summary baseline: the requests before this ISO 8601 date or time "
                                             "(with --summary, no offset means UTC); default: the first whole period")
