@@ -98,6 +98,8 @@ def test_metadata_is_stored_and_parsed_back(shipped, shipped_onnx, tiny, tmp_pat
     assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["model_version"] == SHIPPED_VERSION
     assert meta["checkpoint_sha256"] == weights_digest(shipped)
     assert meta["ood_gate"]["present"] and meta["ood_gate"]["layers"] == [1, 2, 3, 4]
+    assert meta["ood_gate"]["fitted_on"] == "validation radiographs"
+    assert meta["ood_gate"]["threshold"] == shipped["ood_gate"]["threshold"]
     assert "checkpoint" in meta["ood_gate"]["note"]
     tiny_meta = read_metadata(export_onnx(tiny, tmp_path / "tiny.onnx"))
     assert tiny_meta["ood_gate"] == {"present": False} and tiny_meta["temperature"] == 0.7

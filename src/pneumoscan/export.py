@@ -130,6 +130,9 @@ def onnx_model(ckpt: dict, opset: int = OPSET):
 def _metadata(ckpt: dict) -> dict[str, str]:
     gate = ckpt.get("ood_gate")
     gate_note = ({"present": True, "kind": gate.get("kind"), "layers": list(gate.get("layers", [])),
+                  # the limit answers differ by (a site checkpoint may have raised it: calibrate --refit_gate)
+                  "threshold": gate.get("threshold"), "quantile": gate.get("quantile"),
+                  "fitted_on": gate.get("fitted_on", "validation radiographs"),
                   "note": "the gate's statistics are in the pneumoscan checkpoint (.pth): load it with "
                           "pneumoscan.checkpoint.load_checkpoint and score the features_* outputs with "
                           "pneumoscan.gate.OutOfScopeGate"} if gate else {"present": False})
