@@ -28,7 +28,14 @@ from .atomic import atomic_path
 from .dicom import patient_key
 from .errors import DataError, ImageError
 from .predict import CLASS_NAMES
-from .preprocess import PREPROCESS_VERSION, decode_image, is_image_file, is_input_file, resize_gray
+from .preprocess import (
+    PREPROCESS_VERSION,
+    decode_image,
+    is_image_file,
+    is_input_file,
+    resize_gray,
+    special_file_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -336,8 +343,9 @@ def default_cache_dir() -> Path:
 
 def _hash_file(path: Path) -> tuple[str, str]:
     """(sha1 of the bytes, '') or ('', why the file cannot be read)."""
-    if path.exists() and not path.is_file():  # a FIFO would block the read
-        return "", "not a regular file (a pipe, socket or device); copy the image to a file"
+    special = special_file_reason(path)
+    if special:
+        return "", special
     try:
         return hashlib.sha1(path.read_bytes()).hexdigest(), ""
     except OSError as exc:

@@ -125,12 +125,20 @@ class DecodedImage:
     dicom: Any = None
 
 
+def special_file_reason(path: Path) -> str:
+    """Why ``path`` must not be read (a pipe, socket or device: a FIFO would block the read), or ""."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        return "not a regular file (a pipe, socket or device); copy the image to a file"
+    return ""
+
+
 def _read_file(path: Path) -> bytes:
     """The bytes of a regular file; a broken link or a special file raises ImageError (a FIFO would block)."""
     if path.is_symlink() and not path.exists():
         raise ImageError(f"{path}: broken symbolic link (its target {os.readlink(path)!r} does not exist)")
-    if path.exists() and not path.is_file() and not path.is_dir():
-        raise ImageError(f"{path}: not a regular file (a pipe, socket or device); copy the image to a file")
+    special = special_file_reason(path)
+    if special:
+        raise ImageError(f"{path}: {special}")
     return path.read_bytes()
 
 
