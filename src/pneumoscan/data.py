@@ -321,6 +321,14 @@ def discover_splits(root: Path, dicom_ids: bool = True) -> dict[str, list[Record
     return out
 
 
+def set_patients(records: list[Record], patients_csv: str, folder: Path) -> None:
+    """The patients CSV's patients for ``records`` (below ``folder``) when one is given; then the warnings of
+    ``check_patients``. Without a CSV the records keep the patients discovery gave them."""
+    if patients_csv:
+        assign_patients(records, read_patients_csv(patients_csv), folder)
+    check_patients(records)
+
+
 def check_patients(records: list[Record]) -> None:
     """Warn where the patients look wrong: DICOM files without a PatientID (each its own patient), or one
     patient holding most films (an anonymiser's constant ID?), either of which makes CIs optimistic."""
@@ -555,12 +563,11 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
     root = find_dataset_root(data_dir)
     found = discover_splits(root, dicom_ids=not patients_csv)
     all_records = [r for recs in found.values() if recs for r in recs]
-    if patients_csv:  # rows name files below the root: train/NORMAL/a.jpg, or a name found once
-        if patients_csv_sha256 and file_sha256(patients_csv) != patients_csv_sha256:
-            raise DataError(f"the patients CSV {patients_csv} has changed since the model was trained, so its "
-                            f"patient split cannot be rebuilt; restore the file, or train again")
-        assign_patients(all_records, read_patients_csv(patients_csv), root)
-    check_patients(all_records)
+    # CSV rows name files below the root (train/NORMAL/a.jpg) or by a name found once
+    if patients_csv and patients_csv_sha256 and file_sha256(patients_csv) != patients_csv_sha256:
+        raise DataError(f"the patients CSV {patients_csv} has changed since the model was trained, so its "
+                        f"patient split cannot be rebuilt; restore the file, or train again")
+    set_patients(all_records, patients_csv, root)
     log.info("data set root %s: %s", root, ", ".join(
         f"{s}={len(v) if v is not None else 'absent'}" for s, v in found.items()))
     decoded, bad = decode_records(all_records, image_size, _resolve_cache(cache_dir))
@@ -659,9 +666,7 @@ def load_labelled_folder(data_dir: str, image_size: int, split: str = "test", ca
             raise DataError(f"{root} has no {split}/ folder; pass a folder holding NORMAL/ and PNEUMONIA/ "
                             f"or a data set root with {split}/")
     records = discover_labelled(folder, dicom_ids=not patients_csv)
-    if patients_csv:
-        assign_patients(records, read_patients_csv(patients_csv), folder)
-    check_patients(records)
+    set_patients(records, patients_csv, folder)
     decoded, bad = decode_records(records, image_size, _resolve_cache(cache_dir))
     for p, why in bad:
         log.warning("skipping %s: %s", p, why)
