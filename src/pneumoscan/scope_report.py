@@ -52,10 +52,19 @@ def _group(path: str, base: Path) -> str:
     return parts[0] if len(parts) > 1 else "."
 
 
+def _refused(o) -> bool:
+    """A refusal by the scope checks (no answer, by design), as opposed to an input that could not be read."""
+    return isinstance(o, InferenceFailure) and o.error_type == "OutOfScopeError"
+
+
+def _unreadable(o) -> bool:
+    return isinstance(o, InferenceFailure) and o.error_type != "OutOfScopeError"
+
+
 def _counts(outcomes: list) -> dict:
     n = len(outcomes)
-    refused = [o for o in outcomes if isinstance(o, InferenceFailure) and o.error_type == "OutOfScopeError"]
-    unreadable = [o for o in outcomes if isinstance(o, InferenceFailure) and o.error_type != "OutOfScopeError"]
+    refused = [o for o in outcomes if _refused(o)]
+    unreadable = [o for o in outcomes if _unreadable(o)]
     answered = [o for o in outcomes if isinstance(o, InferenceResult)]
     flagged = [r for r in answered if any(m in w.lower() for w in r.warnings for m in UNVALIDATED_WARNINGS)]
     handled = len(refused) + len(flagged)
@@ -106,10 +115,6 @@ def format_scope_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _failed(outcome) -> bool:
-    return isinstance(outcome, InferenceFailure)
-
-
 def in_use_report(outcomes: list, labels) -> dict:
     """What the whole pipeline (scope checks, calibrated call, risk rule) did to labelled films.
 
@@ -129,23 +134,22 @@ def in_use_report(outcomes: list, labels) -> dict:
     answered = [(o, t) for o, t in zip(outcomes, truth) if isinstance(o, InferenceResult)]
     pos = [o for o, t in answered if t == "PNEUMONIA"]
     neg = [o for o, t in answered if t == "NORMAL"]
+    tp, tn = sum(o.prediction == "PNEUMONIA" for o in pos), sum(o.prediction == "NORMAL" for o in neg)
     wrong_low = Counter(t for o, t in answered if o.prediction != t and o.risk_level == "LOW")
     return {
         "films": len(outcomes), "refused": counts["refused"], "unreadable": counts["unreadable"],
         "refused_by_reason": counts["refused_by_reason"],
-        "refused_by_class": by_class(lambda o: _failed(o) and o.error_type == "OutOfScopeError"),
-        "unreadable_by_class": by_class(lambda o: _failed(o) and o.error_type != "OutOfScopeError"),
+        "refused_by_class": by_class(_refused), "unreadable_by_class": by_class(_unreadable),
         "answered": len(answered), "answered_by_class": {"NORMAL": len(neg), "PNEUMONIA": len(pos)},
         "answered_with_lateral_or_population_warning": counts["answered_with_lateral_or_population_warning"],
-        "answered_pneumonia_called_pneumonia": sum(o.prediction == "PNEUMONIA" for o in pos),
-        "answered_normal_called_normal": sum(o.prediction == "NORMAL" for o in neg),
-        "answered_sensitivity": sum(o.prediction == "PNEUMONIA" for o in pos) / len(pos) if pos else math.nan,
-        "answered_specificity": sum(o.prediction == "NORMAL" for o in neg) / len(neg) if neg else math.nan,
+        "answered_pneumonia_called_pneumonia": tp, "answered_normal_called_normal": tn,
+        "answered_sensitivity": tp / len(pos) if pos else math.nan,
+        "answered_specificity": tn / len(neg) if neg else math.nan,
         "answered_risk_levels": counts["answered_risk_levels"],
         "wrong_with_low_risk": sum(wrong_low.values()),
         "wrong_with_low_risk_by_class": {c: wrong_low.get(c, 0) for c in ("NORMAL", "PNEUMONIA")},
         "refused_files": [{"path": o.image_path, "reason": refusal_category(o.error)} for o in outcomes
-                          if isinstance(o, InferenceFailure) and o.error_type == "OutOfScopeError"],
+                          if _refused(o)],
     }
 
 
