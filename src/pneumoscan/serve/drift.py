@@ -37,7 +37,12 @@ PREDICT_PATH = "/v1/predict"
 
 def period_of(time_utc: str, by: str) -> str:
     """The period (UTC) a logged time falls in: ``2026-12-02``, ``2026-W49`` (ISO week) or ``2026-12``."""
-    return _label(_start(datetime.fromisoformat(time_utc).astimezone(timezone.utc).date(), by), by)
+    return _label(_period_start(time_utc, by), by)
+
+
+def _period_start(time_utc: str, by: str) -> date:
+    """The first day (UTC) of the period a logged time falls in."""
+    return _start(datetime.fromisoformat(time_utc).astimezone(timezone.utc).date(), by)
 
 
 def _start(d: date, by: str) -> date:
@@ -153,8 +158,7 @@ def summarise(rows: Iterable[dict], by: str = "day", baseline_until: str | None 
     groups: dict[date, list[dict]] = {}
     for r in predictions:
         if since is None or r["time"] >= since:
-            start = _start(datetime.fromisoformat(r["time"]).astimezone(timezone.utc).date(), by)
-            groups.setdefault(start, []).append(r)
+            groups.setdefault(_period_start(r["time"], by), []).append(r)
 
     def untested_because(start: date) -> str | None:
         begin, end = _utc(start), _utc(_next(start, by))
