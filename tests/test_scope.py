@@ -189,9 +189,15 @@ def test_evaluate_reports_refusals_of_an_unlabelled_folder(tmp_path):
     film.save(folder / "films" / "child.png")
     film.rotate(90, expand=True).save(folder / "other" / "rotated.png")
     Image.fromarray(np.full((300, 300), 90, np.uint8)).save(folder / "other" / "blank.png")
+    (folder / "other" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a whole image")
     out = tmp_path / "scope.json"
-    assert evaluate_main(["--data_dir", str(folder), "--output_path", str(out), "--n_boot", "10"]) == 0
+    # an unreadable input makes the exit status 1 (some inputs failed), and the report is still written
+    assert evaluate_main(["--data_dir", str(folder), "--output_path", str(out), "--n_boot", "10"]) == 1
     report = json.loads(out.read_text())
-    assert report["all"]["inputs"] == 3 and report["all"]["refused"] == 2 and report["all"]["answered"] == 1
+    assert report["all"]["inputs"] == 4 and report["all"]["refused"] == 2 and report["all"]["answered"] == 1
+    assert report["all"]["unreadable"] == 1
     assert report["by_folder"]["other"]["refused_by_reason"] == {"altered_chest": 1, "blank": 1}
     assert report["by_folder"]["films"]["refused"] == 0
+    outcomes = {Path(f["path"]).name: (f["outcome"], f["reason"]) for f in report["files"]}
+    assert outcomes["broken.png"][0] == "unreadable" and outcomes["broken.png"][1] is None
+    assert outcomes["rotated.png"] == ("refused", "altered_chest") and outcomes["child.png"][0] == "answered"

@@ -61,6 +61,11 @@ def _unreadable(o) -> bool:
     return isinstance(o, InferenceFailure) and o.error_type != "OutOfScopeError"
 
 
+def _outcome(o) -> str:
+    """One input's fate in the per-file list: refused (by the scope checks), unreadable, or answered."""
+    return "refused" if _refused(o) else "unreadable" if _unreadable(o) else "answered"
+
+
 def _counts(outcomes: list) -> dict:
     n = len(outcomes)
     refused = [o for o in outcomes if _refused(o)]
@@ -90,8 +95,8 @@ def scope_report(outcomes: list, base: str | Path) -> dict:
     report = {"data_dir": str(base), "all": _counts(outcomes)}
     if len(groups) > 1 or "." not in groups:
         report["by_folder"] = {g: _counts(v) for g, v in sorted(groups.items())}
-    report["files"] = [{"path": o.image_path, "outcome": "refused" if isinstance(o, InferenceFailure) else "answered",
-                        "reason": refusal_category(o.error) if isinstance(o, InferenceFailure) else None,
+    report["files"] = [{"path": o.image_path, "outcome": _outcome(o),
+                        "reason": refusal_category(o.error) if _refused(o) else None,
                         "error": getattr(o, "error", None), "risk_level": getattr(o, "risk_level", None),
                         "prediction": getattr(o, "prediction", None), "warnings": getattr(o, "warnings", [])}
                        for o in outcomes]
