@@ -181,3 +181,14 @@ def load_all(predictor: Predictor, ckpt: dict, data_root: Path, dev_shift: Path,
     if ood is not None:
         tables.append(ood_table(predictor, ood))
     return Table.concat(tables)
+
+
+def gate_fit_rows(table: Table) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows) the distance gate is fitted on: the model's own training and
+    validation films, in scope only. The scope corpus files its transforms of those patients' films
+    (rotations, crops of a shoulder, ...) under the same ``ped_train`` / ``ped_val`` sources, so the
+    source alone is not enough: before 2026-12-02 the gate's training rows took those transforms in as
+    NORMAL films (docs/experiments.md, "A gate that knows acquisition changes")."""
+    sources, classes = np.array(table.sources), np.array(table.classes)
+    in_scope = classes == "in_scope"
+    return (sources == "ped_train") & in_scope, (sources == "ped_val") & in_scope

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fit_scope import HELD_OUT_PEDIATRIC, Pipeline, rate
-from scope_data import load_all
+from scope_data import gate_fit_rows, load_all
 
 from pneumoscan.checkpoint import default_model_path, load_checkpoint
 from pneumoscan.cli import configure_logging
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     table = load_all(Predictor.from_checkpoint(ckpt, "cpu"), ckpt, Path(args.data_root), Path(args.dev_shift),
                      Path(args.corpus), Path(args.ood_dir))
     classes, sources = np.array(table.classes), np.array(table.sources)
-    train_rows, val_rows = sources == "ped_train", (sources == "ped_val") & (classes == "in_scope")
+    train_rows, val_rows = gate_fit_rows(table)
     labels = torch.tensor([int("/PNEUMONIA/" in n) for n in np.array(table.names)[train_rows]])
     gate = OutOfScopeGate.fit(table.select(train_rows).block_features(), labels,
                               table.select(val_rows).block_features(), quantile=args.gate_quantile)

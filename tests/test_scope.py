@@ -201,3 +201,23 @@ def test_evaluate_reports_refusals_of_an_unlabelled_folder(tmp_path):
     outcomes = {Path(f["path"]).name: (f["outcome"], f["reason"]) for f in report["files"]}
     assert outcomes["broken.png"][0] == "unreadable" and outcomes["broken.png"][1] is None
     assert outcomes["rotated.png"] == ("refused", "altered_chest") and outcomes["child.png"][0] == "answered"
+
+
+def test_the_gate_is_fitted_on_in_scope_films_only():
+    """The scope corpus files rotated or cropped copies of training patients' films under the source
+    ``ped_train``; the distance gate must not take them in as NORMAL training films (it did before)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "scope_data.py"
+    spec = importlib.util.spec_from_file_location("scope_data_under_test", path)
+    scope_data = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = scope_data  # dataclasses look their module up there
+    spec.loader.exec_module(scope_data)
+    classes = ["in_scope", "altered_chest", "other_body", "in_scope", "altered_chest", "in_scope", "adult_frontal"]
+    sources = ["ped_train", "ped_train", "ped_train", "ped_val", "ped_val", "fullres_train", "some/repo"]
+    n = len(classes)
+    table = scope_data.Table([f"f{i}" for i in range(n)], classes, sources, [np.zeros((n, 2), np.float32)],
+                             np.zeros((n, 4, 4), np.uint8), np.zeros(n), np.zeros(n), np.ones(n), np.zeros((n, 2)))
+    train_rows, val_rows = scope_data.gate_fit_rows(table)
+    assert np.flatnonzero(train_rows).tolist() == [0] and np.flatnonzero(val_rows).tolist() == [3]
