@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scope_data import Table, dev_shift_table, gate_fit_rows, load_all, pediatric_tables
+from scope_data import Table, dev_shift_table, fit_gate, gate_fit_rows, load_all, pediatric_tables
 
 from pneumoscan.checkpoint import default_model_path, load_checkpoint, save_checkpoint
 from pneumoscan.cli import configure_logging
@@ -209,10 +209,8 @@ def fit_scope(ckpt: dict, data_root: Path, dev_shift: Path, corpus: Path | None,
     """The refitted gate and the scope classifier (both as checkpoint dicts) for ``ckpt``, and a report."""
     predictor = Predictor.from_checkpoint(ckpt, "cpu")
     table = load_all(predictor, ckpt, data_root, dev_shift, corpus, ood)
-    train_rows, val_rows = gate_fit_rows(table)
-    labels = torch.tensor([int("/PNEUMONIA/" in n) for n in np.array(table.names)[train_rows]])
-    train_feats = [f for f in table.select(train_rows).block_features()]
-    gate = OutOfScopeGate.fit(train_feats, labels, table.select(val_rows).block_features(), quantile=gate_quantile)
+    _, val_rows = gate_fit_rows(table)
+    gate = fit_gate(table, gate_quantile)
     pipe = Pipeline(table, gate)
     report = evaluate(pipe, max_refused, hidden, weight_decay) if evaluate_too else {}
     never = pipe.mask(HELD_OUT_PEDIATRIC)

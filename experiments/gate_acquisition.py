@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from kfold_eval import STRESS, stressed
-from scope_data import corpus_table, dev_shift_table, ood_table, pediatric_tables
+from scope_data import corpus_table, dev_shift_table, ood_table, pediatric_tables, pneumonia_labels
 
 from pneumoscan.augment import augment_batch
 from pneumoscan.checkpoint import default_model_path, load_checkpoint
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     predictor = Predictor.from_checkpoint(ckpt, "cpu")
     quantile = float(ckpt["ood_gate"]["quantile"])
     ped_train, ped_val, fullres = pediatric_tables(predictor, ckpt, Path(args.data_root))
-    labels = torch.tensor([int("/PNEUMONIA/" in n) for n in ped_train.names])
+    labels = pneumonia_labels(ped_train)
     train_feats, val_feats = ped_train.block_features(), ped_val.block_features()
 
     log.info("features of %d acquisition-augmented copies of %d training films", args.copies, len(ped_train))

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pneumoscan.data import patient_id, split_from_config
+from pneumoscan.gate import OutOfScopeGate
 from pneumoscan.inference import list_inputs
 from pneumoscan.predict import Predictor
 from pneumoscan.preprocess import decode_image
@@ -192,3 +193,17 @@ def gate_fit_rows(table: Table) -> tuple[np.ndarray, np.ndarray]:
     sources, classes = np.array(table.sources), np.array(table.classes)
     in_scope = classes == "in_scope"
     return (sources == "ped_train") & in_scope, (sources == "ped_val") & in_scope
+
+
+def pneumonia_labels(table: Table) -> torch.Tensor:
+    """1 for a film filed under PNEUMONIA/, 0 otherwise: the gate's classes for in-scope training films."""
+    return torch.tensor([int("/PNEUMONIA/" in n) for n in table.names])
+
+
+def fit_gate(table: Table, quantile: float) -> OutOfScopeGate:
+    """The distance gate fitted on ``gate_fit_rows``: class-conditional on the training films, scales and limit
+    at ``quantile`` of the validation films."""
+    train_rows, val_rows = gate_fit_rows(table)
+    train = table.select(train_rows)
+    return OutOfScopeGate.fit(train.block_features(), pneumonia_labels(train), table.select(val_rows).block_features(),
+                              quantile=quantile)

@@ -21,13 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from fit_scope import HELD_OUT_PEDIATRIC, Pipeline, rate
-from scope_data import gate_fit_rows, load_all
+from scope_data import fit_gate, gate_fit_rows, load_all
 
 from pneumoscan.checkpoint import default_model_path, load_checkpoint
 from pneumoscan.cli import configure_logging
-from pneumoscan.gate import OutOfScopeGate
 from pneumoscan.predict import Predictor
 from pneumoscan.results import write_json
 from pneumoscan.scope import pixel_features
@@ -61,10 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     table = load_all(Predictor.from_checkpoint(ckpt, "cpu"), ckpt, Path(args.data_root), Path(args.dev_shift),
                      Path(args.corpus), Path(args.ood_dir))
     classes, sources = np.array(table.classes), np.array(table.sources)
-    train_rows, val_rows = gate_fit_rows(table)
-    labels = torch.tensor([int("/PNEUMONIA/" in n) for n in np.array(table.names)[train_rows]])
-    gate = OutOfScopeGate.fit(table.select(train_rows).block_features(), labels,
-                              table.select(val_rows).block_features(), quantile=args.gate_quantile)
+    _, val_rows = gate_fit_rows(table)
+    gate = fit_gate(table, args.gate_quantile)
     pipe = Pipeline(table, gate)
     full_x = pipe.x
     n_pixel = pixel_features(np.zeros((1, 224, 224), np.uint8)).shape[1]
