@@ -20,7 +20,8 @@ of validation patients.
     python experiments/scope_corpus.py --out /tmp/scope_corpus
     python experiments/fit_scope.py --corpus /tmp/scope_corpus --ood_dir /tmp/ood --json docs/scope/scope_eval.json
     python experiments/fit_scope.py --corpus /tmp/scope_corpus --ood_dir /tmp/ood --write \\
-        src/pneumoscan/weights/pneumoscan-v2.pth           # fit on everything and store in the checkpoint
+        src/pneumoscan/weights/pneumoscan-v2.pth --model_version pneumoscan-v2.1 --note "..."
+                                                  # fit on everything, store in the checkpoint, new version
 """
 
 from __future__ import annotations
@@ -239,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip_loso", action="store_true", help="with --json: skip the leave-one-source-out fits")
     p.add_argument("--check_backend", help="also measure the fitted checks on this backend's features (onnx-int8)")
     p.add_argument("--write", help="store the refitted gate and the classifier in this checkpoint")
+    p.add_argument("--model_version", help="with --write: the version the stored checkpoint reports from now on")
+    p.add_argument("--note", help="with --model_version: appended to the checkpoint's training_note")
     args = p.parse_args(argv)
+    if (args.model_version or args.note) and not args.write:
+        p.error("--model_version and --note only apply with --write")
+    if args.note and not args.model_version:
+        p.error("--note needs --model_version: a changed checkpoint gets a new version")
     configure_logging()
     model_path = args.model_path or str(default_model_path())
     ckpt = load_checkpoint(model_path)
@@ -262,8 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         if model_digest(target["model_state"]) != scope["model_digest"]:
             raise SystemExit(f"{args.write} holds other weights than {model_path}; refusing to store")
         target.update(ood_gate=gate, scope_classifier=scope)
+        if args.model_version:
+            previous = target.get("model_version", "")
+            target["model_version"] = args.model_version
+            change = f"{args.model_version} (from {previous}): {args.note or 'gate and scope classifier refitted'}"
+            target["training_note"] = "; ".join(filter(None, (target.get("training_note"), change)))
         save_checkpoint(target, args.write)
-        log.info("gate and scope classifier stored in %s", args.write)
+        log.info("gate and scope classifier stored in %s (model version %s)", args.write, target.get("model_version"))
     return 0
 
 

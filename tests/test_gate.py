@@ -32,6 +32,19 @@ def test_fit_sets_threshold_at_validation_quantile():
     assert torch.allclose(restored.scores([v[:10] for v in val]), gate.scores([v[:10] for v in val]), atol=1e-3)
 
 
+def test_a_fitted_gate_records_its_limit_as_the_training_limit():
+    """``calibrate --refit_gate`` caps a site's limit at 3x the training one and reports the ratio: a fitted gate
+    must store that limit, not the infinity it starts from (as every fit did until 2026-12-02)."""
+    gen = torch.Generator().manual_seed(1)
+    labels = (torch.rand(400, generator=gen) > 0.5).long()
+    gate = OutOfScopeGate.fit([torch.randn(400, 8, generator=gen)], labels, [torch.randn(200, 8, generator=gen)],
+                              layers=(0,), quantile=0.99)
+    assert np.isfinite(gate.threshold) and gate.base_threshold == gate.threshold
+    assert OutOfScopeGate.from_dict(gate.to_dict()).base_threshold == gate.threshold
+    stored_by_the_bug = {**gate.to_dict(), "base_threshold": float("inf")}
+    assert OutOfScopeGate.from_dict(stored_by_the_bug).base_threshold == gate.threshold
+
+
 def test_a_gate_of_an_older_kind_is_refused():
     with pytest.raises(ValueError, match="older kind"):
         OutOfScopeGate.from_dict({"means": torch.zeros(2, 4), "threshold": 1.0})

@@ -13,6 +13,7 @@ Two stages, both fitted from data and stored in the checkpoint:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,7 +85,8 @@ class OutOfScopeGate:
             precisions.append(prec)
             scales.append(float(np.quantile(_mahalanobis(val_feats[i], m, prec).numpy(), quantile)))
         gate = cls(list(layers), means, precisions, scales, threshold=float("inf"), quantile=quantile)
-        gate.threshold = float(np.quantile(gate.scores(val_feats).numpy(), quantile))
+        # The limit is also the training limit a site's refit is capped against (and its ratio reported by).
+        gate.threshold = gate.base_threshold = float(np.quantile(gate.scores(val_feats).numpy(), quantile))
         return gate
 
     def scores(self, feats: list[torch.Tensor]) -> torch.Tensor:
@@ -133,6 +135,11 @@ class OutOfScopeGate:
         if d.get("kind") != "multi-layer-mahalanobis":
             raise ValueError("the checkpoint's out-of-scope gate is of an older kind; refit it with "
                              "experiments/recalibrate.py")
+        base = d.get("base_threshold")
+        if base is not None and not math.isfinite(float(base)):
+            # ``fit`` stored an infinite training limit until 2026-12-02 (so --refit_gate had no cap): take the
+            # stored limit instead, which is the training one unless such a checkpoint was already site-refitted.
+            base = None
         return cls(d["layers"], d["means"], d["precisions"], d["scales"], d["threshold"], d["min_std"],
                    d["max_colorfulness"], d.get("quantile", 0.995), d.get("fitted_on", "validation radiographs"),
-                   d.get("base_threshold"))
+                   base)
