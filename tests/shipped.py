@@ -3,4 +3,4 @@
 One place to change when new weights ship; the tests check it reaches each surface.
 """
 
-SHIPPED_VERSION = "pneumoscan-v2.0"
+SHIPPED_VERSION = "pneumoscan-v2.1"
