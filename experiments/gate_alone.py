@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""The feature-distance stage alone: share of inputs above each checkpoint's distance limit.
+
+For checkpoints with the same network weights and different gates (the shipped model and a site
+checkpoint written by ``pneumoscan calibrate --refit_gate``), the share of dev_shift's films (by
+folder) and of the generated non-radiographs (``experiments/ood_corpus.py``) whose feature distance
+is above each gate's limit, whatever the scope classifier and the pixel checks would say. It measures
+how much of the second line of defence a raised limit gives up (docs/experiments.md, "Loosening the
+feature-distance gate for a site").
+
+    cd experiments && PYTHONPATH=. python gate_alone.py --model_path A.pth --model_path B.pth \\
+        --dev_shift ../../shared/data/dev_shift --ood_dir /tmp/ood --json gate_alone.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from gate_acquisition import share
+from scope_data import dev_shift_table, ood_table
+
+from pneumoscan.checkpoint import load_checkpoint
+from pneumoscan.cli import configure_logging
+from pneumoscan.gate import OutOfScopeGate
+from pneumoscan.predict import Predictor
+from pneumoscan.results import write_json
+
+log = logging.getLogger("pneumoscan.gate_alone")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", action="append", required=True,
+                   help="a checkpoint (give two or more with the same weights)")
+    p.add_argument("--dev_shift", default="../shared/data/dev_shift")
+    p.add_argument("--ood_dir", required=True)
+    p.add_argument("--json", required=True)
+    args = p.parse_args(argv)
+    configure_logging()
+
+    ckpts = [load_checkpoint(m) for m in args.model_path]
+    first = ckpts[0]["model_state"]
+    for path, c in zip(args.model_path[1:], ckpts[1:]):
+        state = c["model_state"]
+        if state.keys() != first.keys() or any(not torch.equal(state[k], first[k]) for k in first):
+            p.error(f"{path} has other network weights than {args.model_path[0]}: its features differ, compare "
+                    "gates of one model only")
+    predictor = Predictor.from_checkpoint(ckpts[0], "cpu")
+    gates = [OutOfScopeGate.from_dict(c["ood_gate"]) for c in ckpts]
+
+    sets: dict[str, list[torch.Tensor]] = {}
+    dev = dev_shift_table(predictor, Path(args.dev_shift))
+    classes = np.array(dev.classes)
+    for c in sorted(set(classes)):
+        sets[f"dev_shift_{c}"] = dev.select(classes == c).block_features()
+    sets["generated_non_radiographs"] = ood_table(predictor, Path(args.ood_dir)).block_features()
+
+    report: dict = {"checkpoints": [{"model_path": m, "model_version": c.get("model_version"), "limit": g.threshold}
+                                    for m, c, g in zip(args.model_path, ckpts, gates)], "sets": {}}
+    for name, feats in sets.items():
+        report["sets"][name] = [share(g.scores(feats), g.threshold) for g in gates]
+        log.info("%-34s n %4d  %s", name, report["sets"][name][0]["n"],
+                 "  ".join(f"{100 * r['rate']:5.1f} %" for r in report["sets"][name]))
+    report["command"] = " ".join(["python experiments/gate_alone.py", *(sys.argv[1:] if argv is None else argv)])
+    write_json(report, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
