@@ -206,12 +206,16 @@ def backend_check(ckpt: dict, gate: dict, scope: dict, backend: str, data_root: 
 
 def fit_scope(ckpt: dict, data_root: Path, dev_shift: Path, corpus: Path | None, ood: Path | None,
               max_refused: float = 0.006, gate_quantile: float = 0.999, hidden: int = 0,
-              weight_decay: float = 1e-4, evaluate_too: bool = False) -> tuple[dict, dict, dict]:
-    """The refitted gate and the scope classifier (both as checkpoint dicts) for ``ckpt``, and a report."""
+              weight_decay: float = 1e-4, evaluate_too: bool = False, gate_copies: int = 0) -> tuple[dict, dict, dict]:
+    """The refitted gate and the scope classifier (both as checkpoint dicts) for ``ckpt``, and a report.
+
+    ``gate_copies`` > 0 fits the distance gate's class means and covariances also on that many
+    acquisition-augmented copies of the training films (its scales and limit stay on the plain
+    validation films; docs/experiments.md, "A gate that knows acquisition changes")."""
     predictor = Predictor.from_checkpoint(ckpt, "cpu")
     table = load_all(predictor, ckpt, data_root, dev_shift, corpus, ood)
     _, val_rows = gate_fit_rows(table)
-    gate = fit_gate(table, gate_quantile)
+    gate = fit_gate(table, gate_quantile, predictor, gate_copies)
     pipe = Pipeline(table, gate)
     report = evaluate(pipe, max_refused, hidden, weight_decay) if evaluate_too else {}
     never = pipe.mask(HELD_OUT_PEDIATRIC)
@@ -234,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ood_dir", default=None, help="experiments/ood_corpus.py output")
     p.add_argument("--max_refused", type=float, default=0.006, help="refusal budget on validation films")
     p.add_argument("--gate_quantile", type=float, default=0.999)
+    p.add_argument("--gate_copies", type=int, default=0,
+                   help="also fit the distance gate on this many acquisition-augmented copies of the training films")
     p.add_argument("--hidden", type=int, default=0, help="hidden units (0: multinomial logistic regression)")
     p.add_argument("--weight_decay", type=float, default=1e-4)
     p.add_argument("--json", help="measure leave-one-source-out and write the report here")
@@ -255,13 +261,14 @@ def main(argv: list[str] | None = None) -> int:
                                     Path(args.corpus) if args.corpus else None,
                                     Path(args.ood_dir) if args.ood_dir else None, args.max_refused,
                                     args.gate_quantile, args.hidden, args.weight_decay,
-                                    evaluate_too=bool(args.json) and not args.skip_loso)
+                                    evaluate_too=bool(args.json) and not args.skip_loso, gate_copies=args.gate_copies)
     if args.check_backend:
         report["backend_check"] = backend_check(ckpt, gate, scope, args.check_backend, Path(args.data_root),
                                                 Path(args.dev_shift))
     if args.json:
         command = " ".join(["python experiments/fit_scope.py", *(sys.argv[1:] if argv is None else argv)])
-        report.update(model_path=model_path, command=command, seconds=time.time() - t0)
+        report.update(model_path=model_path, command=command, seconds=time.time() - t0, gate_copies=args.gate_copies,
+                      gate_limit=gate["threshold"])
         write_json(report, args.json)
         log.info("report written to %s", args.json)
     if args.write:

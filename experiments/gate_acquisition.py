@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from kfold_eval import STRESS, stressed
-from scope_data import corpus_table, dev_shift_table, ood_table, pediatric_tables, pneumonia_labels
+from scope_data import augmented_features, corpus_table, dev_shift_table, ood_table, pediatric_tables, pneumonia_labels
 
-from pneumoscan.augment import augment_batch
 from pneumoscan.checkpoint import default_model_path, load_checkpoint
 from pneumoscan.cli import configure_logging
 from pneumoscan.gate import OutOfScopeGate
@@ -42,20 +41,6 @@ from pneumoscan.results import write_json
 from pneumoscan.scope_report import wilson_interval
 
 log = logging.getLogger("pneumoscan.gate_acquisition")
-
-
-def augmented_copies(images: torch.Tensor, copies: int, level: str = "acquisition",
-                     batch: int = 256) -> list[torch.Tensor]:
-    """``copies`` augmented uint8 copies of (N, S, S) uint8 ``images``, copy k drawn with seed k."""
-    out = []
-    for k in range(copies):
-        gen = torch.Generator().manual_seed(k)
-        parts = []
-        for i in range(0, len(images), batch):
-            x = augment_batch(images[i:i + batch].float().div_(255.0).unsqueeze(1), level, gen)
-            parts.append(x.squeeze(1).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8))
-        out.append(torch.cat(parts))
-    return out
 
 
 def share(scores: torch.Tensor, limit: float) -> dict:
@@ -84,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     train_feats, val_feats = ped_train.block_features(), ped_val.block_features()
 
     log.info("features of %d acquisition-augmented copies of %d training films", args.copies, len(ped_train))
-    aug = [predictor.outputs(c).features for c in augmented_copies(torch.from_numpy(ped_train.pixels), args.copies)]
-    cand_feats = [torch.cat([train_feats[b], *(a[b] for a in aug)]) for b in range(len(train_feats))]
+    aug = augmented_features(predictor, ped_train, args.copies)
+    cand_feats = [torch.cat([f, a]) for f, a in zip(train_feats, aug)]
     gates = {
         "baseline": OutOfScopeGate.fit(train_feats, labels, val_feats, quantile=quantile),
         "candidate": OutOfScopeGate.fit(cand_feats, labels.repeat(args.copies + 1), val_feats, quantile=quantile),

@@ -5,7 +5,9 @@ Writes, under ``--out``, labelled folders (``NORMAL/``, ``PNEUMONIA/``) that ``p
 and ``pneumoscan calibrate`` read:
 - ``plain/``: the validation films of the model's stored split as they are (copies of the files);
 - ``eq/``: the same films histogram-equalised (PIL ``ImageOps.equalize`` on the grey levels, PNG),
-  a processing change no recipe trains on, as another site's might be;
+  a processing change no recipe trains on, as another site's might be; ``jpeg_q10/`` and
+  ``lowres_25/``: the other two stress changes of ``kfold_eval.py`` (JPEG quality 10; resolution
+  loss to 25 % and back), PNG;
 - ``siteA/`` and ``siteB/``: the equalised films of two halves of the validation patients (patients
   dealt at random with ``--seed``), for the ``calibrate --refit_gate`` protocol: fit on A, measure on B.
 
@@ -25,7 +27,9 @@ import random
 import shutil
 from pathlib import Path
 
-from PIL import Image, ImageOps
+import numpy as np
+from kfold_eval import STRESS
+from PIL import Image
 
 from pneumoscan.checkpoint import default_model_path, input_spec, load_checkpoint
 from pneumoscan.cli import configure_logging
@@ -34,10 +38,13 @@ from pneumoscan.data import CLASS_NAMES, split_from_config
 log = logging.getLogger("pneumoscan.inuse_folders")
 
 
-def equalised_copy(src: Path, dst: Path) -> None:
-    """``src``'s grey levels, histogram-equalised, written to ``dst`` as PNG."""
+FOLDERS = {"eq": STRESS["hist_eq"], "jpeg_q10": STRESS["jpeg_q10"], "lowres_25": STRESS["lowres_25"]}
+
+
+def stressed_copy(src: Path, dst: Path, fn) -> None:
+    """``src``'s grey levels changed by ``fn`` (a ``kfold_eval.STRESS`` change), written to ``dst`` as PNG."""
     with Image.open(src) as im:
-        ImageOps.equalize(im.convert("L")).save(dst.with_suffix(".png"))
+        Image.fromarray(fn(np.asarray(im.convert("L")))).save(dst.with_suffix(".png"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     for path, label, patient in zip(val.paths, val.labels.tolist(), val.patients):
         src = Path(path)
         cls = CLASS_NAMES[label]
-        for sub in ("plain", "eq", "siteA" if patient in site_a else "siteB"):
+        for sub in ("plain", *FOLDERS, "siteA" if patient in site_a else "siteB"):
             (out / sub / cls).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, out / "plain" / cls / src.name)
-        equalised_copy(src, out / "eq" / cls / src.name)
+        for sub, fn in FOLDERS.items():
+            stressed_copy(src, out / sub / cls / src.name, fn)
         shutil.copyfile((out / "eq" / cls / src.name).with_suffix(".png"),
                         (out / ("siteA" if patient in site_a else "siteB") / cls / src.name).with_suffix(".png"))
     log.info("%d films of %d patients under %s (site A: %d patients, site B: %d)", len(val), len(patients),

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pneumoscan.augment import augment_batch
 from pneumoscan.data import patient_id, split_from_config
 from pneumoscan.gate import OutOfScopeGate
 from pneumoscan.inference import list_inputs
@@ -200,10 +201,42 @@ def pneumonia_labels(table: Table) -> torch.Tensor:
     return torch.tensor([int("/PNEUMONIA/" in n) for n in table.names])
 
 
-def fit_gate(table: Table, quantile: float) -> OutOfScopeGate:
-    """The distance gate fitted on ``gate_fit_rows``: class-conditional on the training films, scales and limit
-    at ``quantile`` of the validation films."""
+def augmented_features(predictor: Predictor, table: Table, copies: int) -> list[torch.Tensor]:
+    """Block features of ``copies`` acquisition-augmented copies of ``table``'s model inputs (copy k drawn
+    with seed k), copy after copy; cached like the tables."""
+    def make() -> dict:
+        aug = [predictor.outputs(c, batch_size=64).features for c in augmented_copies(torch.from_numpy(table.pixels),
+                                                                                      copies)]
+        return {f"f{b}": torch.cat([a[b] for a in aug]).numpy().astype(np.float32) for b in range(len(aug[0]))}
+
+    arrays = _cached(predictor, f"acquisition_x{copies}", [*table.names, f"copies={copies}"], make)
+    return [torch.from_numpy(arrays[f"f{b}"]) for b in range(len(arrays))]
+
+
+def fit_gate(table: Table, quantile: float, predictor: Predictor | None = None, copies: int = 0) -> OutOfScopeGate:
+    """The distance gate fitted on ``gate_fit_rows``: class-conditional on the training films (with ``copies``
+    > 0, also on that many acquisition-augmented copies of them, which needs ``predictor``), scales and limit
+    at ``quantile`` of the plain validation films."""
     train_rows, val_rows = gate_fit_rows(table)
     train = table.select(train_rows)
-    return OutOfScopeGate.fit(train.block_features(), pneumonia_labels(train), table.select(val_rows).block_features(),
-                              quantile=quantile)
+    feats, labels = train.block_features(), pneumonia_labels(train)
+    if copies:
+        if predictor is None:
+            raise ValueError("augmented copies need the predictor that makes their features")
+        aug = augmented_features(predictor, train, copies)
+        feats, labels = [torch.cat([f, a]) for f, a in zip(feats, aug)], labels.repeat(copies + 1)
+    return OutOfScopeGate.fit(feats, labels, table.select(val_rows).block_features(), quantile=quantile)
+
+
+def augmented_copies(images: torch.Tensor, copies: int, level: str = "acquisition",
+                     batch: int = 256) -> list[torch.Tensor]:
+    """``copies`` augmented uint8 copies of (N, S, S) uint8 ``images``, copy k drawn with seed k."""
+    out = []
+    for k in range(copies):
+        gen = torch.Generator().manual_seed(k)
+        parts = []
+        for i in range(0, len(images), batch):
+            x = augment_batch(images[i:i + batch].float().div_(255.0).unsqueeze(1), level, gen)
+            parts.append(x.squeeze(1).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8))
+        out.append(torch.cat(parts))
+    return out

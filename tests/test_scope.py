@@ -203,9 +203,8 @@ def test_evaluate_reports_refusals_of_an_unlabelled_folder(tmp_path):
     assert outcomes["rotated.png"] == ("refused", "altered_chest") and outcomes["child.png"][0] == "answered"
 
 
-def test_the_gate_is_fitted_on_in_scope_films_only():
-    """The scope corpus files rotated or cropped copies of training patients' films under the source
-    ``ped_train``; the distance gate must not take them in as NORMAL training films (it did before)."""
+def _scope_data():
+    """experiments/scope_data.py as a module (experiments/ is not a package)."""
     import importlib.util
     import sys
 
@@ -214,6 +213,13 @@ def test_the_gate_is_fitted_on_in_scope_films_only():
     scope_data = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = scope_data  # dataclasses look their module up there
     spec.loader.exec_module(scope_data)
+    return scope_data
+
+
+def test_the_gate_is_fitted_on_in_scope_films_only():
+    """The scope corpus files rotated or cropped copies of training patients' films under the source
+    ``ped_train``; the distance gate must not take them in as NORMAL training films (it did before)."""
+    scope_data = _scope_data()
     classes = ["in_scope", "altered_chest", "other_body", "in_scope", "altered_chest", "in_scope", "adult_frontal"]
     sources = ["ped_train", "ped_train", "ped_train", "ped_val", "ped_val", "fullres_train", "some/repo"]
     n = len(classes)
@@ -221,3 +227,22 @@ def test_the_gate_is_fitted_on_in_scope_films_only():
                              np.zeros((n, 4, 4), np.uint8), np.zeros(n), np.zeros(n), np.ones(n), np.zeros((n, 2)))
     train_rows, val_rows = scope_data.gate_fit_rows(table)
     assert np.flatnonzero(train_rows).tolist() == [0] and np.flatnonzero(val_rows).tolist() == [3]
+
+
+def test_acquisition_copies_for_the_gate_are_seeded_and_changed():
+    """``fit_scope.py --gate_copies`` fits the gate on augmented copies of the training films: copy k is
+    drawn with seed k (a refit reproduces the gate), each copy changes the films, and two copies differ."""
+    import torch
+
+    scope_data = _scope_data()
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (3, 64, 64), dtype=np.uint8))
+    first, second = scope_data.augmented_copies(images, 2)
+    again = scope_data.augmented_copies(images, 1)[0]
+    assert first.dtype == torch.uint8 and first.shape == images.shape
+    assert torch.equal(first, again)
+    assert not torch.equal(first, images) and not torch.equal(first, second)
+    table = scope_data.Table(["a"], ["in_scope"], ["ped_train"], [np.zeros((1, 2), np.float32)],
+                             np.zeros((1, 4, 4), np.uint8), np.zeros(1), np.zeros(1), np.ones(1), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="predictor"):
+        scope_data.fit_gate(table, 0.999, copies=1)
