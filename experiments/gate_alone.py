@@ -31,13 +31,14 @@ from pneumoscan.predict import Predictor
 from pneumoscan.results import write_json
 
 log = logging.getLogger("pneumoscan.gate_alone")
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", action="append", required=True,
                    help="a checkpoint (give two or more with the same weights)")
-    p.add_argument("--dev_shift", default="../shared/data/dev_shift")
+    p.add_argument("--dev_shift", default=str(SHARED / "dev_shift"))
     p.add_argument("--ood_dir", required=True)
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)

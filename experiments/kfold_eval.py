@@ -57,9 +57,9 @@ def _jpeg10(a: np.ndarray) -> np.ndarray:
 
 
 def _lowres25(a: np.ndarray) -> np.ndarray:
-    s = a.shape[0]
-    img = Image.fromarray(a).resize((s // 4, s // 4), Image.BILINEAR)
-    return np.asarray(img.resize((s, s), Image.BILINEAR))
+    h, w = a.shape
+    img = Image.fromarray(a).resize((max(w // 4, 1), max(h // 4, 1)), Image.BILINEAR)
+    return np.asarray(img.resize((w, h), Image.BILINEAR))
 
 
 STRESS = {"hist_eq": _hist_eq, "jpeg_q10": _jpeg10, "lowres_25": _lowres25}

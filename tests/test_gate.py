@@ -45,6 +45,21 @@ def test_a_fitted_gate_records_its_limit_as_the_training_limit():
     assert OutOfScopeGate.from_dict(stored_by_the_bug).base_threshold == gate.threshold
 
 
+def test_a_site_gate_without_its_training_limit_says_so(caplog):
+    """A gate site-refitted before the fix stored no training limit: the site limit stands in for it, which
+    ``calibrate --refit_gate`` must not do silently; a plain trained gate falls back quietly."""
+    gen = torch.Generator().manual_seed(2)
+    gate = OutOfScopeGate.fit([torch.randn(200, 8, generator=gen)], (torch.rand(200, generator=gen) > 0.5).long(),
+                              [torch.randn(100, 8, generator=gen)], layers=(0,), quantile=0.99)
+    with caplog.at_level("WARNING", logger="pneumoscan.gate"):
+        OutOfScopeGate.from_dict({**gate.to_dict(), "base_threshold": float("inf")})
+        assert not caplog.records
+        site = OutOfScopeGate.from_dict({**gate.to_dict(), "base_threshold": float("inf"), "threshold": 2.0,
+                                         "fitted_on": "site north's films"})
+    assert site.base_threshold == 2.0
+    assert "site north's films" in caplog.text and "training limit was not stored" in caplog.text
+
+
 def test_a_gate_of_an_older_kind_is_refused():
     with pytest.raises(ValueError, match="older kind"):
         OutOfScopeGate.from_dict({"means": torch.zeros(2, 4), "threshold": 1.0})

@@ -13,11 +13,14 @@ Two stages, both fitted from data and stored in the checkpoint:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 # Radiographs (and their 8 RGB-JPEG copies in fullres_sample) have colourfulness ~0; photos 20-100.
 DEFAULT_MAX_COLORFULNESS = 12.0
@@ -140,6 +143,9 @@ class OutOfScopeGate:
             # ``fit`` stored an infinite training limit until 2026-12-02 (so --refit_gate had no cap): take the
             # stored limit instead, which is the training one unless such a checkpoint was already site-refitted.
             base = None
+            if d.get("fitted_on", "validation radiographs") != "validation radiographs":
+                log.warning("this checkpoint's gate limit was set on %s and its training limit was not stored; "
+                            "calibrate --refit_gate will cap and compare against the site limit", d["fitted_on"])
         return cls(d["layers"], d["means"], d["precisions"], d["scales"], d["threshold"], d["min_std"],
                    d["max_colorfulness"], d.get("quantile", 0.995), d.get("fitted_on", "validation radiographs"),
                    base)
