@@ -213,6 +213,19 @@ def augmented_features(predictor: Predictor, table: Table, copies: int) -> list[
     return [torch.from_numpy(arrays[f"f{b}"]) for b in range(len(arrays))]
 
 
+def acquisition_rows(predictor: Predictor, table: Table, copies: int) -> Table:
+    """In-scope rows for ``copies`` acquisition-augmented copies of the model's in-scope training films
+    (source ``ped_train_acq``; a copy's name is its film's with ``#acqK``, so it keeps the film's patient).
+    Grey inputs: colourfulness 0, spread and aspect of the copy's model input; no logits."""
+    train = table.select(gate_fit_rows(table)[0])
+    feats = [f.numpy() for f in augmented_features(predictor, train, copies)]
+    pixels = torch.cat(augmented_copies(torch.from_numpy(train.pixels), copies)).numpy()
+    n = len(pixels)
+    names = [f"{name}#acq{k}" for k in range(copies) for name in train.names]
+    return Table(names, ["in_scope"] * n, ["ped_train_acq"] * n, feats, pixels, np.zeros(n),
+                 pixels.reshape(n, -1).std(1).astype(np.float64), np.tile(train.aspect, copies), np.zeros((n, 2)))
+
+
 def fit_gate(table: Table, quantile: float, predictor: Predictor | None = None, copies: int = 0) -> OutOfScopeGate:
     """The distance gate fitted on ``gate_fit_rows``: class-conditional on the training films (with ``copies``
     > 0, also on that many acquisition-augmented copies of them, which needs ``predictor``), scales and limit
