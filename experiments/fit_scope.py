@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--model_version and --note only apply with --write")
     if args.note and not args.model_version:
         p.error("--note needs --model_version: a changed checkpoint gets a new version")
+    if args.write and not args.model_version and Path(args.write).resolve() == default_model_path().resolve():
+        p.error("--write on the shipped model changes its checks: give it a new --model_version")
     configure_logging()
     model_path = args.model_path or str(default_model_path())
     ckpt = load_checkpoint(model_path)
@@ -292,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
             target["model_version"] = args.model_version
             change = f"{args.model_version} (from {previous}): {args.note or 'gate and scope classifier refitted'}"
             target["training_note"] = "; ".join(filter(None, (target.get("training_note"), change)))
+        else:
+            log.warning("%s keeps its model version %s with new checks: give --model_version so that predictions "
+                        "and the audit log can tell the two apart", args.write, target.get("model_version"))
         save_checkpoint(target, args.write)
         log.info("gate and scope classifier stored in %s (model version %s)", args.write, target.get("model_version"))
     return 0

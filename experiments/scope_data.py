@@ -204,6 +204,8 @@ def pneumonia_labels(table: Table) -> torch.Tensor:
 def augmented_features(predictor: Predictor, table: Table, copies: int) -> list[torch.Tensor]:
     """Block features of ``copies`` acquisition-augmented copies of ``table``'s model inputs (copy k drawn
     with seed k), copy after copy; cached like the tables."""
+    if copies < 1:
+        raise ValueError(f"copies must be at least 1, got {copies}")
     def make() -> dict:
         aug = [predictor.outputs(c, batch_size=64).features for c in augmented_copies(torch.from_numpy(table.pixels),
                                                                                       copies)]

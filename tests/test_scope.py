@@ -246,3 +246,24 @@ def test_acquisition_copies_for_the_gate_are_seeded_and_changed():
                              np.zeros((1, 4, 4), np.uint8), np.zeros(1), np.zeros(1), np.ones(1), np.zeros((1, 2)))
     with pytest.raises(ValueError, match="predictor"):
         scope_data.fit_gate(table, 0.999, copies=1)
+
+
+def test_fit_scope_will_not_rewrite_the_shipped_checks_under_the_same_version(tmp_path, capsys, monkeypatch):
+    """``fit_scope.py --write`` on the shipped file without ``--model_version`` would give predictions made
+    with other checks the old version's name; it is refused before anything is read."""
+    import importlib.util
+    import sys
+
+    from pneumoscan.checkpoint import default_model_path
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    monkeypatch.syspath_prepend(str(experiments))
+    spec = importlib.util.spec_from_file_location("fit_scope_under_test", experiments / "fit_scope.py")
+    fit_scope = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = fit_scope
+    spec.loader.exec_module(fit_scope)
+    missing = str(tmp_path / "missing")  # were the guard gone, the run would stop here, before any write
+    with pytest.raises(SystemExit) as exit_info:
+        fit_scope.main(["--model_path", missing + ".pth", "--data_root", missing, "--write", str(default_model_path())])
+    assert exit_info.value.code == 2
+    assert "--model_version" in capsys.readouterr().err
