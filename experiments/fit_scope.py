@@ -217,11 +217,10 @@ def fit_scope(ckpt: dict, data_root: Path, dev_shift: Path, corpus: Path | None,
     (the gate never sees them; docs/experiments.md, "A scope classifier that has seen processed valid films")."""
     predictor = Predictor.from_checkpoint(ckpt, "cpu")
     table = load_all(predictor, ckpt, data_root, dev_shift, corpus, ood)
-    _, val_rows = gate_fit_rows(table)
     gate = fit_gate(table, gate_quantile, predictor, gate_copies)
     if scope_copies:
         table = Table.concat([table, acquisition_rows(predictor, table, scope_copies)])
-        _, val_rows = gate_fit_rows(table)
+    _, val_rows = gate_fit_rows(table)
     pipe = Pipeline(table, gate)
     report = evaluate(pipe, max_refused, hidden, weight_decay) if evaluate_too else {}
     never = pipe.mask(HELD_OUT_PEDIATRIC)

@@ -29,6 +29,7 @@ from pneumoscan.cli import configure_logging
 from pneumoscan.gate import OutOfScopeGate
 from pneumoscan.predict import Predictor
 from pneumoscan.results import write_json
+from pneumoscan.scope import model_digest
 
 log = logging.getLogger("pneumoscan.gate_alone")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -45,10 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
 
     ckpts = [load_checkpoint(m) for m in args.model_path]
-    first = ckpts[0]["model_state"]
+    first = model_digest(ckpts[0]["model_state"])
     for path, c in zip(args.model_path[1:], ckpts[1:]):
-        state = c["model_state"]
-        if state.keys() != first.keys() or any(not torch.equal(state[k], first[k]) for k in first):
+        if model_digest(c["model_state"]) != first:
             p.error(f"{path} has other network weights than {args.model_path[0]}: its features differ, compare "
                     "gates of one model only")
     predictor = Predictor.from_checkpoint(ckpts[0], "cpu")

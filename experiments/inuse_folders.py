@@ -41,10 +41,6 @@ log = logging.getLogger("pneumoscan.inuse_folders")
 FOLDERS = {"eq": STRESS["hist_eq"], "jpeg_q10": STRESS["jpeg_q10"], "lowres_25": STRESS["lowres_25"]}
 
 
-def stressed_copy(src: Path, dst: Path, fn) -> None:
-    """``src``'s grey levels changed by ``fn`` (a ``kfold_eval.STRESS`` change), written to ``dst`` as PNG."""
-    with Image.open(src) as im:
-        Image.fromarray(fn(np.asarray(im.convert("L")))).save(dst.with_suffix(".png"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,13 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     for path, label, patient in zip(val.paths, val.labels.tolist(), val.patients):
         src = Path(path)
         cls = CLASS_NAMES[label]
-        for sub in ("plain", *FOLDERS, "siteA" if patient in site_a else "siteB"):
+        site = "siteA" if patient in site_a else "siteB"
+        for sub in ("plain", *FOLDERS, site):
             (out / sub / cls).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, out / "plain" / cls / src.name)
-        for sub, fn in FOLDERS.items():
-            stressed_copy(src, out / sub / cls / src.name, fn)
-        shutil.copyfile((out / "eq" / cls / src.name).with_suffix(".png"),
-                        (out / ("siteA" if patient in site_a else "siteB") / cls / src.name).with_suffix(".png"))
+        png = Path(src.name).with_suffix(".png")
+        with Image.open(src) as im:
+            gray = np.asarray(im.convert("L"))
+        for sub, fn in FOLDERS.items():  # the grey levels changed by each kfold_eval.STRESS change, as PNG
+            Image.fromarray(fn(gray)).save(out / sub / cls / png)
+        shutil.copyfile(out / "eq" / cls / png, out / site / cls / png)
     log.info("%d films of %d patients under %s (site A: %d patients, site B: %d)", len(val), len(patients),
              out, len(site_a), len(patients) - len(site_a))
     return 0

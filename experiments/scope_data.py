@@ -201,14 +201,16 @@ def pneumonia_labels(table: Table) -> torch.Tensor:
     return torch.tensor([int("/PNEUMONIA/" in n) for n in table.names])
 
 
-def augmented_features(predictor: Predictor, table: Table, copies: int) -> list[torch.Tensor]:
+def augmented_features(predictor: Predictor, table: Table, copies: int,
+                       images: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Block features of ``copies`` acquisition-augmented copies of ``table``'s model inputs (copy k drawn
-    with seed k), copy after copy; cached like the tables."""
+    with seed k), copy after copy; cached like the tables. ``images``: those copies, when already made."""
     if copies < 1:
         raise ValueError(f"copies must be at least 1, got {copies}")
+
     def make() -> dict:
-        aug = [predictor.outputs(c, batch_size=64).features for c in augmented_copies(torch.from_numpy(table.pixels),
-                                                                                      copies)]
+        made = images if images is not None else augmented_copies(torch.from_numpy(table.pixels), copies)
+        aug = [predictor.outputs(c, batch_size=64).features for c in made]
         return {f"f{b}": torch.cat([a[b] for a in aug]).numpy().astype(np.float32) for b in range(len(aug[0]))}
 
     arrays = _cached(predictor, f"acquisition_x{copies}", [*table.names, f"copies={copies}"], make)
@@ -220,8 +222,9 @@ def acquisition_rows(predictor: Predictor, table: Table, copies: int) -> Table:
     (source ``ped_train_acq``; a copy's name is its film's with ``#acqK``, so it keeps the film's patient).
     Grey inputs: colourfulness 0, spread and aspect of the copy's model input; no logits."""
     train = table.select(gate_fit_rows(table)[0])
-    feats = [f.numpy() for f in augmented_features(predictor, train, copies)]
-    pixels = torch.cat(augmented_copies(torch.from_numpy(train.pixels), copies)).numpy()
+    images = augmented_copies(torch.from_numpy(train.pixels), copies)
+    feats = [f.numpy() for f in augmented_features(predictor, train, copies, images)]
+    pixels = torch.cat(images).numpy()
     n = len(pixels)
     names = [f"{name}#acq{k}" for k in range(copies) for name in train.names]
     return Table(names, ["in_scope"] * n, ["ped_train_acq"] * n, feats, pixels, np.zeros(n),

@@ -203,23 +203,26 @@ def test_evaluate_reports_refusals_of_an_unlabelled_folder(tmp_path):
     assert outcomes["rotated.png"] == ("refused", "altered_chest") and outcomes["child.png"][0] == "answered"
 
 
-def _scope_data():
-    """experiments/scope_data.py as a module (experiments/ is not a package)."""
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _experiment(name: str, monkeypatch: pytest.MonkeyPatch):
+    """experiments/NAME.py as a module (experiments/ is not a package; its scripts import each other)."""
     import importlib.util
     import sys
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "scope_data.py"
-    spec = importlib.util.spec_from_file_location("scope_data_under_test", path)
-    scope_data = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = scope_data  # dataclasses look their module up there
-    spec.loader.exec_module(scope_data)
-    return scope_data
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_the_gate_is_fitted_on_in_scope_films_only():
+def test_the_gate_is_fitted_on_in_scope_films_only(monkeypatch):
     """The scope corpus files rotated or cropped copies of training patients' films under the source
     ``ped_train``; the distance gate must not take them in as NORMAL training films (it did before)."""
-    scope_data = _scope_data()
+    scope_data = _experiment("scope_data", monkeypatch)
     classes = ["in_scope", "altered_chest", "other_body", "in_scope", "altered_chest", "in_scope", "adult_frontal"]
     sources = ["ped_train", "ped_train", "ped_train", "ped_val", "ped_val", "fullres_train", "some/repo"]
     n = len(classes)
@@ -229,12 +232,12 @@ def test_the_gate_is_fitted_on_in_scope_films_only():
     assert np.flatnonzero(train_rows).tolist() == [0] and np.flatnonzero(val_rows).tolist() == [3]
 
 
-def test_acquisition_copies_for_the_gate_are_seeded_and_changed():
+def test_acquisition_copies_for_the_gate_are_seeded_and_changed(monkeypatch):
     """``fit_scope.py --gate_copies`` fits the gate on augmented copies of the training films: copy k is
     drawn with seed k (a refit reproduces the gate), each copy changes the films, and two copies differ."""
     import torch
 
-    scope_data = _scope_data()
+    scope_data = _experiment("scope_data", monkeypatch)
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(0, 256, (3, 64, 64), dtype=np.uint8))
     first, second = scope_data.augmented_copies(images, 2)
@@ -251,17 +254,9 @@ def test_acquisition_copies_for_the_gate_are_seeded_and_changed():
 def test_fit_scope_will_not_rewrite_the_shipped_checks_under_the_same_version(tmp_path, capsys, monkeypatch):
     """``fit_scope.py --write`` on the shipped file without ``--model_version`` would give predictions made
     with other checks the old version's name; it is refused before anything is read."""
-    import importlib.util
-    import sys
-
     from pneumoscan.checkpoint import default_model_path
 
-    experiments = Path(__file__).resolve().parents[1] / "experiments"
-    monkeypatch.syspath_prepend(str(experiments))
-    spec = importlib.util.spec_from_file_location("fit_scope_under_test", experiments / "fit_scope.py")
-    fit_scope = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = fit_scope
-    spec.loader.exec_module(fit_scope)
+    fit_scope = _experiment("fit_scope", monkeypatch)
     missing = str(tmp_path / "missing")  # were the guard gone, the run would stop here, before any write
     with pytest.raises(SystemExit) as exit_info:
         fit_scope.main(["--model_path", missing + ".pth", "--data_root", missing, "--write", str(default_model_path())])
