@@ -36,7 +36,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scope_data import Table, acquisition_rows, dev_shift_table, fit_gate, gate_fit_rows, load_all, pediatric_tables
+from scope_data import (
+    Table,
+    acquisition_rows,
+    dev_shift_table,
+    fit_gate,
+    gate_fit_rows,
+    is_copy,
+    load_all,
+    negative_rows,
+    ood_table,
+    pediatric_tables,
+    reference_scores,
+    reference_sets,
+)
 
 from pneumoscan.checkpoint import default_model_path, load_checkpoint, save_checkpoint
 from pneumoscan.cli import configure_logging
@@ -73,6 +86,7 @@ class Pipeline:
                             for i in range(0, len(table), 256)])
         self.y = torch.tensor([SCOPE_CLASSES.index(c) for c in table.classes])
         self.sources = np.array(table.sources)
+        self.copy = is_copy(table.names)  # augmented copies: fitted on with their source, never counted
 
     def mask(self, sources) -> np.ndarray:
         return np.isin(self.sources, list(sources))
@@ -139,7 +153,7 @@ def evaluate(pipe: Pipeline, max_refused: float, hidden: int, weight_decay: floa
                         and not s.startswith("ped_")})
     loso_refused: dict[str, np.ndarray] = {}
     for cls, source in negatives:
-        rows = np.flatnonzero(pipe.sources == source)
+        rows = np.flatnonzero((pipe.sources == source) & ~pipe.copy)
         clf = pipe.calibrate(pipe.train(~never & (pipe.sources != source), hidden, weight_decay), ped_val,
                              max_refused)
         out["leave_one_source_out"][source] = {"class": cls, **_summary(pipe, clf, rows)}
@@ -151,7 +165,7 @@ def evaluate(pipe: Pipeline, max_refused: float, hidden: int, weight_decay: floa
     out["threshold"] = full.threshold
     in_sample: dict[str, np.ndarray] = {}
     for cls, source in negatives:
-        rows = np.flatnonzero(pipe.sources == source)
+        rows = np.flatnonzero((pipe.sources == source) & ~pipe.copy)
         out["in_sample"][source] = {"class": cls, **_summary(pipe, full, rows)}
         in_sample[cls] = np.concatenate([in_sample.get(cls, np.zeros(0, bool)), pipe.verdicts(full, rows)[0]])
     out["in_sample_by_class"] = {c: rate(r) for c, r in sorted(in_sample.items())}
@@ -207,19 +221,26 @@ def backend_check(ckpt: dict, gate: dict, scope: dict, backend: str, data_root: 
 def fit_scope(ckpt: dict, data_root: Path, dev_shift: Path, corpus: Path | None, ood: Path | None,
               max_refused: float = 0.006, gate_quantile: float = 0.999, hidden: int = 0,
               weight_decay: float = 1e-4, evaluate_too: bool = False, gate_copies: int = 0,
-              scope_copies: int = 0) -> tuple[dict, dict, dict]:
+              scope_copies: int = 0, negative_copies: int = 0) -> tuple[dict, dict, dict]:
     """The refitted gate and the scope classifier (both as checkpoint dicts) for ``ckpt``, and a report.
 
     ``gate_copies`` > 0 fits the distance gate's class means and covariances also on that many
     acquisition-augmented copies of the training films (its scales and limit stay on the plain
     validation films; docs/experiments.md, "A gate that knows acquisition changes"). ``scope_copies`` > 0
     fits the scope classifier also on that many augmented copies of the training films as in-scope rows
-    (the gate never sees them; docs/experiments.md, "A scope classifier that has seen processed valid films")."""
+    (the gate never sees them; docs/experiments.md, "A scope classifier that has seen processed valid films").
+    ``negative_copies`` > 0 fits it also on that many augmented copies of dev_shift's films, in their own class
+    and source (counted nowhere; docs/experiments.md, "A scope classifier that has seen processed adult films")."""
     predictor = Predictor.from_checkpoint(ckpt, "cpu")
     table = load_all(predictor, ckpt, data_root, dev_shift, corpus, ood)
     gate = fit_gate(table, gate_quantile, predictor, gate_copies)
+    # what calibrate --refit_gate reports a raised limit giving up (tables come from the feature cache)
+    gate.reference = reference_scores(gate, reference_sets(dev_shift_table(predictor, dev_shift),
+                                                           ood_table(predictor, ood) if ood is not None else None))
     if scope_copies:
         table = Table.concat([table, acquisition_rows(predictor, table, scope_copies)])
+    if negative_copies:
+        table = Table.concat([table, negative_rows(predictor, dev_shift_table(predictor, dev_shift), negative_copies)])
     _, val_rows = gate_fit_rows(table)
     pipe = Pipeline(table, gate)
     report = evaluate(pipe, max_refused, hidden, weight_decay) if evaluate_too else {}
@@ -229,7 +250,8 @@ def fit_scope(ckpt: dict, data_root: Path, dev_shift: Path, corpus: Path | None,
     counts = Counter(table.classes[i] for i in np.flatnonzero(~never))
     clf.info = {"fitted_on": {k: int(v) for k, v in sorted(counts.items())}, "max_refused": max_refused,
                 "hidden": hidden, "weight_decay": weight_decay, "fit_script": "experiments/fit_scope.py",
-                **({"acquisition_copies_in_scope": scope_copies} if scope_copies else {})}
+                **({"acquisition_copies_in_scope": scope_copies} if scope_copies else {}),
+                **({"acquisition_copies_of_dev_shift": negative_copies} if negative_copies else {})}
     log.info("gate limit %.3f (%.1f%% quantile); scope threshold P(in scope) >= %.4f", gate.threshold,
              100 * gate_quantile, clf.threshold)
     return gate.to_dict(), clf.to_dict(), report
@@ -249,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scope_copies", type=int, default=0,
                    help="also fit the scope classifier on this many acquisition-augmented copies of the training "
                         "films (as in-scope rows)")
+    p.add_argument("--negative_copies", type=int, default=0,
+                   help="also fit the scope classifier on this many acquisition-augmented copies of each dev_shift "
+                        "film (in its own class and source)")
     p.add_argument("--hidden", type=int, default=0, help="hidden units (0: multinomial logistic regression)")
     p.add_argument("--weight_decay", type=float, default=1e-4)
     p.add_argument("--json", help="measure leave-one-source-out and write the report here")
@@ -273,14 +298,15 @@ def main(argv: list[str] | None = None) -> int:
                                     Path(args.ood_dir) if args.ood_dir else None, args.max_refused,
                                     args.gate_quantile, args.hidden, args.weight_decay,
                                     evaluate_too=bool(args.json) and not args.skip_loso, gate_copies=args.gate_copies,
-                                    scope_copies=args.scope_copies)
+                                    scope_copies=args.scope_copies, negative_copies=args.negative_copies)
     if args.check_backend:
         report["backend_check"] = backend_check(ckpt, gate, scope, args.check_backend, Path(args.data_root),
                                                 Path(args.dev_shift))
     if args.json:
         command = " ".join(["python experiments/fit_scope.py", *(sys.argv[1:] if argv is None else argv)])
         report.update(model_path=model_path, command=command, seconds=time.time() - t0, gate_copies=args.gate_copies,
-                      scope_copies=args.scope_copies, gate_limit=gate["threshold"])
+                      scope_copies=args.scope_copies, negative_copies=args.negative_copies,
+                      gate_limit=gate["threshold"])
         write_json(report, args.json)
         log.info("report written to %s", args.json)
     if args.write:

@@ -19,12 +19,10 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 from gate_acquisition import share
-from scope_data import dev_shift_table, ood_table
+from scope_data import dev_shift_table, ood_table, reference_scores, reference_sets
 
-from pneumoscan.checkpoint import load_checkpoint
+from pneumoscan.checkpoint import load_checkpoint, save_checkpoint
 from pneumoscan.cli import configure_logging
 from pneumoscan.gate import OutOfScopeGate
 from pneumoscan.predict import Predictor
@@ -42,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dev_shift", default=str(SHARED / "dev_shift"))
     p.add_argument("--ood_dir", required=True)
     p.add_argument("--json", required=True)
+    p.add_argument("--store", action="store_true",
+                   help="also store these scores under the first checkpoint's gate in that checkpoint (what "
+                        "pneumoscan calibrate --refit_gate reports a raised limit giving up); nothing else changes")
     args = p.parse_args(argv)
     configure_logging()
 
@@ -54,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     predictor = Predictor.from_checkpoint(ckpts[0], "cpu")
     gates = [OutOfScopeGate.from_dict(c["ood_gate"]) for c in ckpts]
 
-    sets: dict[str, list[torch.Tensor]] = {}
-    dev = dev_shift_table(predictor, Path(args.dev_shift))
-    classes = np.array(dev.classes)
-    for c in sorted(set(classes)):
-        sets[f"dev_shift_{c}"] = dev.select(classes == c).block_features()
-    sets["generated_non_radiographs"] = ood_table(predictor, Path(args.ood_dir)).block_features()
+    sets = reference_sets(dev_shift_table(predictor, Path(args.dev_shift)), ood_table(predictor, Path(args.ood_dir)))
+    if args.store:
+        # only the reference scores are added: the gate's statistics, limit and verdicts stay as they are
+        ckpts[0]["ood_gate"] = {**ckpts[0]["ood_gate"], "reference": reference_scores(gates[0], sets)}
+        save_checkpoint(ckpts[0], args.model_path[0])
+        log.info("stored %d reference sets in %s's gate", len(sets), args.model_path[0])
 
     report: dict = {"checkpoints": [{"model_path": m, "model_version": c.get("model_version"), "limit": g.threshold}
                                     for m, c, g in zip(args.model_path, ckpts, gates)], "sets": {}}

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pneumoscan import augment as augment_module
 from pneumoscan.augment import augment_batch
 from pneumoscan.data import patient_id, split_from_config
 from pneumoscan.gate import OutOfScopeGate
@@ -174,6 +175,27 @@ def ood_table(predictor: Predictor, ood: Path) -> Table:
     return files_table(predictor, "ood_corpus", files, ["non_radiograph"] * len(files), ["ood_corpus"] * len(files))
 
 
+# The out-of-scope sets a gate stores the distance scores of (``OutOfScopeGate.reference``), so that
+# ``pneumoscan calibrate --refit_gate`` can say what a raised limit gives up on them: dev_shift's classes
+# and the generated non-radiographs, none of which the distance gate is fitted on.
+REFERENCE_NAMES = {"adult_frontal": "dev_shift adult frontal films", "lateral": "dev_shift lateral chest films",
+                   "other_body": "dev_shift other-body radiographs", "non_radiograph": "generated non-radiographs"}
+
+
+def reference_sets(dev: Table, ood: Table | None) -> dict[str, list[torch.Tensor]]:
+    """Block features of each reference set, by its ``REFERENCE_NAMES`` name."""
+    classes = np.array(dev.classes)
+    sets = {REFERENCE_NAMES[c]: dev.select(classes == c).block_features() for c in sorted(set(classes))}
+    if ood is not None:
+        sets[REFERENCE_NAMES["non_radiograph"]] = ood.block_features()
+    return sets
+
+
+def reference_scores(gate: OutOfScopeGate, sets: dict[str, list[torch.Tensor]]) -> dict[str, list[float]]:
+    """The gate's distance score of every input of each set (what the gate stores as its ``reference``)."""
+    return {name: [float(v) for v in gate.scores(feats)] for name, feats in sets.items()}
+
+
 def load_all(predictor: Predictor, ckpt: dict, data_root: Path, dev_shift: Path, corpus: Path | None,
              ood: Path | None) -> Table:
     """Every input the fit and the measurements use, in one table."""
@@ -202,33 +224,55 @@ def pneumonia_labels(table: Table) -> torch.Tensor:
 
 
 def augmented_features(predictor: Predictor, table: Table, copies: int,
-                       images: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-    """Block features of ``copies`` acquisition-augmented copies of ``table``'s model inputs (copy k drawn
-    with seed k), copy after copy; cached like the tables. ``images``: those copies, when already made."""
+                       images: list[torch.Tensor] | None = None, level: str = "acquisition") -> list[torch.Tensor]:
+    """Block features of ``copies`` ``level``-augmented copies of ``table``'s model inputs (copy k drawn
+    with seed k), copy after copy; cached like the tables, under a key that holds the level and the
+    augmentation code itself, so a change to ``pneumoscan/augment.py`` makes new copies. ``images``: those
+    copies, when already made."""
     if copies < 1:
         raise ValueError(f"copies must be at least 1, got {copies}")
 
     def make() -> dict:
-        made = images if images is not None else augmented_copies(torch.from_numpy(table.pixels), copies)
+        made = images if images is not None else augmented_copies(torch.from_numpy(table.pixels), copies, level)
         aug = [predictor.outputs(c, batch_size=64).features for c in made]
         return {f"f{b}": torch.cat([a[b] for a in aug]).numpy().astype(np.float32) for b in range(len(aug[0]))}
 
-    arrays = _cached(predictor, f"acquisition_x{copies}", [*table.names, f"copies={copies}"], make)
+    key = [*table.names, f"copies={copies}", f"level={level}", f"augment={augment_digest()}"]
+    arrays = _cached(predictor, f"{level}_x{copies}", key, make)
     return [torch.from_numpy(arrays[f"f{b}"]) for b in range(len(arrays))]
 
 
 def acquisition_rows(predictor: Predictor, table: Table, copies: int) -> Table:
     """In-scope rows for ``copies`` acquisition-augmented copies of the model's in-scope training films
-    (source ``ped_train_acq``; a copy's name is its film's with ``#acqK``, so it keeps the film's patient).
+    (source ``ped_train_acq``; a copy's name is its film's with ``#acqK``, so it keeps the film's patient)."""
+    return augmented_rows(predictor, table.select(gate_fit_rows(table)[0]), copies, "in_scope", "ped_train_acq")
+
+
+def negative_rows(predictor: Predictor, dev: Table, copies: int) -> Table:
+    """Rows for ``copies`` acquisition-augmented copies of dev_shift's films (``dev_shift_table``: adult, lateral,
+    other body), each with its film's class and source, so that leaving a source out leaves its copies out."""
+    return augmented_rows(predictor, dev, copies)
+
+
+def is_copy(names: list[str]) -> np.ndarray:
+    """Which rows are augmented copies (``augmented_rows``): fitted on, never counted."""
+    return np.array(["#acq" in n for n in names], bool)
+
+
+def augmented_rows(predictor: Predictor, rows: Table, copies: int, cls: str | None = None,
+                   source: str | None = None) -> Table:
+    """``copies`` acquisition-augmented copies of every row of ``rows`` (copy k with seed k; a copy's name is
+    its film's with ``#acqK``), with class and source ``cls`` / ``source`` or, when None, the film's own.
     Grey inputs: colourfulness 0, spread and aspect of the copy's model input; no logits."""
-    train = table.select(gate_fit_rows(table)[0])
-    images = augmented_copies(torch.from_numpy(train.pixels), copies)
-    feats = [f.numpy() for f in augmented_features(predictor, train, copies, images)]
+    images = augmented_copies(torch.from_numpy(rows.pixels), copies)
+    feats = [f.numpy() for f in augmented_features(predictor, rows, copies, images)]
     pixels = torch.cat(images).numpy()
     n = len(pixels)
-    names = [f"{name}#acq{k}" for k in range(copies) for name in train.names]
-    return Table(names, ["in_scope"] * n, ["ped_train_acq"] * n, feats, pixels, np.zeros(n),
-                 pixels.reshape(n, -1).std(1).astype(np.float64), np.tile(train.aspect, copies), np.zeros((n, 2)))
+    names = [f"{name}#acq{k}" for k in range(copies) for name in rows.names]
+    classes = [cls] * n if cls is not None else list(rows.classes) * copies
+    sources = [source] * n if source is not None else list(rows.sources) * copies
+    return Table(names, classes, sources, feats, pixels, np.zeros(n),
+                 pixels.reshape(n, -1).std(1).astype(np.float64), np.tile(rows.aspect, copies), np.zeros((n, 2)))
 
 
 def fit_gate(table: Table, quantile: float, predictor: Predictor | None = None, copies: int = 0) -> OutOfScopeGate:
@@ -244,6 +288,11 @@ def fit_gate(table: Table, quantile: float, predictor: Predictor | None = None, 
         aug = augmented_features(predictor, train, copies)
         feats, labels = [torch.cat([f, a]) for f, a in zip(feats, aug)], labels.repeat(copies + 1)
     return OutOfScopeGate.fit(feats, labels, table.select(val_rows).block_features(), quantile=quantile)
+
+
+def augment_digest() -> str:
+    """Digest of the augmentation code: cached augmented features are only reused while it is unchanged."""
+    return hashlib.sha1(Path(augment_module.__file__).read_bytes()).hexdigest()[:12]
 
 
 def augmented_copies(images: torch.Tensor, copies: int, level: str = "acquisition",

@@ -60,6 +60,38 @@ def test_a_site_gate_without_its_training_limit_says_so(caplog):
     assert "site north's films" in caplog.text and "training limit was not stored" in caplog.text
 
 
+def test_a_raised_limit_reports_what_the_distance_stage_gives_up_on_the_stored_out_of_scope_sets():
+    """``calibrate --refit_gate`` says how many of the out-of-scope films stored with the gate the distance stage
+    alone would still catch: counted from those scores at the old and the new limit, not from a fixed text."""
+    from pneumoscan.site_calibration import _caution, refit_gate_limit
+
+    gen = torch.Generator().manual_seed(3)
+    labels = (torch.rand(300, generator=gen) > 0.5).long()
+    gate = OutOfScopeGate.fit([torch.randn(300, 8, generator=gen)], labels, [torch.randn(200, 8, generator=gen)],
+                              layers=(0,), quantile=0.99)
+    far = [torch.randn(40, 8, generator=gen) * 3]  # out-of-scope stand-ins: most score above the limit
+    gate.reference = {"far films": gate.scores(far).tolist()}
+    stored = OutOfScopeGate.from_dict(gate.to_dict())
+    assert stored.reference == gate.reference
+    before = stored.reference_caught()["far films"]
+    assert before["n"] == 40 and before["above"] == int((gate.scores(far) > gate.threshold).sum()) > 20
+
+    site = [torch.randn(100, 8, generator=gen) * 1.3]  # a site whose valid films sit further out
+    new_dict, record = refit_gate_limit(gate.to_dict(), site, np.arange(100) % 5)
+    new = new_dict["threshold"]
+    assert new > gate.threshold and new_dict["reference"] == gate.reference  # carried to the site checkpoint
+    alone = record["distance_stage_alone"]["far films"]
+    assert alone == {"n": 40, "caught_before": before["above"],
+                     "caught_after": int((gate.scores(far) > new).sum())}
+    assert alone["caught_after"] < alone["caught_before"]
+    text = _caution(record["distance_stage_alone"])
+    assert f"{alone['caught_after']} instead of {alone['caught_before']} of the 40 far films" in text
+    # a gate fitted without them says that this was not measured, instead of quoting another model's numbers
+    _, bare = refit_gate_limit({**gate.to_dict(), "reference": {}}, site, np.arange(100) % 5)
+    assert "distance_stage_alone" not in bare
+    assert "not measured for this model" in _caution(bare.get("distance_stage_alone"))
+
+
 def test_a_gate_of_an_older_kind_is_refused():
     with pytest.raises(ValueError, match="older kind"):
         OutOfScopeGate.from_dict({"means": torch.zeros(2, 4), "threshold": 1.0})

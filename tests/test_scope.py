@@ -251,6 +251,60 @@ def test_acquisition_copies_for_the_gate_are_seeded_and_changed(monkeypatch):
         scope_data.fit_gate(table, 0.999, copies=1)
 
 
+def test_the_gate_stores_the_scores_of_each_out_of_scope_reference_set(monkeypatch):
+    """``fit_scope.py --write`` and ``gate_alone.py --store`` put into the gate one distance score per dev_shift
+    film of each class and per generated non-radiograph, under a readable name, in the table's order."""
+    import torch
+
+    from pneumoscan.gate import OutOfScopeGate
+
+    scope_data = _experiment("scope_data", monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    gate = OutOfScopeGate.fit([torch.randn(100, 3, generator=gen)], torch.zeros(100, dtype=torch.long),
+                              [torch.randn(50, 3, generator=gen)], layers=(0,), quantile=0.99)
+    feats = torch.randn(5, 3, generator=gen) * 4
+    classes = ["adult_frontal", "lateral", "adult_frontal", "other_body", "lateral"]
+
+    def table(cls, f):
+        n = len(cls)
+        return scope_data.Table([f"f{i}" for i in range(n)], cls, ["repo"] * n, [f.numpy()], np.zeros((n, 4, 4)),
+                                np.zeros(n), np.zeros(n), np.ones(n), np.zeros((n, 2)))
+
+    sets = scope_data.reference_sets(table(classes, feats), table(["non_radiograph"] * 2, feats[:2]))
+    scores = scope_data.reference_scores(gate, sets)
+    assert list(scores) == ["dev_shift adult frontal films", "dev_shift lateral chest films",
+                            "dev_shift other-body radiographs", "generated non-radiographs"]
+    every = gate.scores([feats]).tolist()
+    assert scores["dev_shift adult frontal films"] == [every[0], every[2]]
+    assert scores["generated non-radiographs"] == every[:2]
+    assert list(scope_data.reference_sets(table(classes, feats), None)) == list(scores)[:3]
+
+
+def test_cached_augmented_features_are_not_reused_after_the_augmentation_changes(tmp_path, monkeypatch):
+    """Augmented copies' features are cached on disk; a change to ``pneumoscan/augment.py`` (or another level)
+    must make new copies, not silently reuse features of the old ones."""
+    from pneumoscan.checkpoint import default_model_path, load_checkpoint
+    from pneumoscan.predict import Predictor
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    scope_data = _experiment("scope_data", monkeypatch)
+    predictor = Predictor.from_checkpoint(load_checkpoint(default_model_path()), "cpu")
+    rng = np.random.default_rng(0)
+    table = scope_data.Table(["a", "b"], ["in_scope"] * 2, ["ped_train"] * 2, [np.zeros((2, 2), np.float32)],
+                             rng.integers(0, 256, (2, 224, 224), dtype=np.uint8), np.zeros(2), np.zeros(2),
+                             np.ones(2), np.zeros((2, 2)))
+    cached = lambda: sorted(p.name for p in tmp_path.rglob("*.npz"))  # noqa: E731
+    first = scope_data.augmented_features(predictor, table, 1)
+    assert len(cached()) == 1
+    assert all(np.array_equal(a, b) for a, b in zip(first, scope_data.augmented_features(predictor, table, 1)))
+    assert len(cached()) == 1  # same code, same level: reused
+    scope_data.augmented_features(predictor, table, 1, level="strong")
+    assert len(cached()) == 2
+    monkeypatch.setattr(scope_data, "augment_digest", lambda: "edited")
+    scope_data.augmented_features(predictor, table, 1)
+    assert len(cached()) == 3
+
+
 def test_fit_scope_will_not_rewrite_the_shipped_checks_under_the_same_version(tmp_path, capsys, monkeypatch):
     """``fit_scope.py --write`` on the shipped file without ``--model_version`` would give predictions made
     with other checks the old version's name; it is refused before anything is read."""

@@ -275,6 +275,16 @@ def test_refit_gate_accepts_the_site_processing_on_its_other_patients(sites, tmp
     assert kept["ood_gate"]["threshold"] == new and kept["site_calibration"]["gate"]["kept_from"].endswith("+gate")
     assert "set by an earlier site calibration" in printed_again.getvalue()
     assert "feature-distance gate: limit" in printed.getvalue() and "CAUTION" in printed.getvalue()
+    # the caution counts what the distance stage alone gives up on the out-of-scope films the shipped gate stores
+    reference = shipped["ood_gate"]["reference"]
+    assert set(rec["distance_stage_alone"]) == set(reference) and "dev_shift adult frontal films" in reference
+    for name, v in rec["distance_stage_alone"].items():
+        scores = np.array(reference[name])
+        assert (v["n"], v["caught_before"], v["caught_after"]) == (len(scores), int((scores > old).sum()),
+                                                                   int((scores > new).sum()))
+        assert f"{v['caught_after']} instead of {v['caught_before']} of the {v['n']} {name}" in printed.getvalue()
+    assert sum(v["caught_after"] for v in rec["distance_stage_alone"].values()) < \
+        sum(v["caught_before"] for v in rec["distance_stage_alone"].values())
     assert f"feature-distance limit {old:.3f} -> {new:.3f}" in site["training_note"]
     # on the site's other patients the distance stage refuses fewer of these valid films
     data, _ = load_labelled_folder(str(b), 224, cache_dir="none")

@@ -63,7 +63,8 @@ class OutOfScopeGate:
     def __init__(self, layers: list[int], means: list[torch.Tensor], precisions: list[torch.Tensor],
                  scales: list[float], threshold: float, min_std: float = DEFAULT_MIN_STD,
                  max_colorfulness: float = DEFAULT_MAX_COLORFULNESS, quantile: float = 0.995,
-                 fitted_on: str = "validation radiographs", base_threshold: float | None = None) -> None:
+                 fitted_on: str = "validation radiographs", base_threshold: float | None = None,
+                 reference: dict[str, list[float]] | None = None) -> None:
         self.layers = [int(i) for i in layers]
         self.means = means
         self.precisions = precisions
@@ -74,6 +75,9 @@ class OutOfScopeGate:
         self.quantile = float(quantile)
         self.fitted_on = str(fitted_on)  # whose films the limit is the quantile of (a site's after calibrate)
         self.base_threshold = float(threshold if base_threshold is None else base_threshold)  # the training limit
+        # Scores of labelled out-of-scope sets (name -> one score per input), stored when the gate was fitted, so
+        # that a raised limit can say how many of them the distance stage alone would no longer catch.
+        self.reference = {str(k): [float(v) for v in vs] for k, vs in (reference or {}).items()}
 
     @classmethod
     def fit(cls, train_feats: list[torch.Tensor], train_labels: torch.Tensor, val_feats: list[torch.Tensor],
@@ -97,6 +101,11 @@ class OutOfScopeGate:
         per_layer = [_mahalanobis(feats[i], m, p) / s
                      for i, m, p, s in zip(self.layers, self.means, self.precisions, self.scales)]
         return torch.stack(per_layer).max(dim=0).values
+
+    def reference_caught(self, limit: float | None = None) -> dict[str, dict]:
+        """For each stored reference set, how many of its inputs score above ``limit`` (default: this gate's)."""
+        limit = self.threshold if limit is None else float(limit)
+        return {name: {"n": len(v), "above": int(sum(s > limit for s in v))} for name, v in self.reference.items()}
 
     def check_pixels(self, gray: np.ndarray, colour: float) -> GateVerdict:
         """Stage 1 on the original-geometry grayscale pixels and the source's colourfulness."""
@@ -126,7 +135,7 @@ class OutOfScopeGate:
                 "means": [m.float() for m in self.means], "precisions": [p.float() for p in self.precisions],
                 "scales": self.scales, "threshold": self.threshold, "min_std": self.min_std,
                 "max_colorfulness": self.max_colorfulness, "quantile": self.quantile, "fitted_on": self.fitted_on,
-                "base_threshold": self.base_threshold}
+                "base_threshold": self.base_threshold, **({"reference": self.reference} if self.reference else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> OutOfScopeGate:
@@ -148,4 +157,4 @@ class OutOfScopeGate:
                             "calibrate --refit_gate will cap and compare against the site limit", d["fitted_on"])
         return cls(d["layers"], d["means"], d["precisions"], d["scales"], d["threshold"], d["min_std"],
                    d["max_colorfulness"], d.get("quantile", 0.995), d.get("fitted_on", "validation radiographs"),
-                   base)
+                   base, d.get("reference"))

@@ -225,6 +225,10 @@ def refit_gate_limit(gate_dict: dict, features: list, groups: np.ndarray, site: 
               "films_left_out_by_scope": int((~keep).sum()), "highest_scores": [float(t) for t in top],
               "site_refused_before": float((scores[keep] > old).mean()),
               "site_refused_after_cross_validated": cv_refused / int(keep.sum())}
+    if gate.reference:  # what the distance stage alone gives up, on the out-of-scope sets stored at its fit
+        before, after = gate.reference_caught(old), gate.reference_caught(new)
+        record["distance_stage_alone"] = {name: {"n": b["n"], "caught_before": b["above"],
+                                                 "caught_after": after[name]["above"]} for name, b in before.items()}
     return gate.to_dict(), record
 
 
@@ -291,11 +295,20 @@ def _gate_line(g: dict) -> list[str]:
             f"{', '.join(f'{t:.2f}' for t in g['highest_scores'])}); site films refused by it "
             f"{g['site_refused_before']:.1%} -> {g['site_refused_after_cross_validated']:.1%} (on new films, "
             f"cross-validated); the scope classifier and pixel checks are unchanged",
-            "CAUTION: a raised limit also lets through more inputs that only the distance stage would catch. For "
-            "pneumoscan-v2.1 raised 1.19x on equalised films, the distance stage alone caught 41 % instead of 56 % "
-            "of dev_shift's other-body radiographs, 1.3 % instead of 5.7 % of its adult films and 90 % instead of "
-            "99 % of generated non-radiographs (the scope classifier caught all but one adult film either way; "
-            "docs/experiments.md): use it where valid films are being refused, not by default"]
+            _caution(g.get("distance_stage_alone"))]
+
+
+def _caution(alone: dict | None) -> str:
+    head = "CAUTION: a raised limit also lets through more inputs that only the distance stage would catch. "
+    tail = ("; the scope classifier, which checks every input as well, is unchanged, so the whole pipeline may "
+            "still refuse most of them (check with pneumoscan evaluate --scope_report on out-of-scope films): use it "
+            "where valid films are being refused, not by default")
+    if not alone:
+        return (head + "How many was not measured for this model: its gate stores no out-of-scope reference scores "
+                "(experiments/fit_scope.py --write stores them)" + tail)
+    parts = [f"{v['caught_after']} instead of {v['caught_before']} of the {v['n']} {name}" for name, v in alone.items()]
+    return head + "On the out-of-scope films stored with this gate, the distance stage alone now catches " + \
+        ", ".join(parts) + tail
 
 
 def format_site_report(record: dict) -> str:
