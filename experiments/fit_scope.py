@@ -91,6 +91,14 @@ class Pipeline:
     def mask(self, sources) -> np.ndarray:
         return np.isin(self.sources, list(sources))
 
+    def counted(self, source: str) -> np.ndarray:
+        """The rows of ``source`` a rate counts: its films, not their augmented copies."""
+        return np.flatnonzero((self.sources == source) & ~self.copy)
+
+    def without(self, source: str) -> np.ndarray:
+        """Rows a classifier may fit on when ``source`` is left out: its films' copies leave with it."""
+        return ~self.mask(HELD_OUT_PEDIATRIC) & (self.sources != source)
+
     def train(self, rows: np.ndarray, hidden: int, weight_decay: float) -> ScopeClassifier:
         """A classifier fitted on the ``rows`` mask."""
         idx = torch.from_numpy(np.flatnonzero(rows))
@@ -153,9 +161,8 @@ def evaluate(pipe: Pipeline, max_refused: float, hidden: int, weight_decay: floa
                         and not s.startswith("ped_")})
     loso_refused: dict[str, np.ndarray] = {}
     for cls, source in negatives:
-        rows = np.flatnonzero((pipe.sources == source) & ~pipe.copy)
-        clf = pipe.calibrate(pipe.train(~never & (pipe.sources != source), hidden, weight_decay), ped_val,
-                             max_refused)
+        rows = pipe.counted(source)
+        clf = pipe.calibrate(pipe.train(pipe.without(source), hidden, weight_decay), ped_val, max_refused)
         out["leave_one_source_out"][source] = {"class": cls, **_summary(pipe, clf, rows)}
         loso_refused[cls] = np.concatenate([loso_refused.get(cls, np.zeros(0, bool)), pipe.verdicts(clf, rows)[0]])
         log.info("LOSO %-16s %-60s refused %d/%d", cls, source, *[out["leave_one_source_out"][source][k]
@@ -165,7 +172,7 @@ def evaluate(pipe: Pipeline, max_refused: float, hidden: int, weight_decay: floa
     out["threshold"] = full.threshold
     in_sample: dict[str, np.ndarray] = {}
     for cls, source in negatives:
-        rows = np.flatnonzero((pipe.sources == source) & ~pipe.copy)
+        rows = pipe.counted(source)
         out["in_sample"][source] = {"class": cls, **_summary(pipe, full, rows)}
         in_sample[cls] = np.concatenate([in_sample.get(cls, np.zeros(0, bool)), pipe.verdicts(full, rows)[0]])
     out["in_sample_by_class"] = {c: rate(r) for c, r in sorted(in_sample.items())}
@@ -234,13 +241,13 @@ def fit_scope(ckpt: dict, data_root: Path, dev_shift: Path, corpus: Path | None,
     predictor = Predictor.from_checkpoint(ckpt, "cpu")
     table = load_all(predictor, ckpt, data_root, dev_shift, corpus, ood)
     gate = fit_gate(table, gate_quantile, predictor, gate_copies)
-    # what calibrate --refit_gate reports a raised limit giving up (tables come from the feature cache)
-    gate.reference = reference_scores(gate, reference_sets(dev_shift_table(predictor, dev_shift),
-                                                           ood_table(predictor, ood) if ood is not None else None))
+    dev = dev_shift_table(predictor, dev_shift)  # the rows load_all took in, read back from the feature cache
+    # what calibrate --refit_gate reports a raised limit giving up
+    gate.reference = reference_scores(gate, reference_sets(dev, ood_table(predictor, ood) if ood is not None else None))
     if scope_copies:
         table = Table.concat([table, acquisition_rows(predictor, table, scope_copies)])
     if negative_copies:
-        table = Table.concat([table, negative_rows(predictor, dev_shift_table(predictor, dev_shift), negative_copies)])
+        table = Table.concat([table, negative_rows(predictor, dev, negative_copies)])
     _, val_rows = gate_fit_rows(table)
     pipe = Pipeline(table, gate)
     report = evaluate(pipe, max_refused, hidden, weight_decay) if evaluate_too else {}

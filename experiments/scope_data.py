@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,13 +89,15 @@ def _run(predictor: Predictor, pixels: np.ndarray) -> tuple[list[np.ndarray], np
     return [f.numpy().astype(np.float32) for f in out.features], out.logits.numpy()
 
 
-def _cached(predictor: Predictor, name: str, key_items: list[str], make) -> dict:
+def _cached(predictor: Predictor, name: str, key_items: list[str], make, inputs: int | None = None) -> dict:
+    """``make()``'s arrays, kept under a digest of ``key_items``; ``inputs``: how many it makes (for the log)."""
     key = hashlib.sha1("\n".join(key_items).encode()).hexdigest()[:12]
     path = cache_root(predictor) / f"{name}-{key}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    log.info("extracting features for %s (%d inputs); cached at %s", name, len(key_items), path)
+    log.info("extracting features for %s (%d inputs); cached at %s", name,
+             len(key_items) if inputs is None else inputs, path)
     arrays = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
@@ -237,8 +241,10 @@ def augmented_features(predictor: Predictor, table: Table, copies: int,
         aug = [predictor.outputs(c, batch_size=64).features for c in made]
         return {f"f{b}": torch.cat([a[b] for a in aug]).numpy().astype(np.float32) for b in range(len(aug[0]))}
 
-    key = [*table.names, f"copies={copies}", f"level={level}", f"augment={augment_digest()}"]
-    arrays = _cached(predictor, f"{level}_x{copies}", key, make)
+    made_as = (f"images={hashlib.sha1(b''.join(c.numpy().tobytes() for c in images)).hexdigest()[:12]}"
+               if images is not None else f"level={level}")  # given copies: whatever made them
+    key = [*table.names, f"copies={copies}", made_as, f"augment={augment_digest()}"]
+    arrays = _cached(predictor, f"{level}_x{copies}", key, make, copies * len(table.names))
     return [torch.from_numpy(arrays[f"f{b}"]) for b in range(len(arrays))]
 
 
@@ -255,8 +261,8 @@ def negative_rows(predictor: Predictor, dev: Table, copies: int) -> Table:
 
 
 def is_copy(names: list[str]) -> np.ndarray:
-    """Which rows are augmented copies (``augmented_rows``): fitted on, never counted."""
-    return np.array(["#acq" in n for n in names], bool)
+    """Which rows are augmented copies (``augmented_rows`` names them ``...#acqK``): fitted on, never counted."""
+    return np.array([re.search(r"#acq\d+$", n) is not None for n in names], bool)
 
 
 def augmented_rows(predictor: Predictor, rows: Table, copies: int, cls: str | None = None,
@@ -291,8 +297,10 @@ def fit_gate(table: Table, quantile: float, predictor: Predictor | None = None, 
 
 
 def augment_digest() -> str:
-    """Digest of the augmentation code: cached augmented features are only reused while it is unchanged."""
-    return hashlib.sha1(Path(augment_module.__file__).read_bytes()).hexdigest()[:12]
+    """Digest of the augmentation code (``pneumoscan/augment.py`` and ``augmented_copies``, which seeds and
+    batches it): cached augmented features are only reused while it is unchanged."""
+    code = Path(augment_module.__file__).read_bytes() + inspect.getsource(augmented_copies).encode()
+    return hashlib.sha1(code).hexdigest()[:12]
 
 
 def augmented_copies(images: torch.Tensor, copies: int, level: str = "acquisition",

@@ -84,12 +84,24 @@ def test_a_raised_limit_reports_what_the_distance_stage_gives_up_on_the_stored_o
     assert alone == {"n": 40, "caught_before": before["above"],
                      "caught_after": int((gate.scores(far) > new).sum())}
     assert alone["caught_after"] < alone["caught_before"]
-    text = _caution(record["distance_stage_alone"])
+    text = _caution(record["distance_stage_alone"], record["scope_classifier"])
     assert f"{alone['caught_after']} instead of {alone['caught_before']} of the 40 far films" in text
+    assert "no scope classifier" in text  # none was given: nothing else checks the features
+    with_classifier = refit_gate_limit(gate.to_dict(), site, np.arange(100) % 5, in_scope=np.ones(100, bool))[1]
+    assert "the scope classifier, which checks every input as well, is unchanged, but these films are among" in \
+        _caution(with_classifier["distance_stage_alone"], with_classifier["scope_classifier"])
+    # raising a site limit again reports the cost against the training limit too, not only the last step
+    further = [torch.randn(100, 8, generator=gen) * 1.6]
+    _, again = refit_gate_limit(new_dict, further, np.arange(100) % 5)
+    assert again["distance_stage_alone"]["far films"]["caught_before"] == alone["caught_after"]
+    assert again["distance_stage_alone"]["far films"]["caught_at_training_limit"] == before["above"]
+    assert f"({before['above']} at the training limit)" in _caution(again["distance_stage_alone"])
     # a gate fitted without them says that this was not measured, instead of quoting another model's numbers
     _, bare = refit_gate_limit({**gate.to_dict(), "reference": {}}, site, np.arange(100) % 5)
     assert "distance_stage_alone" not in bare
     assert "not measured for this model" in _caution(bare.get("distance_stage_alone"))
+    with pytest.raises(ValueError, match="reference scores"):
+        OutOfScopeGate.from_dict({**gate.to_dict(), "reference": [1.0, 2.0]})
 
 
 def test_a_gate_of_an_older_kind_is_refused():

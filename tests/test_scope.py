@@ -305,6 +305,47 @@ def test_cached_augmented_features_are_not_reused_after_the_augmentation_changes
     assert len(cached()) == 3
 
 
+def test_augmented_negatives_are_fitted_with_their_source_and_never_counted(tmp_path, monkeypatch):
+    """``fit_scope.py --negative_copies``: a copy of a dev_shift film keeps its film's class and source, so leaving
+    that source out leaves its copies out too, and no rate counts a copy (the rule of docs/experiments.md,
+    "A scope classifier that has seen processed adult films", depends on both)."""
+    import torch
+
+    from pneumoscan.checkpoint import default_model_path, load_checkpoint
+    from pneumoscan.gate import OutOfScopeGate
+    from pneumoscan.predict import Predictor
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    scope_data = _experiment("scope_data", monkeypatch)
+    fit_scope = _experiment("fit_scope", monkeypatch)
+    rng = np.random.default_rng(1)
+
+    def table(names, classes, sources, size=224, feats=None):
+        n = len(names)
+        return scope_data.Table(names, classes, sources, feats or [rng.normal(size=(n, 3)).astype(np.float32)],
+                                rng.integers(0, 256, (n, size, size), dtype=np.uint8), np.zeros(n),
+                                np.full(n, 50.0), np.ones(n), np.zeros((n, 2)))
+
+    predictor = Predictor.from_checkpoint(load_checkpoint(default_model_path()), "cpu")
+    dev = table(["a/x.jpg", "b/y.jpg"], ["adult_frontal", "lateral"], ["repo/a", "repo/b"])
+    copies = scope_data.negative_rows(predictor, dev, 2)
+    assert copies.names == ["a/x.jpg#acq0", "b/y.jpg#acq0", "a/x.jpg#acq1", "b/y.jpg#acq1"]
+    assert copies.classes == dev.classes * 2 and copies.sources == dev.sources * 2
+    assert len(copies.feats) == 5 and len(copies.feats[0]) == 4  # the model's blocks, one row per copy
+    assert scope_data.is_copy(copies.names).all() and not scope_data.is_copy(["a/x#acq.jpg", "p#acq1.png"]).any()
+
+    names = ["ped/t1", "ped/t2", "ped/v1", "r1", "r2", "r3", "r1#acq0", "r2#acq0", "r3#acq0"]
+    sources = ["ped_train", "ped_train", "ped_val", "repo/a", "repo/a", "repo/b", "repo/a", "repo/a", "repo/b"]
+    classes = ["in_scope"] * 3 + ["adult_frontal"] * 6
+    t = table(names, classes, sources, size=16)
+    gen = torch.Generator().manual_seed(0)
+    gate = OutOfScopeGate.fit([torch.randn(50, 3, generator=gen)], torch.zeros(50, dtype=torch.long),
+                              [torch.randn(20, 3, generator=gen)], layers=(0,), quantile=0.99)
+    pipe = fit_scope.Pipeline(t, gate)
+    assert pipe.counted("repo/a").tolist() == [3, 4] and pipe.counted("repo/b").tolist() == [5]
+    assert np.flatnonzero(pipe.without("repo/a")).tolist() == [0, 1, 5, 8]  # its copies leave with it; ped_val never in
+
+
 def test_fit_scope_will_not_rewrite_the_shipped_checks_under_the_same_version(tmp_path, capsys, monkeypatch):
     """``fit_scope.py --write`` on the shipped file without ``--model_version`` would give predictions made
     with other checks the old version's name; it is refused before anything is read."""

@@ -77,6 +77,9 @@ class OutOfScopeGate:
         self.base_threshold = float(threshold if base_threshold is None else base_threshold)  # the training limit
         # Scores of labelled out-of-scope sets (name -> one score per input), stored when the gate was fitted, so
         # that a raised limit can say how many of them the distance stage alone would no longer catch.
+        if reference is not None and not isinstance(reference, dict):
+            raise ValueError(f"the gate's reference scores must map a set's name to its scores, got "
+                             f"{type(reference).__name__}")
         self.reference = {str(k): [float(v) for v in vs] for k, vs in (reference or {}).items()}
 
     @classmethod

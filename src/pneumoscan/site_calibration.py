@@ -225,10 +225,13 @@ def refit_gate_limit(gate_dict: dict, features: list, groups: np.ndarray, site: 
               "films_left_out_by_scope": int((~keep).sum()), "highest_scores": [float(t) for t in top],
               "site_refused_before": float((scores[keep] > old).mean()),
               "site_refused_after_cross_validated": cv_refused / int(keep.sum())}
+    record["scope_classifier"] = in_scope is not None  # whether anything but the distance stage checks features
     if gate.reference:  # what the distance stage alone gives up, on the out-of-scope sets stored at its fit
-        before, after = gate.reference_caught(old), gate.reference_caught(new)
-        record["distance_stage_alone"] = {name: {"n": b["n"], "caught_before": b["above"],
-                                                 "caught_after": after[name]["above"]} for name, b in before.items()}
+        before, after, trained = gate.reference_caught(old), gate.reference_caught(new), gate.reference_caught(base)
+        record["distance_stage_alone"] = {
+            name: {"n": b["n"], "caught_before": b["above"], "caught_after": after[name]["above"],
+                   **({"caught_at_training_limit": trained[name]["above"]} if old != base else {})}
+            for name, b in before.items()}
     return gate.to_dict(), record
 
 
@@ -290,25 +293,34 @@ def _gate_line(g: dict) -> list[str]:
         return [f"feature-distance gate: limit unchanged ({g['threshold']:.3f}): the site's films do not need a "
                 f"higher one"]
     return [f"feature-distance gate: limit {g['previous_threshold']:.3f} -> {g['threshold']:.3f} "
-            f"({g['raise_over_training']:.2f}x the training limit; set by {g['films_setting_it']} films the scope "
-            f"classifier accepts, {g['films_left_out_by_scope']} left out; highest scores "
+            f"({g['raise_over_training']:.2f}x the training limit; set by {g['films_setting_it']} films"
+            f"{' the scope classifier accepts' if g.get('scope_classifier', True) else ''}, "
+            f"{g['films_left_out_by_scope']} left out; highest scores "
             f"{', '.join(f'{t:.2f}' for t in g['highest_scores'])}); site films refused by it "
             f"{g['site_refused_before']:.1%} -> {g['site_refused_after_cross_validated']:.1%} (on new films, "
-            f"cross-validated); the scope classifier and pixel checks are unchanged",
-            _caution(g.get("distance_stage_alone"))]
+            f"cross-validated); the {'scope classifier and ' if g.get('scope_classifier', True) else ''}pixel checks "
+            f"are unchanged",
+            _caution(g.get("distance_stage_alone"), g.get("scope_classifier", True))]
 
 
-def _caution(alone: dict | None) -> str:
+def _caution(alone: dict | None, scope_classifier: bool = True) -> str:
     head = "CAUTION: a raised limit also lets through more inputs that only the distance stage would catch. "
-    tail = ("; the scope classifier, which checks every input as well, is unchanged, so the whole pipeline may "
-            "still refuse most of them (check with pneumoscan evaluate --scope_report on out-of-scope films): use it "
-            "where valid films are being refused, not by default")
+    if scope_classifier:
+        tail = "; the scope classifier, which checks every input as well, is unchanged" + (
+            ", but these films are among those it was fitted on, so that it still refuses them says little about "
+            "inputs it has not seen" if alone else "")
+    else:
+        tail = "; this checkpoint has no scope classifier, so what the distance stage lets through gets an answer"
+    tail += ": use it where valid films are being refused, not by default"
     if not alone:
         return (head + "How many was not measured for this model: its gate stores no out-of-scope reference scores "
-                "(experiments/fit_scope.py --write stores them)" + tail)
-    parts = [f"{v['caught_after']} instead of {v['caught_before']} of the {v['n']} {name}" for name, v in alone.items()]
-    return head + "On the out-of-scope films stored with this gate, the distance stage alone now catches " + \
-        ", ".join(parts) + tail
+                "(experiments/gate_alone.py --store adds them, from dev_shift and the generated non-radiographs)"
+                + tail)
+    parts = [f"{v['caught_after']} instead of {v['caught_before']} of the {v['n']} {name}"
+             + (f" ({v['caught_at_training_limit']} at the training limit)" if "caught_at_training_limit" in v else "")
+             for name, v in alone.items()]
+    return (head + "Of the out-of-scope films whose distance scores this gate stores, the distance stage alone now "
+            "catches " + ", ".join(parts) + tail)
 
 
 def format_site_report(record: dict) -> str:
