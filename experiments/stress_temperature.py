@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                  " | ".join(f"{k} ECE {r[k]['ece']:.4f} LOW {r[k]['answered_low']} wrong-LOW {r[k]['wrong_low']}"
                             for k in logits))
     report["seconds"] = time.time() - t0
-    report["command"] = " ".join(["python experiments/stress_temperature.py", *(sys.argv[1:] if argv is None else argv)])
+    given = sys.argv[1:] if argv is None else argv
+    report["command"] = " ".join(["python experiments/stress_temperature.py", *given])
     write_json(report, args.json)
     return 0
 
