@@ -293,7 +293,9 @@ def fit_gate(table: Table, quantile: float, predictor: Predictor | None = None, 
             raise ValueError("augmented copies need the predictor that makes their features")
         aug = augmented_features(predictor, train, copies)
         feats, labels = [torch.cat([f, a]) for f, a in zip(feats, aug)], labels.repeat(copies + 1)
-    return OutOfScopeGate.fit(feats, labels, table.select(val_rows).block_features(), quantile=quantile)
+    gate = OutOfScopeGate.fit(feats, labels, table.select(val_rows).block_features(), quantile=quantile)
+    gate.fit_detail(train.pixels)  # the plain training films' fine detail (never the augmented copies)
+    return gate
 
 
 def augment_digest() -> str:

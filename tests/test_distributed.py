@@ -46,6 +46,7 @@ def test_ddp_training_writes_outputs_once_from_rank_0(ddp_run):
     assert "rank 0 of 2 (gloo)" in log and "rank 1 of 2" not in log
     ckpt = load_checkpoint(out / "medical_cnn_model.pth")
     assert ckpt["temperature"] is not None and ckpt["ood_gate"] is not None
+    assert ckpt["ood_gate"]["min_detail"] > 0  # the detail floor is fitted on the training films
     assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp files left
 
 

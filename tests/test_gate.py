@@ -13,6 +13,7 @@ from pneumoscan.checkpoint import default_model_path, load_checkpoint, save_chec
 from pneumoscan.errors import OutOfScopeError
 from pneumoscan.gate import OutOfScopeGate
 from pneumoscan.inference import InferenceFailure, InferenceResult, MedicalImageInference
+from pneumoscan.scope_report import in_use_report
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real chest X-rays not found at {DATA}")
@@ -173,3 +174,62 @@ def test_checkpoint_without_gate_predicts_with_warning(tmp_path, caplog):
     assert "no out-of-scope gate" in caplog.text and eng.scope is None
     path = _save(np.full((300, 300), 128, np.uint8), tmp_path / "blank.png")
     assert isinstance(eng.predict_batch([path])[0], InferenceResult)
+
+
+def _quarter(img: Image.Image) -> Image.Image:
+    """Resolution loss to 25 %: down and up again, as a site's thumbnailing or a re-enlarged copy does."""
+    return img.resize((img.width // 4, img.height // 4), Image.BILINEAR).resize(img.size, Image.BILINEAR)
+
+
+def test_detail_ratio_ignores_exposure_and_falls_with_lost_detail(real_records):
+    from pneumoscan.gate import detail_ratio
+
+    films = [np.asarray(Image.open(r.path).convert("L").resize((224, 224))) for r in real_records[:8]]
+    plain = detail_ratio(np.stack(films))
+    brighter = detail_ratio(np.stack([np.clip(f * 0.7 + 40, 0, 255).astype(np.uint8) for f in films]))
+    quarter = detail_ratio(np.stack([np.asarray(_quarter(Image.fromarray(f))) for f in films]))
+    assert torch.allclose(plain, brighter, rtol=0.05)  # exposure and contrast do not count as detail
+    assert (quarter < 0.5 * plain).all()
+
+
+def test_the_detail_floor_is_stored_and_optional():
+    gen = torch.Generator().manual_seed(4)
+    gate = OutOfScopeGate.fit([torch.randn(50, 3, generator=gen)], torch.zeros(50, dtype=torch.long),
+                              [torch.randn(20, 3, generator=gen)], layers=(0,), quantile=0.99)
+    sharp = torch.randint(0, 256, (20, 32, 32), generator=gen).to(torch.uint8)
+    assert gate.low_detail(sharp[:2]) == ["", ""]  # no floor fitted: no check
+    floor = gate.fit_detail(sharp, quantile=0.1)
+    assert OutOfScopeGate.from_dict(gate.to_dict()).min_detail == floor
+    flat = torch.full((1, 32, 32), 100, dtype=torch.uint8)
+    flat[0, :, 16:] = 150  # one edge: almost no fine detail
+    assert gate.low_detail(flat)[0].startswith("the image has much less fine detail than the training films")
+    assert gate.low_detail(sharp[:1]) == [""]
+
+
+def test_a_downscaled_film_is_answered_with_a_low_detail_warning_or_refused_saying_so(engine, real_records,
+                                                                                      tmp_path):
+    """The shipped model on real films and on their 25 %-resolution copies: the copies' results carry the
+    warning (without it forcing the risk level: risk LOW stays possible) or, refused, a reason saying that the
+    detail was lost; the originals never do."""
+    assert engine.gate.min_detail is not None, "the shipped gate must carry its detail floor"
+    originals, copies = [], []
+    for r in real_records[::400][:12]:
+        img = Image.open(r.path).convert("L")
+        originals.append(tmp_path / f"{r.path.stem}.png")
+        copies.append(tmp_path / f"{r.path.stem}_quarter.png")
+        img.save(originals[-1])
+        _quarter(img).save(copies[-1])
+    for out in engine.predict_batch(originals):
+        text = " ".join(out.warnings) if isinstance(out, InferenceResult) else out.error
+        assert "fine detail" not in text
+    risks = []
+    outcomes = engine.predict_batch(copies)
+    counted = in_use_report(outcomes, np.zeros(len(outcomes), int))  # pneumoscan evaluate's "in use" counts
+    assert counted["answered_with_low_detail_warning"] == counted["answered"] > 0
+    for out in outcomes:
+        if isinstance(out, InferenceResult):
+            assert any(w.startswith("low detail: the image has much less fine detail") for w in out.warnings)
+            risks.append(out.risk_level)
+        else:
+            assert "note: the image has much less fine detail" in out.error and "send the original" in out.error
+    assert "LOW" in risks

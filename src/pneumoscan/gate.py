@@ -9,6 +9,12 @@ Two stages, both fitted from data and stored in the checkpoint:
    the largest of these is the input's score. Early blocks see texture and intensity
    statistics (photos, maps, MR), the last one content; a score above the same quantile of
    the validation radiographs' scores is refused.
+
+Beside them, a **detail check** that refuses nothing: the fine detail of the model input (mean absolute
+Laplacian over the pixel spread, ``detail_ratio``) against the training films' 0.1 % quantile. A
+downscaled-then-enlarged or blurred copy falls far below it; such a result is answered with a "low detail"
+warning, and a refusal's reason says that the detail was lost (the scope classifier reads lost detail as
+an adult film: docs/scope.md).
 """
 
 from __future__ import annotations
@@ -29,6 +35,19 @@ DEFAULT_MIN_STD = 8.0
 # Blocks 2-5 of MedicalCNN (indices into model.features). The last block alone missed grayscale
 # photos, MR slices and elevation maps; with blocks 2-4 added it caught them (docs/gate.md).
 DEFAULT_LAYERS = (1, 2, 3, 4)
+
+
+# Share of the training films whose detail ratio may fall below the stored floor.
+DETAIL_QUANTILE = 0.001
+
+
+def detail_ratio(pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Fine detail of uint8 (N, S, S) model-input images: mean |4-neighbour Laplacian| over the pixel standard
+    deviation. Invariant to brightness and contrast; a film taken down to 25 % and enlarged again keeps about a
+    quarter of it (docs/gate.md)."""
+    x = torch.as_tensor(pixels).float().div(255.0)
+    lap = (4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]).abs()
+    return lap.mean(dim=(1, 2)) / (x.std(dim=(1, 2)) + 1e-6)
 
 
 @dataclass
@@ -64,7 +83,7 @@ class OutOfScopeGate:
                  scales: list[float], threshold: float, min_std: float = DEFAULT_MIN_STD,
                  max_colorfulness: float = DEFAULT_MAX_COLORFULNESS, quantile: float = 0.995,
                  fitted_on: str = "validation radiographs", base_threshold: float | None = None,
-                 reference: dict[str, list[float]] | None = None) -> None:
+                 reference: dict[str, list[float]] | None = None, min_detail: float | None = None) -> None:
         self.layers = [int(i) for i in layers]
         self.means = means
         self.precisions = precisions
@@ -81,6 +100,8 @@ class OutOfScopeGate:
             raise ValueError(f"the gate's reference scores must map a set's name to its scores, got "
                              f"{type(reference).__name__}")
         self.reference = {str(k): [float(v) for v in vs] for k, vs in (reference or {}).items()}
+        # the training films' DETAIL_QUANTILE of ``detail_ratio`` (None: no detail check; ``fit_detail`` sets it)
+        self.min_detail = None if min_detail is None else float(min_detail)
 
     @classmethod
     def fit(cls, train_feats: list[torch.Tensor], train_labels: torch.Tensor, val_feats: list[torch.Tensor],
@@ -104,6 +125,22 @@ class OutOfScopeGate:
         per_layer = [_mahalanobis(feats[i], m, p) / s
                      for i, m, p, s in zip(self.layers, self.means, self.precisions, self.scales)]
         return torch.stack(per_layer).max(dim=0).values
+
+    def fit_detail(self, train_pixels: torch.Tensor | np.ndarray, quantile: float = DETAIL_QUANTILE,
+                   batch: int = 512) -> float:
+        """Set the detail floor to ``quantile`` of the training films' ``detail_ratio``; returns it."""
+        ratios = torch.cat([detail_ratio(train_pixels[i:i + batch]) for i in range(0, len(train_pixels), batch)])
+        self.min_detail = float(np.quantile(ratios.numpy(), quantile))
+        return self.min_detail
+
+    def low_detail(self, pixels: torch.Tensor | np.ndarray) -> list[str]:
+        """For each model input, "" or how its fine detail falls below the training films'."""
+        if self.min_detail is None:
+            return [""] * len(pixels)
+        return ["" if r >= self.min_detail else
+                f"the image has much less fine detail than the training films (detail ratio {r:.3f} < "
+                f"{self.min_detail:.3f}, their {DETAIL_QUANTILE:.1%} quantile), as a downscaled and re-enlarged or "
+                f"blurred copy has" for r in detail_ratio(pixels).tolist()]
 
     def reference_caught(self, limit: float | None = None) -> dict[str, dict]:
         """For each stored reference set, how many of its inputs score above ``limit`` (default: this gate's)."""
@@ -138,7 +175,8 @@ class OutOfScopeGate:
                 "means": [m.float() for m in self.means], "precisions": [p.float() for p in self.precisions],
                 "scales": self.scales, "threshold": self.threshold, "min_std": self.min_std,
                 "max_colorfulness": self.max_colorfulness, "quantile": self.quantile, "fitted_on": self.fitted_on,
-                "base_threshold": self.base_threshold, **({"reference": self.reference} if self.reference else {})}
+                "base_threshold": self.base_threshold, **({"reference": self.reference} if self.reference else {}),
+                **({"min_detail": self.min_detail} if self.min_detail is not None else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> OutOfScopeGate:
@@ -160,4 +198,4 @@ class OutOfScopeGate:
                             "calibrate --refit_gate will cap and compare against the site limit", d["fitted_on"])
         return cls(d["layers"], d["means"], d["precisions"], d["scales"], d["threshold"], d["min_std"],
                    d["max_colorfulness"], d.get("quantile", 0.995), d.get("fitted_on", "validation radiographs"),
-                   base, d.get("reference"))
+                   base, d.get("reference"), d.get("min_detail"))

@@ -37,6 +37,10 @@ RISK_LOW, RISK_MEDIUM, RISK_HIGH = "LOW", "MEDIUM", "HIGH"
 # A result carrying one of these warnings was made outside what the model is validated on: its
 # confidence says nothing about how right it is, so its risk level is HIGH, never LOW (docs/scope.md).
 UNVALIDATED_WARNINGS = ("lateral", "outside the validated population")
+# An answered film whose fine detail is below the training films' (``OutOfScopeGate.low_detail``); it does not
+# change the risk level: on validation films taken down to 25 %, AUROC held (docs/gate.md, "Detail check").
+LOW_DETAIL_PREFIX = "low detail: "
+LOW_DETAIL = LOW_DETAIL_PREFIX + "{}; the answer may be less reliable: if possible, send the original film"
 
 
 @dataclass
@@ -248,7 +252,7 @@ class MedicalImageInference:
                 "backend": self.backend}
 
     def _result(self, probs: torch.Tensor, seconds: float, path: str | None,
-                decoded: DecodedImage) -> InferenceResult:
+                decoded: DecodedImage, image_warnings: list[str] | None = None) -> InferenceResult:
         p_pos = float(probs[1])
         label = 1 if p_pos >= self.threshold else 0
         confidence = float(probs[label])
@@ -259,6 +263,7 @@ class MedicalImageInference:
             warnings += list(decoded.dicom.warnings)
             if decoded.dicom.is_lateral:
                 warnings.append("lateral view: the model is trained and validated on frontal views only")
+        warnings += image_warnings or []
         if self.temperature is None:
             warnings.append("uncalibrated model: probabilities are raw softmax outputs")
         level = risk_level(confidence, uncertainty)
@@ -366,19 +371,23 @@ class MedicalImageInference:
             probs = self.predictor.probabilities(out.logits)
             verdicts = self.gate.check_features(out.features) if self.gate is not None else [None] * len(pending)
             scoped = self.scope.check(out.features, images) if self.scope is not None else [None] * len(pending)
+            details = self.gate.low_detail(images) if self.gate is not None else [""] * len(pending)
             share = (time.perf_counter() - t0) / len(pending)
-            for prep, row, verdict, scope in zip(pending, probs, verdicts, scoped):
+            for prep, row, verdict, scope, detail in zip(pending, probs, verdicts, scoped, details):
                 source = prep.source
                 name = _name(source)
+                # lost detail is what the checks may have read (a downscaled child's film looks like an adult's)
+                lost = (f"; note: {detail}, which these checks can take for an adult's or another kind of film: if "
+                        f"this is a child's frontal chest film, send the original" if detail else "")
                 # the classifier's reason names what the input looks like: prefer it to the distance's
                 if scope is not None and not scope.in_scope:
-                    done[prep.index] = _failure(name, OutOfScopeError(f"{name}: out of scope: {scope.reason}"))
+                    done[prep.index] = _failure(name, OutOfScopeError(f"{name}: out of scope: {scope.reason}{lost}"))
                     continue
                 if verdict is not None and not verdict.in_scope:
-                    done[prep.index] = _failure(name, OutOfScopeError(f"{name}: {verdict.reason}"))
+                    done[prep.index] = _failure(name, OutOfScopeError(f"{name}: {verdict.reason}{lost}"))
                     continue
                 result = self._result(row, prep.seconds + share, None if isinstance(source, bytes) else name,
-                                      prep.decoded)
+                                      prep.decoded, [LOW_DETAIL.format(detail)] if detail else [])
                 if heatmap_dir is not None:
                     self._write_heatmap(result, source, prep.decoded, Path(heatmap_dir), prep.index)
                 done[prep.index] = result

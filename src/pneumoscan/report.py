@@ -112,11 +112,13 @@ def _in_use_html(u: dict) -> str:
 checks; a refused film gets no answer, and a wrong answer with LOW risk is the error a reader is least
 likely to question.</p>
 <table><tr><th>films</th><th>refused (NORMAL / PNEUMONIA)</th><th>refused by reason</th><th>answered</th>
-<th>answered with a lateral or population warning</th><th>sensitivity / specificity on the answered</th>
+<th>answered with a lateral or population warning</th><th>answered with a low-detail warning</th>
+<th>sensitivity / specificity on the answered</th>
 <th>wrong with LOW risk (NORMAL called PNEUMONIA / PNEUMONIA called NORMAL)</th></tr>
 <tr><td>{u['films']}{f" ({u['unreadable']} unreadable)" if u['unreadable'] else ""}</td>
 <td>{u['refused']} ({refused['NORMAL']} / {refused['PNEUMONIA']})</td>
 <td>{reasons}</td><td>{u['answered']}</td><td>{u['answered_with_lateral_or_population_warning']}</td>
+<td>{u.get('answered_with_low_detail_warning', 0)}</td>
 <td>{rate(u['answered_pneumonia_called_pneumonia'], u['answered_by_class']['PNEUMONIA'])} /
 {rate(u['answered_normal_called_normal'], u['answered_by_class']['NORMAL'])}</td>
 <td>{u['wrong_with_low_risk']} ({wrong['NORMAL']} / {wrong['PNEUMONIA']})</td></tr></table>"""

@@ -461,8 +461,9 @@ def finalize(predictor: Predictor, splits: DataSplits, cfg: TrainConfig) -> dict
     logits, val_feats = val_out.logits, val_out.features
     train_feats = predictor.outputs(splits.train.images).features
     gate = OutOfScopeGate.fit(train_feats, splits.train.labels, val_feats)
-    log.info("out-of-scope gate: feature-distance score limit %.2f (%.1f%% quantile of validation)",
-             gate.threshold, 100 * gate.quantile)
+    gate.fit_detail(splits.train.images)
+    log.info("out-of-scope gate: feature-distance score limit %.2f (%.1f%% quantile of validation); detail floor "
+             "%.3f (training films)", gate.threshold, 100 * gate.quantile, gate.min_detail)
     y = splits.val.labels.numpy()
     temperature, threshold = fit_operating_point(logits, splits.val.labels, cfg.target_sensitivity)
     raw, cal = positive_probability(logits), positive_probability(logits, temperature)
