@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from gate_acquisition import share
@@ -26,7 +25,7 @@ from pneumoscan.checkpoint import load_checkpoint, save_checkpoint
 from pneumoscan.cli import configure_logging
 from pneumoscan.gate import OutOfScopeGate
 from pneumoscan.predict import Predictor
-from pneumoscan.results import write_json
+from pneumoscan.results import command_line, write_json
 from pneumoscan.scope import model_digest
 
 log = logging.getLogger("pneumoscan.gate_alone")
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         report["sets"][name] = [share(g.scores(feats), g.threshold) for g in gates]
         log.info("%-34s n %4d  %s", name, report["sets"][name][0]["n"],
                  "  ".join(f"{100 * r['rate']:5.1f} %" for r in report["sets"][name]))
-    report["command"] = " ".join(["python experiments/gate_alone.py", *(sys.argv[1:] if argv is None else argv)])
+    report["command"] = command_line("experiments/gate_alone.py", argv)
     write_json(report, args.json)
     return 0
 

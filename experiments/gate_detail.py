@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from pneumoscan.data import split_from_config
 from pneumoscan.gate import DETAIL_QUANTILE, OutOfScopeGate, detail_ratio
 from pneumoscan.inference import list_inputs
 from pneumoscan.preprocess import decode_image
-from pneumoscan.results import write_json
+from pneumoscan.results import command_line, write_json
 from pneumoscan.scope_report import wilson_interval
 
 log = logging.getLogger("pneumoscan.gate_detail")
@@ -70,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt["ood_gate"] = {**ckpt["ood_gate"], "min_detail": floor}
         save_checkpoint(ckpt, model_path)
         log.info("detail floor %.4f stored in %s", floor, model_path)
-    given = sys.argv[1:] if argv is None else argv
-    report["command"] = " ".join(["python experiments/gate_detail.py", *given])
+    report["command"] = command_line("experiments/gate_detail.py", argv)
     write_json(report, args.json)
     return 0
 

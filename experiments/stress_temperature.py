@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 
 import numpy as np
@@ -35,7 +34,7 @@ from pneumoscan.data import split_from_config
 from pneumoscan.inference import RISK_LOW, normalized_entropy, risk_level
 from pneumoscan.metrics import expected_calibration_error, threshold_for_sensitivity
 from pneumoscan.predict import Predictor
-from pneumoscan.results import write_json
+from pneumoscan.results import command_line, write_json
 
 log = logging.getLogger("pneumoscan.stress_temperature")
 TARGET = 0.95
@@ -111,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                  " | ".join(f"{k} ECE {r[k]['ece']:.4f} LOW {r[k]['answered_low']} wrong-LOW {r[k]['wrong_low']}"
                             for k in logits))
     report["seconds"] = time.time() - t0
-    given = sys.argv[1:] if argv is None else argv
-    report["command"] = " ".join(["python experiments/stress_temperature.py", *given])
+    report["command"] = command_line("experiments/stress_temperature.py", argv)
     write_json(report, args.json)
     return 0
 

@@ -37,6 +37,13 @@ def dumps(obj) -> str:
     return json.dumps(to_jsonable(obj), indent=2, allow_nan=False)
 
 
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """How a result file was made, for the file itself: ``script`` and its arguments (``sys.argv`` by default)."""
+    import sys
+
+    return " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
 def write_json(obj, path: str | os.PathLike) -> None:
     """Write ``obj`` as JSON atomically (temp file, then rename)."""
     write_text(path, dumps(obj) + "\n")
