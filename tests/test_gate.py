@@ -13,7 +13,7 @@ from pneumoscan.checkpoint import default_model_path, load_checkpoint, save_chec
 from pneumoscan.errors import OutOfScopeError
 from pneumoscan.gate import OutOfScopeGate
 from pneumoscan.inference import InferenceFailure, InferenceResult, MedicalImageInference
-from pneumoscan.scope_report import in_use_report
+from pneumoscan.scope_report import in_use_report, refusal_category
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real chest X-rays not found at {DATA}")
@@ -193,6 +193,8 @@ def test_detail_ratio_ignores_exposure_and_falls_with_lost_detail(real_records):
 
 
 def test_the_detail_floor_is_stored_and_optional():
+    from pneumoscan.gate import detail_ratio
+
     gen = torch.Generator().manual_seed(4)
     gate = OutOfScopeGate.fit([torch.randn(50, 3, generator=gen)], torch.zeros(50, dtype=torch.long),
                               [torch.randn(20, 3, generator=gen)], layers=(0,), quantile=0.99)
@@ -202,16 +204,32 @@ def test_the_detail_floor_is_stored_and_optional():
     assert OutOfScopeGate.from_dict(gate.to_dict()).min_detail == floor
     flat = torch.full((1, 32, 32), 100, dtype=torch.uint8)
     flat[0, :, 16:] = 150  # one edge: almost no fine detail
-    assert gate.low_detail(flat)[0].startswith("the image has much less fine detail than the training films")
-    assert gate.low_detail(sharp[:1]) == [""]
+    assert gate.low_detail(flat)[0].startswith("much less fine detail than the training films")
+    assert "10.0% of the training films are below" in gate.low_detail(flat)[0]  # the quantile it was fitted at
+    sharpest = int(detail_ratio(sharp).argmax())
+    assert gate.low_detail(sharp[sharpest:sharpest + 1]) == [""]
+    assert detail_ratio(torch.full((1, 8, 8), 77, dtype=torch.uint8)).item() == 0.0  # a flat image has no detail
+    with pytest.raises(ValueError, match="at least 3 x 3"):
+        detail_ratio(torch.zeros((1, 2, 2), dtype=torch.uint8))
+
+
+def test_the_low_detail_texts_neither_force_the_risk_level_nor_change_a_refusal_category():
+    """The warning must leave the risk level to the seed's rule (markers in UNVALIDATED_WARNINGS force HIGH),
+    and the note on a refusal must not make ``evaluate`` count it under another reason."""
+    from pneumoscan.inference import LOW_DETAIL, LOW_DETAIL_NOTE, UNVALIDATED_WARNINGS
+    from pneumoscan.scope_report import REFUSAL_CATEGORIES
+
+    for text in (LOW_DETAIL, LOW_DETAIL_NOTE):
+        assert not any(m in text.lower() for m in UNVALIDATED_WARNINGS)
+        assert not any(marker in text for _, marker in REFUSAL_CATEGORIES)
 
 
 def test_a_downscaled_film_is_answered_with_a_low_detail_warning_or_refused_saying_so(engine, real_records,
-                                                                                      tmp_path):
+                                                                                      tmp_path, monkeypatch):
     """The shipped model on real films and on their 25 %-resolution copies: the copies' results carry the
     warning (without it forcing the risk level: risk LOW stays possible) or, refused, a reason saying that the
     detail was lost; the originals never do."""
-    assert engine.gate.min_detail is not None, "the shipped gate must carry its detail floor"
+    assert engine.gate.min_detail is not None and engine.info["detail_check"], "the shipped gate has its floor"
     originals, copies = [], []
     for r in real_records[::400][:12]:
         img = Image.open(r.path).convert("L")
@@ -226,10 +244,18 @@ def test_a_downscaled_film_is_answered_with_a_low_detail_warning_or_refused_sayi
     outcomes = engine.predict_batch(copies)
     counted = in_use_report(outcomes, np.zeros(len(outcomes), int))  # pneumoscan evaluate's "in use" counts
     assert counted["answered_with_low_detail_warning"] == counted["answered"] > 0
+    assert counted["refused_with_low_detail_note"] == counted["refused"]
     for out in outcomes:
         if isinstance(out, InferenceResult):
-            assert any(w.startswith("low detail: the image has much less fine detail") for w in out.warnings)
+            assert any(w.startswith("low detail: much less fine detail") for w in out.warnings)
             risks.append(out.risk_level)
         else:
             assert "note: the image has much less fine detail" in out.error and "send the original" in out.error
     assert "LOW" in risks
+    # refused, a copy's reason keeps its category and says the detail was lost (forced here: the distance stage
+    # refuses everything, which no film of these 12 copies gets otherwise)
+    monkeypatch.setattr(engine.gate, "threshold", float("-inf"))
+    monkeypatch.setattr(engine, "scope", None)
+    for out in engine.predict_batch(copies[:3]):
+        assert isinstance(out, InferenceFailure) and refusal_category(out.error) == "feature_distance"
+        assert "; note: the image has much less fine detail" in out.error and "send the original" in out.error

@@ -43,11 +43,18 @@ DETAIL_QUANTILE = 0.001
 
 def detail_ratio(pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Fine detail of uint8 (N, S, S) model-input images: mean |4-neighbour Laplacian| over the pixel standard
-    deviation. Invariant to brightness and contrast; a film taken down to 25 % and enlarged again keeps about a
-    quarter of it (docs/gate.md)."""
-    x = torch.as_tensor(pixels).float().div(255.0)
+    deviation (both in grey levels; 0 for a flat image). Invariant to brightness and contrast; a 224 px film
+    taken down to 25 % and enlarged again smoothly keeps about a quarter of it (docs/gate.md, "Detail check").
+
+    Raises:
+        ValueError: images smaller than 3 x 3 pixels (no Laplacian).
+    """
+    x = torch.as_tensor(pixels)
+    if x.ndim != 3 or min(x.shape[1:]) < 3:
+        raise ValueError(f"detail_ratio needs (N, S, S) images of at least 3 x 3 pixels, got {tuple(x.shape)}")
+    x = x.to(torch.int32)  # exact: a flat image has no detail at all
     lap = (4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]).abs()
-    return lap.mean(dim=(1, 2)) / (x.std(dim=(1, 2)) + 1e-6)
+    return lap.float().mean(dim=(1, 2)) / x.float().std(dim=(1, 2)).clamp_min(1.0)
 
 
 @dataclass
@@ -83,7 +90,8 @@ class OutOfScopeGate:
                  scales: list[float], threshold: float, min_std: float = DEFAULT_MIN_STD,
                  max_colorfulness: float = DEFAULT_MAX_COLORFULNESS, quantile: float = 0.995,
                  fitted_on: str = "validation radiographs", base_threshold: float | None = None,
-                 reference: dict[str, list[float]] | None = None, min_detail: float | None = None) -> None:
+                 reference: dict[str, list[float]] | None = None, min_detail: float | None = None,
+                 detail_quantile: float = DETAIL_QUANTILE) -> None:
         self.layers = [int(i) for i in layers]
         self.means = means
         self.precisions = precisions
@@ -102,6 +110,7 @@ class OutOfScopeGate:
         self.reference = {str(k): [float(v) for v in vs] for k, vs in (reference or {}).items()}
         # the training films' DETAIL_QUANTILE of ``detail_ratio`` (None: no detail check; ``fit_detail`` sets it)
         self.min_detail = None if min_detail is None else float(min_detail)
+        self.detail_quantile = float(detail_quantile)
 
     @classmethod
     def fit(cls, train_feats: list[torch.Tensor], train_labels: torch.Tensor, val_feats: list[torch.Tensor],
@@ -130,7 +139,7 @@ class OutOfScopeGate:
                    batch: int = 512) -> float:
         """Set the detail floor to ``quantile`` of the training films' ``detail_ratio``; returns it."""
         ratios = torch.cat([detail_ratio(train_pixels[i:i + batch]) for i in range(0, len(train_pixels), batch)])
-        self.min_detail = float(np.quantile(ratios.numpy(), quantile))
+        self.min_detail, self.detail_quantile = float(np.quantile(ratios.numpy(), quantile)), float(quantile)
         return self.min_detail
 
     def low_detail(self, pixels: torch.Tensor | np.ndarray) -> list[str]:
@@ -138,9 +147,9 @@ class OutOfScopeGate:
         if self.min_detail is None:
             return [""] * len(pixels)
         return ["" if r >= self.min_detail else
-                f"the image has much less fine detail than the training films (detail ratio {r:.3f} < "
-                f"{self.min_detail:.3f}, their {DETAIL_QUANTILE:.1%} quantile), as a downscaled and re-enlarged or "
-                f"blurred copy has" for r in detail_ratio(pixels).tolist()]
+                f"much less fine detail than the training films, as in a downscaled or blurred copy (detail ratio "
+                f"{r:.3f}; {self.detail_quantile:.1%} of the training films are below {self.min_detail:.3f})"
+                for r in detail_ratio(pixels).tolist()]
 
     def reference_caught(self, limit: float | None = None) -> dict[str, dict]:
         """For each stored reference set, how many of its inputs score above ``limit`` (default: this gate's)."""
@@ -176,7 +185,8 @@ class OutOfScopeGate:
                 "scales": self.scales, "threshold": self.threshold, "min_std": self.min_std,
                 "max_colorfulness": self.max_colorfulness, "quantile": self.quantile, "fitted_on": self.fitted_on,
                 "base_threshold": self.base_threshold, **({"reference": self.reference} if self.reference else {}),
-                **({"min_detail": self.min_detail} if self.min_detail is not None else {})}
+                **({"min_detail": self.min_detail, "detail_quantile": self.detail_quantile}
+                   if self.min_detail is not None else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> OutOfScopeGate:
@@ -198,4 +208,4 @@ class OutOfScopeGate:
                             "calibrate --refit_gate will cap and compare against the site limit", d["fitted_on"])
         return cls(d["layers"], d["means"], d["precisions"], d["scales"], d["threshold"], d["min_std"],
                    d["max_colorfulness"], d.get("quantile", 0.995), d.get("fitted_on", "validation radiographs"),
-                   base, d.get("reference"), d.get("min_detail"))
+                   base, d.get("reference"), d.get("min_detail"), d.get("detail_quantile", DETAIL_QUANTILE))

@@ -41,6 +41,10 @@ UNVALIDATED_WARNINGS = ("lateral", "outside the validated population")
 # change the risk level: on validation films taken down to 25 %, AUROC held (docs/gate.md, "Detail check").
 LOW_DETAIL_PREFIX = "low detail: "
 LOW_DETAIL = LOW_DETAIL_PREFIX + "{}; the answer may be less reliable: if possible, send the original film"
+# ... and on a refused one, whose lost detail the scope checks may have read as an adult's or another film
+LOW_DETAIL_NOTE_PREFIX = "; note: the image has "
+LOW_DETAIL_NOTE = (LOW_DETAIL_NOTE_PREFIX + "{}, which the checks above can mistake for another kind of film: if "
+                   "this is a child's frontal chest film, send the original")
 
 
 @dataclass
@@ -220,6 +224,9 @@ class MedicalImageInference:
         if self.scope is not None and self.scope.model_digest != model_digest(self.checkpoint["model_state"]):
             raise CheckpointError(f"{model_path}: its scope classifier was fitted on another model's features; "
                                   f"refit it with experiments/fit_scope.py")
+        if self.gate is not None and self.gate.min_detail is None:
+            log.warning("%s has no detail floor in its gate: downscaled or blurred copies of films get no low-detail "
+                        "warning (experiments/gate_detail.py --store adds it)", model_path)
         if gate and gate_state is not None and scope_state is None:
             log.warning("%s has no scope classifier: lateral views, other body parts and adult films will get "
                         "predictions", model_path)
@@ -249,6 +256,7 @@ class MedicalImageInference:
                 "threshold": self.threshold, "temperature": self.temperature,
                 "calibrated": self.temperature is not None, "class_names": self.class_names,
                 "out_of_scope_gate": self.gate is not None, "scope_classifier": self.scope is not None,
+                "detail_check": self.gate is not None and self.gate.min_detail is not None,
                 "backend": self.backend}
 
     def _result(self, probs: torch.Tensor, seconds: float, path: str | None,
@@ -377,8 +385,7 @@ class MedicalImageInference:
                 source = prep.source
                 name = _name(source)
                 # lost detail is what the checks may have read (a downscaled child's film looks like an adult's)
-                lost = (f"; note: {detail}, which these checks can take for an adult's or another kind of film: if "
-                        f"this is a child's frontal chest film, send the original" if detail else "")
+                lost = LOW_DETAIL_NOTE.format(detail) if detail else ""
                 # the classifier's reason names what the input looks like: prefer it to the distance's
                 if scope is not None and not scope.in_scope:
                     done[prep.index] = _failure(name, OutOfScopeError(f"{name}: out of scope: {scope.reason}{lost}"))

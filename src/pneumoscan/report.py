@@ -118,7 +118,7 @@ likely to question.</p>
 <tr><td>{u['films']}{f" ({u['unreadable']} unreadable)" if u['unreadable'] else ""}</td>
 <td>{u['refused']} ({refused['NORMAL']} / {refused['PNEUMONIA']})</td>
 <td>{reasons}</td><td>{u['answered']}</td><td>{u['answered_with_lateral_or_population_warning']}</td>
-<td>{u.get('answered_with_low_detail_warning', 0)}</td>
+<td>{u.get('answered_with_low_detail_warning', 'not counted')}</td>
 <td>{rate(u['answered_pneumonia_called_pneumonia'], u['answered_by_class']['PNEUMONIA'])} /
 {rate(u['answered_normal_called_normal'], u['answered_by_class']['NORMAL'])}</td>
 <td>{u['wrong_with_low_risk']} ({wrong['NORMAL']} / {wrong['PNEUMONIA']})</td></tr></table>"""

@@ -10,7 +10,13 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from .inference import LOW_DETAIL_PREFIX, UNVALIDATED_WARNINGS, InferenceFailure, InferenceResult
+from .inference import (
+    LOW_DETAIL_NOTE_PREFIX,
+    LOW_DETAIL_PREFIX,
+    UNVALIDATED_WARNINGS,
+    InferenceFailure,
+    InferenceResult,
+)
 
 # How a refusal's reason text reads, first match wins (texts: scope.REASONS, gate.py, dicom.py).
 REFUSAL_CATEGORIES = (
@@ -73,13 +79,14 @@ def _counts(outcomes: list) -> dict:
     answered = [o for o in outcomes if isinstance(o, InferenceResult)]
     flagged = [r for r in answered if any(m in w.lower() for w in r.warnings for m in UNVALIDATED_WARNINGS)]
     low_detail = [r for r in answered if any(w.startswith(LOW_DETAIL_PREFIX) for w in r.warnings)]
+    refused_low_detail = [o for o in refused if LOW_DETAIL_NOTE_PREFIX in o.error]
     handled = len(refused) + len(flagged)
     lo, hi = wilson_interval(handled, n - len(unreadable))
     return {
         "inputs": n, "unreadable": len(unreadable), "refused": len(refused),
         "refused_by_reason": dict(Counter(refusal_category(o.error) for o in refused).most_common()),
         "answered": len(answered), "answered_with_lateral_or_population_warning": len(flagged),
-        "answered_with_low_detail_warning": len(low_detail),
+        "answered_with_low_detail_warning": len(low_detail), "refused_with_low_detail_note": len(refused_low_detail),
         "refused_or_flagged": handled, "refused_or_flagged_rate": handled / max(n - len(unreadable), 1),
         "refused_or_flagged_ci95": [lo, hi],
         "answered_risk_levels": dict(Counter(r.risk_level for r in answered)),
@@ -150,6 +157,7 @@ def in_use_report(outcomes: list, labels) -> dict:
         "answered": len(answered), "answered_by_class": {"NORMAL": len(neg), "PNEUMONIA": len(pos)},
         "answered_with_lateral_or_population_warning": counts["answered_with_lateral_or_population_warning"],
         "answered_with_low_detail_warning": counts["answered_with_low_detail_warning"],
+        "refused_with_low_detail_note": counts["refused_with_low_detail_note"],
         "answered_pneumonia_called_pneumonia": tp, "answered_normal_called_normal": tn,
         "answered_sensitivity": tp / len(pos) if pos else math.nan,
         "answered_specificity": tn / len(neg) if neg else math.nan,
@@ -179,7 +187,8 @@ def format_in_use(r: dict) -> str:
         f"in use (the whole pipeline, scope checks included{backend}): {r['films']} films, refused {r['refused']} "
         f"({refused['NORMAL']} NORMAL, {refused['PNEUMONIA']} PNEUMONIA; by reason: {reasons}){unreadable}, answered "
         f"{r['answered']} ({r['answered_with_lateral_or_population_warning']} with a lateral or population warning, "
-        f"{r.get('answered_with_low_detail_warning', 0)} with a low-detail warning)",
+        f"{r['answered_with_low_detail_warning']} with a low-detail warning; {r['refused_with_low_detail_note']} of "
+        f"the refused have lost detail)",
         f"on the answered films (film level, Wilson 95 % CI): sensitivity "
         f"{_share(r['answered_pneumonia_called_pneumonia'], answered['PNEUMONIA'])}, specificity "
         f"{_share(r['answered_normal_called_normal'], answered['NORMAL'])}; wrong with LOW risk: "

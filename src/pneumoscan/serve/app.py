@@ -102,7 +102,8 @@ class Service:
             "validation_metrics": {k.removeprefix("val_"): float(v)
                                    for k, v in (checkpoint.get("metrics") or {}).items()},
             "training_note": checkpoint.get("training_note"),
-            "backend": info.get("backend"), "max_upload_mb": settings.max_upload_mb, "workers": settings.workers,
+            "backend": info.get("backend"), "detail_check": bool(info.get("detail_check")),
+            "max_upload_mb": settings.max_upload_mb, "workers": settings.workers,
         }
         pool = InferencePool(engines, settings.max_batch, settings.batch_wait_ms, settings.max_queue,
                              settings.heatmap_max_side, on_batch=self.metrics.batch_size.observe)

@@ -56,6 +56,7 @@ class ModelInfo(BaseModel):
         description="the checkpoint's own figures on its validation split at its threshold (MODEL_CARD.md)")
     training_note: str | None
     backend: str | None = Field(None, description="what runs the model: torch, onnx or onnx-int8")
+    detail_check: bool = Field(False, description="whether downscaled or blurred copies get a low-detail warning")
     max_upload_mb: float
     workers: int
 

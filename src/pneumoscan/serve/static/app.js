@@ -70,7 +70,7 @@ function refuse(card, errorType, reason, requestId) {
   card.dataset.state = "refused";
   show($(".status", card), false);
   const verdict = $(".verdict", card);
-  verdict.textContent = errorType === "OutOfScopeError" ? "Not a chest X-ray" : "No prediction";
+  verdict.textContent = errorType === "OutOfScopeError" ? "Refused: outside what the model reads" : "No prediction";
   show(verdict);
   const words = REFUSALS[errorType] || "The service refused this file.";
   $(".reason", card).textContent = reason ? `${words} (${reason})` : words;
