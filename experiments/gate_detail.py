@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in report["sets"].items():
         log.info("%-50s %4d / %4d below the floor %.4f (median %.4f)", name, r["below"], r["n"], floor, r["median"])
     if args.store:
-        ckpt["ood_gate"] = {**ckpt["ood_gate"], "min_detail": floor}
+        ckpt["ood_gate"] = {**ckpt["ood_gate"], "min_detail": floor, "detail_quantile": gate.detail_quantile}
         save_checkpoint(ckpt, model_path)
         log.info("detail floor %.4f stored in %s", floor, model_path)
     report["command"] = command_line("experiments/gate_detail.py", argv)
