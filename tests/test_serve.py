@@ -104,6 +104,7 @@ def test_predict_matches_the_engine_and_is_audited(server, client, xray):
     assert row["status"] == 200 and row["api_key_id"] == KEY_ID and row["client"] == "127.0.0.1"
     assert (row["prediction"], row["risk_level"]) == (body["prediction"], body["risk_level"])
     assert row["probability"] == pytest.approx(body["probabilities"]["PNEUMONIA"])
+    assert json.loads(row["warnings"]) == body["warnings"]  # what the drift check counts low-detail answers from
     assert (row["input_sha256"], row["input_bytes"]) == (body["input_sha256"], xray.stat().st_size)
     assert (row["model_version"], row["threshold"]) == (body["model_version"], body["threshold"])
     assert row["method"] == "POST" and row["path"] == "/v1/predict" and row["latency_ms"] > 0

@@ -30,6 +30,22 @@ def test_new_database_is_wal_at_the_current_version(tmp_path):
         conn.close()
 
 
+def test_a_version_1_log_gains_the_warnings_column_and_keeps_its_rows(tmp_path):
+    """A log written before the warnings column (schema version 1) opens at the current version; its rows keep
+    NULL warnings, which the drift check reads as "not logged", not as "no warning"."""
+    path = tmp_path / "v1.db"
+    conn = connect(path, MIGRATIONS[:1])
+    conn.execute("INSERT INTO requests (request_id, time, method, path, status, latency_ms) VALUES "
+                 "('old', '2026-11-01T00:00:00.000000+00:00', 'POST', '/v1/predict', 200, 1.0)")
+    conn.commit()
+    conn.close()
+    log = AuditLog(path)
+    log.submit(record(2, prediction="NORMAL", warnings="[]")).result(10)
+    log.close()
+    rows = {r["request_id"]: r for r in audit.iter_records(path)}
+    assert rows["old"]["warnings"] is None and rows["r0002"]["warnings"] == "[]"
+
+
 def test_a_later_column_migrates_an_existing_log(tmp_path):
     path = tmp_path / "a.db"
     log = AuditLog(path)

@@ -109,9 +109,39 @@ def test_the_test_needs_counts_and_an_effect():
     z = two_proportion_z(6300, 20000, 6000, 20000)  # 31.5 % against 30 %: "significant", clinically nothing
     assert z is not None and z > 3
     base = {"answered": 20000, "refused": 0, "unreadable": 0, "pneumonia_calls": 6000, "model_versions": [],
-            "thresholds": []}
+            "thresholds": [], "low_detail": 0, "warnings_recorded": 0}
     assert _flags({**base, "pneumonia_calls": 6300}, base) == []  # under the 5-point effect
     assert len(_flags({**base, "pneumonia_calls": 7100}, base)) == 1
+
+
+def test_a_site_that_starts_sending_downscaled_copies_is_flagged(tmp_path):
+    """The share of answers with a low-detail warning is a drift rate too, counted over the answers whose
+    warnings the log holds: a baseline logged before that column existed tests nothing."""
+    from pneumoscan.inference import LOW_DETAIL
+
+    warned = json.dumps([LOW_DETAIL.format("much less fine detail than the training films (...)")])
+
+    def day(d: int, low: int, recorded: bool = True) -> list[AuditRecord]:
+        rows = _rows(d, 100, 30, 0)
+        for i, r in enumerate(rows):
+            r.warnings = (warned if i < low else "[]") if recorded else None
+        return rows
+
+    def summary(rows) -> dict:
+        path = tmp_path / f"a{len(list(tmp_path.iterdir()))}.sqlite3"
+        log = AuditLog(path)
+        for r in rows:
+            log.submit(r)
+        log.close()
+        return summarise(audit.iter_records(path), "day")
+
+    s = summary(day(0, 1) + day(1, 2) + day(2, 25))
+    d0, d1, d2 = s["periods"].values()
+    assert (d0["low_detail"], d0["warnings_recorded"], d0["low_detail_rate"]) == (1, 100, 0.01)
+    assert d1["flags"] == [] and len(d2["flags"]) == 1
+    assert d2["flags"][0].startswith("low-detail rate 25.0% against 1.0% in the baseline")
+    old = summary(day(0, 0, recorded=False) + day(1, 25))  # a baseline from before the column
+    assert old["baseline"]["warnings_recorded"] == 0 and old["flagged_periods"] == []
 
 
 def test_summary_cli_prints_drift_lines_writes_json_and_can_fail(log_db, tmp_path, capsys):

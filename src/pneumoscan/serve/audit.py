@@ -2,8 +2,8 @@
 
 What a row holds: request id, time received (UTC), client address, API key id, method and
 path, HTTP status, the input's SHA-256 and size, the model version and threshold, and the
-outcome (prediction, calibrated P(PNEUMONIA), risk level; or error type and reason), and the
-latency. Never the image bytes, the upload's file name or anything read from a DICOM header
+outcome (prediction, calibrated P(PNEUMONIA), risk level and warnings; or error type and reason), and
+the latency. Never the image bytes, the upload's file name or anything read from a DICOM header
 other than what the reason text of a refusal says (``pneumoscan.dicom`` keeps patient
 identifiers out of those).
 
@@ -58,6 +58,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             latency_ms REAL NOT NULL
         )""",
      "CREATE INDEX requests_time ON requests (time)"),
+    # 2: an answer's warnings (a JSON list; NULL in rows written before this column), for the drift check
+    ("ALTER TABLE requests ADD COLUMN warnings TEXT",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -92,6 +94,7 @@ class AuditRecord:
     error_type: str | None = None
     error: str | None = None
     latency_ms: float = 0.0
+    warnings: str | None = None  # JSON list of an answer's warnings ("[]" when it had none)
 
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(AuditRecord))  # the table's columns after id, in order

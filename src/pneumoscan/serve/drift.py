@@ -3,9 +3,11 @@
 Without labels a service cannot see its sensitivity fall; it can see its inputs and answers change.
 Per UTC day, ISO week or month this counts the ``POST /v1/predict`` requests, how many were answered,
 refused (by reason) or unreadable, how many were called PNEUMONIA, the mean calibrated P(PNEUMONIA)
-and the risk levels, and compares three rates of each period with a baseline (every request before
-``--baseline_until``, by default the first whole period): the refusal rate, the unreadable rate and the
-PNEUMONIA-call rate.
+and the risk levels, and compares four rates of each period with a baseline (every request before
+``--baseline_until``, by default the first whole period): the refusal rate, the unreadable rate, the
+PNEUMONIA-call rate and the share of answers with a low-detail warning (a site starting to send
+downscaled or blurred copies; counted over the answers whose warnings the log holds, so not against a
+baseline logged before that column existed).
 
 A rate is flagged when it differs from the baseline's by at least ``MIN_EFFECT`` (5 points) **and** a
 two-proportion z-test gives |z| >= ``Z_FLAG`` (3), where both sides have at least ``MIN_REQUESTS`` films
@@ -22,6 +24,7 @@ the operating point (``pneumoscan calibrate``).
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -78,6 +81,7 @@ def _utc(d: date) -> str:
 
 
 def _counts(rows: list[dict]) -> dict:
+    from ..inference import LOW_DETAIL_PREFIX
     from ..scope_report import refusal_category  # the same reason categories as `evaluate`'s scope report
 
     seen: set[str] = set()
@@ -94,6 +98,8 @@ def _counts(rows: list[dict]) -> dict:
     films = judged + len(unreadable)
     positive = sum(r["prediction"] == "PNEUMONIA" for r in answered)
     probs = [r["probability"] for r in answered if r["probability"] is not None]
+    recorded = [r for r in answered if r.get("warnings") is not None]  # rows written before the column have none
+    low_detail = sum(any(w.startswith(LOW_DETAIL_PREFIX) for w in json.loads(r["warnings"])) for r in recorded)
     return {
         "requests": len(rows), "repeated_uploads": len(rows) - len(unique), "answered": len(answered),
         "refused": len(refused), "unreadable": len(unreadable),
@@ -104,6 +110,8 @@ def _counts(rows: list[dict]) -> dict:
         "pneumonia_calls": positive,
         "pneumonia_call_rate": positive / len(answered) if answered else math.nan,
         "mean_probability": sum(probs) / len(probs) if probs else math.nan,
+        "low_detail": low_detail, "warnings_recorded": len(recorded),
+        "low_detail_rate": low_detail / len(recorded) if recorded else math.nan,
         "risk_levels": dict(Counter(r["risk_level"] for r in answered)),
         "model_versions": sorted({r["model_version"] for r in answered + refused if r["model_version"]}),
         "thresholds": sorted({r["threshold"] for r in answered + refused if r["threshold"] is not None}),
@@ -113,7 +121,9 @@ def _counts(rows: list[dict]) -> dict:
 # (name, numerator, denominator) of each tested rate
 RATES = (("refusal rate", lambda c: c["refused"], lambda c: c["answered"] + c["refused"]),
          ("unreadable rate", lambda c: c["unreadable"], lambda c: c["answered"] + c["refused"] + c["unreadable"]),
-         ("PNEUMONIA-call rate", lambda c: c["pneumonia_calls"], lambda c: c["answered"]))
+         ("PNEUMONIA-call rate", lambda c: c["pneumonia_calls"], lambda c: c["answered"]),
+         # answers with a low-detail warning (downscaled or blurred copies), among those whose warnings are logged
+         ("low-detail rate", lambda c: c["low_detail"], lambda c: c["warnings_recorded"]))
 
 
 def two_proportion_z(k1: int, n1: int, k0: int, n0: int) -> float | None:
@@ -204,15 +214,17 @@ def format_summary(s: dict) -> str:
 
     b = s["baseline"]
     lines = [f"baseline: {b['rule']}: {b['answered']} answered, refusal rate {pct(b['refusal_rate'])}, "
-             f"unreadable rate {pct(b['unreadable_rate'])}, PNEUMONIA-call rate {pct(b['pneumonia_call_rate'])}",
+             f"unreadable rate {pct(b['unreadable_rate'])}, PNEUMONIA-call rate {pct(b['pneumonia_call_rate'])}, "
+             f"low-detail rate {pct(b['low_detail_rate'])}",
              f"{s['by']:<12} {'requests':>8} {'answered':>8} {'refused':>8} {'refusal':>8} {'unreadable':>10} "
-             f"{'PNEUMONIA':>10} {'mean P':>7}  LOW/MEDIUM/HIGH  tested"]
+             f"{'PNEUMONIA':>10} {'mean P':>7} {'low detail':>10}  LOW/MEDIUM/HIGH  tested"]
     for key, c in s["periods"].items():
         risk = "/".join(str(c["risk_levels"].get(k, 0)) for k in ("LOW", "MEDIUM", "HIGH"))
         mean_p = "n/a" if c["mean_probability"] != c["mean_probability"] else f"{c['mean_probability']:.3f}"
         tested = f"no: {c['untested']}" if c["untested"] else ("FLAGGED" if c["flags"] else "yes")
         lines.append(f"{key:<12} {c['requests']:>8} {c['answered']:>8} {c['refused']:>8} {pct(c['refusal_rate']):>8} "
-                     f"{c['unreadable']:>10} {pct(c['pneumonia_call_rate']):>10} {mean_p:>7}  {risk:<15}  {tested}")
+                     f"{c['unreadable']:>10} {pct(c['pneumonia_call_rate']):>10} {mean_p:>7} "
+                     f"{pct(c['low_detail_rate']):>10}  {risk:<15}  {tested}")
     for key in s["flagged_periods"]:
         for flag in s["periods"][key]["flags"]:
             lines.append(f"DRIFT {key}: {flag}")

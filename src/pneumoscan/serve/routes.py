@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Request, Security
@@ -93,6 +94,7 @@ def v1_router(api_keys: bool) -> APIRouter:
         positive = service.class_names[-1]
         record.prediction, record.risk_level = result.prediction, result.risk_level
         record.probability = result.probabilities[positive]
+        record.warnings = json.dumps(result.warnings)
         return Prediction(request_id=request.state.request_id, prediction=result.prediction,
                           confidence=result.confidence, probabilities=result.probabilities,
                           risk_level=result.risk_level, uncertainty=result.uncertainty,
