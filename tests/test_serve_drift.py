@@ -142,6 +142,9 @@ def test_a_site_that_starts_sending_downscaled_copies_is_flagged(tmp_path):
     assert d2["flags"][0].startswith("low-detail rate 25.0% against 1.0% in the baseline")
     old = summary(day(0, 0, recorded=False) + day(1, 25))  # a baseline from before the column
     assert old["baseline"]["warnings_recorded"] == 0 and old["flagged_periods"] == []
+    broken = day(0, 0)
+    broken[0].warnings = "not json"  # a hand-edited row: not counted, and the summary still comes out
+    assert summary(broken)["baseline"]["warnings_recorded"] == 99
 
 
 def test_summary_cli_prints_drift_lines_writes_json_and_can_fail(log_db, tmp_path, capsys):

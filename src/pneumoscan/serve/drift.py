@@ -80,6 +80,15 @@ def _utc(d: date) -> str:
     return datetime(d.year, d.month, d.day, tzinfo=timezone.utc).isoformat(timespec="microseconds")
 
 
+def _warnings(row: dict) -> list | None:
+    """An answer's logged warnings; None where the row has none (before the column) or an unreadable value."""
+    try:
+        value = json.loads(row.get("warnings") or "null")
+    except ValueError:
+        return None
+    return value if isinstance(value, list) else None
+
+
 def _counts(rows: list[dict]) -> dict:
     from ..inference import LOW_DETAIL_PREFIX
     from ..scope_report import refusal_category  # the same reason categories as `evaluate`'s scope report
@@ -98,8 +107,9 @@ def _counts(rows: list[dict]) -> dict:
     films = judged + len(unreadable)
     positive = sum(r["prediction"] == "PNEUMONIA" for r in answered)
     probs = [r["probability"] for r in answered if r["probability"] is not None]
-    recorded = [r for r in answered if r.get("warnings") is not None]  # rows written before the column have none
-    low_detail = sum(any(w.startswith(LOW_DETAIL_PREFIX) for w in json.loads(r["warnings"])) for r in recorded)
+    logged = [(r, _warnings(r)) for r in answered]
+    recorded = [r for r, w in logged if w is not None]  # rows written before the column have none
+    low_detail = sum(any(str(x).startswith(LOW_DETAIL_PREFIX) for x in w) for _, w in logged if w is not None)
     return {
         "requests": len(rows), "repeated_uploads": len(rows) - len(unique), "answered": len(answered),
         "refused": len(refused), "unreadable": len(unreadable),
