@@ -39,13 +39,12 @@ import torch
 from scope_data import (
     Table,
     acquisition_rows,
+    augmented_rows,
     dev_shift_table,
     fit_gate,
     gate_fit_rows,
     is_copy,
-    load_all,
-    negative_rows,
-    ood_table,
+    load_tables,
     pediatric_tables,
     reference_scores,
     reference_sets,
@@ -239,15 +238,15 @@ def fit_scope(ckpt: dict, data_root: Path, dev_shift: Path, corpus: Path | None,
     ``negative_copies`` > 0 fits it also on that many augmented copies of dev_shift's films, in their own class
     and source (counted nowhere; docs/experiments.md, "A scope classifier that has seen processed adult films")."""
     predictor = Predictor.from_checkpoint(ckpt, "cpu")
-    table = load_all(predictor, ckpt, data_root, dev_shift, corpus, ood)
+    tables = load_tables(predictor, ckpt, data_root, dev_shift, corpus, ood)
+    table = Table.concat(list(tables.values()))
     gate = fit_gate(table, gate_quantile, predictor, gate_copies)
-    dev = dev_shift_table(predictor, dev_shift)  # the rows load_all took in, read back from the feature cache
     # what calibrate --refit_gate reports a raised limit giving up
-    gate.reference = reference_scores(gate, reference_sets(dev, ood_table(predictor, ood) if ood is not None else None))
+    gate.reference = reference_scores(gate, reference_sets(tables["dev_shift"], tables.get("ood")))
     if scope_copies:
         table = Table.concat([table, acquisition_rows(predictor, table, scope_copies)])
-    if negative_copies:
-        table = Table.concat([table, negative_rows(predictor, dev, negative_copies)])
+    if negative_copies:  # each copy in its film's class and source: leaving a source out leaves its copies out
+        table = Table.concat([table, augmented_rows(predictor, tables["dev_shift"], negative_copies)])
     _, val_rows = gate_fit_rows(table)
     pipe = Pipeline(table, gate)
     report = evaluate(pipe, max_refused, hidden, weight_decay) if evaluate_too else {}

@@ -200,15 +200,23 @@ def reference_scores(gate: OutOfScopeGate, sets: dict[str, list[torch.Tensor]]) 
     return {name: [float(v) for v in gate.scores(feats)] for name, feats in sets.items()}
 
 
+def load_tables(predictor: Predictor, ckpt: dict, data_root: Path, dev_shift: Path, corpus: Path | None,
+                ood: Path | None) -> dict[str, Table]:
+    """Every input the fit and the measurements use, by origin: ``pediatric`` (training, validation and full-size
+    films), ``dev_shift``, and ``corpus`` and ``ood`` where given."""
+    tables = {"pediatric": Table.concat(list(pediatric_tables(predictor, ckpt, data_root))),
+              "dev_shift": dev_shift_table(predictor, dev_shift)}
+    if corpus is not None:
+        tables["corpus"] = corpus_table(predictor, corpus)
+    if ood is not None:
+        tables["ood"] = ood_table(predictor, ood)
+    return tables
+
+
 def load_all(predictor: Predictor, ckpt: dict, data_root: Path, dev_shift: Path, corpus: Path | None,
              ood: Path | None) -> Table:
     """Every input the fit and the measurements use, in one table."""
-    tables = list(pediatric_tables(predictor, ckpt, data_root)) + [dev_shift_table(predictor, dev_shift)]
-    if corpus is not None:
-        tables.append(corpus_table(predictor, corpus))
-    if ood is not None:
-        tables.append(ood_table(predictor, ood))
-    return Table.concat(tables)
+    return Table.concat(list(load_tables(predictor, ckpt, data_root, dev_shift, corpus, ood).values()))
 
 
 def gate_fit_rows(table: Table) -> tuple[np.ndarray, np.ndarray]:
@@ -252,12 +260,6 @@ def acquisition_rows(predictor: Predictor, table: Table, copies: int) -> Table:
     """In-scope rows for ``copies`` acquisition-augmented copies of the model's in-scope training films
     (source ``ped_train_acq``; a copy's name is its film's with ``#acqK``, so it keeps the film's patient)."""
     return augmented_rows(predictor, table.select(gate_fit_rows(table)[0]), copies, "in_scope", "ped_train_acq")
-
-
-def negative_rows(predictor: Predictor, dev: Table, copies: int) -> Table:
-    """Rows for ``copies`` acquisition-augmented copies of dev_shift's films (``dev_shift_table``: adult, lateral,
-    other body), each with its film's class and source, so that leaving a source out leaves its copies out."""
-    return augmented_rows(predictor, dev, copies)
 
 
 def is_copy(names: list[str]) -> np.ndarray:

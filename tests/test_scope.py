@@ -328,7 +328,7 @@ def test_augmented_negatives_are_fitted_with_their_source_and_never_counted(tmp_
 
     predictor = Predictor.from_checkpoint(load_checkpoint(default_model_path()), "cpu")
     dev = table(["a/x.jpg", "b/y.jpg"], ["adult_frontal", "lateral"], ["repo/a", "repo/b"])
-    copies = scope_data.negative_rows(predictor, dev, 2)
+    copies = scope_data.augmented_rows(predictor, dev, 2)  # what fit_scope adds for --negative_copies
     assert copies.names == ["a/x.jpg#acq0", "b/y.jpg#acq0", "a/x.jpg#acq1", "b/y.jpg#acq1"]
     assert copies.classes == dev.classes * 2 and copies.sources == dev.sources * 2
     assert len(copies.feats) == 5 and len(copies.feats[0]) == 4  # the model's blocks, one row per copy

@@ -41,6 +41,13 @@ UNVALIDATED_WARNINGS = ("lateral", "outside the validated population")
 # change the risk level: on validation films taken down to 25 %, AUROC held (docs/gate.md, "Detail check").
 LOW_DETAIL_PREFIX = "low detail: "
 LOW_DETAIL = LOW_DETAIL_PREFIX + "{}; the answer may be less reliable: if possible, send the original film"
+
+
+def has_low_detail_warning(warnings: list) -> bool:
+    """Whether an answer's warnings include the low-detail one (``evaluate``'s in-use count, the drift check)."""
+    return any(str(w).startswith(LOW_DETAIL_PREFIX) for w in warnings)
+
+
 # ... and on a refused one, whose lost detail the scope checks may have read as an adult's or another film
 LOW_DETAIL_NOTE_PREFIX = "; note: the image has "
 LOW_DETAIL_NOTE = (LOW_DETAIL_NOTE_PREFIX + "{}, which the checks above can mistake for another kind of film: if "

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from .inference import (
     LOW_DETAIL_NOTE_PREFIX,
-    LOW_DETAIL_PREFIX,
     UNVALIDATED_WARNINGS,
     InferenceFailure,
     InferenceResult,
+    has_low_detail_warning,
 )
 
 # How a refusal's reason text reads, first match wins (texts: scope.REASONS, gate.py, dicom.py).
@@ -78,7 +78,7 @@ def _counts(outcomes: list) -> dict:
     unreadable = [o for o in outcomes if _unreadable(o)]
     answered = [o for o in outcomes if isinstance(o, InferenceResult)]
     flagged = [r for r in answered if any(m in w.lower() for w in r.warnings for m in UNVALIDATED_WARNINGS)]
-    low_detail = [r for r in answered if any(w.startswith(LOW_DETAIL_PREFIX) for w in r.warnings)]
+    low_detail = [r for r in answered if has_low_detail_warning(r.warnings)]
     refused_low_detail = [o for o in refused if LOW_DETAIL_NOTE_PREFIX in o.error]
     handled = len(refused) + len(flagged)
     lo, hi = wilson_interval(handled, n - len(unreadable))

@@ -90,7 +90,7 @@ def _warnings(row: dict) -> list | None:
 
 
 def _counts(rows: list[dict]) -> dict:
-    from ..inference import LOW_DETAIL_PREFIX
+    from ..inference import has_low_detail_warning
     from ..scope_report import refusal_category  # the same reason categories as `evaluate`'s scope report
 
     seen: set[str] = set()
@@ -107,9 +107,9 @@ def _counts(rows: list[dict]) -> dict:
     films = judged + len(unreadable)
     positive = sum(r["prediction"] == "PNEUMONIA" for r in answered)
     probs = [r["probability"] for r in answered if r["probability"] is not None]
-    logged = [(r, _warnings(r)) for r in answered]
-    recorded = [r for r, w in logged if w is not None]  # rows written before the column have none
-    low_detail = sum(any(str(x).startswith(LOW_DETAIL_PREFIX) for x in w) for _, w in logged if w is not None)
+    # the answers whose warnings are logged (rows written before the column have none)
+    recorded = [w for w in map(_warnings, answered) if w is not None]
+    low_detail = sum(map(has_low_detail_warning, recorded))
     return {
         "requests": len(rows), "repeated_uploads": len(rows) - len(unique), "answered": len(answered),
         "refused": len(refused), "unreadable": len(unreadable),
