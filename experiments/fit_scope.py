@@ -56,7 +56,7 @@ from pneumoscan.data import patient_id
 from pneumoscan.gate import OutOfScopeGate
 from pneumoscan.predict import Predictor
 from pneumoscan.results import write_json
-from pneumoscan.scope import SCOPE_CLASSES, ScopeClassifier, model_digest, scope_inputs
+from pneumoscan.scope import SCOPE_CLASSES, ScopeClassifier, model_digest, scope_inputs, threshold_refusing
 from pneumoscan.scope_report import wilson_interval
 
 log = logging.getLogger("pneumoscan.fit_scope")
@@ -109,9 +109,8 @@ class Pipeline:
         the classifier together at most ``max_refused`` of the time."""
         rows = np.flatnonzero(rows)
         budget = int(math.floor(max_refused * len(rows))) - int(self.before_scope[rows].sum())
-        p_in = np.sort(clf.probabilities(self.x[rows[~self.before_scope[rows]]])[:, clf.in_index].numpy())
-        # refusal is strictly below the threshold: put it on the (budget+1)-th smallest probability
-        clf.threshold = float(p_in[min(max(budget, 0), len(p_in) - 1)])
+        p_in = clf.probabilities(self.x[rows[~self.before_scope[rows]]])[:, clf.in_index].numpy()
+        clf.threshold = threshold_refusing(p_in, budget)
         return clf
 
     def fullres_held_out(self, hidden: int, weight_decay: float, budgets: tuple[float, ...]) -> dict[float, np.ndarray]:

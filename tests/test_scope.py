@@ -17,7 +17,7 @@ from pneumoscan.cli import evaluate_main
 from pneumoscan.errors import CheckpointError
 from pneumoscan.inference import RISK_HIGH, RISK_LOW, InferenceFailure, InferenceResult, MedicalImageInference
 from pneumoscan.preprocess import decode_image
-from pneumoscan.scope import IN_SCOPE, ScopeClassifier, pixel_features, scope_inputs
+from pneumoscan.scope import IN_SCOPE, ScopeClassifier, pixel_features, scope_inputs, threshold_refusing
 from pneumoscan.scope_report import refusal_category
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -47,6 +47,35 @@ def test_fit_separates_classes_and_survives_a_round_trip(hidden):
     restored = ScopeClassifier.from_dict(clf.to_dict())
     assert torch.allclose(restored.probabilities(x_val), clf.probabilities(x_val))
     assert restored.threshold == clf.threshold and restored.classes == CLASSES
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 7])
+def test_the_threshold_refuses_k_values_and_holds_when_the_boundary_values_move_by_a_rounding(k):
+    p = np.random.default_rng(k).uniform(0.05, 0.95, 50)
+    t = threshold_refusing(p, k)
+    assert int((p < t).sum()) == k
+    # the values on either side of it change in their last bits (another CPU): the count does not
+    order = np.sort(p)
+    for nudge in (-1e-6, 1e-6):
+        moved = np.where(np.isin(p, order[max(k - 1, 0):k + 1]), p + nudge, p)
+        assert int((moved < t).sum()) == k
+
+
+def test_the_threshold_stays_close_below_the_first_kept_value():
+    logit = lambda q: np.log(q / (1 - q))  # noqa: E731
+    far = np.array([0.01, 0.02, 0.16, 0.5])  # refusing 2: the third is kept, the second lies far below it
+    t = threshold_refusing(far, 2)
+    assert 0.02 < t < 0.16 and logit(0.16) - logit(t) == pytest.approx(0.05)  # out-of-scope inputs lose little
+    near = np.array([0.01, 0.1599, 0.16, 0.5])  # closer than the margin: midway
+    assert threshold_refusing(near, 2) == pytest.approx((0.1599 + 0.16) / 2)
+
+
+def test_a_threshold_with_no_room_refuses_nothing_or_everything():
+    p = np.array([0.2, 0.4, 0.6])
+    assert 0.19 < threshold_refusing(p, -2) < 0.2 and not (p < threshold_refusing(p, -2)).any()
+    assert (p < threshold_refusing(p, 5)).all()
+    with pytest.raises(ValueError, match="no in-scope values"):
+        threshold_refusing(np.array([]), 0)
 
 
 def test_a_classifier_of_another_kind_is_refused():

@@ -53,6 +53,33 @@ def model_digest(model_state: dict) -> str:
     return h.hexdigest()[:16]
 
 
+# How far below the first kept film's P(in scope) the threshold lies, in log-odds (at most; never below
+# the midpoint to the last refused film): the same classifier on another CPU or on int8 features moves a
+# film's value by far less, and out-of-scope inputs are rarely that close (docs/experiments.md, "A scope
+# threshold with a margin").
+THRESHOLD_MARGIN = 0.05
+
+
+def threshold_refusing(p_in: np.ndarray, k: int, margin: float = THRESHOLD_MARGIN) -> float:
+    """A threshold that refuses (``p < threshold``) the ``k`` smallest of ``p_in`` and no more.
+
+    It lies ``margin`` log-odds below the (k+1)-th smallest value, or midway between the k-th and the
+    (k+1)-th where they are closer than that; not on the (k+1)-th itself, where a film is refused or not by
+    the last bit of a float, which another CPU's arithmetic or the int8 backend's features can flip.
+    With ``k <= 0`` nothing is refused (the lower neighbour is 0); ``k >= len(p_in)`` refuses all.
+    """
+    p = np.sort(np.asarray(p_in, dtype=np.float64).ravel())
+    if not len(p):
+        raise ValueError("no in-scope values to set a threshold on")
+    k = min(max(int(k), 0), len(p))
+    lower = p[k - 1] if k > 0 else 0.0
+    if k == len(p):
+        return float((lower + 1.0) / 2)
+    upper = float(np.clip(p[k], 1e-12, 1 - 1e-12))
+    below = 1.0 / (1.0 + np.exp(-(np.log(upper / (1.0 - upper)) - margin)))
+    return float(max((lower + p[k]) / 2, below))
+
+
 def _corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = a - a.mean(dim=(1, 2), keepdim=True)
     b = b - b.mean(dim=(1, 2), keepdim=True)
@@ -183,9 +210,9 @@ class ScopeClassifier:
         return cls(list(classes), mean, std, [p.detach().clone() for p in params], 0.5)
 
     def set_threshold(self, x_in_scope: torch.Tensor, max_refused: float) -> float:
-        """Put the threshold just below the ``max_refused`` quantile of P(in scope) on held-out in-scope inputs."""
+        """Set the threshold so that at most ``max_refused`` of held-out in-scope inputs are refused."""
         p_in = self.probabilities(x_in_scope)[:, self.in_index].double().numpy()
-        self.threshold = float(np.quantile(p_in, max_refused, method="lower"))
+        self.threshold = threshold_refusing(p_in, int(np.floor(max_refused * len(p_in))))
         return self.threshold
 
     def to_dict(self) -> dict:
