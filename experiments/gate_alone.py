@@ -19,9 +19,9 @@ import logging
 from pathlib import Path
 
 from gate_acquisition import share
-from scope_data import dev_shift_table, ood_table, reference_scores, reference_sets
+from scope_data import dev_shift_table, ood_table, reference_scores, reference_sets, store_gate_entries
 
-from pneumoscan.checkpoint import load_checkpoint, save_checkpoint
+from pneumoscan.checkpoint import load_checkpoint
 from pneumoscan.cli import configure_logging
 from pneumoscan.gate import OutOfScopeGate
 from pneumoscan.predict import Predictor
@@ -56,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sets = reference_sets(dev_shift_table(predictor, Path(args.dev_shift)), ood_table(predictor, Path(args.ood_dir)))
     if args.store:
-        # only the reference scores are added: the gate's statistics, limit and verdicts stay as they are
-        ckpts[0]["ood_gate"] = {**ckpts[0]["ood_gate"], "reference": reference_scores(gates[0], sets)}
-        save_checkpoint(ckpts[0], args.model_path[0])
-        log.info("stored %d reference sets in %s's gate", len(sets), args.model_path[0])
+        store_gate_entries(ckpts[0], args.model_path[0], reference=reference_scores(gates[0], sets))
 
     report: dict = {"checkpoints": [{"model_path": m, "model_version": c.get("model_version"), "limit": g.threshold}
                                     for m, c, g in zip(args.model_path, ckpts, gates)], "sets": {}}

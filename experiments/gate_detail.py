@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
+from scope_data import decoded_arrays, store_gate_entries
 
-from pneumoscan.checkpoint import default_model_path, input_spec, load_checkpoint, save_checkpoint
+from pneumoscan.checkpoint import default_model_path, input_spec, load_checkpoint
 from pneumoscan.cli import configure_logging
 from pneumoscan.data import split_from_config
 from pneumoscan.gate import DETAIL_QUANTILE, OutOfScopeGate, detail_ratio
 from pneumoscan.inference import list_inputs
-from pneumoscan.preprocess import decode_image
 from pneumoscan.results import command_line, write_json
 from pneumoscan.scope_report import wilson_interval
 
@@ -68,11 +68,6 @@ VARIANTS = {
 }
 
 
-def folder_pixels(folder: Path, spec) -> np.ndarray:
-    """Model inputs of a folder's images, decoded as inference decodes them."""
-    return np.stack([spec.pixels(decode_image(f, spec.image_size).gray) for f in list_inputs(folder)])
-
-
 def below(ratios: np.ndarray, floor: float) -> dict:
     k, n = int((ratios < floor).sum()), len(ratios)
     return {"below": k, "n": n, "rate": k / n, "ci95": list(wilson_interval(k, n)), "median": float(np.median(ratios))}
@@ -102,13 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         changed = np.stack([change(a, i) for i, a in enumerate(val)])
         report["sets"][f"validation films, {name}"] = below(detail_ratio(changed).numpy(), floor)
     for folder in args.folder:
-        report["sets"][folder] = below(detail_ratio(folder_pixels(Path(folder), spec)).numpy(), floor)
+        pixels = decoded_arrays(list_inputs(Path(folder)), spec)["pixels"]
+        report["sets"][folder] = below(detail_ratio(pixels).numpy(), floor)
     for name, r in report["sets"].items():
         log.info("%-50s %4d / %4d below the floor %.4f (median %.4f)", name, r["below"], r["n"], floor, r["median"])
     if args.store:
-        ckpt["ood_gate"] = {**ckpt["ood_gate"], "min_detail": floor, "detail_quantile": gate.detail_quantile}
-        save_checkpoint(ckpt, model_path)
-        log.info("detail floor %.4f stored in %s", floor, model_path)
+        store_gate_entries(ckpt, model_path, min_detail=floor, detail_quantile=gate.detail_quantile)
     report["command"] = command_line("experiments/gate_detail.py", argv)
     write_json(report, args.json)
     return 0

@@ -28,6 +28,7 @@ import torch
 
 from pneumoscan import augment as augment_module
 from pneumoscan.augment import augment_batch
+from pneumoscan.checkpoint import save_checkpoint
 from pneumoscan.data import patient_id, split_from_config
 from pneumoscan.gate import OutOfScopeGate
 from pneumoscan.inference import list_inputs
@@ -112,23 +113,36 @@ def _table(arrays: dict, names: list[str], classes: list[str], sources: list[str
                  arrays["aspect"], arrays["logits"])
 
 
+def decoded_arrays(files: list[Path], spec) -> dict[str, np.ndarray]:
+    """What inference decodes from each file: the model-input pixels (N, S, S) uint8 for ``spec``
+    (``checkpoint.input_spec``), the pixel gate's colourfulness and spread, and the original's aspect."""
+    pixels, colour, spread, aspect = [], [], [], []
+    for f in files:
+        d = decode_image(f, spec.image_size)
+        pixels.append(spec.pixels(d.gray))
+        colour.append(d.colorfulness)
+        spread.append(float(np.asarray(d.gray).std()))
+        aspect.append(d.gray.width / d.gray.height)
+    return {"pixels": np.stack(pixels), "colour": np.array(colour), "spread": np.array(spread),
+            "aspect": np.array(aspect)}
+
+
+def store_gate_entries(ckpt: dict, path: str | Path, **entries) -> None:
+    """Add ``entries`` to ``ckpt``'s stored gate and write the checkpoint to ``path``; the gate's statistics,
+    limit and verdicts stay as they are (``OutOfScopeGate.from_dict`` reads the new entries)."""
+    ckpt["ood_gate"] = {**ckpt["ood_gate"], **entries}
+    save_checkpoint(ckpt, path)
+    log.info("stored %s in the gate of %s", ", ".join(sorted(entries)), path)
+
+
 def files_table(predictor: Predictor, name: str, files: list[Path], classes: list[str],
                 sources: list[str]) -> Table:
     """Features of image files, decoded as inference decodes them."""
-    size = predictor.spec.image_size
 
     def make() -> dict:
-        pixels, colour, spread, aspect = [], [], [], []
-        for f in files:
-            d = decode_image(f, size)
-            pixels.append(predictor.spec.pixels(d.gray))
-            colour.append(d.colorfulness)
-            spread.append(float(np.asarray(d.gray).std()))
-            aspect.append(d.gray.width / d.gray.height)
-        px = np.stack(pixels)
-        feats, logits = _run(predictor, px)
-        return {"pixels": px, "colour": np.array(colour), "spread": np.array(spread), "aspect": np.array(aspect),
-                "logits": logits, **{f"f{i}": f for i, f in enumerate(feats)}}
+        arrays = decoded_arrays(files, predictor.spec)
+        feats, logits = _run(predictor, arrays["pixels"])
+        return {**arrays, "logits": logits, **{f"f{i}": f for i, f in enumerate(feats)}}
 
     arrays = _cached(predictor, name, [f"{f}|{f.stat().st_size}" for f in files], make)
     return _table(arrays, [str(f) for f in files], classes, sources)
