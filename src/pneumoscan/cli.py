@@ -403,6 +403,9 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_path", help="write the metrics as JSON here (default: table on stdout only)")
     p.add_argument("--report", help="write a self-contained HTML report here (curves, calibration, errors)")
     p.add_argument("--threshold", type=float, help="override the model's operating threshold")
+    p.add_argument("--prevalence", type=float,
+                   help="also give PPV and NPV where this share of films shows pneumonia (e.g. 0.2); those of "
+                        "the evaluated films hold only at their own share")
     p.add_argument("--model_only", action="store_true",
                    help="labelled films: only the model's metrics, without also running every film through the "
                         "prediction pipeline (scope checks, risk levels) for the 'in use' counts (about half the "
@@ -466,7 +469,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from .data import load_labelled_folder
     from .evaluate import evaluate_imageset
     from .inference import MedicalImageInference
-    from .metrics import format_metrics_table
+    from .metrics import check_prevalence, format_metrics_table
     from .predict import Predictor, resolve_device
     from .results import write_json
     from .scope_report import format_in_use, in_use_report
@@ -478,6 +481,12 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         log.error("--threshold %s: give a probability between 0 and 1 (the checkpoint's own is used without it)",
                   args.threshold)
         return EXIT_BAD_INPUT
+    try:
+        if args.prevalence is not None:
+            check_prevalence(args.prevalence, "--prevalence")
+    except ValueError as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
     if args.scope_report or not _labelled(args.data_dir, args.split):
         return _scope_report_main(args)
     try:
@@ -487,7 +496,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         threshold = ckpt.get("threshold", 0.5) if args.threshold is None else args.threshold
         data, bad = load_labelled_folder(args.data_dir, predictor.spec.image_size, args.split, args.cache_dir,
                                          args.patients)
-        report, prob = evaluate_imageset(predictor, data, threshold, args.n_boot)
+        report, prob = evaluate_imageset(predictor, data, threshold, args.n_boot, args.prevalence)
         if not args.model_only:  # every film through the pipeline a prediction takes, scope checks included
             engine = MedicalImageInference(args.model_path, device=args.device, threshold=args.threshold,
                                            backend=args.backend or "torch")

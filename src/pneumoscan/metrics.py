@@ -17,6 +17,29 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den else float("nan")
 
 
+def check_prevalence(value: float, name: str = "prevalence") -> float:
+    """``value`` as a float if it is a prevalence (strictly between 0 and 1).
+
+    Raises:
+        ValueError: it is not, with what to give instead.
+    """
+    v = float(value)
+    if not 0.0 < v < 1.0:  # also rejects NaN
+        raise ValueError(f"{name} {value}: give the share of films that show pneumonia, strictly between 0 and 1 "
+                         f"(e.g. 0.2 when 1 film in 5 does)")
+    return v
+
+
+def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> tuple[float, float]:
+    """(PPV, NPV) of a screen with this sensitivity and specificity where pneumonia has ``prevalence``."""
+    prevalence = check_prevalence(prevalence)
+    tp, fp = sensitivity * prevalence, (1.0 - specificity) * (1.0 - prevalence)
+    tn, fn = specificity * (1.0 - prevalence), (1.0 - sensitivity) * prevalence
+    ppv = tp / (tp + fp) if tp + fp > 0 else float("nan")
+    npv = tn / (tn + fn) if tn + fn > 0 else float("nan")
+    return ppv, npv
+
+
 def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve by the Mann-Whitney rank statistic (ties count half)."""
     y = np.asarray(y_true).astype(bool)
@@ -44,25 +67,34 @@ def confusion(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict[st
             "tn": int((~pred & ~y).sum()), "fn": int((~pred & y).sum())}
 
 
-def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Accuracy, sensitivity, specificity, PPV, NPV, F1 at ``threshold``, and AUROC."""
+def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5,
+                   prevalence: float | None = None) -> dict[str, float]:
+    """Accuracy, sensitivity, specificity, PPV, NPV, F1 at ``threshold``, and AUROC.
+
+    PPV and NPV are those of these films, whose share of pneumonia may be far from a clinic's; with
+    ``prevalence`` they are also given where pneumonia has that prevalence (``ppv_at_prevalence``,
+    ``npv_at_prevalence``, from the sensitivity and specificity).
+    """
     c = confusion(y_true, prob, threshold)
     tp, fp, tn, fn = c["tp"], c["fp"], c["tn"], c["fn"]
-    sens, ppv = _ratio(tp, tp + fn), _ratio(tp, tp + fp)
-    return {
+    sens, spec, ppv = _ratio(tp, tp + fn), _ratio(tn, tn + fp), _ratio(tp, tp + fp)
+    out = {
         "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
         "sensitivity": sens,
-        "specificity": _ratio(tn, tn + fp),
+        "specificity": spec,
         "ppv": ppv,
         "npv": _ratio(tn, tn + fn),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
         "auroc": auroc(y_true, prob),
     }
+    if prevalence is not None:
+        out["ppv_at_prevalence"], out["npv_at_prevalence"] = predictive_values(sens, spec, prevalence)
+    return out
 
 
 def bootstrap_ci(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5, n_boot: int = 1000,
                  alpha: float = 0.05, seed: int = 0, groups: list | np.ndarray | None = None,
-                 ) -> dict[str, tuple[float, float]]:
+                 prevalence: float | None = None) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap (1 - alpha) CIs for every metric.
 
     With ``groups`` (e.g. patient ids) whole groups are resampled, which keeps the
@@ -74,15 +106,15 @@ def bootstrap_ci(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5, n
     if groups is not None:
         _, inverse = np.unique(np.asarray(groups), return_inverse=True)
         members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
-    samples = {m: [] for m in METRIC_NAMES}
+    samples: dict[str, list[float]] = {}
     for _ in range(n_boot):
         if groups is not None:
             pick = rng.integers(0, len(members), len(members))
             idx = np.concatenate([members[g] for g in pick])
         else:
             idx = rng.integers(0, len(y), len(y))
-        for name, value in binary_metrics(y[idx], p[idx], threshold).items():
-            samples[name].append(value)
+        for name, value in binary_metrics(y[idx], p[idx], threshold, prevalence).items():
+            samples.setdefault(name, []).append(value)
     out = {}
     for name, vals in samples.items():
         v = np.asarray(vals)
@@ -93,19 +125,31 @@ def bootstrap_ci(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5, n
 
 
 def metrics_with_ci(y_true, prob, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
-                    groups=None) -> dict:
-    """``{"threshold", "n", "confusion", "metrics": {name: {"value", "ci_low", "ci_high"}}}``."""
-    point = binary_metrics(y_true, prob, threshold)
-    ci = bootstrap_ci(y_true, prob, threshold, n_boot=n_boot, seed=seed, groups=groups)
+                    groups=None, prevalence: float | None = None) -> dict:
+    """``{"threshold", "n", "confusion", "metrics": {name: {"value", "ci_low", "ci_high"}}}``; with
+    ``prevalence``, also ``"prevalence"`` and the PPV and NPV there (``binary_metrics``)."""
+    point = binary_metrics(y_true, prob, threshold, prevalence)
+    ci = bootstrap_ci(y_true, prob, threshold, n_boot=n_boot, seed=seed, groups=groups, prevalence=prevalence)
+    extra = {} if prevalence is None else {"prevalence": float(prevalence)}
     return {
+        **extra,
         "threshold": float(threshold),
         "n": int(len(y_true)),
         "n_positive": int(np.sum(y_true)),
         "confusion": confusion(y_true, prob, threshold),
         "ci_method": f"percentile bootstrap, {n_boot} resamples, "
                      + ("resampling patients" if groups is not None else "resampling images"),
-        "metrics": {m: {"value": point[m], "ci_low": ci[m][0], "ci_high": ci[m][1]} for m in METRIC_NAMES},
+        "metrics": {m: {"value": point[m], "ci_low": ci.get(m, (math.nan, math.nan))[0],
+                        "ci_high": ci.get(m, (math.nan, math.nan))[1]} for m in point},
     }
+
+
+def metric_label(name: str, report: dict) -> str:
+    """How a metric of ``metrics_with_ci`` output is shown: its name, or e.g. "ppv at 20%" for the PPV where
+    pneumonia has the report's ``prevalence``."""
+    if name.endswith("_at_prevalence"):
+        return f"{name.split('_')[0]} at {report['prevalence']:.0%}"
+    return name
 
 
 def format_metrics_table(report: dict) -> str:
@@ -114,7 +158,7 @@ def format_metrics_table(report: dict) -> str:
              f"({report['n_positive']} PNEUMONIA), 95% CI: {report['ci_method']}",
              f"{'metric':<12} {'value':>7}   95% CI"]
     for name, m in report["metrics"].items():
-        lines.append(f"{name:<12} {m['value']:7.4f}   [{m['ci_low']:.4f}, {m['ci_high']:.4f}]")
+        lines.append(f"{metric_label(name, report):<12} {m['value']:7.4f}   [{m['ci_low']:.4f}, {m['ci_high']:.4f}]")
     c = report["confusion"]
     lines.append(f"confusion: TP {c['tp']}  FN {c['fn']}  TN {c['tn']}  FP {c['fp']}")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import binary_metrics, confusion, reliability_bins
+from .metrics import binary_metrics, confusion, metric_label, reliability_bins
 from .plots import new_figure
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -138,7 +138,8 @@ def build_report(report: dict, y: np.ndarray, prob: np.ndarray, paths: list[str]
     thr = report["threshold"]
     esc = html.escape
     metrics_rows = "".join(
-        f"<tr><td>{esc(name)}</td><td>{_fmt(m['value'])}</td><td>[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]</td></tr>"
+        f"<tr><td>{esc(metric_label(name, report))}</td><td>{_fmt(m['value'])}</td>"
+        f"<td>[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]</td></tr>"
         for name, m in report["metrics"].items())
     c = confusion(y, p, thr)
     thr_rows = ""
