@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from kfold_eval import STRESS, adult_films, adult_pixels, stressed
-from prevalence_check import PREVALENCES, answers, at_prevalence, summarise
+from prevalence_check import PREVALENCES, answers, at_prevalence, drawn_sets, reference_shares, summarise
 
 from pneumoscan.calibration import fit_temperature
 from pneumoscan.checkpoint import default_model_path, load_checkpoint
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model_path", default=None)
     p.add_argument("--dev_shift", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "dev_shift"))
     p.add_argument("--cache_dir", default="")
-    p.add_argument("--draws", type=int, default=300)
+    p.add_argument("--films", type=int, default=600, help="films per drawn set")
+    p.add_argument("--draws", type=int, default=300, help="sets drawn per prevalence")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
     configure_logging()
@@ -130,15 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                                  **{r: answers(ya, prob(za, full[r]), ca[r]) for r in full}}
     report["calls_identical"] = same
     rng = np.random.default_rng(0)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    ref = np.empty(len(y))
-    for g in range(5):
-        ref[groups == g] = y[groups != g].mean()
+    ref = reference_shares(y, groups)
     for prev in PREVALENCES:
         out = {k: [] for k in ("temperature", "logistic", "logistic_restated")}
-        n_pos = int(round(prev * 600))
-        for _ in range(args.draws):
-            idx = np.concatenate([rng.choice(pos, n_pos), rng.choice(neg, 600 - n_pos)])
+        for idx in drawn_sets(y, prev, args.films, args.draws, rng):
             c = calls["temperature"]["plain"][idx]
             out["temperature"].append(answers(y[idx], held["temperature"]["plain"][idx], c))
             out["logistic"].append(answers(y[idx], held["logistic"]["plain"][idx], c))

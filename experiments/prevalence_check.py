@@ -48,18 +48,32 @@ def at_prevalence(p_pos, prevalence: float, reference: float):
     return p * ratio / (p * ratio + (1.0 - p))
 
 
-def cross_fitted(logits: torch.Tensor, y: np.ndarray, patients: list[str], k: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """Each film's P(PNEUMONIA) from a temperature fitted on the other patient groups, and the share of
-    pneumonia among those other groups' films (where that probability holds)."""
-    groups = deal_patients(patients, k)
-    prob, reference = np.empty(len(y)), np.empty(len(y))
+def reference_shares(y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """For each film, the share of pneumonia among the films of the *other* groups (what its cross-fitted
+    calibration was fitted on)."""
+    out = np.empty(len(y))
+    for g in np.unique(groups):
+        out[groups == g] = y[groups != g].mean()
+    return out
+
+
+def drawn_sets(y: np.ndarray, prevalence: float, films: int, draws: int, rng: np.random.Generator):
+    """Indices of ``draws`` sets of ``films`` films of which ``prevalence`` show pneumonia (films drawn with
+    replacement within each class)."""
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    n_pos = int(round(prevalence * films))
+    for _ in range(draws):
+        yield np.concatenate([rng.choice(pos, n_pos), rng.choice(neg, films - n_pos)])
+
+
+def cross_fitted(logits: torch.Tensor, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each film's P(PNEUMONIA) from a temperature fitted on the other patient groups."""
+    prob = np.empty(len(y))
     labels = torch.from_numpy(y)
-    for g in range(k):
-        held, fit = groups == g, groups != g
-        t = fit_temperature(logits[torch.from_numpy(fit)], labels[torch.from_numpy(fit)])
-        prob[held] = calibrated_probs(logits[torch.from_numpy(held)], t)[:, 1].numpy()
-        reference[held] = y[fit].mean()
-    return prob, reference
+    for g in np.unique(groups):
+        held, fit = torch.from_numpy(groups == g), torch.from_numpy(groups != g)
+        prob[held.numpy()] = calibrated_probs(logits[held], fit_temperature(logits[fit], labels[fit]))[:, 1].numpy()
+    return prob
 
 
 def answers(y: np.ndarray, p: np.ndarray, call: np.ndarray) -> dict:
@@ -104,15 +118,13 @@ def main(argv: list[str] | None = None) -> int:
                     "validation_prevalence": float(y.mean()), "temperature_refitted": refit,
                     "temperature_stored": stored_t, "threshold": thr, "films_per_set": args.films,
                     "draws": args.draws, "by_prevalence": {}}
-    prob, reference = cross_fitted(logits, y, list(val.patients))
+    groups = deal_patients(list(val.patients), 5)
+    prob, reference = cross_fitted(logits, y, groups), reference_shares(y, groups)
     call = prob >= thr  # the calls: the same at any prevalence (at_prevalence is monotone)
     rng = np.random.default_rng(0)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     for prev in PREVALENCES:
         kept, restated = [], []
-        n_pos = int(round(prev * args.films))
-        for _ in range(args.draws):
-            idx = np.concatenate([rng.choice(pos, n_pos), rng.choice(neg, args.films - n_pos)])
+        for idx in drawn_sets(y, prev, args.films, args.draws, rng):
             yy, pp, cc = y[idx], prob[idx], call[idx]
             kept.append(answers(yy, pp, cc))
             adjusted = at_prevalence(pp, prev, reference[idx])

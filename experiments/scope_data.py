@@ -116,6 +116,8 @@ def _table(arrays: dict, names: list[str], classes: list[str], sources: list[str
 def decoded_arrays(files: list[Path], spec) -> dict[str, np.ndarray]:
     """What inference decodes from each file: the model-input pixels (N, S, S) uint8 for ``spec``
     (``checkpoint.input_spec``), the pixel gate's colourfulness and spread, and the original's aspect."""
+    if not files:
+        raise ValueError("no image files to decode (an empty folder or file list)")
     pixels, colour, spread, aspect = [], [], [], []
     for f in files:
         d = decode_image(f, spec.image_size)

@@ -74,6 +74,16 @@ def test_a_threshold_with_no_room_refuses_nothing_or_everything():
     p = np.array([0.2, 0.4, 0.6])
     assert 0.19 < threshold_refusing(p, -2) < 0.2 and not (p < threshold_refusing(p, -2)).any()
     assert (p < threshold_refusing(p, 5)).all()
+    # probabilities of exactly 0 and 1 (float32 reaches them): still the count asked for, never more
+    edge = np.array([0.0, 0.0, 0.3, 1.0], dtype=np.float32)
+    for k, refused in ((0, 0), (1, 0), (2, 2), (3, 3), (4, 4)):
+        assert int((edge < threshold_refusing(edge, k)).sum()) == refused, k
+
+
+def test_equal_values_are_never_split_and_never_sat_on():
+    p = np.array([0.1, 0.2, 0.2, 0.5])
+    t = threshold_refusing(p, 2)  # the 2nd and 3rd are equal: only the one below them can be refused
+    assert int((p < t).sum()) == 1 and 0.1 < t < 0.2
     with pytest.raises(ValueError, match="no in-scope values"):
         threshold_refusing(np.array([]), 0)
 

@@ -463,6 +463,28 @@ def _scope_report_main(args) -> int:
     return EXIT_SOME_FAILED if report["all"]["unreadable"] else EXIT_OK
 
 
+def _warn_on_zero_counts(report: dict) -> None:
+    """With ``--prevalence``: a PPV or NPV whose interval has no width because no false positive (or false
+    negative) occurred in these films, and what it would be at the rule-of-three 95 % bound."""
+    if "prevalence" not in report:
+        return
+    from .metrics import predictive_values
+
+    c, m, prev = report["confusion"], report["metrics"], report["prevalence"]
+    sens, spec = m["sensitivity"]["value"], m["specificity"]["value"]
+    n_neg, n_pos = c["tn"] + c["fp"], c["tp"] + c["fn"]
+    if c["fp"] == 0 and n_neg:
+        bound = max(0.0, 1.0 - 3.0 / n_neg)
+        log.warning("no false positive among these %d normal films, so the PPV at %g%% (%.4f) has an interval of "
+                    "no width; at the 95%% bound of specificity (%.3f, rule of three) it would be %.4f",
+                    n_neg, 100 * prev, m["ppv_at_prevalence"]["value"], bound, predictive_values(sens, bound, prev)[0])
+    if c["fn"] == 0 and n_pos:
+        bound = max(0.0, 1.0 - 3.0 / n_pos)
+        log.warning("no false negative among these %d pneumonia films, so the NPV at %g%% (%.4f) has an interval of "
+                    "no width; at the 95%% bound of sensitivity (%.3f, rule of three) it would be %.4f",
+                    n_pos, 100 * prev, m["npv_at_prevalence"]["value"], bound, predictive_values(bound, spec, prev)[1])
+
+
 def evaluate_main(argv: list[str] | None = None) -> int:
     """``pneumoscan evaluate``: metrics table on stdout, JSON to ``--output_path``."""
     from .checkpoint import default_model_path, load_checkpoint
@@ -481,6 +503,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         log.error("--threshold %s: give a probability between 0 and 1 (the checkpoint's own is used without it)",
                   args.threshold)
         return EXIT_BAD_INPUT
+    if args.n_boot < 1:
+        log.error("--n_boot %s: give at least 1 bootstrap resample (default 1000; fewer give rougher intervals)",
+                  args.n_boot)
+        return EXIT_BAD_INPUT
     try:
         if args.prevalence is not None:
             check_prevalence(args.prevalence, "--prevalence")
@@ -488,6 +514,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
     if args.scope_report or not _labelled(args.data_dir, args.split):
+        if args.prevalence is not None:
+            log.warning("--prevalence is for labelled films (NORMAL/ and PNEUMONIA/): ignored in this scope report")
         return _scope_report_main(args)
     try:
         args.model_path = args.model_path or str(default_model_path())
@@ -511,6 +539,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     report.update({"model_path": args.model_path, "model_version": ckpt.get("model_version"),
                    "data_dir": args.data_dir,
                    "skipped_files": [{"path": p, "reason": r} for p, r in bad]})
+    _warn_on_zero_counts(report)
     target = stored_target(ckpt)
     sens = report["metrics"]["sensitivity"]
     if args.threshold is None and sens["ci_high"] < target:

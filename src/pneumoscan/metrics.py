@@ -106,7 +106,7 @@ def bootstrap_ci(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5, n
     if groups is not None:
         _, inverse = np.unique(np.asarray(groups), return_inverse=True)
         members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
-    samples: dict[str, list[float]] = {}
+    samples: dict[str, list[float]] = {name: [] for name in binary_metrics(y[:0], p[:0], threshold, prevalence)}
     for _ in range(n_boot):
         if groups is not None:
             pick = rng.integers(0, len(members), len(members))
@@ -114,7 +114,7 @@ def bootstrap_ci(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5, n
         else:
             idx = rng.integers(0, len(y), len(y))
         for name, value in binary_metrics(y[idx], p[idx], threshold, prevalence).items():
-            samples.setdefault(name, []).append(value)
+            samples[name].append(value)
     out = {}
     for name, vals in samples.items():
         v = np.asarray(vals)
@@ -139,8 +139,7 @@ def metrics_with_ci(y_true, prob, threshold: float = 0.5, n_boot: int = 1000, se
         "confusion": confusion(y_true, prob, threshold),
         "ci_method": f"percentile bootstrap, {n_boot} resamples, "
                      + ("resampling patients" if groups is not None else "resampling images"),
-        "metrics": {m: {"value": point[m], "ci_low": ci.get(m, (math.nan, math.nan))[0],
-                        "ci_high": ci.get(m, (math.nan, math.nan))[1]} for m in point},
+        "metrics": {m: {"value": point[m], "ci_low": ci[m][0], "ci_high": ci[m][1]} for m in point},
     }
 
 
@@ -148,7 +147,7 @@ def metric_label(name: str, report: dict) -> str:
     """How a metric of ``metrics_with_ci`` output is shown: its name, or e.g. "ppv at 20%" for the PPV where
     pneumonia has the report's ``prevalence``."""
     if name.endswith("_at_prevalence"):
-        return f"{name.split('_')[0]} at {report['prevalence']:.0%}"
+        return f"{name.split('_')[0]} at {100 * report['prevalence']:g}%"
     return name
 
 

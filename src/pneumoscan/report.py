@@ -208,7 +208,8 @@ on <b>{esc(str(report.get('data_dir', '')))}</b>
 <h2>Calibration</h2><img src="{_reliability(y, p, report['ece_15'])}" alt="reliability diagram">
 <p>Expected calibration error (15 bins): <b>{report['ece_15']:.4f}</b>.</p>
 <h2>Threshold table</h2>
-<table><tr><th>threshold</th><th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th></tr>{thr_rows}</table>
+<table><tr><th>threshold</th><th>sensitivity</th><th>specificity</th><th>PPV (these films)</th>
+<th>NPV (these films)</th></tr>{thr_rows}</table>
 <h2>Sensitivity by pneumonia type</h2>{subtype_html}
 {in_use_html}
 <h2>Most confident errors</h2>

@@ -66,17 +66,19 @@ def threshold_refusing(p_in: np.ndarray, k: int, margin: float = THRESHOLD_MARGI
     It lies ``margin`` log-odds below the (k+1)-th smallest value, or midway between the k-th and the
     (k+1)-th where they are closer than that; not on the (k+1)-th itself, where a film is refused or not by
     the last bit of a float, which another CPU's arithmetic or the int8 backend's features can flip.
-    With ``k <= 0`` nothing is refused (the lower neighbour is 0); ``k >= len(p_in)`` refuses all.
+    Where the k-th equals the (k+1)-th, fewer are refused (down to the last value below them): no
+    threshold separates equal values. ``k <= 0`` refuses nothing, ``k >= len(p_in)`` everything.
     """
     p = np.sort(np.asarray(p_in, dtype=np.float64).ravel())
     if not len(p):
         raise ValueError("no in-scope values to set a threshold on")
     k = min(max(int(k), 0), len(p))
+    if k == len(p):  # the next float32 above the largest: above it in float32 comparisons too
+        return float(np.nextafter(np.float32(p[-1]), np.float32(np.inf)))
+    while k > 0 and p[k - 1] == p[k]:
+        k -= 1
     lower = p[k - 1] if k > 0 else 0.0
-    if k == len(p):
-        return float((lower + 1.0) / 2)
-    upper = float(np.clip(p[k], 1e-12, 1 - 1e-12))
-    below = 1.0 / (1.0 + np.exp(-(np.log(upper / (1.0 - upper)) - margin)))
+    below = p[k] / (p[k] + (1.0 - p[k]) * np.exp(margin))  # sigmoid(logit(p) - margin), exact at 0 and 1
     return float(max((lower + p[k]) / 2, below))
 
 
