@@ -205,3 +205,24 @@ def _no_home_cache(tmp_path_factory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = old
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.fixture
+def experiment(monkeypatch):
+    """Loads experiments/NAME.py as a module (experiments/ is not a package; its scripts import each other)."""
+    import importlib.util
+    import sys
+
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"{name}_under_test", EXPERIMENTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+
+    return load

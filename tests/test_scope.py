@@ -242,26 +242,10 @@ def test_evaluate_reports_refusals_of_an_unlabelled_folder(tmp_path):
     assert outcomes["rotated.png"] == ("refused", "altered_chest") and outcomes["child.png"][0] == "answered"
 
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _experiment(name: str, monkeypatch: pytest.MonkeyPatch):
-    """experiments/NAME.py as a module (experiments/ is not a package; its scripts import each other)."""
-    import importlib.util
-    import sys
-
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location(f"{name}_under_test", EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_gate_is_fitted_on_in_scope_films_only(monkeypatch):
+def test_the_gate_is_fitted_on_in_scope_films_only(experiment):
     """The scope corpus files rotated or cropped copies of training patients' films under the source
     ``ped_train``; the distance gate must not take them in as NORMAL training films (it did before)."""
-    scope_data = _experiment("scope_data", monkeypatch)
+    scope_data = experiment("scope_data")
     classes = ["in_scope", "altered_chest", "other_body", "in_scope", "altered_chest", "in_scope", "adult_frontal"]
     sources = ["ped_train", "ped_train", "ped_train", "ped_val", "ped_val", "fullres_train", "some/repo"]
     n = len(classes)
@@ -271,12 +255,12 @@ def test_the_gate_is_fitted_on_in_scope_films_only(monkeypatch):
     assert np.flatnonzero(train_rows).tolist() == [0] and np.flatnonzero(val_rows).tolist() == [3]
 
 
-def test_acquisition_copies_for_the_gate_are_seeded_and_changed(monkeypatch):
+def test_acquisition_copies_for_the_gate_are_seeded_and_changed(experiment):
     """``fit_scope.py --gate_copies`` fits the gate on augmented copies of the training films: copy k is
     drawn with seed k (a refit reproduces the gate), each copy changes the films, and two copies differ."""
     import torch
 
-    scope_data = _experiment("scope_data", monkeypatch)
+    scope_data = experiment("scope_data")
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(0, 256, (3, 64, 64), dtype=np.uint8))
     first, second = scope_data.augmented_copies(images, 2)
@@ -290,14 +274,14 @@ def test_acquisition_copies_for_the_gate_are_seeded_and_changed(monkeypatch):
         scope_data.fit_gate(table, 0.999, copies=1)
 
 
-def test_the_gate_stores_the_scores_of_each_out_of_scope_reference_set(monkeypatch):
+def test_the_gate_stores_the_scores_of_each_out_of_scope_reference_set(experiment):
     """``fit_scope.py --write`` and ``gate_alone.py --store`` put into the gate one distance score per dev_shift
     film of each class and per generated non-radiograph, under a readable name, in the table's order."""
     import torch
 
     from pneumoscan.gate import OutOfScopeGate
 
-    scope_data = _experiment("scope_data", monkeypatch)
+    scope_data = experiment("scope_data")
     gen = torch.Generator().manual_seed(0)
     gate = OutOfScopeGate.fit([torch.randn(100, 3, generator=gen)], torch.zeros(100, dtype=torch.long),
                               [torch.randn(50, 3, generator=gen)], layers=(0,), quantile=0.99)
@@ -319,14 +303,14 @@ def test_the_gate_stores_the_scores_of_each_out_of_scope_reference_set(monkeypat
     assert list(scope_data.reference_sets(table(classes, feats), None)) == list(scores)[:3]
 
 
-def test_cached_augmented_features_are_not_reused_after_the_augmentation_changes(tmp_path, monkeypatch):
+def test_cached_augmented_features_are_not_reused_after_the_augmentation_changes(tmp_path, monkeypatch, experiment):
     """Augmented copies' features are cached on disk; a change to ``pneumoscan/augment.py`` (or another level)
     must make new copies, not silently reuse features of the old ones."""
     from pneumoscan.checkpoint import default_model_path, load_checkpoint
     from pneumoscan.predict import Predictor
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    scope_data = _experiment("scope_data", monkeypatch)
+    scope_data = experiment("scope_data")
     predictor = Predictor.from_checkpoint(load_checkpoint(default_model_path()), "cpu")
     rng = np.random.default_rng(0)
     table = scope_data.Table(["a", "b"], ["in_scope"] * 2, ["ped_train"] * 2, [np.zeros((2, 2), np.float32)],
@@ -344,7 +328,7 @@ def test_cached_augmented_features_are_not_reused_after_the_augmentation_changes
     assert len(cached()) == 3
 
 
-def test_augmented_negatives_are_fitted_with_their_source_and_never_counted(tmp_path, monkeypatch):
+def test_augmented_negatives_are_fitted_with_their_source_and_never_counted(tmp_path, monkeypatch, experiment):
     """``fit_scope.py --negative_copies``: a copy of a dev_shift film keeps its film's class and source, so leaving
     that source out leaves its copies out too, and no rate counts a copy (the rule of docs/experiments.md,
     "A scope classifier that has seen processed adult films", depends on both)."""
@@ -355,8 +339,8 @@ def test_augmented_negatives_are_fitted_with_their_source_and_never_counted(tmp_
     from pneumoscan.predict import Predictor
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    scope_data = _experiment("scope_data", monkeypatch)
-    fit_scope = _experiment("fit_scope", monkeypatch)
+    scope_data = experiment("scope_data")
+    fit_scope = experiment("fit_scope")
     rng = np.random.default_rng(1)
 
     def table(names, classes, sources, size=224, feats=None):
@@ -385,12 +369,12 @@ def test_augmented_negatives_are_fitted_with_their_source_and_never_counted(tmp_
     assert np.flatnonzero(pipe.without("repo/a")).tolist() == [0, 1, 5, 8]  # its copies leave with it; ped_val never in
 
 
-def test_fit_scope_will_not_rewrite_the_shipped_checks_under_the_same_version(tmp_path, capsys, monkeypatch):
+def test_fit_scope_will_not_rewrite_the_shipped_checks_under_the_same_version(tmp_path, capsys, experiment):
     """``fit_scope.py --write`` on the shipped file without ``--model_version`` would give predictions made
     with other checks the old version's name; it is refused before anything is read."""
     from pneumoscan.checkpoint import default_model_path
 
-    fit_scope = _experiment("fit_scope", monkeypatch)
+    fit_scope = experiment("fit_scope")
     missing = str(tmp_path / "missing")  # were the guard gone, the run would stop here, before any write
     with pytest.raises(SystemExit) as exit_info:
         fit_scope.main(["--model_path", missing + ".pth", "--data_root", missing, "--write", str(default_model_path())])
