@@ -165,3 +165,21 @@ def test_audit_cli_errors(filled, tmp_path, argv, message, capsys, monkeypatch):
         argv = ["--audit_db", str(path), *argv]
     assert audit_main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--fail_on_drift"], ["--by", "week"], ["--baseline_until", "2026-01-01"]])
+def test_drift_flags_without_summary_are_refused_not_ignored(filled, argv, capsys):
+    # a scheduled `audit --fail_on_drift` without --summary would export the log and exit 0 for ever
+    with pytest.raises(SystemExit) as stop:
+        audit_main(["--audit_db", str(filled[0]), *argv])
+    assert stop.value.code == 2 and "only work with --summary" in capsys.readouterr().err
+
+
+def test_the_export_format_follows_the_file_name_and_a_summary_takes_no_format(filled, tmp_path, capsys):
+    path, _ = filled
+    out = tmp_path / "x.jsonl"
+    assert audit_main(["--audit_db", str(path), "--output_path", str(out)]) == 0
+    assert json.loads(out.read_text().splitlines()[0])["request_id"] == "r0000"  # JSON Lines, not CSV
+    with pytest.raises(SystemExit) as stop:
+        audit_main(["--audit_db", str(path), "--summary", "--format", "csv"])
+    assert stop.value.code == 2 and "--format is for the export" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,3 +39,36 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (through links and relative paths too)."""
+    a, b = Path(a).expanduser(), Path(b).expanduser()
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--output_path", folder: bool = False) -> Path:
+    """``path`` (a file, or with ``folder`` a folder to write files in), checked before any work is done:
+    missing parent folders are created, as the writers do, and a probe file is written and removed.
+
+    Raises:
+        OutputPathError: it is a folder where a file is wanted (or the reverse), or it cannot be written, with
+            the reason and what to do.
+    """
+    from .errors import OutputPathError
+
+    out = Path(path).expanduser()
+    if not folder and out.is_dir():
+        raise OutputPathError(f"{flag} {path} is a folder; give a file name in it")
+    if folder and out.exists() and not out.is_dir():
+        raise OutputPathError(f"{flag} {path} is a file; give a folder")
+    where = out if folder else out.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".pneumoscan-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputPathError(f"cannot write {flag} {path}: {exc.strerror or exc}; choose a folder you can write "
+                              f"to (nothing was done yet)") from exc
+    return out

@@ -14,7 +14,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import DataError, PneumoscanError
+from .atomic import check_writable
+from .errors import DataError, OutputPathError, PneumoscanError
 
 log = logging.getLogger("pneumoscan")
 
@@ -155,15 +156,16 @@ def _predict_parser() -> argparse.ArgumentParser:
     src.add_argument("--image_dir", help="a folder of images (searched recursively)")
     p.add_argument("--model_path", help="checkpoint from pneumoscan train (default: the shipped model)")
     p.add_argument("--output_path",
-                   help="write results here: .json (one document at the end) or .jsonl (one line per file, "
-                        "written as it goes; for large folders). Default: print JSON to stdout")
+                   help="write results here: .json (one document at the end; an existing file is replaced) or "
+                        ".jsonl (one line per file, written as it goes, for large folders; an existing file is "
+                        "never replaced, see --resume). Default: print JSON to stdout")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted .jsonl output: files already in it are skipped")
     p.add_argument("--threshold", type=float, help="override the model's operating threshold on P(PNEUMONIA)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--decode_workers", type=int, default=2,
-                   help="threads decoding the next images while the model runs (0: none)")
+                   help="threads decoding the next images while the model runs (0: none; default 2)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx", "onnx-int8"),
                    help="what runs the model: auto (int8 ONNX Runtime on a CPU when the model carries its int8 "
                         "calibration, else torch), torch (the fp32 reference), onnx, onnx-int8")
@@ -312,7 +314,12 @@ def _predict_document(engine, files: list, args) -> tuple[int, int]:
             bar.update()
     document = _document(engine.info, len(files), results, errors)
     if args.output_path:
-        write_json(document, args.output_path)
+        try:
+            write_json(document, args.output_path)
+        except OSError as exc:  # checked before the work, but a disk can fill up meanwhile: keep the results
+            sys.stdout.write(dumps(document) + "\n")
+            raise OutputPathError(f"cannot write {args.output_path}: {exc.strerror or exc}; the results were "
+                                  f"printed to stdout instead") from exc
         log.info("%d prediction(s), %d error(s) written to %s", len(results), len(errors), args.output_path)
     else:
         sys.stdout.write(dumps(document) + "\n")
@@ -340,6 +347,8 @@ def predict_main(argv: list[str] | None = None) -> int:
         parser.error("--resume needs --output_path ending in .jsonl (a .json document is written only at the end)")
     if world.distributed and not args.output_path:
         parser.error("under torchrun, --output_path is needed (.jsonl or .json): the ranks' results are merged there")
+    if args.decode_workers < 0 or args.batch_size < 1:
+        parser.error("--decode_workers must be >= 0 and --batch_size >= 1")
     world = init_world("cpu")  # gloo: prediction only needs the ranks' count of failed shares
     try:
         return _predict(args, world, jsonl)
@@ -359,6 +368,10 @@ def _predict(args, world, jsonl: bool) -> int:
         files = [Path(args.image_path)] if args.image_path else list_inputs(args.image_dir, not args.no_recursive)
         if not files:
             raise DataError(f"no .jpg, .jpeg, .png or DICOM files found in {args.image_dir}")
+        if args.output_path and world.is_main:  # before any image is predicted, not after
+            check_writable(args.output_path)
+        if args.heatmap_dir:
+            check_writable(args.heatmap_dir, "--heatmap_dir", folder=True)
         device = args.device
         if world.distributed and device != "cpu" and torch.cuda.is_available():
             device = f"cuda:{world.local_rank % torch.cuda.device_count()}"  # one GPU per rank
@@ -457,10 +470,29 @@ def _scope_report_main(args) -> int:
     sys.stdout.write(f"{engine.model_path} on {args.data_dir}: scope report ({len(files)} inputs; refused = no "
                      f"prediction, flagged = answered with a lateral or population warning)\n")
     sys.stdout.write(format_scope_report(report) + "\n")
-    if args.output_path:
-        write_json(report, args.output_path)
-        log.info("scope report written to %s", args.output_path)
+    if args.output_path and not _written(write_json, report, args.output_path):
+        return EXIT_BAD_INPUT
     return EXIT_SOME_FAILED if report["all"]["unreadable"] else EXIT_OK
+
+
+def _written(write, *args, **kwargs) -> bool:
+    """``write(..., path, ...)`` (the path is the last positional argument); False, logged, when it could not
+    be written (checked before the work, but a disk can fill up or a folder vanish meanwhile)."""
+    path = args[-1]
+    try:
+        write(*args, **kwargs)
+    except OSError as exc:
+        log.error("cannot write %s: %s", path, exc.strerror or exc)
+        return False
+    log.info("written to %s", path)
+    return True
+
+
+def _n_boot_ok(n_boot: int) -> bool:
+    if n_boot >= 1:
+        return True
+    log.error("--n_boot %s: give at least 1 bootstrap resample (default 1000; fewer give rougher intervals)", n_boot)
+    return False
 
 
 def _warn_on_zero_counts(report: dict) -> None:
@@ -503,19 +535,21 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         log.error("--threshold %s: give a probability between 0 and 1 (the checkpoint's own is used without it)",
                   args.threshold)
         return EXIT_BAD_INPUT
-    if args.n_boot < 1:
-        log.error("--n_boot %s: give at least 1 bootstrap resample (default 1000; fewer give rougher intervals)",
-                  args.n_boot)
+    if not _n_boot_ok(args.n_boot):
         return EXIT_BAD_INPUT
     try:
         if args.prevalence is not None:
             check_prevalence(args.prevalence, "--prevalence")
+        for flag, path in (("--output_path", args.output_path), ("--report", args.report)):
+            if path:  # before any film is read, not after
+                check_writable(path, flag)
     except ValueError as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
     if args.scope_report or not _labelled(args.data_dir, args.split):
-        if args.prevalence is not None:
-            log.warning("--prevalence is for labelled films (NORMAL/ and PNEUMONIA/): ignored in this scope report")
+        for flag, given in (("--prevalence", args.prevalence is not None), ("--report", bool(args.report))):
+            if given:
+                log.warning("%s is for labelled films (NORMAL/ and PNEUMONIA/): ignored in this scope report", flag)
         return _scope_report_main(args)
     try:
         args.model_path = args.model_path or str(default_model_path())
@@ -552,15 +586,15 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     sys.stdout.write(format_metrics_table(report) + "\n")
     if "in_use" in report:
         sys.stdout.write(format_in_use(report["in_use"]) + "\n")
-    if args.output_path:
-        write_json(report, args.output_path)
-        log.info("metrics written to %s", args.output_path)
+    if args.output_path and not _written(write_json, report, args.output_path):
+        return EXIT_BAD_INPUT
     if args.report:
         from .report import build_report
 
         engine = MedicalImageInference(args.model_path, device=args.device, gate=False)
-        build_report(report, data.labels.numpy(), prob, data.paths, args.report, heatmap=engine.heatmap_data_uri)
-        log.info("report written to %s", args.report)
+        if not _written(build_report, report, data.labels.numpy(), prob, data.paths, args.report,
+                        heatmap=engine.heatmap_data_uri):
+            return EXIT_BAD_INPUT
     return EXIT_SOME_FAILED if bad else EXIT_OK
 
 
@@ -595,6 +629,7 @@ def _calibrate_parser() -> argparse.ArgumentParser:
 
 def calibrate_main(argv: list[str] | None = None) -> int:
     """``pneumoscan calibrate``: a site-calibrated copy of a checkpoint, and the table of what changed."""
+    from .atomic import same_file
     from .checkpoint import default_model_path, load_checkpoint, save_checkpoint
     from .data import load_labelled_folder
     from .predict import Predictor, resolve_device
@@ -604,18 +639,19 @@ def calibrate_main(argv: list[str] | None = None) -> int:
         calibrate_on_site,
         check_output_path,
         format_site_report,
-        same_file,
     )
 
     args = _calibrate_parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
+    if not _n_boot_ok(args.n_boot):
+        return EXIT_BAD_INPUT
     try:
         cfg = SiteCalibrationConfig(site=args.site, target_sensitivity=args.target_sensitivity, folds=args.folds,
                                     min_per_class=args.min_per_class, n_boot=args.n_boot, refit_gate=args.refit_gate)
         args.model_path = args.model_path or str(default_model_path())
         out = check_output_path(args.model_path, args.output_path)
         if args.json:
-            report_path = check_output_path(args.model_path, args.json, "--json")
+            report_path = check_output_path(args.model_path, args.json, "--json", new_file=False)
             if same_file(report_path, out):
                 raise DataError(f"--json {args.json} is --output_path; give the report its own file")
         ckpt = load_checkpoint(args.model_path)

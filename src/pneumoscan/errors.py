@@ -19,3 +19,7 @@ class CheckpointError(PneumoscanError, ValueError):
 
 class OutOfScopeError(ImageError):
     """The input decodes but is not a frontal chest radiograph, so no prediction is made."""
+
+
+class OutputPathError(PneumoscanError, ValueError):
+    """An output path that cannot be written, or that would replace a file that must stay."""

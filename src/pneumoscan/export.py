@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_path
+from .atomic import atomic_path, check_writable, same_file
 from .checkpoint import default_model_path, input_spec, load_checkpoint, model_from_checkpoint
-from .errors import DataError, PneumoscanError
+from .errors import DataError, OutputPathError, PneumoscanError
 from .predict import InputSpec
 
 log = logging.getLogger(__name__)
@@ -384,7 +384,13 @@ def export_main(argv: list[str] | None = None) -> int:
         log.error("output_path %s is a folder; name the .onnx file to write", out)
         return EXIT_BAD_INPUT
     try:
-        ckpt = load_checkpoint(args.model_path or default_model_path())
+        model_path = args.model_path or default_model_path()
+        for other, what in ((default_model_path(), "the shipped model"), (model_path, "the checkpoint being exported")):
+            if same_file(out, other):
+                raise OutputPathError(f"--output_path {out} is {what}; write the ONNX model to a new file "
+                                      f"(e.g. model.onnx)")
+        check_writable(out)
+        ckpt = load_checkpoint(model_path)
         model = onnx_model(ckpt)
         if args.quantize:
             quantize_int8(model, int8_ranges(ckpt, model, args.calibration_dir, args.calibration_images), out)

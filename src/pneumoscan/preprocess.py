@@ -176,7 +176,10 @@ def decode_image(source: str | os.PathLike | bytes, size: int | None = None) -> 
         raise ImageError(f"{name}: not a recognised image (expected JPEG, PNG or DICOM)") from exc
     except ImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own limit, met before ours could be checked
+        raise ImageError(f"{name}: image has more than the {MAX_IMAGE_PIXELS} pixels allowed ({exc}); "
+                         f"downsample it first") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: cannot decode image, file may be truncated or corrupt ({exc})") from exc
     if img.width < 2 or img.height < 2:
         raise ImageError(f"{name}: image is {img.width}x{img.height} pixels, too small to be a radiograph")

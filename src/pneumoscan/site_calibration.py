@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import check_writable, same_file
 from .calibration import fit_operating_point, positive_probability
 from .checkpoint import default_model_path
 from .cv import OutOfFold, cross_fitted, deal_patients, operating_point
@@ -257,16 +258,13 @@ def site_warnings(record: dict) -> list[str]:
     return out
 
 
-def same_file(a: str | Path, b: str | Path) -> bool:
-    a, b = Path(a).expanduser(), Path(b).expanduser()
-    return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
-
-
-def check_output_path(model_path: str | Path, output_path: str | Path, flag: str = "--output_path") -> Path:
+def check_output_path(model_path: str | Path, output_path: str | Path, flag: str = "--output_path",
+                      new_file: bool = True) -> Path:
     """The path to write the site checkpoint (or, with ``flag``, its report) to; checked before any work.
 
     Raises:
-        DataError: ``output_path`` is the input checkpoint or the shipped model, a folder, or its folder is missing.
+        DataError: ``output_path`` is the input checkpoint or the shipped model, a folder, its folder is
+            missing or cannot be written, or (``new_file``) it exists already.
     """
     out = Path(output_path).expanduser()
     protected = [(model_path, "the checkpoint being calibrated")]
@@ -282,6 +280,10 @@ def check_output_path(model_path: str | Path, output_path: str | Path, flag: str
         raise DataError(f"{flag} {output_path} is a folder; give a file name in it")
     if not out.parent.is_dir():
         raise DataError(f"{flag} {output_path}: folder {out.parent} does not exist; create it first")
+    if new_file and out.exists():
+        raise DataError(f"{flag} {output_path} exists already; give a new file name (a site checkpoint never "
+                        f"replaces another, so every earlier result stays traceable), or remove it first")
+    check_writable(out, flag)
     return out
 
 

@@ -97,13 +97,14 @@ def _audit_parser() -> argparse.ArgumentParser:
                                                                 "(default ./%(default)s)")
     p.add_argument("--since", help="only requests from this ISO 8601 date or time on (no offset: local time; "
                                    "with --summary, UTC)")
-    p.add_argument("--format", default="csv", choices=("csv", "jsonl"))
+    p.add_argument("--format", choices=("csv", "jsonl"),
+                   help="the export's format (default: from --output_path's extension, else csv); not with --summary")
     p.add_argument("--output_path", help="write here instead of stdout (with --summary: the summary as JSON)")
     p.add_argument("--summary", action="store_true",
                    help="per period: requests, refusals by reason, unreadable uploads, PNEUMONIA-call rate, mean "
                         "P(PNEUMONIA), risk levels; refusal, unreadable and call rates tested against a baseline, "
                         "flags printed as DRIFT lines")
-    p.add_argument("--by", default="day", choices=PERIODS, help="--summary period (UTC; default day)")
+    p.add_argument("--by", choices=PERIODS, help="--summary period (UTC; default day)")
     p.add_argument("--baseline_until", help="--summary baseline: the requests before this ISO 8601 date or time "
                                             "(with --summary, no offset means UTC); default: the first whole period")
     p.add_argument("--fail_on_drift", action="store_true",
@@ -114,10 +115,21 @@ def _audit_parser() -> argparse.ArgumentParser:
 
 def audit_main(argv: list[str] | None = None) -> int:
     """``pneumoscan audit``: the log as CSV or JSON Lines on stdout (or ``--output_path``)."""
-    args = _audit_parser().parse_args(argv)
+    parser = _audit_parser()
+    args = parser.parse_args(argv)
     configure_logging()
     if args.summary:
+        if args.format:
+            parser.error("--format is for the export; with --summary the table goes to stdout and the JSON to "
+                         "--output_path")
+        args.by = args.by or "day"
         return _summary_main(args)
+    given = [flag for flag, value in (("--fail_on_drift", args.fail_on_drift), ("--by", args.by),
+                                      ("--baseline_until", args.baseline_until)) if value]
+    if given:  # a scheduled drift check that would silently never fire
+        parser.error(f"{', '.join(given)} only work with --summary (the drift check); add --summary")
+    if args.format is None:
+        args.format = "jsonl" if (args.output_path or "").lower().endswith(".jsonl") else "csv"
     try:
         if args.output_path:
             with open(args.output_path, "w", encoding="utf-8", newline="") as out:

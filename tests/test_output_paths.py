@@ -1,0 +1,110 @@
+"""Outputs that cannot be written, or must not be replaced, are refused before any work is done, with the
+path and what to do; a write that fails at the end keeps the results. Real files and the real CLI."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+
+from pneumoscan.checkpoint import default_model_path, load_checkpoint, save_checkpoint
+from pneumoscan.cli import calibrate_main, evaluate_main, predict_main
+from pneumoscan.preprocess import MAX_IMAGE_PIXELS, decode_image
+
+
+@pytest.fixture
+def not_a_folder(tmp_path):
+    """A path whose parent is a file: no one, root included, can create anything under it."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    return blocker / "out"
+
+
+@pytest.fixture(scope="module")
+def two_films(tmp_path_factory, train_dir):
+    folder = tmp_path_factory.mktemp("films")
+    for f in sorted((train_dir / "NORMAL").glob("*.jpeg"))[:2]:
+        (folder / f.name).symlink_to(f)
+    return folder
+
+
+def test_predict_refuses_an_unwritable_output_before_predicting(two_films, not_a_folder, capsys):
+    assert predict_main(["--image_dir", str(two_films), "--output_path", str(not_a_folder / "r.json"),
+                         "--backend", "torch"]) == 2
+    captured = capsys.readouterr()
+    assert f"cannot write --output_path {not_a_folder / 'r.json'}" in captured.err
+    assert "nothing was done yet" in captured.err and "predicting" not in captured.err and captured.out == ""
+
+
+def test_predict_refuses_an_unwritable_heatmap_folder(two_films, not_a_folder, capsys):
+    assert predict_main(["--image_dir", str(two_films), "--heatmap_dir", str(not_a_folder),
+                         "--backend", "torch"]) == 2
+    assert "cannot write --heatmap_dir" in capsys.readouterr().err
+
+
+def test_a_json_that_cannot_be_written_at_the_end_goes_to_stdout(two_films, tmp_path, monkeypatch, capsys):
+    import pneumoscan.results
+
+    def disk_full(*args, **kwargs):  # the disk fills up while the folder is predicted (cannot be made real here)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pneumoscan.results, "write_json", disk_full)
+    assert predict_main(["--image_dir", str(two_films), "--output_path", str(tmp_path / "r.json"),
+                         "--backend", "torch"]) == 2
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)["results"]) == 2  # nothing predicted is lost
+    assert "No space left on device" in captured.err and "printed to stdout instead" in captured.err
+
+
+@pytest.mark.parametrize("flag", ["--output_path", "--report"])
+def test_evaluate_refuses_an_unwritable_output_before_reading_films(train_dir, not_a_folder, flag, capsys):
+    assert evaluate_main(["--data_dir", str(train_dir), flag, str(not_a_folder / "m.x")]) == 2
+    assert f"cannot write {flag}" in capsys.readouterr().err
+
+
+def test_evaluate_says_a_report_needs_labelled_films(two_films, tmp_path, capsys):
+    assert evaluate_main(["--data_dir", str(two_films), "--report", str(tmp_path / "r.html"),
+                          "--backend", "torch"]) == 0
+    assert "--report is for labelled films" in capsys.readouterr().err and not (tmp_path / "r.html").exists()
+
+
+def test_calibrate_never_replaces_an_existing_file(train_dir, tmp_path, capsys):
+    earlier = tmp_path / "site.pth"
+    earlier.write_bytes(b"yesterday's site checkpoint")
+    assert calibrate_main(["--data_dir", str(train_dir), "--output_path", str(earlier), "--site", "b"]) == 2
+    assert "exists already" in capsys.readouterr().err and earlier.read_bytes() == b"yesterday's site checkpoint"
+    assert calibrate_main(["--data_dir", str(train_dir), "--output_path", str(tmp_path / "new.pth"),
+                           "--n_boot", "0"]) == 2
+    assert "at least 1 bootstrap resample" in capsys.readouterr().err
+
+
+def test_export_never_writes_over_the_checkpoint_it_exports(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    from pneumoscan.export import export_main
+
+    mine = tmp_path / "mine.pth"
+    save_checkpoint(load_checkpoint(default_model_path()), mine)
+    before = mine.read_bytes()
+    assert export_main(["--format", "onnx", "--model_path", str(mine), "--output_path", str(mine)]) == 2
+    assert "is the checkpoint being exported" in capsys.readouterr().err and mine.read_bytes() == before
+    assert export_main(["--format", "onnx", "--output_path", str(default_model_path())]) == 2
+    assert "is the shipped model" in capsys.readouterr().err
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels: what a decoder sees first."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [12_000, 20_000])
+def test_an_oversized_image_says_so_whatever_its_size(side):
+    # 12,000 px passes PIL's own bomb limit and meets ours; 20,000 px meets PIL's first: the same message
+    with pytest.raises(ValueError, match=f"more than the {MAX_IMAGE_PIXELS} pixels allowed|more than the "
+                                         f"{MAX_IMAGE_PIXELS} allowed") as err:
+        decode_image(_png_header_only(side, side))
+    assert "downsample it first" in str(err.value) and "corrupt" not in str(err.value)
