@@ -137,7 +137,7 @@ def test_missing_file_is_refused(tmp_path):
 
 
 def test_directory_is_refused(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="is a folder; pass --model_path to the .pth file in it"):
         load_checkpoint(tmp_path)
 
 

@@ -107,8 +107,8 @@ def test_a_ppv_without_a_single_false_positive_says_its_interval_has_no_width(tm
     report = json.loads(out.read_text())
     err = capsys.readouterr().err
     assert report["confusion"]["fp"] == 0 and report["metrics"]["ppv_at_prevalence"]["ci_low"] == 1.0
-    assert "no false positive among these 3 normal films" in err and "rule of three" in err
-    assert "(0.000, rule of three)" in err  # 1 - 3/3: three films bound nothing
+    assert "no false positive among these 3 normal films" in err and "rule of three is 0.000" in err  # 1 - 3/3
+    assert "the PPV at 20% would be" in err
 
 
 def test_prevalence_is_ignored_with_a_warning_in_a_scope_report(tmp_path, train_dir, capsys):

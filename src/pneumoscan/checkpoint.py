@@ -89,6 +89,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             state dict, or missing fields.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; pass --model_path to the .pth file in it "
+                              f"(pneumoscan train writes medical_cnn_model.pth)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass --model_path to a .pth "
                               f"written by pneumoscan train")
@@ -96,8 +99,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         head = f.read(2)
     # torch.save writes a zip archive; the legacy format starts with a pickle protocol byte (0x80)
     if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle); "
-                              f"pass --model_path to a .pth written by pneumoscan train")
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle), or it is "
+                              f"truncated or corrupt; pass --model_path to a whole .pth written by pneumoscan train")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -426,7 +426,7 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "torch", "onnx", "onnx-int8"),
                    help="what runs the model for the 'in use' counts (default torch, as for the model-only metrics) "
                         "and the scope report (default auto: what predict and serve use, onnx-int8 on a CPU)")
-    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--cache_dir", default="", help="decoded-image cache ('none' disables)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -496,25 +496,28 @@ def _n_boot_ok(n_boot: int) -> bool:
 
 
 def _warn_on_zero_counts(report: dict) -> None:
-    """With ``--prevalence``: a PPV or NPV whose interval has no width because no false positive (or false
-    negative) occurred in these films, and what it would be at the rule-of-three 95 % bound."""
-    if "prevalence" not in report:
-        return
+    """A specificity (or sensitivity) of 1 on these films has a bootstrap interval of no width, which reads as
+    certainty: say so, with the rule-of-three 95 % bound (1 - 3/n), and with ``--prevalence`` the PPV (or NPV)
+    at that bound."""
     from .metrics import predictive_values
 
-    c, m, prev = report["confusion"], report["metrics"], report["prevalence"]
+    c, m, prev = report["confusion"], report["metrics"], report.get("prevalence")
     sens, spec = m["sensitivity"]["value"], m["specificity"]["value"]
-    n_neg, n_pos = c["tn"] + c["fp"], c["tp"] + c["fn"]
-    if c["fp"] == 0 and n_neg:
-        bound = max(0.0, 1.0 - 3.0 / n_neg)
-        log.warning("no false positive among these %d normal films, so the PPV at %g%% (%.4f) has an interval of "
-                    "no width; at the 95%% bound of specificity (%.3f, rule of three) it would be %.4f",
-                    n_neg, 100 * prev, m["ppv_at_prevalence"]["value"], bound, predictive_values(sens, bound, prev)[0])
-    if c["fn"] == 0 and n_pos:
-        bound = max(0.0, 1.0 - 3.0 / n_pos)
-        log.warning("no false negative among these %d pneumonia films, so the NPV at %g%% (%.4f) has an interval of "
-                    "no width; at the 95%% bound of sensitivity (%.3f, rule of three) it would be %.4f",
-                    n_pos, 100 * prev, m["npv_at_prevalence"]["value"], bound, predictive_values(bound, spec, prev)[1])
+    for errors, n, films, metric, value_name, other in (
+            (c["fp"], c["tn"] + c["fp"], "normal", "specificity", "ppv", "false positive"),
+            (c["fn"], c["tp"] + c["fn"], "pneumonia", "sensitivity", "npv", "false negative")):
+        if errors or not n:
+            continue
+        bound = max(0.0, 1.0 - 3.0 / n)
+        text = (f"no {other} among these {n} {films} films, so the {metric} of 1 has a bootstrap interval of no "
+                f"width; its 95 % lower bound by the rule of three is {bound:.3f}")
+        if prev is not None:
+            at_bound = predictive_values(bound if metric == "sensitivity" else sens,
+                                         bound if metric == "specificity" else spec, prev)
+            text += (f", and there the {value_name.upper()} at {100 * prev:g}% would be "
+                     f"{at_bound[0 if value_name == 'ppv' else 1]:.4f} "
+                     f"(not {m[value_name + '_at_prevalence']['value']:.4f})")
+        log.warning("%s", text)
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
@@ -613,14 +616,14 @@ def _calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", default="site", help="short site name, appended to the model version (default site)")
     p.add_argument("--target_sensitivity", type=float,
                    help="sensitivity the new threshold must keep on the site's films (default: the checkpoint's)")
-    p.add_argument("--folds", type=int, default=5, help="patient groups for the cross-validated estimate")
-    p.add_argument("--min_per_class", type=int, default=50, help="fewest films of each class accepted")
+    p.add_argument("--folds", type=int, default=5, help="patient groups for the cross-validated estimate (default 5)")
+    p.add_argument("--min_per_class", type=int, default=50, help="fewest films of each class accepted (default 50)")
     p.add_argument("--refit_gate", action="store_true",
                    help="also raise the feature-distance gate's limit to the same quantile of these films, for a "
                         "site whose processing makes the gate refuse valid films (never lowered; the scope "
-                        "classifier is unchanged; what it costs on out-of-scope inputs: docs/experiments.md)")
+                        "classifier is unchanged; what it costs on out-of-scope inputs: docs/gate.md)")
     p.add_argument("--json", help="write the report (both operating points, with CIs) here")
-    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--cache_dir", default="", help="decoded-image cache ('none' disables)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -703,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     """``pneumoscan <command> [flags]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            sys.stderr.write(f"pneumoscan: unknown command {argv[0]!r}\n")
         sys.stderr.write(f"usage: pneumoscan {{{','.join(COMMANDS)}}} [flags]\n"
                          "       pneumoscan <command> --help for its flags\n")
         return EXIT_OK if argv and argv[0] in ("-h", "--help") else EXIT_BAD_INPUT
