@@ -108,3 +108,11 @@ def test_an_oversized_image_says_so_whatever_its_size(side):
                                          f"{MAX_IMAGE_PIXELS} allowed") as err:
         decode_image(_png_header_only(side, side))
     assert "downsample it first" in str(err.value) and "corrupt" not in str(err.value)
+
+
+def test_a_mistyped_command_is_named(capsys):
+    from pneumoscan.cli import main
+
+    assert main(["predcit", "--image_path", "x.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'predcit'" in err and "usage: pneumoscan {train,predict" in err
