@@ -284,6 +284,8 @@ class MedicalImageInference:
         level = risk_level(confidence, uncertainty)
         if any(marker in w.lower() for w in warnings for marker in UNVALIDATED_WARNINGS):
             level = RISK_HIGH
+        elif level == RISK_LOW and has_low_detail_warning(warnings):
+            level = RISK_MEDIUM  # a downscaled or blurred copy: never "very confident" (docs/gate.md)
         return InferenceResult(
             prediction=self.class_names[label],
             confidence=confidence,
