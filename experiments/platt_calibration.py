@@ -17,7 +17,6 @@ the fits on all 780 films. Also: sets drawn at other prevalences (``prevalence_c
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -25,15 +24,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from kfold_eval import STRESS, adult_films, adult_pixels, stressed
-from prevalence_check import PREVALENCES, answers, at_prevalence, drawn_sets, reference_shares, summarise
+from prevalence_check import (
+    PREVALENCES,
+    answers,
+    at_prevalence,
+    drawn_sets,
+    parser,
+    reference_shares,
+    summarise,
+    validation_of,
+)
 
 from pneumoscan.calibration import fit_temperature
-from pneumoscan.checkpoint import default_model_path, load_checkpoint
-from pneumoscan.cli import configure_logging
 from pneumoscan.cv import deal_patients
-from pneumoscan.data import split_from_config
 from pneumoscan.metrics import threshold_for_sensitivity
-from pneumoscan.predict import Predictor
 from pneumoscan.results import command_line, write_json
 
 log = logging.getLogger("pneumoscan.platt_calibration")
@@ -80,20 +84,10 @@ def prob(z: np.ndarray, f: dict) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", required=True)
-    p.add_argument("--model_path", default=None)
+    p = parser(__doc__, 300)
     p.add_argument("--dev_shift", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "dev_shift"))
-    p.add_argument("--cache_dir", default="")
-    p.add_argument("--films", type=int, default=600, help="films per drawn set")
-    p.add_argument("--draws", type=int, default=300, help="sets drawn per prevalence")
-    p.add_argument("--json", required=True)
     args = p.parse_args(argv)
-    configure_logging()
-    model_path = args.model_path or str(default_model_path())
-    ckpt = load_checkpoint(model_path)
-    predictor = Predictor.from_checkpoint(ckpt)
-    val = split_from_config(ckpt["config"], args.data_dir, predictor.spec.image_size, args.cache_dir).val
+    model_path, ckpt, predictor, val = validation_of(args)
     y = val.labels.numpy().astype(int)
 
     def zdiff(images: torch.Tensor) -> np.ndarray:

@@ -93,21 +93,31 @@ def summarise(values: list[dict]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str, draws: int) -> argparse.ArgumentParser:
+    """The flags both prevalence scripts take."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="the training data (train/NORMAL, train/PNEUMONIA)")
     p.add_argument("--model_path", default=None, help="checkpoint (default: the shipped model)")
     p.add_argument("--cache_dir", default="")
     p.add_argument("--films", type=int, default=600, help="films per drawn set")
-    p.add_argument("--draws", type=int, default=500, help="sets drawn per prevalence")
+    p.add_argument("--draws", type=int, default=draws, help="sets drawn per prevalence")
     p.add_argument("--json", required=True)
-    args = p.parse_args(argv)
+    return p
+
+
+def validation_of(args) -> tuple[str, dict, Predictor, object]:
+    """(path, checkpoint, predictor, its own validation split) of ``--model_path``."""
     configure_logging()
     model_path = args.model_path or str(default_model_path())
     ckpt = load_checkpoint(model_path)
     predictor = Predictor.from_checkpoint(ckpt)
-    splits = split_from_config(ckpt["config"], args.data_dir, predictor.spec.image_size, args.cache_dir)
-    val = splits.val
+    val = split_from_config(ckpt["config"], args.data_dir, predictor.spec.image_size, args.cache_dir).val
+    return model_path, ckpt, predictor, val
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser(__doc__, 500).parse_args(argv)
+    model_path, ckpt, predictor, val = validation_of(args)
     logits = predictor.logits(val.images)
     y = val.labels.numpy().astype(int)
     refit = fit_temperature(logits, val.labels)
