@@ -121,7 +121,7 @@ def test_cross_fitted_operating_point_applied_to_changed_films():
     oof = _oof(3.0)
     prob, pred, params = cross_fitted(oof)
     again = cross_fitted(oof, applied_to=oof.logits.clone())
-    assert np.array_equal(prob, again[0]) and np.array_equal(pred, again[1]) and [f for f, _, _ in params] == [0, 1, 2]
+    assert np.array_equal(prob, again[0]) and np.array_equal(pred, again[1]) and [p[0] for p in params] == [0, 1, 2]
     y = oof.labels.numpy()
     assert operating_point(y, prob, pred) == oof_report(oof)["cross_validated"]
     # by hand for fold 0: temperature and threshold from folds 1-2 only, applied to fold 0's changed rows

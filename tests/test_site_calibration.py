@@ -16,11 +16,13 @@ import torch
 from PIL import Image, ImageOps
 
 from pneumoscan.calibration import positive_probability
-from pneumoscan.checkpoint import default_model_path, load_checkpoint
+from pneumoscan.checkpoint import default_model_path, load_checkpoint, save_checkpoint
 from pneumoscan.cli import EXIT_BAD_INPUT, EXIT_OK, calibrate_main
 from pneumoscan.data import CLASS_NAMES, dedupe, load_labelled_folder, patient_split
 from pneumoscan.inference import MedicalImageInference
 from pneumoscan.predict import Predictor
+from pneumoscan.preprocess import decode_image
+from pneumoscan.site_calibration import SiteCalibrationConfig, calibrate_on_site, format_site_report
 
 PER_HALF = {"NORMAL": 60, "PNEUMONIA": 90}
 
@@ -116,7 +118,8 @@ def test_site_checkpoint_keeps_the_weights_and_checks_and_names_the_site(calibra
     assert rec["site"] == "eq-site" and rec["films"] == sum(PER_HALF.values())
     assert "data_dir" not in rec and "skipped_files" not in rec and report["data_dir"]  # paths: report only
     assert rec["previous"] == {"model_version": shipped["model_version"], "temperature": shipped["temperature"],
-                               "threshold": shipped["threshold"], "metrics": shipped["metrics"]}
+                               "threshold": shipped["threshold"], "bias": 0.0, "metrics": shipped["metrics"]}
+    assert rec["calibration"] == "temperature" and site["calibration_bias"] == 0.0  # the default: no intercept
     # the metrics stored beside the new threshold describe it (the service shows them), not the old one
     cv = report["refitted_cross_validated"]
     assert site["metrics"]["val_sensitivity"] == cv["sensitivity"] and site["metrics"]["val_specificity"] == cv[
@@ -316,3 +319,41 @@ def test_refit_gate_refuses_to_learn_images_that_are_not_radiographs(tmp_path, c
     feats = Predictor.from_checkpoint(shipped).outputs(junk.images).features
     with pytest.raises(DataError, match="too unlike the training films for the gate to be loosened"):
         refit_gate_limit(shipped["ood_gate"], feats, np.arange(len(junk)) % 5)
+
+
+def test_an_intercept_needs_films_of_enough_patients(sites, tmp_path, capsys):
+    a, _ = sites  # 150 films: with so few the intercept's curve overfits (docs/experiments.md)
+    out = tmp_path / "x.pth"
+    assert calibrate_main(["--data_dir", str(a), "--output_path", str(out), "--site", "s", "--intercept"]) == 2
+    assert "--intercept needs films of at least 300 patients" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_site_intercept_is_stored_and_predictions_use_it(sites, tmp_path):
+    """The mechanics, on the small equalised site with the patient minimum lowered (whether an intercept helps
+    is measured by experiments/site_intercept.py): the record and the checkpoint carry b, and
+    the checkpoint's predictions are sigmoid(z / T + b) with the calls at its threshold."""
+    a, b = sites
+    ckpt = load_checkpoint(default_model_path())
+    predictor = Predictor.from_checkpoint(ckpt)
+    data, _ = load_labelled_folder(str(a), 224, "test", "none")
+    cfg = SiteCalibrationConfig(site="eq-site", intercept=True, min_patients_intercept=5, n_boot=50)
+    site, rec = calibrate_on_site(ckpt, predictor, data, cfg)
+    assert rec["calibration"] == "temperature and intercept (logistic)" and site["calibration_bias"] == rec["bias"] != 0
+    assert f"b {rec['bias']:+.3f}" in format_site_report(rec) and "intercept" in site["training_note"]
+    assert all("bias" in g for g in rec["refitted_cross_validated"]["per_fold"])
+    out = tmp_path / "site.pth"
+    save_checkpoint(site, out)
+    engine = MedicalImageInference(out, backend="torch")
+    films = sorted((b / "PNEUMONIA").glob("*.png"))[:3] + sorted((b / "NORMAL").glob("*.png"))[:3]
+    logits = engine.predictor.logits(torch.stack([engine.model_input(decode_image(f, 224)) for f in films]))
+    z = (logits[:, 1] - logits[:, 0]).double()
+    expected = torch.sigmoid(z / site["temperature"] + site["calibration_bias"])
+    for f, p in zip(films, expected):
+        r = engine.predict_image(f)
+        assert r.probabilities["PNEUMONIA"] == pytest.approx(float(p), abs=1e-6)  # float32 logits, other batch
+        assert (r.prediction == "PNEUMONIA") == (float(p) >= site["threshold"])
+    assert engine.info["calibration_bias"] == site["calibration_bias"]
+    # calibrated again without --intercept, the site checkpoint loses its intercept (it is not kept silently)
+    again, rec2 = calibrate_on_site(site, Predictor.from_checkpoint(site), data,
+                                    SiteCalibrationConfig(site="eq-site2", n_boot=50))
+    assert again["calibration_bias"] == 0.0 and rec2["previous"]["bias"] == site["calibration_bias"]

@@ -42,7 +42,7 @@ from .export import (
     stored_ranges,
     weights_digest,
 )
-from .predict import InputSpec, Outputs, Predictor, resolve_device
+from .predict import InputSpec, Outputs, Predictor, calibration_bias, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class OnnxPredictor:
                                             providers=providers)
         self.spec: InputSpec = input_spec(ckpt)
         self.temperature: float | None = ckpt.get("temperature")
+        self.bias = calibration_bias(ckpt)
         self.device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
         self._ckpt = ckpt
         self._features = feature_outputs(ckpt)
@@ -105,8 +106,8 @@ class OnnxPredictor:
         return self.outputs(images, features=False, batch_size=batch_size).logits
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (N, 2), float64, calibrated with this model's temperature when it has one."""
-        return calibrated_probs(logits, self.temperature)
+        """Class probabilities (N, 2), float64, calibrated with this model's temperature (and intercept)."""
+        return calibrated_probs(logits, self.temperature, self.bias)
 
     def gradcam(self, pixels: np.ndarray | torch.Tensor, target_class: int = 1) -> np.ndarray:
         """Grad-CAM of ``target_class`` for one uint8 (S, S) image, from the torch model."""

@@ -1,4 +1,11 @@
-"""Temperature scaling (Guo et al. 2017) and the operating threshold."""
+"""Temperature scaling (Guo et al. 2017), logistic calibration with an intercept (Platt 1999; for
+``pneumoscan calibrate --intercept``), and the operating threshold.
+
+P(PNEUMONIA) = sigmoid((z1 - z0) / T + b): b is 0 for temperature scaling. A model trained with a loss weighted
+towards one class leaves its logits offset, which T cannot move and b can; but the fitted curve is steeper, so
+where films differ from the ones it was fitted on its errors become confident ones (docs/experiments.md,
+"Calibration with an intercept"): the shipped model keeps b = 0, and a site fits b on its own films.
+"""
 
 from __future__ import annotations
 
@@ -25,27 +32,57 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     return min(max(t, 0.05), 20.0)
 
 
-def calibrated_probs(logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-    """Class probabilities ``softmax(logits / temperature)`` in float64 (None: no calibration, T = 1).
+def calibrated_probs(logits: torch.Tensor, temperature: float | None = None, bias: float = 0.0) -> torch.Tensor:
+    """Class probabilities ``softmax(logits / temperature + [0, bias])`` in float64 (None: no calibration,
+    T = 1; ``bias`` 0: temperature scaling alone).
 
-    The one place a temperature is applied: training's threshold choice, evaluation and every
+    The one place a calibration is applied: training's threshold choice, evaluation and every
     prediction read their probabilities from here, so they agree to the last digit.
     """
-    return torch.softmax(logits.double() / (temperature or 1.0), dim=-1)
+    scaled = logits.double() / (temperature or 1.0)
+    if bias:
+        scaled = scaled + torch.tensor([0.0, float(bias)], dtype=torch.float64)
+    return torch.softmax(scaled, dim=-1)
 
 
-def positive_probability(logits: torch.Tensor, temperature: float | None = None) -> np.ndarray:
+def positive_probability(logits: torch.Tensor, temperature: float | None = None, bias: float = 0.0) -> np.ndarray:
     """P(PNEUMONIA), class 1, as a float64 numpy array (calibrated when a temperature is given)."""
-    return calibrated_probs(logits, temperature)[:, 1].numpy()
+    return calibrated_probs(logits, temperature, bias)[:, 1].numpy()
+
+
+def fit_logistic(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> tuple[float, float]:
+    """The (temperature T, bias b) of least NLL on held-out data for P(PNEUMONIA) = sigmoid((z1 - z0) / T + b)."""
+    z = (logits[:, 1] - logits[:, 0]).detach().double()
+    y = labels.detach().double()
+    log_a = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_a, b], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z * log_a.exp() + b, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return min(max(float(1.0 / log_a.detach().exp()), 0.05), 20.0), float(b.detach())
 
 
 def fit_operating_point(logits: torch.Tensor, labels: torch.Tensor, target_sensitivity: float) -> tuple[float, float]:
     """The temperature fitted on these films, and the threshold on their calibrated P(PNEUMONIA) that keeps
     sensitivity >= ``target_sensitivity`` (``metrics.threshold_for_sensitivity``): an operating point."""
+    t, thr, _ = fit_calibrated_point(logits, labels, target_sensitivity)
+    return t, thr
+
+
+def fit_calibrated_point(logits: torch.Tensor, labels: torch.Tensor, target_sensitivity: float,
+                         intercept: bool = False) -> tuple[float, float, float]:
+    """(temperature, threshold, bias): ``fit_operating_point``, with ``intercept`` by logistic calibration
+    (``fit_logistic``) instead of a temperature alone (then bias 0)."""
     from .metrics import threshold_for_sensitivity
 
-    t = fit_temperature(logits, labels)
-    return t, threshold_for_sensitivity(labels.numpy(), positive_probability(logits, t), target_sensitivity)
+    t, b = fit_logistic(logits, labels) if intercept else (fit_temperature(logits, labels), 0.0)
+    return t, threshold_for_sensitivity(labels.numpy(), positive_probability(logits, t, b), target_sensitivity), b
 
 
 def cross_fitted_ece(logits: torch.Tensor, labels: torch.Tensor, groups: list[str], n_bins: int = 15,

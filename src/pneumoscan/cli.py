@@ -618,6 +618,12 @@ def _calibrate_parser() -> argparse.ArgumentParser:
                    help="sensitivity the new threshold must keep on the site's films (default: the checkpoint's)")
     p.add_argument("--folds", type=int, default=5, help="patient groups for the cross-validated estimate (default 5)")
     p.add_argument("--min_per_class", type=int, default=50, help="fewest films of each class accepted (default 50)")
+    p.add_argument("--intercept", action="store_true",
+                   help="fit a logistic calibration (temperature and intercept) instead of a temperature alone, "
+                        "from films of at least 300 patients: on the site's next patients its probabilities are "
+                        "better calibrated, but where films later change its errors are more confident ones "
+                        "(docs/experiments.md, 'An intercept for a site'); watch the site with pneumoscan audit "
+                        "--summary")
     p.add_argument("--refit_gate", action="store_true",
                    help="also raise the feature-distance gate's limit to the same quantile of these films, for a "
                         "site whose processing makes the gate refuse valid films (never lowered; the scope "
@@ -650,7 +656,8 @@ def calibrate_main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         cfg = SiteCalibrationConfig(site=args.site, target_sensitivity=args.target_sensitivity, folds=args.folds,
-                                    min_per_class=args.min_per_class, n_boot=args.n_boot, refit_gate=args.refit_gate)
+                                    min_per_class=args.min_per_class, n_boot=args.n_boot, refit_gate=args.refit_gate,
+                                    intercept=args.intercept)
         args.model_path = args.model_path or str(default_model_path())
         out = check_output_path(args.model_path, args.output_path)
         if args.json:

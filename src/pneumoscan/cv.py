@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .atomic import write_text
-from .calibration import fit_operating_point, positive_probability
+from .calibration import fit_calibrated_point, fit_operating_point, positive_probability
 from .checkpoint import input_spec, load_checkpoint
 from .config import TrainConfig
 from .data import ImageSet, split_from_config
@@ -104,11 +104,12 @@ def deal_patients(patients: list[str], k: int = 5) -> np.ndarray:
 
 
 def cross_fitted(oof: OutOfFold, target_sensitivity: float = 0.95, applied_to: torch.Tensor | None = None,
-                 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, float, float]]]:
-    """For each fold: the temperature and the threshold fitted on the *other* folds' OOF logits, applied to
-    this fold's films. ``applied_to`` (the same films in the same order, changed, e.g. re-encoded) replaces
-    the logits they are applied to, so the operating point stays the one fitted on the unchanged films.
-    Returns the calibrated P(PNEUMONIA) per film, the call per film, and (fold, temperature, threshold)."""
+                 intercept: bool = False) -> tuple[np.ndarray, np.ndarray, list[tuple[int, float, float, float]]]:
+    """For each fold: the temperature (with ``intercept``, the logistic calibration) and the threshold fitted on
+    the *other* folds' OOF logits, applied to this fold's films. ``applied_to`` (the same films in the same
+    order, changed, e.g. re-encoded) replaces the logits they are applied to, so the operating point stays the
+    one fitted on the unchanged films. Returns the calibrated P(PNEUMONIA) per film, the call per film, and
+    (fold, temperature, threshold, bias)."""
     y, logits, labels, folds = oof.labels.numpy(), oof.logits, oof.labels, oof.folds
     target = oof.logits if applied_to is None else applied_to
     if len(target) != len(y):
@@ -120,10 +121,10 @@ def cross_fitted(oof: OutOfFold, target_sensitivity: float = 0.95, applied_to: t
         held, fit = folds == f, folds != f
         if not fit.any():
             raise ValueError("cross-validating the operating point needs at least two folds")
-        t, thr = fit_operating_point(logits[fit], labels[fit], target_sensitivity)
-        cv_prob[held] = positive_probability(target[held], t)
+        t, thr, b = fit_calibrated_point(logits[fit], labels[fit], target_sensitivity, intercept)
+        cv_prob[held] = positive_probability(target[held], t, b)
         cv_pred[held] = cv_prob[held] >= thr
-        params.append((int(f), t, thr))
+        params.append((int(f), t, thr, b))
     return cv_prob, cv_pred, params
 
 
@@ -144,7 +145,7 @@ def oof_report(oof: OutOfFold, target_sensitivity: float = 0.95) -> dict:
     at_thr = metrics_with_ci(y, p_all, thr_all, groups=oof.patients)
     cv_prob, cv_pred, params = cross_fitted(oof, target_sensitivity)
     per_fold = [{"fold": f, "n": int((folds == f).sum()), "auroc": auroc(y[folds == f], p_all[folds == f]),
-                 "temperature": t, "threshold": thr} for f, t, thr in params]
+                 "temperature": t, "threshold": thr} for f, t, thr, _ in params]
     aurocs = [r["auroc"] for r in per_fold]
     return {
         "n": len(y), "patients": len(set(oof.patients)),

@@ -261,6 +261,7 @@ class MedicalImageInference:
                 "arch": self.checkpoint.get("arch"), "image_size": self.image_size,
                 "intensity": self.predictor.spec.intensity,
                 "threshold": self.threshold, "temperature": self.temperature,
+                "calibration_bias": getattr(self.predictor, "bias", 0.0),
                 "calibrated": self.temperature is not None, "class_names": self.class_names,
                 "out_of_scope_gate": self.gate is not None, "scope_classifier": self.scope is not None,
                 "detail_check": self.gate is not None and self.gate.min_detail is not None,

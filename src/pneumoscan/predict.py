@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from .calibration import calibrated_probs
+from .errors import CheckpointError
 from .heatmap import grad_cam
 from .preprocess import INTENSITIES, PREPROCESS_VERSION, equalize, resize_gray
 
@@ -93,29 +94,49 @@ class Outputs:
     features: list[torch.Tensor]
 
 
+def calibration_bias(ckpt: dict) -> float:
+    """A checkpoint's calibration intercept: 0 unless ``pneumoscan calibrate --intercept`` wrote one.
+
+    Raises:
+        CheckpointError: it is there but not a finite number, or there without a temperature.
+    """
+    value = ckpt.get("calibration_bias") or 0.0
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"calibration_bias {ckpt.get('calibration_bias')!r} is not a number") from exc
+    if not np.isfinite(value) or (value and ckpt.get("temperature") is None):
+        raise CheckpointError(f"calibration_bias {value} is not usable (not finite, or without a temperature); "
+                              f"recalibrate the model with pneumoscan calibrate")
+    return value
+
+
 class Predictor:
-    """A model with its input contract and temperature: the only code that runs a model for outputs.
+    """A model with its input contract and calibration: the only code that runs a model for outputs.
 
     Args:
         model: a ``MedicalCNN`` (put in eval mode, channels_last, on ``device``).
         spec: its input contract.
         temperature: the calibration temperature, or None for an uncalibrated model.
         device: where the forward pass runs; results always come back on the CPU.
+        bias: the calibration's intercept (``calibration.calibrated_probs``; 0: temperature alone).
     """
 
     def __init__(self, model: torch.nn.Module, spec: InputSpec, temperature: float | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", bias: float = 0.0) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.spec = spec
         self.temperature = temperature
+        self.bias = float(bias)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, device: torch.device | str = "cpu") -> Predictor:
         """The predictor a loaded checkpoint (``checkpoint.load_checkpoint``) describes."""
         from .checkpoint import input_spec, model_from_checkpoint
 
-        return cls(model_from_checkpoint(ckpt), input_spec(ckpt), ckpt.get("temperature"), device)
+        return cls(model_from_checkpoint(ckpt), input_spec(ckpt), ckpt.get("temperature"), device,
+                   calibration_bias(ckpt))
 
     @torch.no_grad()
     def outputs(self, images: torch.Tensor, features: bool = True, batch_size: int = 64) -> Outputs:
@@ -143,8 +164,8 @@ class Predictor:
         return self.outputs(images, features=False, batch_size=batch_size).logits
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (N, 2), float64, calibrated with this model's temperature when it has one."""
-        return calibrated_probs(logits, self.temperature)
+        """Class probabilities (N, 2), float64, calibrated with this model's temperature (and intercept)."""
+        return calibrated_probs(logits, self.temperature, self.bias)
 
     def gradcam(self, pixels: np.ndarray | torch.Tensor, target_class: int = 1) -> np.ndarray:
         """Grad-CAM (S x S, values in [0, 1]) of ``target_class`` for one uint8 (S, S) model-input image."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import check_writable, same_file
-from .calibration import fit_operating_point, positive_probability
+from .calibration import fit_calibrated_point, positive_probability
 from .checkpoint import default_model_path
 from .cv import OutOfFold, cross_fitted, deal_patients, operating_point
 from .data import ImageSet
@@ -50,6 +50,8 @@ class SiteCalibrationConfig:
     min_per_class: int = 50
     n_boot: int = 1000
     refit_gate: bool = False  # also raise the feature-distance limit to the site films' own quantile
+    intercept: bool = False  # logistic calibration (temperature and intercept) instead of a temperature alone
+    min_patients_intercept: int = 300  # fewer: too steep a curve on the next patients (experiments/site_intercept.py)
 
     def __post_init__(self) -> None:
         if not _SITE.match(self.site):
@@ -83,6 +85,11 @@ def check_enough(data: ImageSet, cfg: SiteCalibrationConfig) -> None:
     if patients < cfg.folds:
         raise DataError(f"the films come from {patients} patient(s); cross-checking over {cfg.folds} patient "
                         f"groups needs at least {cfg.folds}")
+    if cfg.intercept and patients < cfg.min_patients_intercept:
+        raise DataError(f"--intercept needs films of at least {cfg.min_patients_intercept} patients, here {patients}: "
+                        f"fitted on fewer, the curve is so steep that on the site's next patients its errors come "
+                        f"with risk LOW far more often than a temperature's (docs/experiments.md, 'An intercept for "
+                        f"a site'); calibrate without --intercept, or add films")
 
 
 def _at(y: np.ndarray, prob: np.ndarray, threshold: float, patients: list[str], n_boot: int) -> dict:
@@ -92,10 +99,10 @@ def _at(y: np.ndarray, prob: np.ndarray, threshold: float, patients: list[str], 
 
 
 def _group_point(y: np.ndarray, prob: np.ndarray, pred: np.ndarray, member: np.ndarray, group: int,
-                 temperature: float, threshold: float) -> dict:
+                 temperature: float, threshold: float, bias: float = 0.0) -> dict:
     """One patient group's films at the operating point fitted on the other groups, with its class counts;
     a group without pneumonia films has no sensitivity (None), one without normal films no specificity."""
-    point = {"fold": int(group), "temperature": temperature, "threshold": threshold,
+    point = {"fold": int(group), "temperature": temperature, "threshold": threshold, "bias": bias,
              "pneumonia": int((y[member] == 1).sum()), "normal": int((y[member] == 0).sum()),
              **operating_point(y[member], prob[member], pred[member])}
     for metric, films in (("sensitivity", "pneumonia"), ("specificity", "normal")):
@@ -121,24 +128,25 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
     labels = data.labels
     y = labels.numpy()
     patients = list(data.patients)
-    old_t, old_thr = ckpt.get("temperature"), float(ckpt.get("threshold", 0.5))
-    stored = _at(y, positive_probability(logits, old_t), old_thr, patients, cfg.n_boot)
+    old_t, old_thr, old_b = ckpt.get("temperature"), float(ckpt.get("threshold", 0.5)), predictor.bias
+    stored = _at(y, positive_probability(logits, old_t, old_b), old_thr, patients, cfg.n_boot)
     oof = OutOfFold(logits, labels, patients, deal_patients(patients, cfg.folds))
-    cv_prob, cv_pred, params = cross_fitted(oof, target)
-    new_t, new_thr = fit_operating_point(logits, labels, target)
-    refit = _at(y, positive_probability(logits, new_t), new_thr, patients, cfg.n_boot)
+    cv_prob, cv_pred, params = cross_fitted(oof, target, intercept=cfg.intercept)
+    new_t, new_thr, new_b = fit_calibrated_point(logits, labels, target, cfg.intercept)
+    refit = _at(y, positive_probability(logits, new_t, new_b), new_thr, patients, cfg.n_boot)
     record = {
         "site": cfg.site,
         "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "films": len(y), "patients": len(set(patients)), "class_counts": data.class_counts(),
         "target_sensitivity": target,
         "previous": {"model_version": ckpt.get("model_version", ""), "temperature": old_t, "threshold": old_thr,
-                     "metrics": dict(ckpt.get("metrics") or {})},
-        "temperature": new_t, "threshold": new_thr,
+                     "bias": old_b, "metrics": dict(ckpt.get("metrics") or {})},
+        "calibration": "temperature and intercept (logistic)" if cfg.intercept else "temperature",
+        "temperature": new_t, "bias": new_b, "threshold": new_thr,
         "stored_operating_point_on_site": stored,
         "refitted_cross_validated": {**operating_point(y, cv_prob, cv_pred), "folds": cfg.folds,
-                                     "per_fold": [_group_point(y, cv_prob, cv_pred, oof.folds == f, f, t, thr)
-                                                  for f, t, thr in params]},
+                                     "per_fold": [_group_point(y, cv_prob, cv_pred, oof.folds == f, f, t, thr, b)
+                                                  for f, t, thr, b in params]},
         "refitted_in_sample": refit,
     }
     if cfg.refit_gate:
@@ -157,7 +165,7 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
                "val_accuracy": cv["accuracy"], "val_auroc": stored["metrics"]["auroc"]["value"]}
     note = (f"{ckpt.get('training_note') or base}; then site-calibrated by pneumoscan calibrate on "
             f"{record['films']} labelled films of {record['patients']} patients of site {cfg.site} "
-            f"({record['calibrated_at'][:10]}): temperature and threshold refitted, weights unchanged; "
+            f"({record['calibrated_at'][:10]}): {record['calibration']} and threshold refitted, weights unchanged; "
             f"the metrics are that site's patient-level cross-validated estimate")
     version = f"{base}+{cfg.site}"
     if cfg.refit_gate and record["gate"]["threshold"] != record["gate"]["previous_threshold"]:
@@ -166,7 +174,7 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
                  f"(the {g['quantile']:.1%} quantile of the site's films)")
         out["ood_gate"] = gate_dict
         version += "+gate"  # another limit answers: the audit log and the drift check must see a new model
-    out.update(temperature=new_t, threshold=new_thr, model_version=version, metrics=metrics,
+    out.update(temperature=new_t, calibration_bias=new_b, threshold=new_thr, model_version=version, metrics=metrics,
                training_note=note, site_calibration=copy.deepcopy(record))  # the caller's additions stay out
     return out, record
 
@@ -339,18 +347,22 @@ def format_site_report(record: dict) -> str:
         return f"{min(values):.3f}-{max(values):.3f}" if values else "n/a"
 
     prev = record["previous"]
-    prev_t = "none" if prev["temperature"] is None else f"{prev['temperature']:.3f}"
+
+    def calib(t: float | None, b: float | None) -> str:  # the temperature, and the intercept where there is one
+        return "none" if t is None else f"{t:.3f}" + (f", b {b:+.3f}" if b else "")
+
+    prev_t = calib(prev["temperature"], prev.get("bias"))
     lines = [
         f"site {record['site']}: {record['films']} films of {record['patients']} patients "
         f"({', '.join(f'{v} {k}' for k, v in record['class_counts'].items())}); "
         f"target sensitivity {record['target_sensitivity']:.2f}",
         "",
-        "| operating point | temperature | threshold | sensitivity | specificity | ECE |",
+        "| operating point | temperature (, intercept) | threshold | sensitivity | specificity | ECE |",
         "|---|---|---|---|---|---|",
         f"| stored, on these films | {prev_t} | {prev['threshold']:.4f} | {ci('sensitivity')} | "
         f"{ci('specificity')} | {s['ece_15']:.3f} |",
         f"| refitted, on new films of this site (cross-validated over {cv['folds']} patient groups) | "
-        f"{record['temperature']:.3f} | {record['threshold']:.4f} | "
+        f"{calib(record['temperature'], record.get('bias'))} | {record['threshold']:.4f} | "
         f"{cv['sensitivity']:.3f} ({spread('sensitivity', 'pneumonia')}) | "
         f"{cv['specificity']:.3f} ({spread('specificity', 'normal')}) | {cv['ece']:.3f} |",
         "",
