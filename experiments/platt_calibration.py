@@ -4,7 +4,7 @@ calibration did not see (docs/experiments.md, "Calibration with an intercept", r
 
 For one checkpoint on its own validation split, cross-fitted over 5 patient groups (``cv.deal_patients``):
 for each group, on the *other* groups' plain films, the temperature T and the threshold for sensitivity
->= 0.95 (the shipped recipe), and the logistic fit P = sigmoid(z / T' + b) (``fit_logistic``) with that
+>= 0.95 (the shipped recipe), and the logistic fit P = sigmoid(z / T' + b) (``calibration.fit_logistic``) with that
 threshold mapped through it (z* = T logit(thr), thr' = sigmoid(z* / T' + b)), so both make the same call on
 every film. Counted on the held group's plain films and their stress copies
 (``kfold_eval.STRESS``): 15-bin ECE, answers with risk LOW, wrong answers with risk LOW. The dev_shift adult
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from kfold_eval import STRESS, adult_films, adult_pixels, stressed
 from prevalence_check import (
     PREVALENCES,
@@ -35,32 +34,13 @@ from prevalence_check import (
     validation_of,
 )
 
-from pneumoscan.calibration import fit_temperature
+from pneumoscan.calibration import fit_logistic, fit_temperature
 from pneumoscan.cv import deal_patients
 from pneumoscan.metrics import threshold_for_sensitivity
 from pneumoscan.results import command_line, write_json
 
 log = logging.getLogger("pneumoscan.platt_calibration")
 TARGET = 0.95
-
-
-def fit_logistic(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> tuple[float, float]:
-    """Logistic (Platt) calibration: the (T, b) with P(PNEUMONIA) = sigmoid((z1 - z0) / T + b) of least NLL.
-    Unlike a temperature alone it can move the logits, which a loss weighted towards one class leaves offset."""
-    z = (logits[:, 1] - logits[:, 0]).detach().double()
-    y = labels.detach().double()
-    log_a = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_a, b], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(z * log_a.exp() + b, y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return min(max(float(1.0 / log_a.detach().exp()), 0.05), 20.0), float(b.detach())
 
 
 def sigmoid(x):
