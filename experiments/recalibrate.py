@@ -41,6 +41,7 @@ def main() -> int:
     final = finalize(Predictor.from_checkpoint(ckpt, "cpu"), splits, cfg)
     log.info("temperature %s -> %.4f, threshold %s -> %.4f", ckpt.get("temperature"), final["temperature"],
              ckpt.get("threshold"), final["threshold"])
+    ckpt.pop("calibration_bias", None)  # a temperature alone now: a site's earlier intercept must not stay
     ckpt.update(temperature=final["temperature"], threshold=final["threshold"], ood_gate=final["ood_gate"],
                 metrics=final["metrics_summary"])
     save_checkpoint(ckpt, args.model_path)

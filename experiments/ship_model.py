@@ -37,6 +37,9 @@ def main() -> int:
     if missing:
         raise SystemExit(f"{args.model_path} lacks {', '.join(missing)}: run fit_scope.py --write and "
                          f"int8_calibrate.py on it first")
+    if ckpt.get("calibration_bias"):  # a site's calibration (calibrate --intercept), not a model to ship
+        raise SystemExit(f"{args.model_path} has a calibration intercept (a site checkpoint); the shipped model is "
+                         f"calibrated by a temperature alone (docs/experiments.md, 'Calibration with an intercept')")
     ckpt["model_version"], ckpt["training_note"] = args.version, args.note
     save_checkpoint(ckpt, args.out)
     log.info("%s written to %s (threshold %.4f, temperature %.3f)", args.version, args.out, ckpt["threshold"],

@@ -116,3 +116,34 @@ def test_a_mistyped_command_is_named(capsys):
     assert main(["predcit", "--image_path", "x.jpg"]) == 2
     err = capsys.readouterr().err
     assert "unknown command 'predcit'" in err and "usage: pneumoscan {train,predict" in err
+
+
+def test_the_check_creates_no_folder_and_leaves_no_probe(tmp_path, train_dir, capsys):
+    out = tmp_path / "new" / "deeper" / "m.json"
+    assert evaluate_main(["--data_dir", str(train_dir), "--output_path", str(out),
+                          "--model_path", str(tmp_path / "missing.pth")]) == 2  # fails after the check
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_site_checkpoint_with_an_intercept_is_refused_by_an_older_reader_and_exported_with_it(tmp_path):
+    """Format 4 marks a calibration intercept (an older pneumoscan would predict without it); the ONNX export's
+    metadata carries it, and the ONNX backend applies it."""
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from pneumoscan.backends import make_predictor
+    from pneumoscan.checkpoint import FORMAT_VERSION
+    from pneumoscan.export import export_main, read_metadata
+
+    ckpt = load_checkpoint(default_model_path())
+    ckpt.update(calibration_bias=0.7, format_version=4)
+    site = tmp_path / "site.pth"
+    save_checkpoint(ckpt, site)
+    assert FORMAT_VERSION >= 4 and load_checkpoint(site)["format_version"] == 4
+    assert export_main(["--format", "onnx", "--model_path", str(site), "--output_path", str(tmp_path / "s.onnx")]) == 0
+    assert read_metadata(tmp_path / "s.onnx")["calibration_bias"] == 0.7
+    onnx = make_predictor(load_checkpoint(site), "cpu", "onnx")
+    logits = torch.tensor([[0.0, 1.0], [2.0, -1.0]])
+    z = (logits[:, 1] - logits[:, 0]).double()
+    assert torch.allclose(onnx.probabilities(logits)[:, 1], torch.sigmoid(z / ckpt["temperature"] + 0.7))

@@ -341,6 +341,7 @@ def test_a_site_intercept_is_stored_and_predictions_use_it(sites, tmp_path):
     assert rec["calibration"] == "temperature and intercept (logistic)" and site["calibration_bias"] == rec["bias"] != 0
     assert f"b {rec['bias']:+.3f}" in format_site_report(rec) and "intercept" in site["training_note"]
     assert all("bias" in g for g in rec["refitted_cross_validated"]["per_fold"])
+    assert site["format_version"] == 4  # a pneumoscan that would ignore the intercept refuses the file
     out = tmp_path / "site.pth"
     save_checkpoint(site, out)
     engine = MedicalImageInference(out, backend="torch")

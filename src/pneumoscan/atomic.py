@@ -48,8 +48,9 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def check_writable(path: str | os.PathLike, flag: str = "--output_path", folder: bool = False) -> Path:
-    """``path`` (a file, or with ``folder`` a folder to write files in), checked before any work is done:
-    missing parent folders are created, as the writers do, and a probe file is written and removed.
+    """``path`` (a file, or with ``folder`` a folder to write files in), checked before any work is done: a
+    probe file is written and removed in the nearest folder that exists (the writers create the missing ones;
+    the check creates nothing).
 
     Raises:
         OutputPathError: it is a folder where a file is wanted (or the reverse), or it cannot be written, with
@@ -63,8 +64,12 @@ def check_writable(path: str | os.PathLike, flag: str = "--output_path", folder:
     if folder and out.exists() and not out.is_dir():
         raise OutputPathError(f"{flag} {path} is a file; give a folder")
     where = out if folder else out.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise OutputPathError(f"cannot write {flag} {path}: {where} is a file, not a folder; choose another path "
+                              f"(nothing was done yet)")
     try:
-        where.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=where, prefix=".pneumoscan-write-check-")
         os.close(fd)
         os.unlink(probe)

@@ -29,7 +29,11 @@ FORMAT = "pneumoscan-checkpoint"
 # in_channels and preprocess at the top level; load_checkpoint still reads those).
 # 3: the input spec may ask for equalised grey levels (``intensity``); only such checkpoints are
 # written as 3, so that a pneumoscan that cannot equalise refuses them instead of feeding raw levels.
-FORMAT_VERSION = 3
+# 4: the calibration may have an intercept (``calibration_bias``, ``pneumoscan calibrate --intercept``); only such
+# checkpoints are written as 4, so that a pneumoscan that would ignore it refuses them.
+FORMAT_VERSION = 4
+EQUALIZE_FORMAT_VERSION = 3
+BIAS_FORMAT_VERSION = 4
 SHIPPED_MODEL = "pneumoscan-v2.pth"
 
 
@@ -64,7 +68,7 @@ def model_payload(model: torch.nn.Module, *, arch: str, model_kw: dict, spec: In
         raise ValueError(f"input spec has {spec.in_channels} channel(s), the model {model_kw['in_channels']}")
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION if spec.intensity != "raw" else 2,
+        "format_version": EQUALIZE_FORMAT_VERSION if spec.intensity != "raw" else 2,
         "model_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "arch": arch,
         "model_kwargs": model_kw,
@@ -149,7 +153,7 @@ def _upgrade_v1(obj: dict) -> None:
     in_ch = obj.pop("in_channels", (obj.get("model_kwargs") or {}).get("in_channels", 3))
     obj["input_spec"] = {"image_size": obj.pop("image_size"), "mean": norm.get("mean"), "std": norm.get("std"),
                          "in_channels": in_ch, "preprocess": obj.pop("preprocess", PREPROCESS_VERSION)}
-    obj["format_version"] = FORMAT_VERSION
+    obj["format_version"] = 2
 
 
 def input_spec(ckpt: dict, path: str | os.PathLike = "checkpoint") -> InputSpec:

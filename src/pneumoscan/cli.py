@@ -368,7 +368,7 @@ def _predict(args, world, jsonl: bool) -> int:
         files = [Path(args.image_path)] if args.image_path else list_inputs(args.image_dir, not args.no_recursive)
         if not files:
             raise DataError(f"no .jpg, .jpeg, .png or DICOM files found in {args.image_dir}")
-        if args.output_path and world.is_main:  # before any image is predicted, not after
+        if args.output_path:  # before any image is predicted, not after; every rank (each writes beside it)
             check_writable(args.output_path)
         if args.heatmap_dir:
             check_writable(args.heatmap_dir, "--heatmap_dir", folder=True)

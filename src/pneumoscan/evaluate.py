@@ -24,6 +24,7 @@ def evaluate_imageset(predictor: Predictor, data: ImageSet, threshold: float,
     y = data.labels.numpy()
     report = metrics_with_ci(y, prob, threshold, n_boot=n_boot, groups=data.patients, prevalence=prevalence)
     report["temperature"] = predictor.temperature or 1.0
+    report["calibration_bias"] = predictor.bias
     report["calibrated"] = predictor.temperature is not None
     report["ece_15"] = expected_calibration_error(y, prob)
     report["class_counts"] = data.class_counts()

@@ -7,12 +7,13 @@ needs only the stretch resize of ``InputSpec.pixels``:
   per-film equalisation for a model trained with ``--intensity equalize``, ``(x - mean) / std``
   and the replication to the model's channels happen inside the graph, traced from
   ``InputSpec.to_tensor``;
-- output ``logits``: float32 (N, 2), uncalibrated; P = softmax(logits / temperature);
+- output ``logits``: float32 (N, 2), uncalibrated; P(PNEUMONIA) = sigmoid((logits[1] - logits[0]) / temperature
+  + calibration_bias) (the bias is 0 except for ``pneumoscan calibrate --intercept``);
 - outputs ``features_0`` .. ``features_4``: float32 (N, C_i), each conv block's output averaged
   over space (``MedicalCNN.forward_with_features``), what the out-of-scope gate scores.
 
 The graph's ``metadata_props`` carry what a prediction needs besides the graph: the input spec,
-temperature, operating threshold, class names, model version, a digest of the checkpoint's
+temperature and calibration bias, operating threshold, class names, model version, a digest of the checkpoint's
 weights, and whether the checkpoint has an out-of-scope gate (its statistics stay in the
 checkpoint: a gated prediction needs pneumoscan and the .pth). ``read_metadata`` parses them back.
 
@@ -37,7 +38,7 @@ import torch
 from .atomic import atomic_path, check_writable, same_file
 from .checkpoint import default_model_path, input_spec, load_checkpoint, model_from_checkpoint
 from .errors import DataError, OutputPathError, PneumoscanError
-from .predict import InputSpec
+from .predict import InputSpec, calibration_bias
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ def _metadata(ckpt: dict) -> dict[str, str]:
         "pneumoscan.format": METADATA_FORMAT,
         "input_spec": json.dumps(ckpt["input_spec"]),
         "temperature": json.dumps(ckpt.get("temperature")),
+        "calibration_bias": json.dumps(calibration_bias(ckpt)),
         "threshold": json.dumps(float(ckpt.get("threshold", 0.5))),
         "class_names": json.dumps(list(ckpt.get("class_names", []))),
         "model_version": str(ckpt.get("model_version") or ""),
@@ -163,6 +165,7 @@ def read_metadata(model) -> dict:
         raise ValueError(f"ONNX model has no {METADATA_FORMAT} metadata; export it with pneumoscan export")
     out = {k: json.loads(props[k]) for k in ("input_spec", "temperature", "threshold", "class_names", "ood_gate",
                                              "outputs")}
+    out["calibration_bias"] = json.loads(props.get("calibration_bias", "0.0"))  # absent in older exports: 0
     out.update({k: props[k] for k in ("model_version", "checkpoint_sha256")})
     out["int8_recipe"] = props.get("int8_recipe")
     out["input_spec"] = InputSpec.from_dict(out["input_spec"])

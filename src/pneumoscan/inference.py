@@ -37,8 +37,9 @@ RISK_LOW, RISK_MEDIUM, RISK_HIGH = "LOW", "MEDIUM", "HIGH"
 # A result carrying one of these warnings was made outside what the model is validated on: its
 # confidence says nothing about how right it is, so its risk level is HIGH, never LOW (docs/scope.md).
 UNVALIDATED_WARNINGS = ("lateral", "outside the validated population")
-# An answered film whose fine detail is below the training films' (``OutOfScopeGate.low_detail``); it does not
-# change the risk level: on validation films taken down to 25 %, AUROC held (docs/gate.md, "Detail check").
+# An answered film whose fine detail is below the training films' (``OutOfScopeGate.low_detail``); it keeps the
+# answer from risk LOW (MEDIUM instead) but forces nothing more: on validation films taken down to 25 %, AUROC
+# held (docs/gate.md, "Detail check").
 LOW_DETAIL_PREFIX = "low detail: "
 LOW_DETAIL = LOW_DETAIL_PREFIX + "{}; the answer may be less reliable: if possible, send the original film"
 

@@ -174,7 +174,8 @@ def build_report(report: dict, y: np.ndarray, prob: np.ndarray, paths: list[str]
     refused = {r["path"]: r["reason"] for r in (report.get("in_use") or {}).get("refused_files", [])}
     fp_idx = [i for i in np.argsort(-p) if y[i] == 0 and p[i] >= thr][:gallery_size]
     fn_idx = [i for i in np.argsort(p) if y[i] == 1 and p[i] < thr][:gallery_size]
-    cal = "calibrated (temperature scaling)" if report.get("calibrated") else "uncalibrated"
+    cal = ("uncalibrated" if not report.get("calibrated") else "calibrated (temperature and intercept, a site's)"
+           if report.get("calibration_bias") else "calibrated (temperature scaling)")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>pneumoscan evaluation report</title>
 <style>

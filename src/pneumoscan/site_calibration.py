@@ -28,7 +28,7 @@ import numpy as np
 
 from .atomic import check_writable, same_file
 from .calibration import fit_calibrated_point, positive_probability
-from .checkpoint import default_model_path
+from .checkpoint import BIAS_FORMAT_VERSION, default_model_path
 from .cv import OutOfFold, cross_fitted, deal_patients, operating_point
 from .data import ImageSet
 from .errors import CheckpointError, DataError
@@ -174,6 +174,8 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
                  f"(the {g['quantile']:.1%} quantile of the site's films)")
         out["ood_gate"] = gate_dict
         version += "+gate"  # another limit answers: the audit log and the drift check must see a new model
+    if new_b:  # an older pneumoscan would predict without the intercept: it must refuse the file
+        out["format_version"] = max(int(out.get("format_version", 2)), BIAS_FORMAT_VERSION)
     out.update(temperature=new_t, calibration_bias=new_b, threshold=new_thr, model_version=version, metrics=metrics,
                training_note=note, site_calibration=copy.deepcopy(record))  # the caller's additions stay out
     return out, record

@@ -103,6 +103,7 @@ class Service:
                                    for k, v in (checkpoint.get("metrics") or {}).items()},
             "training_note": checkpoint.get("training_note"),
             "backend": info.get("backend"), "detail_check": bool(info.get("detail_check")),
+            "calibration_bias": float(info.get("calibration_bias") or 0.0),
             "max_upload_mb": settings.max_upload_mb, "workers": settings.workers,
         }
         pool = InferencePool(engines, settings.max_batch, settings.batch_wait_ms, settings.max_queue,

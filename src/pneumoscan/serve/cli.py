@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 from ..cli import EXIT_BAD_INPUT, EXIT_OK, configure_logging
 from .audit import AuditError, export, iter_records, to_utc
@@ -129,7 +130,11 @@ def audit_main(argv: list[str] | None = None) -> int:
     if given:  # a scheduled drift check that would silently never fire
         parser.error(f"{', '.join(given)} only work with --summary (the drift check); add --summary")
     if args.format is None:
-        args.format = "jsonl" if (args.output_path or "").lower().endswith(".jsonl") else "csv"
+        suffix = Path(args.output_path or "x.csv").suffix.lower()
+        if suffix not in (".csv", ".jsonl"):
+            parser.error(f"--output_path {args.output_path}: the export is CSV or JSON Lines; name it .csv or .jsonl, "
+                         f"or give --format")
+        args.format = suffix[1:]
     try:
         if args.output_path:
             with open(args.output_path, "w", encoding="utf-8", newline="") as out:

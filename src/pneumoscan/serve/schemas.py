@@ -21,7 +21,7 @@ class Prediction(BaseModel):
     warnings: list[str] = Field(description="reasons to read the prediction with caution, e.g. a lateral view")
     model_version: str
     threshold: float = Field(description="operating threshold on P(PNEUMONIA)")
-    calibrated: bool = Field(description="whether the probabilities are temperature-scaled")
+    calibrated: bool = Field(description="whether the probabilities are calibrated (temperature; a site's intercept)")
     view_position: str | None = Field(None, description="DICOM ViewPosition, when the input is DICOM")
     input_sha256: str = Field(description="SHA-256 of the uploaded image, as the audit log records it")
     heatmap: str | None = Field(None, description="with ?heatmap=true: Grad-CAM overlay of the predicted class, "
@@ -57,6 +57,8 @@ class ModelInfo(BaseModel):
     training_note: str | None
     backend: str | None = Field(None, description="what runs the model: torch, onnx or onnx-int8")
     detail_check: bool = Field(False, description="whether downscaled or blurred copies get a low-detail warning")
+    calibration_bias: float = Field(0.0, description="the calibration's intercept b, P = sigmoid(z / temperature + "
+                                                     "b); 0 except for a site calibrated with --intercept")
     max_upload_mb: float
     workers: int
 
