@@ -280,19 +280,23 @@ def _predict_sharded(engine, files: list, args, world) -> tuple[int, int]:
             for r in readers:
                 r.close()
 
-    if jsonl:  # lines go straight to the merged file: constant memory, as in one process
-        failed = 0
-        with atomic_path(args.output_path, durable=True) as tmp, open(tmp, "w", encoding="utf-8") as out:
-            for line, outcome in merged():
-                out.write(line)
-                failed += "error" in outcome
-        predicted = len(files) - failed
-    else:
-        outcomes = [outcome for _, outcome in merged()]
-        errors = [o for o in outcomes if "error" in o]
-        results = [o for o in outcomes if "error" not in o]
-        write_json(_document(engine.info, len(files), results, errors), args.output_path)
-        predicted, failed = len(results), len(errors)
+    try:
+        if jsonl:  # lines go straight to the merged file: constant memory, as in one process
+            failed = 0
+            with atomic_path(args.output_path, durable=True) as tmp, open(tmp, "w", encoding="utf-8") as out:
+                for line, outcome in merged():
+                    out.write(line)
+                    failed += "error" in outcome
+            predicted = len(files) - failed
+        else:
+            outcomes = [outcome for _, outcome in merged()]
+            errors = [o for o in outcomes if "error" in o]
+            results = [o for o in outcomes if "error" not in o]
+            write_json(_document(engine.info, len(files), results, errors), args.output_path)
+            predicted, failed = len(results), len(errors)
+    except OSError as exc:  # checked before the work, but a disk can fill up meanwhile: the parts keep it all
+        raise OutputPathError(f"cannot write {args.output_path}: {exc.strerror or exc}; every result is kept in "
+                              f"the part files {', '.join(str(p) for p in parts)}") from exc
     for p in parts:
         p.unlink()
     log.info("%d prediction(s), %d error(s) from %d processes written to %s", predicted, failed,
