@@ -147,3 +147,14 @@ def test_a_site_checkpoint_with_an_intercept_is_refused_by_an_older_reader_and_e
     logits = torch.tensor([[0.0, 1.0], [2.0, -1.0]])
     z = (logits[:, 1] - logits[:, 0]).double()
     assert torch.allclose(onnx.probabilities(logits)[:, 1], torch.sigmoid(z / ckpt["temperature"] + 0.7))
+
+
+def test_an_exclusive_write_never_replaces_a_file_that_appeared_meanwhile(tmp_path):
+    # calibrate checks that its output does not exist before the work, and writes exclusively after it
+    target = tmp_path / "site.pth"
+    target.write_bytes(b"another run's checkpoint")
+    with pytest.raises(FileExistsError):
+        save_checkpoint({"x": 1}, target, exclusive=True)
+    assert target.read_bytes() == b"another run's checkpoint" and list(tmp_path.iterdir()) == [target]
+    save_checkpoint({"x": 1}, tmp_path / "new.pth", exclusive=True)
+    assert (tmp_path / "new.pth").stat().st_size > 0

@@ -11,13 +11,14 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, durable: bool = False, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write to; on success it replaces ``path``.
 
     The temporary name keeps the suffix (``np.savez`` and PIL go by it) and is unique per
     process and thread. On an exception the temporary file is removed and ``path`` is left
     as it was. With ``durable`` the data is fsynced before the rename (checkpoints).
-    The parent folder is created if needed.
+    The parent folder is created if needed. With ``exclusive`` an existing ``path`` is never
+    replaced, even one created by another process while this one wrote (``FileExistsError``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,9 +31,25 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        os.replace(tmp, path)
+        if exclusive:
+            _link_or_refuse(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _link_or_refuse(tmp: Path, path: Path) -> None:
+    """Put ``tmp`` at ``path`` unless ``path`` exists: a hard link fails atomically if it does (no
+    check-then-write race); where the file system has no hard links, a check just before the rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # e.g. a share without hard links
+        if path.exists():
+            raise FileExistsError(f"{path} exists") from None
+        os.replace(tmp, path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -54,9 +54,10 @@ def versions() -> dict[str, str]:
     return {"pneumoscan": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
-def save_checkpoint(payload: dict, path: str | os.PathLike) -> None:
-    """Write ``payload`` to ``path`` atomically: a crash leaves the old file or the new one, never half."""
-    with atomic_path(path, durable=True) as tmp:
+def save_checkpoint(payload: dict, path: str | os.PathLike, exclusive: bool = False) -> None:
+    """Write ``payload`` to ``path`` atomically: a crash leaves the old file or the new one, never half.
+    With ``exclusive`` an existing file is never replaced (``FileExistsError``)."""
+    with atomic_path(path, durable=True, exclusive=exclusive) as tmp:
         torch.save(payload, tmp)
 
 

@@ -677,7 +677,11 @@ def calibrate_main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
     try:
-        save_checkpoint(new, out)
+        save_checkpoint(new, out, exclusive=True)
+    except FileExistsError:
+        log.error("%s was created by something else while the site was calibrated; it is left as it was and "
+                  "nothing was written: run again with a new --output_path", out)
+        return EXIT_BAD_INPUT
     except OSError as exc:
         log.error("could not write the site-calibrated checkpoint %s (%s); nothing was written", out, exc)
         return EXIT_BAD_INPUT
