@@ -266,13 +266,15 @@ def test_evaluate_main_writes_metrics(trained_model, labelled_folder, tmp_path, 
     assert report["metrics"]["auroc"]["value"] == pytest.approx(expected["auroc"], abs=1e-6)
 
 
-def test_evaluate_main_with_an_unreadable_file_returns_1(trained_model, labelled_folder, tmp_path, make_bad_files):
+def test_evaluate_main_with_an_unreadable_file_returns_1(trained_model, labelled_folder, tmp_path, make_bad_files,
+                                                         capsys):
     bad = make_bad_files(labelled_folder / "NORMAL")
     out = tmp_path / "eval.json"
     assert evaluate(trained_model, labelled_folder, out) == 1
     report = json.loads(out.read_text())
     assert sorted(s["path"] for s in report["skipped_files"]) == sorted(str(p) for p in bad.values())
     assert report["n"] == 12
+    assert f"left out: {len(bad)} file(s) that could not be read" in capsys.readouterr().out  # beside the table
 
 
 def test_evaluate_main_on_a_folder_without_classes_returns_2(trained_model, tmp_path):

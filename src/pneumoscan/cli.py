@@ -593,6 +593,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     sys.stdout.write(format_metrics_table(report) + "\n")
     if "in_use" in report:
         sys.stdout.write(format_in_use(report["in_use"]) + "\n")
+    if bad:  # in the table's output too, not only in the log: these films are in none of the numbers above
+        names = ", ".join(Path(p).name for p, _ in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        sys.stdout.write(f"left out: {len(bad)} file(s) that could not be read ({names}; each with its reason in the "
+                         f"JSON's skipped_files)\n")
     if args.output_path and not _written(write_json, report, args.output_path):
         return EXIT_BAD_INPUT
     if args.report:
