@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import logging
 
-from pneumoscan.checkpoint import load_checkpoint, save_checkpoint
+from pneumoscan.checkpoint import format_version, load_checkpoint, save_checkpoint
 from pneumoscan.cli import configure_logging
 from pneumoscan.config import TrainConfig
 from pneumoscan.data import prepare_data
@@ -43,7 +43,7 @@ def main() -> int:
              ckpt.get("threshold"), final["threshold"])
     ckpt.pop("calibration_bias", None)  # a temperature alone now: a site's earlier intercept must not stay
     ckpt.update(temperature=final["temperature"], threshold=final["threshold"], ood_gate=final["ood_gate"],
-                metrics=final["metrics_summary"])
+                metrics=final["metrics_summary"], format_version=format_version(ckpt))
     save_checkpoint(ckpt, args.model_path)
     write_json({k: v for k, v in final.items() if k != "ood_gate"}, args.json)
     log.info("written %s and %s", args.model_path, args.json)

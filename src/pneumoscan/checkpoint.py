@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .atomic import atomic_path
+from .atomic import atomic_path, same_file
 from .errors import CheckpointError
 from .model import MedicalCNN, model_from_kwargs, model_kwargs
 from .predict import CLASS_NAMES, InputSpec
@@ -50,6 +50,27 @@ def default_model_path() -> Path:
     return path
 
 
+def protected_checkpoint(output_path: str | os.PathLike, model_path: str | os.PathLike, role: str) -> str | None:
+    """What ``output_path`` would write over, if it is a checkpoint no command may replace: "the shipped
+    model", or "the checkpoint being <role>" (``model_path``, the command's input); None otherwise."""
+    try:
+        protected = [(default_model_path(), "the shipped model")]
+    except CheckpointError:
+        protected = []  # a broken install without its weights: nothing shipped to protect
+    for other, what in [*protected, (model_path, f"the checkpoint being {role}")]:
+        if same_file(output_path, other):
+            return what
+    return None
+
+
+def format_version(payload: dict) -> int:
+    """The oldest checkpoint format that reads ``payload`` right (see FORMAT_VERSION): 4 with a calibration
+    intercept, 3 with equalised input, else 2."""
+    if payload.get("calibration_bias"):
+        return BIAS_FORMAT_VERSION
+    return EQUALIZE_FORMAT_VERSION if payload["input_spec"].get("intensity", "raw") != "raw" else 2
+
+
 def versions() -> dict[str, str]:
     return {"pneumoscan": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
@@ -69,7 +90,7 @@ def model_payload(model: torch.nn.Module, *, arch: str, model_kw: dict, spec: In
         raise ValueError(f"input spec has {spec.in_channels} channel(s), the model {model_kw['in_channels']}")
     return {
         "format": FORMAT,
-        "format_version": EQUALIZE_FORMAT_VERSION if spec.intensity != "raw" else 2,
+        "format_version": format_version({"input_spec": spec.to_dict()}),
         "model_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "arch": arch,
         "model_kwargs": model_kw,

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_path, check_writable, same_file
-from .checkpoint import default_model_path, input_spec, load_checkpoint, model_from_checkpoint
+from .atomic import atomic_path, check_writable
+from .checkpoint import default_model_path, input_spec, load_checkpoint, model_from_checkpoint, protected_checkpoint
 from .errors import DataError, OutputPathError, PneumoscanError
 from .predict import InputSpec, calibration_bias
 
@@ -388,10 +388,10 @@ def export_main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         model_path = args.model_path or default_model_path()
-        for other, what in ((default_model_path(), "the shipped model"), (model_path, "the checkpoint being exported")):
-            if same_file(out, other):
-                raise OutputPathError(f"--output_path {out} is {what}; write the ONNX model to a new file "
-                                      f"(e.g. model.onnx)")
+        what = protected_checkpoint(out, model_path, "exported")
+        if what:
+            raise OutputPathError(f"--output_path {out} is {what}; write the ONNX model to a new file "
+                                  f"(e.g. model.onnx)")
         check_writable(out)
         ckpt = load_checkpoint(model_path)
         model = onnx_model(ckpt)

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import check_writable, same_file
+from .atomic import check_writable
 from .calibration import fit_calibrated_point, positive_probability
-from .checkpoint import BIAS_FORMAT_VERSION, default_model_path
+from .checkpoint import format_version, protected_checkpoint
 from .cv import OutOfFold, cross_fitted, deal_patients, operating_point
 from .data import ImageSet
-from .errors import CheckpointError, DataError
+from .errors import DataError
 from .metrics import expected_calibration_error, metrics_with_ci
 from .predict import Predictor
 
@@ -174,10 +174,10 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
                  f"(the {g['quantile']:.1%} quantile of the site's films)")
         out["ood_gate"] = gate_dict
         version += "+gate"  # another limit answers: the audit log and the drift check must see a new model
-    if new_b:  # an older pneumoscan would predict without the intercept: it must refuse the file
-        out["format_version"] = max(int(out.get("format_version", 2)), BIAS_FORMAT_VERSION)
     out.update(temperature=new_t, calibration_bias=new_b, threshold=new_thr, model_version=version, metrics=metrics,
                training_note=note, site_calibration=copy.deepcopy(record))  # the caller's additions stay out
+    # with an intercept an older pneumoscan, which would predict without it, must refuse the file
+    out["format_version"] = max(int(out.get("format_version", 2)), format_version(out))
     return out, record
 
 
@@ -277,15 +277,10 @@ def check_output_path(model_path: str | Path, output_path: str | Path, flag: str
             missing or cannot be written, or (``new_file``) it exists already.
     """
     out = Path(output_path).expanduser()
-    protected = [(model_path, "the checkpoint being calibrated")]
-    try:
-        protected.insert(0, (default_model_path(), "the shipped model"))
-    except CheckpointError:
-        pass  # a broken install without its weights: nothing shipped to protect
-    for other, what in protected:
-        if same_file(out, other):
-            raise DataError(f"{flag} {output_path} is {what}; write to a new file "
-                            f"(the original stays as it was, so every earlier result stays traceable)")
+    what = protected_checkpoint(out, model_path, "calibrated")
+    if what:
+        raise DataError(f"{flag} {output_path} is {what}; write to a new file "
+                        f"(the original stays as it was, so every earlier result stays traceable)")
     if out.is_dir():
         raise DataError(f"{flag} {output_path} is a folder; give a file name in it")
     if not out.parent.is_dir():
