@@ -24,12 +24,11 @@ import argparse
 import logging
 
 import numpy as np
-import torch
 
-from pneumoscan.calibration import calibrated_probs, fit_temperature
+from pneumoscan.calibration import fit_temperature
 from pneumoscan.checkpoint import default_model_path, load_checkpoint
 from pneumoscan.cli import configure_logging
-from pneumoscan.cv import deal_patients
+from pneumoscan.cv import OutOfFold, cross_fitted, deal_patients
 from pneumoscan.data import split_from_config
 from pneumoscan.inference import RISK_LOW, normalized_entropy, risk_level
 from pneumoscan.metrics import expected_calibration_error
@@ -64,16 +63,6 @@ def drawn_sets(y: np.ndarray, prevalence: float, films: int, draws: int, rng: np
     n_pos = int(round(prevalence * films))
     for _ in range(draws):
         yield np.concatenate([rng.choice(pos, n_pos), rng.choice(neg, films - n_pos)])
-
-
-def cross_fitted(logits: torch.Tensor, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Each film's P(PNEUMONIA) from a temperature fitted on the other patient groups."""
-    prob = np.empty(len(y))
-    labels = torch.from_numpy(y)
-    for g in np.unique(groups):
-        held, fit = torch.from_numpy(groups == g), torch.from_numpy(groups != g)
-        prob[held.numpy()] = calibrated_probs(logits[held], fit_temperature(logits[fit], labels[fit]))[:, 1].numpy()
-    return prob
 
 
 def answers(y: np.ndarray, p: np.ndarray, call: np.ndarray) -> dict:
@@ -129,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                     "temperature_stored": stored_t, "threshold": thr, "films_per_set": args.films,
                     "draws": args.draws, "by_prevalence": {}}
     groups = deal_patients(list(val.patients), 5)
-    prob, reference = cross_fitted(logits, y, groups), reference_shares(y, groups)
+    # each group's probabilities from the temperature fitted on the other groups (cv.cross_fitted's first output)
+    prob = cross_fitted(OutOfFold(logits, val.labels, list(val.patients), groups))[0]
+    reference = reference_shares(y, groups)
     call = prob >= thr  # the calls: the same at any prevalence (at_prevalence is monotone)
     rng = np.random.default_rng(0)
     for prev in PREVALENCES:
