@@ -105,3 +105,64 @@ def test_an_ensemble_is_only_written_with_held_out_patients_to_calibrate_on(memb
     with pytest.raises(CheckpointError, match="--holdout"):
         write_ensemble(members, tmp_path / "ens.pth", data_dir=str(tmp_path))
     assert not (tmp_path / "ens.pth").exists()
+
+
+def _perturbed(ckpt: dict, seed: int) -> dict:
+    """A copy of a checkpoint with its weights moved a little (a second member that differs)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=gen) if v.is_floating_point() and v.numel() > 1
+             else v for k, v in ckpt["model_state"].items()}
+    return {**ckpt, "model_state": state}
+
+
+def test_fine_tunes_on_the_usual_split_make_an_ensemble_calibrated_on_its_validation_patients(trained_run,
+                                                                                                 trained_model,
+                                                                                                 tmp_path):
+    from pneumoscan.data import split_from_config
+    from pneumoscan.ensemble import write_ensemble
+
+    first = load_checkpoint(trained_model)
+    assert not first["config"].get("cv_folds")  # a plain run: trained on the usual split's training patients
+    plain = [first, _perturbed(first, 1)]
+    path = tmp_path / "ens.pth"
+    final = write_ensemble(plain, path, data_dir=str(trained_run.data), cache_dir=str(trained_run.cache))
+    ckpt = load_checkpoint(path)
+    assert ckpt["arch"] == "ensemble" and ckpt["temperature"] == pytest.approx(final["temperature"])
+    assert ckpt["ood_gate"] is not None and ckpt["config"]["ensemble_of"]["folds"] == [None, None]
+    own = split_from_config(ckpt["config"], str(trained_run.data), first["input_spec"]["image_size"],
+                            str(trained_run.cache))
+    theirs = split_from_config(first["config"], str(trained_run.data), first["input_spec"]["image_size"],
+                               str(trained_run.cache))
+    assert own.val.paths == theirs.val.paths  # calibrated on the patients the members only picked epochs on
+    # the ensemble's logits are the members' mean
+    images = torch.from_numpy(np.stack([load_image(p, first["input_spec"]["image_size"]) for p in own.val.paths[:4]]))
+    expected = torch.stack([Predictor.from_checkpoint(m).logits(images) for m in plain]).mean(0)
+    torch.testing.assert_close(Predictor.from_checkpoint(ckpt).logits(images), expected, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("change, match", [({"seed": 7}, "different splits"),
+                                           ({"val_fraction": 0.2}, "different splits"),
+                                           ({"cv_folds": 5, "cv_fold": 1, "cv_holdout": False}, "member 1"),
+                                           ({"val_fraction": None}, "member 1")])
+def test_an_ensemble_of_members_validated_on_different_patients_is_refused(trained_model, tmp_path, change, match):
+    from pneumoscan.ensemble import write_ensemble
+
+    first = load_checkpoint(trained_model)
+    config = {k: v for k, v in {**first["config"], **change}.items() if v is not None}
+    with pytest.raises(CheckpointError, match=match):
+        write_ensemble([first, {**first, "config": config}], tmp_path / "ens.pth", data_dir=str(tmp_path))
+    assert not (tmp_path / "ens.pth").exists()
+
+
+def test_write_ensemble_script_writes_a_checkpoint_that_predicts(experiment, trained_run, trained_model, tmp_path,
+                                                                fullres_dir):
+    from pneumoscan.inference import MedicalImageInference
+
+    out = tmp_path / "pair.pth"
+    save_checkpoint(_perturbed(load_checkpoint(trained_model), 2), tmp_path / "second.pth")
+    code = experiment("write_ensemble").main(["--members", str(trained_model), str(tmp_path / "second.pth"),
+                                              "--data_dir", str(trained_run.data), "--out", str(out),
+                                              "--cache_dir", str(trained_run.cache)])
+    assert code == 0 and load_checkpoint(out)["weights_dtype"] == "float16"
+    result = MedicalImageInference(str(out), device="cpu").predict_image(str(next((fullres_dir / "NORMAL").iterdir())))
+    assert result.prediction in ("NORMAL", "PNEUMONIA") and 0.0 <= result.probabilities["PNEUMONIA"] <= 1.0

@@ -63,32 +63,49 @@ def ensemble_payload(members: list[dict], *, temperature: float | None, threshol
     return payload
 
 
-def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, report: dict | None = None,
-                   cache_dir: str = "", half: bool = True) -> dict:
-    """Calibrate the ensemble of ``members`` on the patients none of them saw and write it.
+def _calibration_split(configs: list[dict]) -> tuple:
+    """The one validation split that no member trained on, as (seed, val_fraction, min_val_images, patients).
 
-    The members must come from k-fold runs with ``cv_holdout`` (experiments/kfold.py --holdout):
-    their common held-out split, the usual patient-level validation split of ``data_dir``, fits the
-    temperature, the screening threshold and the out-of-scope gate exactly as ``pneumoscan train``
-    does for one model (``train.finalize``). Returns finalize's results (validation metrics with CIs).
+    A member qualifies if it was a k-fold run with the usual validation patients held out
+    (``cv_holdout``) or a plain run on the usual split (no k-fold: it trained on the other patients
+    and only picked its epoch on these), and its configuration records that split.
 
     Raises:
-        CheckpointError: a member was trained on every patient (no held-out split), or the members
-            come from different splits.
+        CheckpointError: a member trained on every patient, does not record its split, or the
+            members' validation splits differ.
+    """
+    for i, c in enumerate(configs):
+        if "seed" not in c or "val_fraction" not in c or (c.get("cv_folds") and not c.get("cv_holdout")):
+            raise CheckpointError(
+                f"ensemble member {i} was not trained with the usual validation patients kept out (a k-fold run "
+                "needs experiments/kfold.py --holdout, or pneumoscan train --cv_folds K --cv_holdout; a plain "
+                "pneumoscan train run qualifies): otherwise no patients are left to calibrate the ensemble on")
+    keys = {(c.get("seed"), c.get("val_fraction"), c.get("min_val_images", 100), c.get("patients_csv_sha256") or "")
+            for c in configs}
+    if len(keys) > 1:
+        raise CheckpointError(f"ensemble members come from different splits (seed, val_fraction, min_val_images, "
+                              f"patients): {sorted(keys, key=str)}")
+    return keys.pop()
+
+
+def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, report: dict | None = None,
+                   cache_dir: str = "", half: bool = True) -> dict:
+    """Calibrate the ensemble of ``members`` on the patients none of them trained on and write it.
+
+    The members come from k-fold runs with ``cv_holdout`` (experiments/kfold.py --holdout) or from
+    plain runs on the same usual split (``pneumoscan train`` without k-fold, e.g. fine-tunes of one
+    model): the usual patient-level validation split of ``data_dir`` fits the temperature, the
+    screening threshold and the out-of-scope gate exactly as ``pneumoscan train`` does for one model
+    (``train.finalize``). Returns finalize's results (validation metrics with CIs).
+
+    Raises:
+        CheckpointError: see ``_calibration_split``.
     """
     from .config import TrainConfig
     from .train import finalize
 
     configs = [m.get("config", {}) for m in members]
-    if not all(c.get("cv_holdout") and c.get("cv_folds") for c in configs):
-        raise CheckpointError("every ensemble member must be a k-fold run with the usual validation patients held "
-                              "out (experiments/kfold.py --holdout, or pneumoscan train --cv_folds K --cv_holdout): "
-                              "otherwise no patients are left to calibrate the ensemble on")
-    split_keys = {(c.get("seed"), c.get("val_fraction"), c.get("cv_folds"), c.get("patients_csv_sha256", ""))
-                  for c in configs}
-    if len(split_keys) > 1:
-        raise CheckpointError(f"ensemble members come from different splits (seed, val_fraction, folds, patients): "
-                              f"{sorted(split_keys, key=str)}")
+    _calibration_split(configs)
     model, spec = build_ensemble(members)
     first = configs[0]
     splits = prepare_data(data_dir, spec.image_size, first.get("val_fraction", 0.15),
@@ -105,7 +122,8 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
     # validation part is the held-out patients no member saw
     payload["config"] = {**first, "cv_folds": 0, "cv_fold": 0, "cv_holdout": False,
                          "ensemble_of": {"members": len(members), "cv_folds": first.get("cv_folds"),
-                                         "folds": [c.get("cv_fold") for c in configs]}}
+                                         "folds": [c.get("cv_fold") if c.get("cv_holdout") else None
+                                                   for c in configs]}}
     if report is not None:
         payload["cross_validation"] = report
     save_checkpoint(payload, path)
