@@ -94,10 +94,10 @@ def original_shapes(root: Path) -> dict:
 
 
 def probe(ckpt: dict, images: torch.Tensor, y: np.ndarray, only: tuple[str, ...] = CONDITIONS) -> dict:
-    pred, t, thr = Predictor.from_checkpoint(ckpt), ckpt["temperature"], ckpt["threshold"]
+    pred, thr = Predictor.from_checkpoint(ckpt), ckpt["threshold"]
     rows = {}
     for key in only:
-        p = positive_probability(pred.logits(condition(images, key)), t)
+        p = positive_probability(pred.logits(condition(images, key)), pred.temperature, pred.bias)
         rows[key] = {"auroc": auroc(y, p), "normal_mean_p": float(p[y == 0].mean()),
                      "normals_called_pneumonia": int((p[y == 0] >= thr).sum()),
                      "pneumonias_called_normal": int((p[y == 1] < thr).sum())}

@@ -46,12 +46,12 @@ def main() -> int:
     splits = split_from_config(cfg, args.data_dir, predictor.spec.image_size)
     logits = predictor.logits(splits.val.images)
     y = splits.val.labels.numpy()
-    raw, cal = positive_probability(logits), positive_probability(logits, ckpt["temperature"])
+    raw, cal = positive_probability(logits), positive_probability(logits, predictor.temperature, predictor.bias)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "model_path": path, "model_version": ckpt.get("model_version"), "val": splits.info["val"],
-        "threshold": ckpt["threshold"], "temperature": ckpt["temperature"],
+        "threshold": ckpt["threshold"], "temperature": ckpt["temperature"], "calibration_bias": predictor.bias,
         "at_threshold": metrics_with_ci(y, cal, ckpt["threshold"], groups=splits.val.patients),
         "at_0.5": metrics_with_ci(y, cal, 0.5, groups=splits.val.patients),
         "ece_before": expected_calibration_error(y, raw),

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             labels.append(label)
     y = np.array(labels)
     films = {name: np.stack(arrays) for name, arrays in variants.items()}
-    probs = {name: positive_probability(pred.logits(torch.from_numpy(a)), ckpt["temperature"])
+    probs = {name: positive_probability(pred.logits(torch.from_numpy(a)), pred.temperature, pred.bias)
              for name, a in films.items()}
     ref, p_ref = films["data set 224 px"].astype(np.float32), probs["data set 224 px"]
     for name, prob in probs.items():

@@ -358,3 +358,21 @@ def test_a_site_intercept_is_stored_and_predictions_use_it(sites, tmp_path):
     again, rec2 = calibrate_on_site(site, Predictor.from_checkpoint(site), data,
                                     SiteCalibrationConfig(site="eq-site2", n_boot=50))
     assert again["calibration_bias"] == 0.0 and rec2["previous"]["bias"] == site["calibration_bias"]
+
+
+def test_the_aspect_probe_reads_probabilities_as_predictions_do_with_a_site_intercept(experiment, trained_run,
+                                                                                       trained_model):
+    # experiment scripts used to apply the stored temperature alone, which is wrong for calibrate --intercept
+    from pneumoscan.data import split_from_config
+
+    ckpt = {**load_checkpoint(trained_model), "calibration_bias": 2.5}
+    val = split_from_config(ckpt["config"], str(trained_run.data), ckpt["input_spec"]["image_size"],
+                            str(trained_run.cache)).val
+    rows = experiment("aspect_shortcut").probe(ckpt, val.images, val.labels.numpy(), only=("plain",))
+    pred = Predictor.from_checkpoint(ckpt)
+    expected = pred.probabilities(pred.logits(val.images))[:, 1].numpy()
+    y = val.labels.numpy()
+    assert rows["plain"]["normal_mean_p"] == pytest.approx(float(expected[y == 0].mean()), abs=1e-9)
+    without = Predictor.from_checkpoint({**ckpt, "calibration_bias": 0.0})
+    without = without.probabilities(without.logits(val.images))[:, 1].numpy()
+    assert rows["plain"]["normal_mean_p"] > float(without[y == 0].mean()) + 0.01  # the intercept did count
