@@ -262,3 +262,23 @@ def test_a_downscaled_film_is_answered_with_a_low_detail_warning_or_refused_sayi
     for out in engine.predict_batch(copies[:3]):
         assert isinstance(out, InferenceFailure) and refusal_category(out.error) == "feature_distance"
         assert "; note: the image has much less fine detail" in out.error and "send the original" in out.error
+
+
+def test_a_thumbnail_is_refused_as_too_small_while_a_reduced_decode_of_a_film_is_not(engine, real_records, tmp_path):
+    from pneumoscan.gate import MIN_SIDE
+    from pneumoscan.preprocess import decode_image
+
+    film = Image.open(real_records[0].path).convert("L")
+    small = tmp_path / "thumb.png"
+    film.resize((MIN_SIDE - 1, 2 * MIN_SIDE)).save(small)  # the short side decides
+    just = tmp_path / "just.png"
+    film.resize((MIN_SIDE, MIN_SIDE)).save(just)
+    thumb, ok = engine.predict_batch([small, just])
+    assert isinstance(thumb, InferenceFailure) and thumb.error_type == "OutOfScopeError"
+    assert f"image too small ({MIN_SIDE - 1}x{2 * MIN_SIDE} pixels" in thumb.error and "original film" in thumb.error
+    assert "too small" not in (ok.error if isinstance(ok, InferenceFailure) else " ".join(ok.warnings))
+    # JPEG draft decoding for a small model input (here 16 px) reduces a 224 px film below the floor: its stored
+    # size counts
+    decoded = decode_image(real_records[0].path, 16)
+    assert min(decoded.gray.size) < MIN_SIDE <= min(decoded.size) == min(Image.open(real_records[0].path).size)
+    assert engine.gate.check_pixels(np.asarray(decoded.gray), decoded.colorfulness, decoded.size).in_scope

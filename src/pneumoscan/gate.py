@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_COLORFULNESS = 12.0
 # Pixel standard deviation (0-255) under which an image carries no radiograph.
 DEFAULT_MIN_STD = 8.0
+# Shortest side (pixels, as decoded) under which an input is a thumbnail or a crop, not a film: every valid film here
+# is at least 157 px a side (fullres_sample), the data set's copies 224 px.
+MIN_SIDE = 64
 # Blocks 2-5 of MedicalCNN (indices into model.features). The last block alone missed grayscale
 # photos, MR slices and elevation maps; with blocks 2-4 added it caught them (docs/gate.md).
 DEFAULT_LAYERS = (1, 2, 3, 4)
@@ -156,8 +159,13 @@ class OutOfScopeGate:
         limit = self.threshold if limit is None else float(limit)
         return {name: {"n": len(v), "above": int(sum(s > limit for s in v))} for name, v in self.reference.items()}
 
-    def check_pixels(self, gray: np.ndarray, colour: float) -> GateVerdict:
-        """Stage 1 on the original-geometry grayscale pixels and the source's colourfulness."""
+    def check_pixels(self, gray: np.ndarray, colour: float, size: tuple[int, int] | None = None) -> GateVerdict:
+        """Stage 1 on the original-geometry grayscale pixels, the source's colourfulness and its size in pixels
+        (width, height as stored, before any reduced decoding; default: the pixels' own)."""
+        width, height = size or (gray.shape[1], gray.shape[0])
+        if min(width, height) < MIN_SIDE:
+            return GateVerdict(False, f"out of scope: image too small ({width}x{height} pixels; at least {MIN_SIDE} "
+                                      f"a side expected): send the original film, not a thumbnail or a crop")
         spread = float(gray.std())
         if spread < self.min_std:
             return GateVerdict(False, f"out of scope: blank or uniform image (pixel standard deviation "

@@ -341,7 +341,7 @@ class MedicalImageInference:
             return _Prepared(index, source, failure=_failure(name, ImageError(
                 f"{name}: unexpected error while decoding ({type(exc).__name__}: {exc})")))
         if self.gate is not None:
-            verdict = self.gate.check_pixels(np.asarray(decoded.gray), decoded.colorfulness)
+            verdict = self.gate.check_pixels(np.asarray(decoded.gray), decoded.colorfulness, decoded.size)
             if not verdict.in_scope:
                 return _Prepared(index, source, failure=_failure(name, OutOfScopeError(f"{name}: {verdict.reason}")))
         return _Prepared(index, source, self.predictor.spec.pixels(decoded.gray), decoded, time.perf_counter() - t0)

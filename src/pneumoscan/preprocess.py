@@ -123,6 +123,12 @@ class DecodedImage:
     colorfulness: float = 0.0
     source_format: str = ""
     dicom: Any = None
+    stored_size: tuple[int, int] | None = None  # (width, height) in the file; ``gray`` may be a reduced decode
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the image as stored in its file."""
+        return self.stored_size or self.gray.size
 
 
 def special_file_reason(path: Path) -> str:
@@ -169,6 +175,7 @@ def decode_image(source: str | os.PathLike | bytes, size: int | None = None) -> 
         if img.width * img.height > MAX_IMAGE_PIXELS:
             raise ImageError(f"{name}: image is {img.width}x{img.height} pixels, more than the "
                              f"{MAX_IMAGE_PIXELS} allowed (a decompression bomb?); downsample it first")
+        stored = img.size
         if size is not None and img.format == "JPEG":
             img.draft(img.mode, (size, size))
         img.load()
@@ -187,7 +194,7 @@ def decode_image(source: str | os.PathLike | bytes, size: int | None = None) -> 
         gray, colour = to_grayscale(img)
     except (OSError, SyntaxError, ValueError, KeyError, TypeError) as exc:  # e.g. corrupt EXIF, odd modes
         raise ImageError(f"{name}: cannot convert {img.mode} image to grayscale ({exc})") from exc
-    return DecodedImage(gray, colour, img.format or "")
+    return DecodedImage(gray, colour, img.format or "", stored_size=stored)
 
 
 def open_image(source: str | os.PathLike | bytes, size: int | None = None) -> Image.Image:
