@@ -276,6 +276,7 @@ def test_a_thumbnail_is_refused_as_too_small_while_a_reduced_decode_of_a_film_is
     thumb, ok = engine.predict_batch([small, just])
     assert isinstance(thumb, InferenceFailure) and thumb.error_type == "OutOfScopeError"
     assert f"image too small ({MIN_SIDE - 1}x{2 * MIN_SIDE} pixels" in thumb.error and "original film" in thumb.error
+    assert refusal_category(thumb.error) == "too_small"  # the scope report counts it under its own reason
     assert "too small" not in (ok.error if isinstance(ok, InferenceFailure) else " ".join(ok.warnings))
     # JPEG draft decoding for a small model input (here 16 px) reduces a 224 px film below the floor: its stored
     # size counts

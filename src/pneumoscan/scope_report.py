@@ -25,6 +25,7 @@ REFUSAL_CATEGORIES = (
     ("other_body", "another body part"),
     ("altered_chest", "rotated, inverted or cut-off"),
     ("non_radiograph", "not a radiograph"),
+    ("too_small", "image too small"),
     ("blank", "blank or uniform"),
     ("colour", "colour image"),
     ("feature_distance", "unlike the chest radiographs"),
