@@ -283,3 +283,39 @@ def test_a_thumbnail_is_refused_as_too_small_while_a_reduced_decode_of_a_film_is
     decoded = decode_image(real_records[0].path, 16)
     assert min(decoded.gray.size) < MIN_SIDE <= min(decoded.size) == min(Image.open(real_records[0].path).size)
     assert engine.gate.check_pixels(np.asarray(decoded.gray), decoded.colorfulness, decoded.size).in_scope
+
+
+def test_wide_precision_matrices_are_stored_packed_and_score_as_before(tmp_path):
+    from pneumoscan.checkpoint import FORMAT, PACKED_GATE_FORMAT_VERSION, format_version
+    from pneumoscan.gate import PACK_ABOVE_DIM, pack_symmetric, unpack_symmetric
+
+    gen = torch.Generator().manual_seed(3)
+    wide, narrow = PACK_ABOVE_DIM * 2, 16  # a two-network ensemble's last block, and a small one
+    labels = (torch.rand(3000, generator=gen) > 0.5).long()
+    train = [torch.randn(3000, narrow, generator=gen), torch.randn(3000, wide, generator=gen)]
+    val = [torch.randn(300, narrow, generator=gen), torch.randn(300, wide, generator=gen)]
+    gate = OutOfScopeGate.fit(train, labels, val, layers=(0, 1))
+    stored = gate.to_dict()
+    assert stored["precisions"][0].dim() == 2 and stored["precisions"][1].shape == (wide * (wide + 1) // 2,)
+    back = OutOfScopeGate.from_dict(stored)
+    torch.testing.assert_close(back.precisions[1], gate.precisions[1].float(), rtol=0, atol=1e-6)
+    assert torch.equal(back.precisions[1], back.precisions[1].T)
+    torch.testing.assert_close(back.scores(val), gate.scores(val), rtol=1e-6, atol=0)
+    # a checkpoint holding it is written as format 5 (an older pneumoscan refuses it rather than misread it),
+    # also when the gate is added to a checkpoint made without one
+    payload = {"format": FORMAT, "format_version": 2, "input_spec": {"intensity": "raw"}, "ood_gate": stored}
+    assert format_version(payload) == PACKED_GATE_FORMAT_VERSION
+    save_checkpoint(payload, tmp_path / "wide.pth")
+    assert torch.load(tmp_path / "wide.pth", weights_only=True)["format_version"] == PACKED_GATE_FORMAT_VERSION
+    assert format_version({**payload, "ood_gate": OutOfScopeGate.fit(train[:1], labels, val[:1]).to_dict()}) == 2
+    with pytest.raises(ValueError, match="packed 4x4"):
+        unpack_symmetric(pack_symmetric(torch.eye(3)), 4)
+
+
+def test_the_shipped_gate_is_stored_whole_and_reads_back_unchanged():
+    ckpt = load_checkpoint(default_model_path())
+    gate = OutOfScopeGate.from_dict(ckpt["ood_gate"])
+    again = gate.to_dict()
+    assert all(p.dim() == 2 for p in again["precisions"])  # no block wider than PACK_ABOVE_DIM
+    for a, b in zip(again["precisions"], ckpt["ood_gate"]["precisions"]):
+        assert torch.equal(a, b)

@@ -31,9 +31,12 @@ FORMAT = "pneumoscan-checkpoint"
 # written as 3, so that a pneumoscan that cannot equalise refuses them instead of feeding raw levels.
 # 4: the calibration may have an intercept (``calibration_bias``, ``pneumoscan calibrate --intercept``); only such
 # checkpoints are written as 4, so that a pneumoscan that would ignore it refuses them.
-FORMAT_VERSION = 4
+# 5: the gate may store wide precision matrices packed (an ensemble's; ``gate.PACK_ABOVE_DIM``); only such
+# checkpoints are written as 5.
+FORMAT_VERSION = 5
 EQUALIZE_FORMAT_VERSION = 3
 BIAS_FORMAT_VERSION = 4
+PACKED_GATE_FORMAT_VERSION = 5
 SHIPPED_MODEL = "pneumoscan-v2.pth"
 
 
@@ -64,8 +67,12 @@ def protected_checkpoint(output_path: str | os.PathLike, model_path: str | os.Pa
 
 
 def format_version(payload: dict) -> int:
-    """The oldest checkpoint format that reads ``payload`` right (see FORMAT_VERSION): 4 with a calibration
-    intercept, 3 with equalised input, else 2."""
+    """The oldest checkpoint format that reads ``payload`` right (see FORMAT_VERSION): 5 with a packed gate, 4 with
+    a calibration intercept, 3 with equalised input, else 2."""
+    from .gate import has_packed_precisions
+
+    if has_packed_precisions(payload.get("ood_gate")):
+        return PACKED_GATE_FORMAT_VERSION
     if payload.get("calibration_bias"):
         return BIAS_FORMAT_VERSION
     return EQUALIZE_FORMAT_VERSION if payload["input_spec"].get("intensity", "raw") != "raw" else 2
@@ -77,7 +84,10 @@ def versions() -> dict[str, str]:
 
 def save_checkpoint(payload: dict, path: str | os.PathLike, exclusive: bool = False) -> None:
     """Write ``payload`` to ``path`` atomically: a crash leaves the old file or the new one, never half.
-    With ``exclusive`` an existing file is never replaced (``FileExistsError``)."""
+    With ``exclusive`` an existing file is never replaced (``FileExistsError``). A model checkpoint's
+    ``format_version`` is raised to what its contents need (a gate or an intercept added since it was made)."""
+    if payload.get("format") == FORMAT and "input_spec" in payload:
+        payload = {**payload, "format_version": max(int(payload.get("format_version", 2)), format_version(payload))}
     with atomic_path(path, durable=True, exclusive=exclusive) as tmp:
         torch.save(payload, tmp)
 
@@ -90,7 +100,7 @@ def model_payload(model: torch.nn.Module, *, arch: str, model_kw: dict, spec: In
         raise ValueError(f"input spec has {spec.in_channels} channel(s), the model {model_kw['in_channels']}")
     return {
         "format": FORMAT,
-        "format_version": format_version({"input_spec": spec.to_dict()}),
+        "format_version": format_version({"input_spec": spec.to_dict(), "ood_gate": ood_gate}),
         "model_state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "arch": arch,
         "model_kwargs": model_kw,

@@ -40,6 +40,39 @@ MIN_SIDE = 64
 DEFAULT_LAYERS = (1, 2, 3, 4)
 
 
+# Precision matrices wider than this are stored as their upper triangle (a symmetric matrix, half the bytes): a
+# MedicalCNN's widest block (512) stays whole, an ensemble's side-by-side features (1024 for two) are packed, which
+# keeps a two-network checkpoint under the 25 MB the shipped weights may take. Readers unpack either.
+PACK_ABOVE_DIM = 512
+
+
+def pack_symmetric(m: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (diagonal included) of a square matrix, row by row, as float32."""
+    rows, cols = torch.triu_indices(m.shape[0], m.shape[1])
+    return m.float()[rows, cols].clone()
+
+
+def unpack_symmetric(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """The symmetric ``dim`` x ``dim`` matrix whose upper triangle ``pack_symmetric`` gave.
+
+    Raises:
+        ValueError: ``v`` does not hold dim * (dim + 1) / 2 values.
+    """
+    if v.dim() != 1 or v.numel() != dim * (dim + 1) // 2:
+        raise ValueError(f"a packed {dim}x{dim} symmetric matrix has {dim * (dim + 1) // 2} values, got "
+                         f"{tuple(v.shape)}")
+    rows, cols = torch.triu_indices(dim, dim)
+    m = torch.zeros(dim, dim, dtype=v.dtype)
+    m[rows, cols] = v
+    m[cols, rows] = v
+    return m
+
+
+def has_packed_precisions(gate: dict | None) -> bool:
+    """Whether a stored gate holds packed precision matrices (only a pneumoscan that unpacks them reads it)."""
+    return any(getattr(p, "dim", lambda: 2)() == 1 for p in (gate or {}).get("precisions", []))
+
+
 # Share of the training films whose detail ratio may fall below the stored floor.
 DETAIL_QUANTILE = 0.001
 
@@ -189,7 +222,9 @@ class OutOfScopeGate:
 
     def to_dict(self) -> dict:
         return {"kind": "multi-layer-mahalanobis", "layers": self.layers,
-                "means": [m.float() for m in self.means], "precisions": [p.float() for p in self.precisions],
+                "means": [m.float() for m in self.means],
+                "precisions": [pack_symmetric(p) if p.shape[0] > PACK_ABOVE_DIM else p.float()
+                               for p in self.precisions],
                 "scales": self.scales, "threshold": self.threshold, "min_std": self.min_std,
                 "max_colorfulness": self.max_colorfulness, "quantile": self.quantile, "fitted_on": self.fitted_on,
                 "base_threshold": self.base_threshold, **({"reference": self.reference} if self.reference else {}),
@@ -214,6 +249,8 @@ class OutOfScopeGate:
             if d.get("fitted_on", "validation radiographs") != "validation radiographs":
                 log.warning("this checkpoint's gate limit was set on %s and its training limit was not stored; "
                             "calibrate --refit_gate will cap and compare against the site limit", d["fitted_on"])
-        return cls(d["layers"], d["means"], d["precisions"], d["scales"], d["threshold"], d["min_std"],
+        precisions = [unpack_symmetric(p, int(m.shape[-1])) if p.dim() == 1 else p
+                      for p, m in zip(d["precisions"], d["means"])]
+        return cls(d["layers"], d["means"], precisions, d["scales"], d["threshold"], d["min_std"],
                    d["max_colorfulness"], d.get("quantile", 0.995), d.get("fitted_on", "validation radiographs"),
                    base, d.get("reference"), d.get("min_detail"), d.get("detail_quantile", DETAIL_QUANTILE))
