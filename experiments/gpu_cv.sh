@@ -16,7 +16,8 @@
 # about 2x): on the CPU the half-width 224 px folds scored adult AUROC 0.62 against 0.73-0.75 for full width
 # (docs/experiments.md), so the full-width ensemble may be the one that passes the decision rule.
 # RECIPES="full_asp full_acq" trains with random aspect changes too (the film-shape shortcut, docs/experiments.md);
-# full_asp is packed like full_acq. RECIPES="full_eq full_acq": per-film histogram-equalised input
+# full_asp is packed like full_acq; for an aspect-robust ensemble every member must be full_asp (v2.1 averaged with
+# an aspect-trained member kept 0.65x of v2.1's squeeze errors, twelfth session). RECIPES="full_eq full_acq": per-film histogram-equalised input
 # (--intensity equalize, docs/experiments.md), packed like full_acq. Judge a candidate also with experiments/aspect_shortcut.py --model_path.
 # Then on this machine: python experiments/kfold_eval.py on the returned runs, fit_scope.py, int8_calibrate.py.
 set -u
