@@ -2,7 +2,8 @@
 """Write trained models as one calibrated ensemble checkpoint (``ensemble.write_ensemble``).
 
 The members are k-fold runs with the usual validation patients held out, or plain runs on the usual split
-(fine-tunes of one model, other seeds): the ensemble's temperature, threshold and gate are fitted on that
+(fine-tunes of one model, other training recipes; the split's seed must be the same, since it picks the
+validation patients): the ensemble's temperature, threshold and gate are fitted on that
 validation split, as ``pneumoscan train`` does for one model. Weights are stored in float16 unless --fp32.
 
     python experiments/write_ensemble.py --data_dir ../shared/data/chest_xray \\

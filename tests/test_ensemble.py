@@ -102,9 +102,42 @@ def test_onnx_graph_of_an_ensemble_equals_torch(members, images, tmp_path):
 def test_an_ensemble_is_only_written_with_held_out_patients_to_calibrate_on(members, tmp_path):
     from pneumoscan.ensemble import write_ensemble
 
-    with pytest.raises(CheckpointError, match="--holdout"):
-        write_ensemble(members, tmp_path / "ens.pth", data_dir=str(tmp_path))
+    folds = [{**m, "config": {"seed": 42, "val_fraction": 0.15, "cv_folds": 5, "cv_fold": i}}
+             for i, m in enumerate(members)]  # k-fold runs that trained on the usual validation patients
+    with pytest.raises(CheckpointError, match="member 0 was trained on the usual validation patients.*--holdout"):
+        write_ensemble(folds, tmp_path / "ens.pth", data_dir=str(tmp_path))
+    with pytest.raises(CheckpointError, match="member 0: its config does not record"):
+        write_ensemble(members, tmp_path / "ens.pth", data_dir=str(tmp_path))  # configs without a split
     assert not (tmp_path / "ens.pth").exists()
+
+
+PLAIN = {"seed": 42, "val_fraction": 0.15, "min_val_images": 100, "cv_folds": 0}
+
+
+@pytest.mark.parametrize("start, outcome", [
+    ({**PLAIN, "init_from": ""}, None),  # started from a plain run on the same split: fine
+    ({**PLAIN, "cv_folds": 5, "cv_fold": 2, "cv_holdout": True}, None),  # from a held-out fold: fine
+    ({**PLAIN, "cv_folds": 5, "cv_fold": 2}, "starting weights .*trained on the usual validation patients"),
+    ({**PLAIN, "seed": 7}, "different splits"),  # their validation patients are others: they trained on ours
+    ({**PLAIN, "init_from": "older.pth", "init_split": {**PLAIN, "seed": 3}}, "different splits"),  # two steps back
+])
+def test_a_fine_tune_is_checked_for_the_patients_its_starting_weights_trained_on(start, outcome):
+    from pneumoscan.ensemble import _calibration_split
+
+    tuned = {**PLAIN, "init_from": "start.pth", "init_split": start}
+    if outcome is None:
+        assert _calibration_split([PLAIN, tuned]) == (42, 0.15, 100, "")
+    else:
+        with pytest.raises(CheckpointError, match=outcome):
+            _calibration_split([PLAIN, tuned])
+
+
+def test_a_fine_tune_without_a_record_of_its_start_is_accepted_with_a_warning(caplog):
+    from pneumoscan.ensemble import _calibration_split
+
+    older = {**PLAIN, "init_from": "shipped"}  # e.g. the shipped v2.1, fine-tuned before the record existed
+    assert _calibration_split([PLAIN, older]) == (42, 0.15, 100, "")
+    assert "member 1 (fine-tuned from shipped)" in caplog.text and "cannot be checked" in caplog.text
 
 
 def _perturbed(ckpt: dict, seed: int) -> dict:
@@ -133,7 +166,13 @@ def test_fine_tunes_on_the_usual_split_make_an_ensemble_calibrated_on_its_valida
                             str(trained_run.cache))
     theirs = split_from_config(first["config"], str(trained_run.data), first["input_spec"]["image_size"],
                                str(trained_run.cache))
-    assert own.val.paths == theirs.val.paths  # calibrated on the patients the members only picked epochs on
+    assert own.val.paths == theirs.val.paths  # later tools find the members' validation patients as its own
+    # calibrated on exactly those patients: their ensemble logits give the stored temperature and threshold
+    from pneumoscan.calibration import fit_operating_point
+
+    model, spec = build_ensemble(plain)
+    t, thr = fit_operating_point(Predictor(model, spec).logits(theirs.val.images), theirs.val.labels, 0.95)
+    assert ckpt["temperature"] == pytest.approx(t, rel=1e-9) and ckpt["threshold"] == pytest.approx(thr, abs=1e-12)
     # the ensemble's logits are the members' mean
     images = torch.from_numpy(np.stack([load_image(p, first["input_spec"]["image_size"]) for p in own.val.paths[:4]]))
     expected = torch.stack([Predictor.from_checkpoint(m).logits(images) for m in plain]).mean(0)

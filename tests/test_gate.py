@@ -285,6 +285,17 @@ def test_a_thumbnail_is_refused_as_too_small_while_a_reduced_decode_of_a_film_is
     assert engine.gate.check_pixels(np.asarray(decoded.gray), decoded.colorfulness, decoded.size).in_scope
 
 
+def test_a_small_input_model_does_not_refuse_its_films_as_too_small(trained_model, real_records, tmp_path):
+    # a 32 px model decodes a 224 px JPEG at 56 px (draft mode): the floor must read the file's own size
+    path = tmp_path / "small_input.pth"
+    ckpt = load_checkpoint(trained_model)
+    save_checkpoint({**ckpt, "input_spec": {**ckpt["input_spec"], "image_size": 32}}, path)
+    engine = MedicalImageInference(str(path), device="cpu", backend="torch")
+    outcomes = engine.predict_batch([r.path for r in real_records[:3]])
+    errors = [getattr(o, "error", "") for o in outcomes]
+    assert not any("too small" in e for e in errors), errors
+
+
 def test_wide_precision_matrices_are_stored_packed_and_score_as_before(tmp_path):
     from pneumoscan.checkpoint import FORMAT, PACKED_GATE_FORMAT_VERSION, format_version
     from pneumoscan.gate import PACK_ABOVE_DIM, pack_symmetric, unpack_symmetric

@@ -260,3 +260,16 @@ def test_input_spec_refuses_an_unknown_intensity_and_old_specs_read_as_raw():
 def test_bytes_input_error_names_bytes():
     with pytest.raises(ImageError, match="<bytes>"):
         load_image(io.BytesIO(b"xx").getvalue(), 32)
+
+
+def test_the_stored_size_follows_the_exif_orientation(real_jpeg, tmp_path):
+    from pneumoscan.preprocess import decode_image
+
+    img = Image.open(real_jpeg).convert("L").resize((300, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees
+    img.save(tmp_path / "turned.jpg", exif=exif)
+    img.save(tmp_path / "plain.jpg")
+    turned, plain = decode_image(tmp_path / "turned.jpg", 64), decode_image(tmp_path / "plain.jpg", 64)
+    assert turned.size == (200, 300) and plain.size == (300, 200)
+    assert (turned.gray.width < turned.gray.height) and (plain.gray.width > plain.gray.height)

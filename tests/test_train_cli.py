@@ -248,6 +248,11 @@ def test_init_from_fine_tunes_the_given_weights(trained_run, tmp_path, smoke_arg
     assert tuned["input_spec"]["mean"] == source["input_spec"]["mean"]  # the normalisation the weights expect
     assert tuned["config"]["init_from"] == str(trained_run.model_path)
     assert "fine-tuning from" in (out / "training.log").read_text()
+    # the patients the starting weights were trained on are stored with the model (an ensemble checks them)
+    from pneumoscan.data import split_record
+
+    assert tuned["config"]["init_split"] == split_record(source["config"])
+    assert tuned["config"]["init_split"]["seed"] == source["config"]["seed"]
 
 
 def test_init_from_another_network_is_refused_with_the_flags_to_give(trained_run, tmp_path, smoke_args):

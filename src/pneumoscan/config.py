@@ -79,6 +79,7 @@ class TrainConfig:
     cache_dir: str = ""
     resume: bool = False
     init_from: str = ""  # start from these weights (a checkpoint path or "shipped") instead of Xavier init
+    init_split: dict = field(default_factory=dict)  # filled in by training: init_from's split (data.split_record)
     max_train_minutes: float = 0.0
     preset: str = "full"
     extra: dict = field(default_factory=dict)

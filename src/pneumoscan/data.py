@@ -634,6 +634,17 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
     return splits
 
 
+SPLIT_KEYS = ("seed", "val_fraction", "min_val_images", "patients_csv_sha256", "cv_folds", "cv_fold", "cv_holdout")
+
+
+def split_record(config: dict) -> dict:
+    """What fixes the patients a run with ``config`` trained on: its split fields, and (``init_split``) those of
+    the checkpoint it was fine-tuned from, if any; training stores it for ``--init_from`` (the ensemble check
+    reads it)."""
+    return {**{k: config[k] for k in SPLIT_KEYS if k in config}, "init_from": config.get("init_from", ""),
+            "init_split": config.get("init_split") or {}}
+
+
 def split_from_config(config: dict, data_dir: str, image_size: int, cache_dir: str = "") -> DataSplits:
     """The same splits a training run with ``config`` (a checkpoint's stored config) made, at ``image_size``."""
     return prepare_data(data_dir, image_size, config.get("val_fraction", 0.15), config.get("min_val_images", 100),

@@ -1,10 +1,11 @@
-"""Ensemble checkpoints: several trained MedicalCNNs (k-fold or seeds) stored and run as one model.
+"""Ensemble checkpoints: several trained MedicalCNNs (k-fold folds or fine-tunes) stored and run as one model.
 
 An ensemble checkpoint is an ordinary pneumoscan checkpoint whose ``arch`` is ``ensemble`` and
 whose ``model_kwargs`` hold every member's kwargs and input normalisation (``model.Ensemble``).
 Everything that runs a model (``Predictor``, Grad-CAM, the gate, the scope check, ONNX export)
-works on it unchanged. Its temperature, threshold and gate must come from patients no member saw:
-``write_ensemble`` fits them on the validation patients that k-fold runs with ``cv_holdout`` kept out.
+works on it unchanged. Its temperature, threshold and gate must come from patients no member trained on:
+``write_ensemble`` fits them on the usual validation patients, which k-fold runs with ``cv_holdout`` kept out
+and plain runs on the usual split (fine-tunes of one model included) only picked their epoch on.
 """
 
 from __future__ import annotations
@@ -63,28 +64,51 @@ def ensemble_payload(members: list[dict], *, temperature: float | None, threshol
     return payload
 
 
+def _split_key(c: dict) -> tuple:
+    """The usual split a run's validation patients come from (the seed fixes which patients they are)."""
+    return c.get("seed"), c.get("val_fraction"), c.get("min_val_images", 100), c.get("patients_csv_sha256") or ""
+
+
 def _calibration_split(configs: list[dict]) -> tuple:
     """The one validation split that no member trained on, as (seed, val_fraction, min_val_images, patients).
 
     A member qualifies if it was a k-fold run with the usual validation patients held out
     (``cv_holdout``) or a plain run on the usual split (no k-fold: it trained on the other patients
-    and only picked its epoch on these), and its configuration records that split.
+    and only picked its epoch on these), and its configuration records that split. A fine-tune
+    (``init_from``) also needs the weights it started from to qualify on the same split; where its
+    checkpoint predates that record (``init_split``), a warning says it could not be checked.
 
     Raises:
-        CheckpointError: a member trained on every patient, does not record its split, or the
-            members' validation splits differ.
+        CheckpointError: a member (or the weights it was fine-tuned from) trained on the validation
+            patients, a member does not record its split, or the members' validation splits differ.
     """
-    for i, c in enumerate(configs):
-        if "seed" not in c or "val_fraction" not in c or (c.get("cv_folds") and not c.get("cv_holdout")):
-            raise CheckpointError(
-                f"ensemble member {i} was not trained with the usual validation patients kept out (a k-fold run "
-                "needs experiments/kfold.py --holdout, or pneumoscan train --cv_folds K --cv_holdout; a plain "
-                "pneumoscan train run qualifies): otherwise no patients are left to calibrate the ensemble on")
-    keys = {(c.get("seed"), c.get("val_fraction"), c.get("min_val_images", 100), c.get("patients_csv_sha256") or "")
-            for c in configs}
+    keys, unchecked = set(), []
+    for i, member in enumerate(configs):
+        c, chain = member, f"ensemble member {i}"
+        while True:
+            if "seed" not in c or "val_fraction" not in c:
+                raise CheckpointError(f"{chain}: its config does not record which patients it was validated on "
+                                      f"(seed and val_fraction missing): retrain it with pneumoscan train")
+            if c.get("cv_folds") and not c.get("cv_holdout"):
+                raise CheckpointError(
+                    f"{chain} was trained on the usual validation patients (a k-fold run without --holdout): no "
+                    f"patients are left to calibrate the ensemble on; use k-fold runs with experiments/kfold.py "
+                    f"--holdout (pneumoscan train --cv_folds K --cv_holdout) or plain pneumoscan train runs")
+            keys.add(_split_key(c))
+            if not c.get("init_from"):
+                break
+            if not c.get("init_split"):
+                unchecked.append(f"{chain} (fine-tuned from {c['init_from']})")
+                break
+            c, chain = c["init_split"], f"{chain}'s starting weights ({c['init_from']})"
     if len(keys) > 1:
-        raise CheckpointError(f"ensemble members come from different splits (seed, val_fraction, min_val_images, "
-                              f"patients): {sorted(keys, key=str)}")
+        raise CheckpointError(f"ensemble members (or the weights they were fine-tuned from) come from different "
+                              f"splits (seed, val_fraction, min_val_images, patients; the seed fixes the "
+                              f"validation patients): {sorted(keys, key=str)}")
+    for what in unchecked:
+        log.warning("%s: the split of the weights it started from is not recorded in its checkpoint (trained "
+                    "before pneumoscan stored it), so whether they saw the calibration patients cannot be "
+                    "checked; the ensemble's temperature and threshold are optimistic if they did", what)
     return keys.pop()
 
 

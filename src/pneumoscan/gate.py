@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_COLORFULNESS = 12.0
 # Pixel standard deviation (0-255) under which an image carries no radiograph.
 DEFAULT_MIN_STD = 8.0
-# Shortest side (pixels, as decoded) under which an input is a thumbnail or a crop, not a film: every valid film here
-# is at least 157 px a side (fullres_sample), the data set's copies 224 px.
+# Shortest side (pixels, as stored in the file) under which an input is a thumbnail or a crop, not a film: every
+# valid film here is at least 157 px a side (fullres_sample), the data set's copies 224 px.
 MIN_SIDE = 64
 # Blocks 2-5 of MedicalCNN (indices into model.features). The last block alone missed grayscale
 # photos, MR slices and elevation maps; with blocks 2-4 added it caught them (docs/gate.md).

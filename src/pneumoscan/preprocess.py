@@ -94,6 +94,15 @@ def colorfulness(rgb: np.ndarray) -> float:
     return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as it is shown, its EXIF orientation applied (a 90-degree turn swaps them)."""
+    try:
+        turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:  # unreadable EXIF: to_grayscale reports it, if it matters
+        turned = False
+    return (img.height, img.width) if turned else (img.width, img.height)
+
+
 def to_grayscale(img: Image.Image) -> tuple[Image.Image, float]:
     """Any PIL mode (1, L, P, RGB, RGBA, LA, CMYK, I;16, I, F) to 8-bit 'L', orientation applied.
 
@@ -123,7 +132,7 @@ class DecodedImage:
     colorfulness: float = 0.0
     source_format: str = ""
     dicom: Any = None
-    stored_size: tuple[int, int] | None = None  # (width, height) in the file; ``gray`` may be a reduced decode
+    stored_size: tuple[int, int] | None = None  # (width, height) in the file, as shown; ``gray`` may be reduced
 
     @property
     def size(self) -> tuple[int, int]:
@@ -175,7 +184,7 @@ def decode_image(source: str | os.PathLike | bytes, size: int | None = None) -> 
         if img.width * img.height > MAX_IMAGE_PIXELS:
             raise ImageError(f"{name}: image is {img.width}x{img.height} pixels, more than the "
                              f"{MAX_IMAGE_PIXELS} allowed (a decompression bomb?); downsample it first")
-        stored = img.size
+        stored = _oriented_size(img)
         if size is not None and img.format == "JPEG":
             img.draft(img.mode, (size, size))
         img.load()

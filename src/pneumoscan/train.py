@@ -25,7 +25,7 @@ from .budget import choose_width, last_epoch_in_budget
 from .calibration import cross_fitted_ece, fit_operating_point, positive_probability
 from .checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint, versions
 from .config import TrainConfig
-from .data import DataSplits, ImageSet, file_sha256, prepare_data
+from .data import DataSplits, ImageSet, file_sha256, prepare_data, split_record
 from .distributed import World, all_sum, broadcast, close_world, from_main, init_world, main_first
 from .errors import CheckpointError
 from .gate import OutOfScopeGate
@@ -104,6 +104,7 @@ class InitialWeights:
 
     state: dict
     norm: dict[str, float]  # as normalization_stats gives it
+    split: dict  # the patients those weights were trained on (data.split_record of their config)
 
 
 def initial_weights(cfg: TrainConfig) -> InitialWeights:
@@ -140,7 +141,8 @@ def initial_weights(cfg: TrainConfig) -> InitialWeights:
                     cfg.image_size)
     log.info("fine-tuning from %s (%s, epoch %s); keeping its input normalisation (mean %.4f, std %.4f)",
              path, ckpt.get("model_version") or "unnamed", ckpt.get("epoch"), spec["mean"], spec["std"])
-    return InitialWeights(ckpt["model_state"], {"mean": float(spec["mean"]), "std": float(spec["std"])})
+    return InitialWeights(ckpt["model_state"], {"mean": float(spec["mean"]), "std": float(spec["std"])},
+                          split_record(ckpt.get("config") or {}))
 
 
 def build_trainer(cfg: TrainConfig, splits: DataSplits, device: torch.device, world: World = World(),
@@ -424,6 +426,8 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
     # a wrong --init_from or --resume checkpoint stops the run before data preparation; rank 0
     # reads the file and sends it on (on several nodes only rank 0's disk may have it)
     init = from_main(lambda: initial_weights(cfg), world) if cfg.init_from else None
+    if init is not None:  # stored with the model, so that an ensemble can check whose patients its weights saw
+        cfg = replace(cfg, init_split=init.split)
     last_state = from_main(lambda: read_last_checkpoint(out, cfg), world) if cfg.resume else None
     t_data = time.time()
     # rank 0 decodes and fills the image cache; the other ranks then read it instead of decoding again
