@@ -205,3 +205,18 @@ def test_write_ensemble_script_writes_a_checkpoint_that_predicts(experiment, tra
     assert code == 0 and load_checkpoint(out)["weights_dtype"] == "float16"
     result = MedicalImageInference(str(out), device="cpu").predict_image(str(next((fullres_dir / "NORMAL").iterdir())))
     assert result.prediction in ("NORMAL", "PNEUMONIA") and 0.0 <= result.probabilities["PNEUMONIA"] <= 1.0
+
+
+def test_members_validated_on_other_patients_than_the_folder_given_are_refused(trained_run, trained_model, tmp_path):
+    from pneumoscan.data import patients_digest, split_from_config
+    from pneumoscan.ensemble import write_ensemble
+
+    first = load_checkpoint(trained_model)
+    val = split_from_config(first["config"], str(trained_run.data), first["input_spec"]["image_size"],
+                            str(trained_run.cache)).val
+    assert first["config"]["val_patients_sha256"] == patients_digest(val.patients)  # recorded by training
+    other = {**first, "config": {**first["config"], "val_patients_sha256": patients_digest(["someone else"])}}
+    with pytest.raises(CheckpointError, match="member 1 was validated on other patients"):
+        write_ensemble([first, other], tmp_path / "ens.pth", data_dir=str(trained_run.data),
+                       cache_dir=str(trained_run.cache))
+    assert not (tmp_path / "ens.pth").exists()

@@ -70,6 +70,7 @@ class TrainConfig:
     cv_holdout: bool = False  # keep the usual validation patients out of every fold (for an ensemble)
     patients_csv: str = ""  # file,patient rows for every film (data.assign_patients); "": DICOM PatientID or names
     patients_csv_sha256: str = ""  # filled in by training: a later split_from_config or --resume checks the file
+    val_patients_sha256: str = ""  # filled in by training: data.patients_digest of its validation patients
     min_val_images: int = 100
     target_sensitivity: float = 0.95
     seed: int = 42

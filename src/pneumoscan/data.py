@@ -634,6 +634,11 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
     return splits
 
 
+def patients_digest(patients: list[str]) -> str:
+    """SHA-256 of a set of patient IDs (order and repeats do not count): which patients a split holds."""
+    return hashlib.sha256("\n".join(sorted(set(map(str, patients)))).encode()).hexdigest()
+
+
 SPLIT_KEYS = ("seed", "val_fraction", "min_val_images", "patients_csv_sha256", "cv_folds", "cv_fold", "cv_holdout")
 
 

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from .checkpoint import input_spec, model_from_checkpoint, model_payload, save_checkpoint
-from .data import prepare_data
+from .data import patients_digest, prepare_data
 from .errors import CheckpointError
 from .model import Ensemble
 from .predict import InputSpec, Predictor
@@ -136,6 +136,12 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
                           first.get("min_val_images", 100), first.get("seed", 42), cache_dir=cache_dir,
                           patients_csv=first.get("patients_csv", ""),
                           patients_csv_sha256=first.get("patients_csv_sha256", ""))
+    digest = patients_digest(splits.val.patients)
+    for i, c in enumerate(configs):  # a plain run records the patients it was validated on (since 2026-12-03)
+        if not c.get("cv_folds") and c.get("val_patients_sha256") and c["val_patients_sha256"] != digest:
+            raise CheckpointError(f"ensemble member {i} was validated on other patients than the validation split of "
+                                  f"{data_dir} (another data folder, or files added or removed since it trained): "
+                                  f"give the folder the members were trained on")
     cfg = TrainConfig(target_sensitivity=first.get("target_sensitivity", 0.95))
     final = finalize(Predictor(model, spec), splits, cfg)
     payload = ensemble_payload(members, temperature=final["temperature"], threshold=final["threshold"],

@@ -25,7 +25,7 @@ from .budget import choose_width, last_epoch_in_budget
 from .calibration import cross_fitted_ece, fit_operating_point, positive_probability
 from .checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint, versions
 from .config import TrainConfig
-from .data import DataSplits, ImageSet, file_sha256, prepare_data, split_record
+from .data import DataSplits, ImageSet, file_sha256, patients_digest, prepare_data, split_record
 from .distributed import World, all_sum, broadcast, close_world, from_main, init_world, main_first
 from .errors import CheckpointError
 from .gate import OutOfScopeGate
@@ -436,6 +436,8 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
                                                     cfg.cv_folds, cfg.cv_fold, cfg.cv_holdout, cfg.patients_csv,
                                                     cfg.patients_csv_sha256))
     data_prep_s = time.time() - t_data
+    # which patients chose the epoch and the operating point: an ensemble of such runs checks it is calibrated on them
+    cfg = replace(cfg, val_patients_sha256=patients_digest(splits.val.patients))
     resumed_width = last_state.get("config", {}).get("width") if last_state else None
     cfg, width_check = choose_width(cfg, len(splits.train), len(splits.val), device, world,
                                     resumed_width=None if resumed_width is None else float(resumed_width))
