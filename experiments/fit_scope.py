@@ -53,7 +53,7 @@ from scope_data import (
 from pneumoscan.checkpoint import default_model_path, load_checkpoint, save_checkpoint
 from pneumoscan.cli import configure_logging
 from pneumoscan.data import patient_id
-from pneumoscan.gate import OutOfScopeGate
+from pneumoscan.gate import MIN_SIDE, OutOfScopeGate
 from pneumoscan.predict import Predictor
 from pneumoscan.results import write_json
 from pneumoscan.scope import SCOPE_CLASSES, ScopeClassifier, model_digest, scope_inputs, threshold_refusing
@@ -77,7 +77,8 @@ class Pipeline:
     def __init__(self, table: Table, gate: OutOfScopeGate) -> None:
         self.table = table
         self.gate = gate
-        self.pixel = (table.spread < gate.min_std) | (table.colour > gate.max_colorfulness)
+        self.pixel = ((table.min_side < MIN_SIDE) | (table.spread < gate.min_std)
+                      | (table.colour > gate.max_colorfulness))  # gate.check_pixels, in its order
         self.distance = (gate.scores(table.block_features()) > gate.threshold).numpy()
         self.before_scope = self.pixel | self.distance
         feats, pixels = table.block_features(), torch.from_numpy(table.pixels)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pneumoscan import augment as augment_module
 from pneumoscan.augment import augment_batch
@@ -33,7 +34,7 @@ from pneumoscan.data import patient_id, split_from_config
 from pneumoscan.gate import OutOfScopeGate
 from pneumoscan.inference import list_inputs
 from pneumoscan.predict import Predictor
-from pneumoscan.preprocess import decode_image
+from pneumoscan.preprocess import decode_image, oriented_size
 from pneumoscan.scope import model_digest
 
 log = logging.getLogger("pneumoscan.scope_data")
@@ -54,6 +55,7 @@ class Table:
     spread: np.ndarray  # pixel standard deviation at original geometry (pixel gate)
     aspect: np.ndarray  # width / height of the original
     logits: np.ndarray  # (N, 2)
+    min_side: np.ndarray  # shorter side of the file as shown (pixel gate's size floor, gate.MIN_SIDE)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -62,7 +64,7 @@ class Table:
         idx = np.flatnonzero(mask)
         return Table([self.names[i] for i in idx], [self.classes[i] for i in idx], [self.sources[i] for i in idx],
                      [f[idx] for f in self.feats], self.pixels[idx], self.colour[idx], self.spread[idx],
-                     self.aspect[idx], self.logits[idx])
+                     self.aspect[idx], self.logits[idx], self.min_side[idx])
 
     @staticmethod
     def concat(tables: list[Table]) -> Table:
@@ -71,7 +73,7 @@ class Table:
                      [np.concatenate([t.feats[i] for t in tables]) for i in range(len(tables[0].feats))],
                      np.concatenate([t.pixels for t in tables]), np.concatenate([t.colour for t in tables]),
                      np.concatenate([t.spread for t in tables]), np.concatenate([t.aspect for t in tables]),
-                     np.concatenate([t.logits for t in tables]))
+                     np.concatenate([t.logits for t in tables]), np.concatenate([t.min_side for t in tables]))
 
     def block_features(self) -> list[torch.Tensor]:
         return [torch.from_numpy(f) for f in self.feats]
@@ -107,10 +109,25 @@ def _cached(predictor: Predictor, name: str, key_items: list[str], make, inputs:
     return arrays
 
 
+def stored_min_sides(files: list[str | Path]) -> np.ndarray:
+    """The shorter side of each file as shown (``DecodedImage.size``): from the header where PIL reads it, else
+    (DICOM) from a full decode."""
+    sides = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                sides.append(min(oriented_size(img)))
+        except (OSError, ValueError):
+            sides.append(min(decode_image(f).size))
+    return np.array(sides, dtype=np.int64)
+
+
 def _table(arrays: dict, names: list[str], classes: list[str], sources: list[str]) -> Table:
     feats = [arrays[f"f{i}"] for i in range(sum(k.startswith("f") and k[1:].isdigit() for k in arrays))]
+    # feature caches written before the size floor lack the column: read it from the files' headers
+    min_side = arrays["min_side"] if "min_side" in arrays else stored_min_sides(names)
     return Table(names, classes, sources, feats, arrays["pixels"], arrays["colour"], arrays["spread"],
-                 arrays["aspect"], arrays["logits"])
+                 arrays["aspect"], arrays["logits"], min_side)
 
 
 def decoded_arrays(files: list[Path], spec) -> dict[str, np.ndarray]:
@@ -118,15 +135,16 @@ def decoded_arrays(files: list[Path], spec) -> dict[str, np.ndarray]:
     (``checkpoint.input_spec``), the pixel gate's colourfulness and spread, and the original's aspect."""
     if not files:
         raise ValueError("no image files to decode (an empty folder or file list)")
-    pixels, colour, spread, aspect = [], [], [], []
+    pixels, colour, spread, aspect, min_side = [], [], [], [], []
     for f in files:
         d = decode_image(f, spec.image_size)
         pixels.append(spec.pixels(d.gray))
         colour.append(d.colorfulness)
         spread.append(float(np.asarray(d.gray).std()))
         aspect.append(d.gray.width / d.gray.height)
+        min_side.append(min(d.size))
     return {"pixels": np.stack(pixels), "colour": np.array(colour), "spread": np.array(spread),
-            "aspect": np.array(aspect)}
+            "aspect": np.array(aspect), "min_side": np.array(min_side, dtype=np.int64)}
 
 
 def store_gate_entries(ckpt: dict, path: str | Path, **entries) -> None:
@@ -296,7 +314,8 @@ def augmented_rows(predictor: Predictor, rows: Table, copies: int, cls: str | No
     classes = [cls] * n if cls is not None else list(rows.classes) * copies
     sources = [source] * n if source is not None else list(rows.sources) * copies
     return Table(names, classes, sources, feats, pixels, np.zeros(n),
-                 pixels.reshape(n, -1).std(1).astype(np.float64), np.tile(rows.aspect, copies), np.zeros((n, 2)))
+                 pixels.reshape(n, -1).std(1).astype(np.float64), np.tile(rows.aspect, copies), np.zeros((n, 2)),
+                 np.tile(rows.min_side, copies))
 
 
 def fit_gate(table: Table, quantile: float, predictor: Predictor | None = None, copies: int = 0) -> OutOfScopeGate:

@@ -250,7 +250,8 @@ def test_the_gate_is_fitted_on_in_scope_films_only(experiment):
     sources = ["ped_train", "ped_train", "ped_train", "ped_val", "ped_val", "fullres_train", "some/repo"]
     n = len(classes)
     table = scope_data.Table([f"f{i}" for i in range(n)], classes, sources, [np.zeros((n, 2), np.float32)],
-                             np.zeros((n, 4, 4), np.uint8), np.zeros(n), np.zeros(n), np.ones(n), np.zeros((n, 2)))
+                             np.zeros((n, 4, 4), np.uint8), np.zeros(n), np.zeros(n), np.ones(n), np.zeros((n, 2)),
+                             np.full(n, 224))
     train_rows, val_rows = scope_data.gate_fit_rows(table)
     assert np.flatnonzero(train_rows).tolist() == [0] and np.flatnonzero(val_rows).tolist() == [3]
 
@@ -269,7 +270,8 @@ def test_acquisition_copies_for_the_gate_are_seeded_and_changed(experiment):
     assert torch.equal(first, again)
     assert not torch.equal(first, images) and not torch.equal(first, second)
     table = scope_data.Table(["a"], ["in_scope"], ["ped_train"], [np.zeros((1, 2), np.float32)],
-                             np.zeros((1, 4, 4), np.uint8), np.zeros(1), np.zeros(1), np.ones(1), np.zeros((1, 2)))
+                             np.zeros((1, 4, 4), np.uint8), np.zeros(1), np.zeros(1), np.ones(1), np.zeros((1, 2)),
+                             np.full(1, 224))
     with pytest.raises(ValueError, match="predictor"):
         scope_data.fit_gate(table, 0.999, copies=1)
 
@@ -291,7 +293,7 @@ def test_the_gate_stores_the_scores_of_each_out_of_scope_reference_set(experimen
     def table(cls, f):
         n = len(cls)
         return scope_data.Table([f"f{i}" for i in range(n)], cls, ["repo"] * n, [f.numpy()], np.zeros((n, 4, 4)),
-                                np.zeros(n), np.zeros(n), np.ones(n), np.zeros((n, 2)))
+                                np.zeros(n), np.zeros(n), np.ones(n), np.zeros((n, 2)), np.full(n, 224))
 
     sets = scope_data.reference_sets(table(classes, feats), table(["non_radiograph"] * 2, feats[:2]))
     scores = scope_data.reference_scores(gate, sets)
@@ -315,7 +317,7 @@ def test_cached_augmented_features_are_not_reused_after_the_augmentation_changes
     rng = np.random.default_rng(0)
     table = scope_data.Table(["a", "b"], ["in_scope"] * 2, ["ped_train"] * 2, [np.zeros((2, 2), np.float32)],
                              rng.integers(0, 256, (2, 224, 224), dtype=np.uint8), np.zeros(2), np.zeros(2),
-                             np.ones(2), np.zeros((2, 2)))
+                             np.ones(2), np.zeros((2, 2)), np.full(2, 224))
     cached = lambda: sorted(p.name for p in tmp_path.rglob("*.npz"))  # noqa: E731
     first = scope_data.augmented_features(predictor, table, 1)
     assert len(cached()) == 1
@@ -347,7 +349,7 @@ def test_augmented_negatives_are_fitted_with_their_source_and_never_counted(tmp_
         n = len(names)
         return scope_data.Table(names, classes, sources, feats or [rng.normal(size=(n, 3)).astype(np.float32)],
                                 rng.integers(0, 256, (n, size, size), dtype=np.uint8), np.zeros(n),
-                                np.full(n, 50.0), np.ones(n), np.zeros((n, 2)))
+                                np.full(n, 50.0), np.ones(n), np.zeros((n, 2)), np.full(n, 224))
 
     predictor = Predictor.from_checkpoint(load_checkpoint(default_model_path()), "cpu")
     dev = table(["a/x.jpg", "b/y.jpg"], ["adult_frontal", "lateral"], ["repo/a", "repo/b"])
@@ -380,3 +382,20 @@ def test_fit_scope_will_not_rewrite_the_shipped_checks_under_the_same_version(tm
         fit_scope.main(["--model_path", missing + ".pth", "--data_root", missing, "--write", str(default_model_path())])
     assert exit_info.value.code == 2
     assert "--model_version" in capsys.readouterr().err
+
+
+def test_the_scope_replay_records_each_files_size_for_the_size_floor(experiment, real_jpeg, tmp_path):
+    """fit_scope.py replays the pixel stage on cached tables: they keep each file's shorter side as inference sees
+    it (the stored size, not a reduced decode), and caches made before that column read it from the files."""
+    from PIL import Image
+
+    from pneumoscan.checkpoint import input_spec
+
+    scope_data = experiment("scope_data")
+    film = Image.open(real_jpeg).convert("L")
+    thumb = tmp_path / "thumb.png"
+    film.resize((48, 80)).save(thumb)
+    spec = input_spec(load_checkpoint(default_model_path()))
+    arrays = scope_data.decoded_arrays([thumb, real_jpeg], spec)
+    assert arrays["min_side"].tolist() == [48, min(film.size)]
+    assert scope_data.stored_min_sides([thumb, real_jpeg]).tolist() == [48, min(film.size)]

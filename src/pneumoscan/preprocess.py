@@ -94,7 +94,7 @@ def colorfulness(rgb: np.ndarray) -> float:
     return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
-def _oriented_size(img: Image.Image) -> tuple[int, int]:
+def oriented_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened image as it is shown, its EXIF orientation applied (a 90-degree turn swaps them)."""
     try:
         turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
@@ -184,7 +184,7 @@ def decode_image(source: str | os.PathLike | bytes, size: int | None = None) -> 
         if img.width * img.height > MAX_IMAGE_PIXELS:
             raise ImageError(f"{name}: image is {img.width}x{img.height} pixels, more than the "
                              f"{MAX_IMAGE_PIXELS} allowed (a decompression bomb?); downsample it first")
-        stored = _oriented_size(img)
+        stored = oriented_size(img)
         if size is not None and img.format == "JPEG":
             img.draft(img.mode, (size, size))
         img.load()
