@@ -7,6 +7,7 @@ process group and every helper here a no-op. Backend: NCCL when training on CUDA
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -69,8 +70,13 @@ def init_world(device_type: str = "cpu") -> World:
 
 
 def close_world(world: World) -> None:
-    """Leave the process group (after a barrier, so no rank exits while another still waits on it)."""
+    """Leave the process group (after a barrier, so no rank exits while another still waits on it).
+
+    Objects left in reference cycles (a DDP model's reducer, finished gloo work holding tensors) are collected
+    first, while the group and the interpreter are alive: destroyed later, during interpreter shutdown, such
+    objects are a known cause of a rank aborting at exit ("terminate called without an active exception")."""
     if world.distributed and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
