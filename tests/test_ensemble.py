@@ -193,18 +193,43 @@ def test_an_ensemble_of_members_validated_on_different_patients_is_refused(train
     assert not (tmp_path / "ens.pth").exists()
 
 
-def test_write_ensemble_script_writes_a_checkpoint_that_predicts(experiment, trained_run, trained_model, tmp_path,
-                                                                fullres_dir):
+def test_the_ensemble_command_writes_a_checkpoint_that_predicts(trained_run, trained_model, tmp_path, fullres_dir,
+                                                                capsys):
+    from pneumoscan.cli import EXIT_OK, main
     from pneumoscan.inference import MedicalImageInference
 
     out = tmp_path / "pair.pth"
     save_checkpoint(_perturbed(load_checkpoint(trained_model), 2), tmp_path / "second.pth")
-    code = experiment("write_ensemble").main(["--members", str(trained_model), str(tmp_path / "second.pth"),
-                                              "--data_dir", str(trained_run.data), "--out", str(out),
-                                              "--cache_dir", str(trained_run.cache)])
-    assert code == 0 and load_checkpoint(out)["weights_dtype"] == "float16"
+    code = main(["ensemble", "--members", str(trained_model), str(tmp_path / "second.pth"), "--data_dir",
+                 str(trained_run.data), "--output_path", str(out), "--cache_dir", str(trained_run.cache)])
+    assert code == EXIT_OK and load_checkpoint(out)["weights_dtype"] == "float16"
+    printed = capsys.readouterr().out
+    assert f"wrote {out}: 2 members" in printed and "no scope classifier" in printed
     result = MedicalImageInference(str(out), device="cpu").predict_image(str(next((fullres_dir / "NORMAL").iterdir())))
     assert result.prediction in ("NORMAL", "PNEUMONIA") and 0.0 <= result.probabilities["PNEUMONIA"] <= 1.0
+
+
+@pytest.mark.parametrize("case, message", [("member", "is the checkpoint being combined"),
+                                           ("exists", "exists already"),
+                                           ("no_data", "is not a folder"),
+                                           ("other_patients", "member 1 was validated on other patients")])
+def test_the_ensemble_command_refuses_bad_input_and_writes_nothing(trained_run, trained_model, tmp_path, capsys,
+                                                                   case, message):
+    from pneumoscan.cli import EXIT_BAD_INPUT, main
+
+    first = load_checkpoint(trained_model)
+    second = tmp_path / "second.pth"
+    config = first["config"] if case != "other_patients" else {**first["config"], "val_patients_sha256": "0" * 64}
+    save_checkpoint({**_perturbed(first, 3), "config": config}, second)
+    out = {"member": second, "exists": tmp_path / "old.pth"}.get(case, tmp_path / "new.pth")
+    if case == "exists":
+        out.write_bytes(b"an earlier ensemble")
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    data = tmp_path / "missing" if case == "no_data" else trained_run.data
+    code = main(["ensemble", "--members", str(trained_model), str(second), "--data_dir", str(data),
+                 "--output_path", str(out), "--cache_dir", str(trained_run.cache)])
+    assert code == EXIT_BAD_INPUT and message in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # nothing written or replaced
 
 
 def test_members_validated_on_other_patients_than_the_folder_given_are_refused(trained_run, trained_model, tmp_path):

@@ -210,8 +210,8 @@ def test_evaluate_points_to_calibrate_when_the_stored_point_does_not_hold(sites,
 
 
 def test_output_paths_are_checked_through_links_and_relative_paths(calibrated, tmp_path, monkeypatch):
+    from pneumoscan.checkpoint import check_output_path
     from pneumoscan.errors import DataError
-    from pneumoscan.site_calibration import check_output_path
 
     out, _, _ = calibrated
     link = tmp_path / "link.pth"

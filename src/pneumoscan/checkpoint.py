@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .atomic import atomic_path, same_file
-from .errors import CheckpointError
+from .atomic import atomic_path, check_writable, same_file
+from .errors import CheckpointError, DataError
 from .model import MedicalCNN, model_from_kwargs, model_kwargs
 from .predict import CLASS_NAMES, InputSpec
 from .preprocess import COMPATIBLE_PREPROCESS, DEFAULT_NORMALIZATION, PREPROCESS_VERSION
@@ -64,6 +64,32 @@ def protected_checkpoint(output_path: str | os.PathLike, model_path: str | os.Pa
         if same_file(output_path, other):
             return what
     return None
+
+
+def check_output_path(inputs: str | os.PathLike | list, output_path: str | os.PathLike, flag: str = "--output_path",
+                      new_file: bool = True, role: str = "calibrated") -> Path:
+    """The path to write a new checkpoint (or, with ``flag``, its report) to, made from the checkpoint(s)
+    ``inputs``; checked before any work.
+
+    Raises:
+        DataError: ``output_path`` is an input checkpoint or the shipped model, a folder, its folder is
+            missing or cannot be written, or (``new_file``) it exists already.
+    """
+    out = Path(output_path).expanduser()
+    for source in inputs if isinstance(inputs, list) else [inputs]:
+        what = protected_checkpoint(out, source, role)
+        if what:
+            raise DataError(f"{flag} {output_path} is {what}; write to a new file "
+                            f"(the original stays as it was, so every earlier result stays traceable)")
+    if out.is_dir():
+        raise DataError(f"{flag} {output_path} is a folder; give a file name in it")
+    if not out.parent.is_dir():
+        raise DataError(f"{flag} {output_path}: folder {out.parent} does not exist; create it first")
+    if new_file and out.exists():
+        raise DataError(f"{flag} {output_path} exists already; give a new file name (a checkpoint pneumoscan makes "
+                        f"never replaces another, so every earlier result stays traceable), or remove it first")
+    check_writable(out, flag)
+    return out
 
 
 def format_version(payload: dict) -> int:

@@ -647,16 +647,11 @@ def _calibrate_parser() -> argparse.ArgumentParser:
 def calibrate_main(argv: list[str] | None = None) -> int:
     """``pneumoscan calibrate``: a site-calibrated copy of a checkpoint, and the table of what changed."""
     from .atomic import same_file
-    from .checkpoint import default_model_path, load_checkpoint, save_checkpoint
+    from .checkpoint import check_output_path, default_model_path, load_checkpoint, save_checkpoint
     from .data import load_labelled_folder
     from .predict import Predictor, resolve_device
     from .results import write_json
-    from .site_calibration import (
-        SiteCalibrationConfig,
-        calibrate_on_site,
-        check_output_path,
-        format_site_report,
-    )
+    from .site_calibration import SiteCalibrationConfig, calibrate_on_site, format_site_report
 
     args = _calibrate_parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
@@ -708,8 +703,8 @@ def calibrate_main(argv: list[str] | None = None) -> int:
 # Commands living in their own modules are imported only when run, so that e.g. ``predict``
 # never imports the web service's dependencies.
 COMMANDS = {"train": train_main, "predict": predict_main, "evaluate": evaluate_main, "calibrate": calibrate_main,
-            "export": "pneumoscan.export:export_main", "serve": "pneumoscan.serve.cli:serve_main",
-            "audit": "pneumoscan.serve.cli:audit_main"}
+            "ensemble": "pneumoscan.ensemble:ensemble_main", "export": "pneumoscan.export:export_main",
+            "serve": "pneumoscan.serve.cli:serve_main", "audit": "pneumoscan.serve.cli:audit_main"}
 EXTRAS = {"export": "onnx", "serve": "serve", "audit": "serve"}
 
 

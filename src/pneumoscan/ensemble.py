@@ -10,13 +10,22 @@ and plain runs on the usual split (fine-tunes of one model included) only picked
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
-from .checkpoint import input_spec, model_from_checkpoint, model_payload, save_checkpoint
+from .checkpoint import (
+    check_output_path,
+    input_spec,
+    load_checkpoint,
+    model_from_checkpoint,
+    model_payload,
+    save_checkpoint,
+)
 from .data import patients_digest, prepare_data
-from .errors import CheckpointError
+from .errors import CheckpointError, PneumoscanError
 from .model import Ensemble
 from .predict import InputSpec, Predictor
 
@@ -113,17 +122,19 @@ def _calibration_split(configs: list[dict]) -> tuple:
 
 
 def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, report: dict | None = None,
-                   cache_dir: str = "", half: bool = True) -> dict:
+                   cache_dir: str = "", half: bool = True, exclusive: bool = False) -> dict:
     """Calibrate the ensemble of ``members`` on the patients none of them trained on and write it.
 
     The members come from k-fold runs with ``cv_holdout`` (experiments/kfold.py --holdout) or from
     plain runs on the same usual split (``pneumoscan train`` without k-fold, e.g. fine-tunes of one
     model): the usual patient-level validation split of ``data_dir`` fits the temperature, the
     screening threshold and the out-of-scope gate exactly as ``pneumoscan train`` does for one model
-    (``train.finalize``). Returns finalize's results (validation metrics with CIs).
+    (``train.finalize``). Returns finalize's results (validation metrics with CIs). With ``exclusive``
+    an existing file at ``path`` is never replaced (``FileExistsError``).
 
     Raises:
-        CheckpointError: see ``_calibration_split``.
+        CheckpointError: see ``_calibration_split``; or a plain-run member was validated on other
+            patients than ``data_dir``'s validation split.
     """
     from .config import TrainConfig
     from .train import finalize
@@ -156,7 +167,58 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
                                                    for c in configs]}}
     if report is not None:
         payload["cross_validation"] = report
-    save_checkpoint(payload, path)
+    save_checkpoint(payload, path, exclusive=exclusive)
     log.info("ensemble of %d members written to %s (temperature %.3f, threshold %.4f, fitted on %d held-out films)",
              len(members), path, final["temperature"], final["threshold"], len(splits.val))
     return final
+
+
+def _ensemble_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pneumoscan ensemble",
+        description="Combine trained models into one ensemble checkpoint (their logits averaged), with its "
+                    "temperature, operating threshold and out-of-scope gate fitted on the validation patients of "
+                    "the split the members were trained on. Members: plain pneumoscan train runs on that split "
+                    "(fine-tunes included) or k-fold runs with --cv_holdout; none may have trained on those "
+                    "patients. Prediction costs one model per member.")
+    p.add_argument("--members", nargs="+", required=True, metavar="CHECKPOINT", help="the models to combine")
+    p.add_argument("--data_dir", required=True, help="the data folder the members were trained on")
+    p.add_argument("--output_path", required=True, help="the ensemble checkpoint to write (a new file)")
+    p.add_argument("--fp32", action="store_true", help="store float32 weights (default float16: half the file)")
+    p.add_argument("--cache_dir", default="", help="decoded-image cache ('none' disables)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def ensemble_main(argv: list[str] | None = None) -> int:
+    """``pneumoscan ensemble``: 0 written, 2 bad usage or input (the log says what to change)."""
+    from .cli import EXIT_BAD_INPUT, EXIT_OK, configure_logging
+
+    args = _ensemble_parser().parse_args(argv)
+    configure_logging(verbose=args.verbose)
+    try:
+        out = check_output_path(args.members, args.output_path, role="combined")
+        if not Path(args.data_dir).is_dir():
+            raise CheckpointError(f"--data_dir {args.data_dir} is not a folder; give the data folder the members "
+                                  f"were trained on")
+        members = [load_checkpoint(m) for m in args.members]
+        final = write_ensemble(members, out, data_dir=args.data_dir, cache_dir=args.cache_dir, half=not args.fp32,
+                               exclusive=True)
+    except FileExistsError:
+        log.error("%s was created by something else meanwhile; it is left as it was and nothing was written: run "
+                  "again with a new --output_path", args.output_path)
+        return EXIT_BAD_INPUT
+    except (PneumoscanError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        log.error("could not write the ensemble %s (%s); nothing was written", args.output_path, exc)
+        return EXIT_BAD_INPUT
+    m = final["metrics_summary"]
+    sys.stdout.write(
+        f"wrote {args.output_path}: {len(members)} members; temperature {final['temperature']:.3f}, threshold "
+        f"{final['threshold']:.4f} for sensitivity >= 0.95 on the validation split; there AUROC {m['val_auroc']:.4f}, "
+        f"sensitivity {m['val_sensitivity']:.4f}, specificity {m['val_specificity']:.4f} (in-sample: the same "
+        f"films fitted the threshold). It has a feature-distance gate but no scope classifier (adult, lateral, "
+        f"other-body checks): experiments/fit_scope.py --write adds one. Use it with --model_path.\n")
+    return EXIT_OK

@@ -22,13 +22,11 @@ import dataclasses
 import logging
 import re
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 
-from .atomic import check_writable
 from .calibration import fit_calibrated_point, positive_probability
-from .checkpoint import format_version, protected_checkpoint
+from .checkpoint import format_version
 from .cv import OutOfFold, cross_fitted, deal_patients, operating_point
 from .data import ImageSet
 from .errors import DataError
@@ -265,30 +263,6 @@ def site_warnings(record: dict) -> list[str]:
     if cv["sensitivity"] < record["target_sensitivity"] - 0.05:
         out.append(f"the estimated sensitivity on new films of this site ({cv['sensitivity']:.3f}) is more than 5 "
                    f"points below the target {record['target_sensitivity']:.2f}: add labelled films")
-    return out
-
-
-def check_output_path(model_path: str | Path, output_path: str | Path, flag: str = "--output_path",
-                      new_file: bool = True) -> Path:
-    """The path to write the site checkpoint (or, with ``flag``, its report) to; checked before any work.
-
-    Raises:
-        DataError: ``output_path`` is the input checkpoint or the shipped model, a folder, its folder is
-            missing or cannot be written, or (``new_file``) it exists already.
-    """
-    out = Path(output_path).expanduser()
-    what = protected_checkpoint(out, model_path, "calibrated")
-    if what:
-        raise DataError(f"{flag} {output_path} is {what}; write to a new file "
-                        f"(the original stays as it was, so every earlier result stays traceable)")
-    if out.is_dir():
-        raise DataError(f"{flag} {output_path} is a folder; give a file name in it")
-    if not out.parent.is_dir():
-        raise DataError(f"{flag} {output_path}: folder {out.parent} does not exist; create it first")
-    if new_file and out.exists():
-        raise DataError(f"{flag} {output_path} exists already; give a new file name (a site checkpoint never "
-                        f"replaces another, so every earlier result stays traceable), or remove it first")
-    check_writable(out, flag)
     return out
 
 
