@@ -202,7 +202,11 @@ def test_the_ensemble_command_writes_a_checkpoint_that_predicts(trained_run, tra
     save_checkpoint(_perturbed(load_checkpoint(trained_model), 2), tmp_path / "second.pth")
     code = main(["ensemble", "--members", str(trained_model), str(tmp_path / "second.pth"), "--data_dir",
                  str(trained_run.data), "--output_path", str(out), "--cache_dir", str(trained_run.cache)])
-    assert code == EXIT_OK and load_checkpoint(out)["weights_dtype"] == "float16"
+    ckpt = load_checkpoint(out)
+    assert code == EXIT_OK and ckpt["weights_dtype"] == "float16"
+    # two full-width networks: the last block's 1024-wide precision matrix is stored packed (format 5), and read
+    assert ckpt["model_kwargs"]["widths"][-1] == 1024 and ckpt["ood_gate"]["precisions"][-1].dim() == 1
+    assert ckpt["format_version"] == 5
     printed = capsys.readouterr().out
     assert f"wrote {out}: 2 members" in printed and "no scope classifier" in printed
     result = MedicalImageInference(str(out), device="cpu").predict_image(str(next((fullres_dir / "NORMAL").iterdir())))
