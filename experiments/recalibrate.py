@@ -43,7 +43,8 @@ def main() -> int:
              ckpt.get("threshold"), final["threshold"])
     ckpt.pop("calibration_bias", None)  # a temperature alone now: a site's earlier intercept must not stay
     ckpt.update(temperature=final["temperature"], threshold=final["threshold"], ood_gate=final["ood_gate"],
-                metrics=final["metrics_summary"], format_version=format_version(ckpt))
+                metrics=final["metrics_summary"])
+    ckpt["format_version"] = format_version(ckpt)  # of what it holds now: may be lower than before (no intercept)
     save_checkpoint(ckpt, args.model_path)
     write_json({k: v for k, v in final.items() if k != "ood_gate"}, args.json)
     log.info("written %s and %s", args.model_path, args.json)

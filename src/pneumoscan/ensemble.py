@@ -24,8 +24,8 @@ from .checkpoint import (
     model_payload,
     save_checkpoint,
 )
-from .data import patients_digest, prepare_data
-from .errors import CheckpointError, PneumoscanError
+from .data import patients_digest, split_from_config
+from .errors import CheckpointError, DataError, PneumoscanError
 from .model import Ensemble
 from .predict import InputSpec, Predictor
 
@@ -143,10 +143,10 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
     _calibration_split(configs)
     model, spec = build_ensemble(members)
     first = configs[0]
-    splits = prepare_data(data_dir, spec.image_size, first.get("val_fraction", 0.15),
-                          first.get("min_val_images", 100), first.get("seed", 42), cache_dir=cache_dir,
-                          patients_csv=first.get("patients_csv", ""),
-                          patients_csv_sha256=first.get("patients_csv_sha256", ""))
+    # "its own split" for later tools (recalibration, scope fitting, evaluation) and for its calibration here: the
+    # usual split, whose validation part is the patients no member trained on
+    own = {**first, "cv_folds": 0, "cv_fold": 0, "cv_holdout": False}
+    splits = split_from_config(own, data_dir, spec.image_size, cache_dir)
     digest = patients_digest(splits.val.patients)
     for i, c in enumerate(configs):  # a plain run records the patients it was validated on (since 2026-12-03)
         if not c.get("cv_folds") and c.get("val_patients_sha256") and c["val_patients_sha256"] != digest:
@@ -159,12 +159,9 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
                                metrics=final["metrics_summary"],
                                model_version=f"ensemble-{len(members)}x-{Path(path).stem}",
                                ood_gate=final["ood_gate"], half=half)
-    # "its own split" for later tools (recalibration, scope fitting, evaluation): the usual split, whose
-    # validation part is the held-out patients no member saw
-    payload["config"] = {**first, "cv_folds": 0, "cv_fold": 0, "cv_holdout": False,
-                         "ensemble_of": {"members": len(members), "cv_folds": first.get("cv_folds"),
-                                         "folds": [c.get("cv_fold") if c.get("cv_holdout") else None
-                                                   for c in configs]}}
+    payload["config"] = {**own, "ensemble_of": {"members": len(members), "cv_folds": first.get("cv_folds"),
+                                                "folds": [c.get("cv_fold") if c.get("cv_holdout") else None
+                                                          for c in configs]}}
     if report is not None:
         payload["cross_validation"] = report
     save_checkpoint(payload, path, exclusive=exclusive)
@@ -199,8 +196,8 @@ def ensemble_main(argv: list[str] | None = None) -> int:
     try:
         out = check_output_path(args.members, args.output_path, role="combined")
         if not Path(args.data_dir).is_dir():
-            raise CheckpointError(f"--data_dir {args.data_dir} is not a folder; give the data folder the members "
-                                  f"were trained on")
+            raise DataError(f"--data_dir {args.data_dir} is not a folder; give the data folder the members were "
+                            f"trained on")
         members = [load_checkpoint(m) for m in args.members]
         final = write_ensemble(members, out, data_dir=args.data_dir, cache_dir=args.cache_dir, half=not args.fp32,
                                exclusive=True)

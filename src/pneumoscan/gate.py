@@ -70,7 +70,7 @@ def unpack_symmetric(v: torch.Tensor, dim: int) -> torch.Tensor:
 
 def has_packed_precisions(gate: dict | None) -> bool:
     """Whether a stored gate holds packed precision matrices (only a pneumoscan that unpacks them reads it)."""
-    return any(getattr(p, "dim", lambda: 2)() == 1 for p in (gate or {}).get("precisions", []))
+    return any(p.dim() == 1 for p in (gate or {}).get("precisions", []))
 
 
 # Share of the training films whose detail ratio may fall below the stored floor.
