@@ -255,6 +255,32 @@ def test_init_from_fine_tunes_the_given_weights(trained_run, tmp_path, smoke_arg
     assert tuned["config"]["init_split"]["seed"] == source["config"]["seed"]
 
 
+def test_train_head_only_changes_the_head_and_nothing_the_gates_read(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "head_only"
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--init_from", str(trained_run.model_path), "--train_head_only", "--lr", "1e-2"]
+    assert train_main(argv) == 0
+    source, tuned = load_checkpoint(trained_run.model_path), load_checkpoint(out / "medical_cnn_model.pth")
+    blocks = [k for k in source["model_state"] if k.startswith("features.")]
+    head = [k for k in source["model_state"] if k.startswith("fc")]
+    assert blocks and head
+    # convolutions, batch-norm weights and running statistics: bit for bit the source's
+    for k in blocks:
+        assert torch.equal(tuned["model_state"][k], source["model_state"][k]), k
+    assert any(not torch.equal(tuned["model_state"][k], source["model_state"][k]) for k in head)
+    assert tuned["config"]["train_head_only"] is True
+    assert "classifier head only" in (out / "training.log").read_text()
+
+
+def test_train_head_only_without_starting_weights_is_refused(trained_run, tmp_path, smoke_args, capsys):
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(tmp_path / "x"), *smoke_args,
+            "--train_head_only"]
+    with pytest.raises(SystemExit) as exc:
+        train_main(argv)
+    assert exc.value.code == 2
+    assert "train_head_only needs init_from" in capsys.readouterr().err
+
+
 def test_init_from_another_network_is_refused_with_the_flags_to_give(trained_run, tmp_path, smoke_args):
     out = tmp_path / "mismatch"
     argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),

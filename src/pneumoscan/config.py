@@ -81,6 +81,7 @@ class TrainConfig:
     resume: bool = False
     init_from: str = ""  # start from these weights (a checkpoint path or "shipped") instead of Xavier init
     init_split: dict = field(default_factory=dict)  # filled in by training: init_from's split (data.split_record)
+    train_head_only: bool = False  # with init_from: only fc1/fc2 train; the convolutional blocks stay frozen
     max_train_minutes: float = 0.0
     preset: str = "full"
     extra: dict = field(default_factory=dict)
@@ -117,6 +118,9 @@ class TrainConfig:
                              f"(k-fold cross-validation); got cv_folds {self.cv_folds}")
         if self.cv_folds and not 0 <= self.cv_fold < self.cv_folds:
             raise ValueError(f"cv_fold must be in 0..{self.cv_folds - 1}, got {self.cv_fold}")
+        if self.train_head_only and not self.init_from:
+            raise ValueError("train_head_only needs init_from (a trained checkpoint, or 'shipped'): a head on "
+                             "untrained convolutional blocks learns nothing useful")
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if not 0.0 <= self.dropout < 1.0:

@@ -50,7 +50,7 @@ LAST_FILE = "checkpoint_last.pth"
 # Config fields that must not change when resuming a run.
 _RESUME_FIXED = ("arch", "width", "image_size", "in_channels", "dropout", "seed", "val_fraction", "cv_folds",
                  "cv_fold", "cv_holdout", "patients_csv_sha256", "lr_schedule", "init_from",
-                 "intensity")  # init_from fixes the input normalisation
+                 "intensity", "train_head_only")  # init_from fixes the input normalisation
 
 
 def normalization_stats(images: torch.Tensor, intensity: str = "raw") -> dict[str, float]:
@@ -161,9 +161,13 @@ def build_trainer(cfg: TrainConfig, splits: DataSplits, device: torch.device, wo
         model.load_state_dict(init.state)
     norm = init.norm if init is not None else normalization_stats(splits.train.images, cfg.intensity)
     spec = InputSpec(cfg.image_size, norm["mean"], norm["std"], cfg.in_channels, intensity=cfg.intensity)
-    log.info("model %s: %d parameters", cfg.arch, sum(p.numel() for p in model.parameters()))
+    if cfg.train_head_only:  # last-layer retraining: the features (and what the gates read) stay as they were
+        model.features.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    log.info("model %s: %d parameters, %d of them trained%s", cfg.arch, sum(p.numel() for p in model.parameters()),
+             sum(p.numel() for p in trained), " (classifier head only)" if cfg.train_head_only else "")
     predictor = Predictor(model, spec, None, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.Adam(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.lr_schedule == "cosine":  # stepped once per epoch: lr reaches min_lr after --epochs
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=cfg.min_lr)
     else:
@@ -194,6 +198,8 @@ def train_one_epoch(tr: Trainer, data: ImageSet, epoch: int) -> dict:
     """One pass over ``data`` in shuffled batches; returns loss, accuracy and where the time went."""
     cfg, model, device = tr.cfg, tr.train_module or tr.model, tr.predictor.device
     model.train()
+    if cfg.train_head_only:  # frozen blocks keep their batch-norm statistics too
+        tr.model.features.eval()
     perm = epoch_order(len(data), cfg, tr.world, epoch)
     total_loss, correct, seen = 0.0, 0, 0
     data_time = compute_time = 0.0
