@@ -81,3 +81,14 @@ def test_patient_identifiers_never_logged(engine, tmp_path, pixels, caplog):
     assert isinstance(outcome, InferenceFailure)
     for secret in ("Doe^Jane", "PID-93417", "19610423"):
         assert secret not in caplog.text and secret not in outcome.error
+
+
+def test_a_colour_dicom_is_refused_as_the_same_colour_png_is(engine, tmp_path, pixels):
+    # a photo-like colour image: the colour check reads the DICOM's pixels as it reads a PNG's
+    rgb = np.stack([pixels, np.roll(pixels, 40, axis=1), 255 - pixels], axis=-1).astype(np.uint8)
+    png = tmp_path / "colour.png"
+    Image.fromarray(rgb).save(png)
+    dicom_bytes(tmp_path, rgb, filename="colour.dcm", photometric="RGB", ViewPosition="PA")
+    from_png, from_dicom = engine.predict_batch([png, tmp_path / "colour.dcm"])
+    assert isinstance(from_png, InferenceFailure) and "colour image" in from_png.error
+    assert isinstance(from_dicom, InferenceFailure) and "colour image" in from_dicom.error

@@ -178,13 +178,20 @@ def test_lateral_or_population_warning_never_comes_with_low_risk(engine, tmp_pat
     film = np.asarray(_film().resize((512, 420)))
     frontal = dicom_bytes(tmp_path, film, filename="pa.dcm", ViewPosition="PA")
     lateral = dicom_bytes(tmp_path, film, filename="lat.dcm", ViewPosition="LATERAL")
-    pa, lat = engine.predict_batch([frontal, lateral])
+    # the other spellings of a lateral, and the views that are neither frontal nor lateral (DICOM's defined terms)
+    others = {view: dicom_bytes(tmp_path, film, filename=f"{view}.dcm", ViewPosition=view)
+              for view in ("LAT", "LL", "RL", "RLO", "LLO", "RLD", "LLD")}
+    pa, lat, *rest = engine.predict_batch([frontal, lateral, *others.values()])
     assert isinstance(pa, InferenceResult) and isinstance(lat, InferenceResult)
     assert pa.risk_level == RISK_LOW  # a confident answer on a frontal film (the control)
     assert any("lateral" in w for w in lat.warnings) and lat.risk_level == RISK_HIGH
     assert lat.probabilities == pa.probabilities
+    for view, result in zip(others, rest):
+        assert isinstance(result, InferenceResult) and result.risk_level == RISK_HIGH, view
+        word = "lateral" if view in ("LAT", "LL", "RL") else "not frontal"
+        assert any(word in w for w in result.warnings), (view, result.warnings)
     decoded = decode_image(lateral, 224)
-    decoded.dicom.is_lateral = False
+    decoded.dicom.is_lateral, decoded.dicom.view_position = False, "PA"
     decoded.dicom.warnings = ["outside the validated population: the patient is an adult"]
     result = engine._result(torch.tensor([0.001, 0.999], dtype=torch.float64), 0.0, None, decoded)
     assert result.risk_level == RISK_HIGH

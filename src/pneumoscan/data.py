@@ -365,9 +365,10 @@ def _decode_file(path: Path, size: int) -> tuple[np.ndarray | None, str]:
         decoded = decode_image(path, size)
     except ImageError as exc:
         return None, str(exc).removeprefix(f"{path}: ")
-    if decoded.dicom is not None and decoded.dicom.is_lateral:
-        return None, (f"lateral view (DICOM ViewPosition {decoded.dicom.view_position}): the model reads frontal "
-                      f"films only, so laterals are left out of training, evaluation and calibration")
+    if decoded.dicom is not None and not decoded.dicom.is_frontal:
+        what = "lateral" if decoded.dicom.is_lateral else "non-frontal"
+        return None, (f"{what} view (DICOM ViewPosition {decoded.dicom.view_position}): the model reads frontal "
+                      f"films only, so such views are left out of training, evaluation and calibration")
     return resize_gray(decoded.gray, size), ""
 
 

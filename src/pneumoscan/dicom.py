@@ -35,7 +35,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ACCEPTED_MODALITIES = ("CR", "DX")
-LATERAL_VIEWS = ("LATERAL", "LL", "RL")
+# ViewPosition (0018,5101): DICOM's defined terms are AP, PA, LL, RL, RLD, LLD, RLO, LLO; "LATERAL" and "LAT"
+# are common non-standard spellings. Only frontal films are what the model reads ("" = not stated: the pixels
+# checks decide); any other view is answered with a warning that keeps it from risk LOW, never as a frontal film.
+FRONTAL_VIEWS = ("", "PA", "AP")
+LATERAL_VIEWS = ("LATERAL", "LAT", "LL", "RL", "LLAT", "RLAT")
 
 _MODALITY_NAMES = {
     "CT": "computed tomography",
@@ -100,6 +104,12 @@ class DicomInfo:
     transfer_syntax: str
     is_lateral: bool
     warnings: list[str] = field(default_factory=list)
+    colorfulness: float = 0.0  # of a colour image's pixels (preprocess.colorfulness); 0 for grayscale
+
+    @property
+    def is_frontal(self) -> bool:
+        """PA, AP or not stated; laterals, obliques (RLO, LLO) and decubitus views (RLD, LLD) are not."""
+        return self.view_position in FRONTAL_VIEWS
 
 
 def is_dicom(data: bytes) -> bool:
@@ -207,6 +217,11 @@ def _render(ds: Dataset, name: str) -> tuple[Image.Image, DicomInfo]:
     arr = _decode_first_frame(ds, tsyntax, name)
     if info.photometric_interpretation in _COLOR_PHOTOMETRICS:
         gray = _color_to_uint8(arr, info.bits_stored)
+        from .preprocess import colorfulness
+
+        # on 8-bit levels and about 256 px, as for a PNG: the gate refuses a colourful image whatever its container
+        step = max(1, max(rows, cols) // 256)
+        info.colorfulness = colorfulness(arr[::step, ::step, :3].astype(np.float64) * (255.0 / (2**info.bits_stored - 1)))
     else:
         gray = _gray_to_uint8(arr, ds, info)
     log.debug("%s: DICOM %s %s %s %d-bit %s, %dx%d", name, info.modality, info.view_position or "-",
@@ -239,6 +254,9 @@ def _check_scope(ds: Dataset, info: DicomInfo, name: str) -> None:
     if info.is_lateral:
         info.warnings.append(f"lateral view ({info.view_position}): the model was trained on frontal (PA/AP) "
                              "radiographs")
+    elif not info.is_frontal:
+        info.warnings.append(f"view position {info.view_position}, not frontal (PA/AP): the model was trained on "
+                             "frontal radiographs")
     body_part = str(ds.get("BodyPartExamined", "")).strip().upper()
     if body_part not in _CHEST_BODY_PARTS:
         info.warnings.append(f"body part examined is {body_part}, not CHEST")

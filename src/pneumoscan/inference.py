@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 RISK_LOW, RISK_MEDIUM, RISK_HIGH = "LOW", "MEDIUM", "HIGH"
 # A result carrying one of these warnings was made outside what the model is validated on: its
 # confidence says nothing about how right it is, so its risk level is HIGH, never LOW (docs/scope.md).
-UNVALIDATED_WARNINGS = ("lateral", "outside the validated population")
+UNVALIDATED_WARNINGS = ("lateral", "not frontal", "outside the validated population")
 # An answered film whose fine detail is below the training films' (``OutOfScopeGate.low_detail``); it keeps the
 # answer from risk LOW (MEDIUM instead) but forces nothing more: on validation films taken down to 25 %, AUROC
 # held (docs/gate.md, "Detail check").
@@ -280,6 +280,8 @@ class MedicalImageInference:
             warnings += list(decoded.dicom.warnings)
             if decoded.dicom.is_lateral:
                 warnings.append("lateral view: the model is trained and validated on frontal views only")
+            elif not decoded.dicom.is_frontal:
+                warnings.append("view not frontal: the model is trained and validated on frontal (PA/AP) views only")
         warnings += image_warnings or []
         if self.temperature is None:
             warnings.append("uncalibrated model: probabilities are raw softmax outputs")

@@ -175,7 +175,7 @@ def decode_image(source: str | os.PathLike | bytes, size: int | None = None) -> 
         raise ImageError(f"{name}: file is empty (0 bytes)")
     if is_dicom(data):
         gray, info = read_dicom(data, name)
-        return DecodedImage(gray, 0.0, "DICOM", info)
+        return DecodedImage(gray, info.colorfulness, "DICOM", info)
     try:
         with warnings.catch_warnings():
             # PIL's own bomb warning depends on a global limit; ours is checked just below
