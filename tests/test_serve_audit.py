@@ -183,3 +183,40 @@ def test_the_export_format_follows_the_file_name_and_a_summary_takes_no_format(f
     with pytest.raises(SystemExit) as stop:
         audit_main(["--audit_db", str(path), "--summary", "--format", "csv"])
     assert stop.value.code == 2 and "--format is for the export" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--format", "csv"], ["--summary"]])
+def test_an_output_path_that_is_the_audit_log_is_refused_and_the_log_kept(filled, extra, capsys):
+    path, _ = filled
+    before = path.read_bytes()
+    assert audit_main(["--audit_db", str(path), *extra, "--output_path", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert ("name it .json" if "--summary" in extra else "would destroy it") in err
+    assert path.read_bytes() == before
+    assert audit_main(["--audit_db", str(path), "--format", "jsonl"]) == 0  # still a readable log
+
+
+def test_a_summary_into_the_audit_log_named_json_is_refused(tmp_path, filled, capsys):
+    path, _ = filled
+    log_json = tmp_path / "log.json"
+    log_json.write_bytes(path.read_bytes())
+    assert audit_main(["--audit_db", str(log_json), "--summary", "--output_path", str(log_json)]) == 2
+    assert "would destroy it" in capsys.readouterr().err
+    assert log_json.read_bytes() == path.read_bytes()
+
+
+def test_a_failed_export_leaves_an_earlier_export_as_it_was(filled, tmp_path, capsys):
+    path, _ = filled
+    out = tmp_path / "march.csv"
+    assert audit_main(["--audit_db", str(path), "--output_path", str(out)]) == 0
+    earlier = out.read_text()
+    assert audit_main(["--audit_db", str(tmp_path / "typo.sqlite3"), "--output_path", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert out.read_text() == earlier and len(earlier.splitlines()) == 5
+
+
+def test_a_summary_goes_to_a_json_file_only(filled, tmp_path, capsys):
+    path, _ = filled
+    assert audit_main(["--audit_db", str(path), "--summary", "--output_path", str(tmp_path / "s.csv")]) == 2
+    assert "name it .json" in capsys.readouterr().err
+    assert not (tmp_path / "s.csv").exists()

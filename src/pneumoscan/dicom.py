@@ -221,7 +221,8 @@ def _render(ds: Dataset, name: str) -> tuple[Image.Image, DicomInfo]:
 
         # on 8-bit levels and about 256 px, as for a PNG: the gate refuses a colourful image whatever its container
         step = max(1, max(rows, cols) // 256)
-        info.colorfulness = colorfulness(arr[::step, ::step, :3].astype(np.float64) * (255.0 / (2**info.bits_stored - 1)))
+        levels = arr[::step, ::step, :3].astype(np.float64) * (255.0 / (2**info.bits_stored - 1))
+        info.colorfulness = colorfulness(levels)
     else:
         gray = _gray_to_uint8(arr, ds, info)
     log.debug("%s: DICOM %s %s %s %d-bit %s, %dx%d", name, info.modality, info.view_position or "-",

@@ -8,7 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+from ..atomic import atomic_path, check_writable, same_file
 from ..cli import EXIT_BAD_INPUT, EXIT_OK, configure_logging
+from ..errors import OutputPathError
 from .audit import AuditError, export, iter_records, to_utc
 from .drift import MIN_REQUESTS, PERIODS, format_summary, summarise
 from .settings import BACKENDS, DEFAULT_AUDIT_DB, ServeSettings
@@ -137,8 +139,10 @@ def audit_main(argv: list[str] | None = None) -> int:
         args.format = suffix[1:]
     try:
         if args.output_path:
-            with open(args.output_path, "w", encoding="utf-8", newline="") as out:
-                count = export(args.audit_db, out, args.format, args.since)
+            _check_not_the_log(args.output_path, args.audit_db)
+            with atomic_path(args.output_path) as tmp:  # a failed export leaves an earlier file as it was
+                with open(tmp, "w", encoding="utf-8", newline="") as out:
+                    count = export(args.audit_db, out, args.format, args.since)
         else:
             count = export(args.audit_db, sys.stdout, args.format, args.since)
     except (AuditError, ValueError, OSError) as exc:
@@ -146,6 +150,15 @@ def audit_main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     log.info("%d request(s) exported%s", count, f" to {args.output_path}" if args.output_path else "")
     return EXIT_OK
+
+
+def _check_not_the_log(output_path: str, audit_db: str) -> None:
+    """Refuse an output path that is the audit log itself or one of SQLite's files beside it (checked first)."""
+    for part in ("", "-wal", "-shm", "-journal"):
+        if same_file(output_path, f"{audit_db}{part}"):
+            raise OutputPathError(f"--output_path {output_path} is the audit log {audit_db}{part}; writing there "
+                                  f"would destroy it: give another file name")
+    check_writable(output_path)
 
 
 def _summary_main(args) -> int:
@@ -156,6 +169,10 @@ def _summary_main(args) -> int:
         # the periods are UTC days, so dates without an offset are UTC here (a local midnight would cut them)
         until = to_utc(args.baseline_until, "--baseline_until", naive_is_utc=True) if args.baseline_until else None
         since = to_utc(args.since, naive_is_utc=True) if args.since else None
+        if args.output_path:
+            if Path(args.output_path).suffix.lower() != ".json":
+                raise ValueError(f"--output_path {args.output_path}: the summary is JSON; name it .json")
+            _check_not_the_log(args.output_path, args.audit_db)
         summary = summarise(iter_records(args.audit_db), args.by, until, since)
         summary.update(audit_db=args.audit_db, since=since, baseline_until=until)
         sys.stdout.write(format_summary(summary) + "\n")
