@@ -114,6 +114,28 @@ def test_model_that_fails_to_load_is_reported(tmp_path):
         assert ready.json()["error"] == "model failed to load: m.pth: not a pneumoscan checkpoint"
 
 
+def test_a_failure_after_the_engines_are_built_is_reported_not_loading_for_ever(tmp_path):
+    engine = StubEngine()
+    engine.info = {k: v for k, v in engine.info.items() if k != "class_names"}  # e.g. odd checkpoint metadata
+    app = create_app(settings(tmp_path), lambda _: engine)
+    stopped = threading.Event()
+    app.state.service.on_load_failure = stopped.set
+    with TestClient(app) as client:
+        assert stopped.wait(20)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["error"].startswith("model failed to load")
+
+
+def test_a_mid_training_checkpoint_s_nested_metrics_do_not_stop_the_service(tmp_path):
+    engine = StubEngine()
+    engine.checkpoint = {"metrics": {"val": {"auroc": 0.9}, "val_auroc": 0.95}, "training_note": None}
+    client = ready_client(create_app(settings(tmp_path), lambda _: engine))
+    try:
+        assert client.get("/v1/model").json()["validation_metrics"] == {"auroc": 0.95}
+    finally:
+        client.__exit__(None, None, None)
+
+
 def test_full_queue_is_503_with_retry_after_not_a_hang(tmp_path):
     release = threading.Event()
     engine = StubEngine(release)

@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..errors import PneumoscanError
 from .audit import AuditLog
 from .auth import ApiKeys
 from .errors import HTTP_ERROR_TYPES, ApiError, error_response
@@ -77,17 +78,21 @@ class Service:
         return self.pool
 
     def load(self) -> None:
-        """Load one engine per worker and start the pool (runs in a thread)."""
-        t0 = time.perf_counter()
-        settings = self.settings
+        """Load one engine per worker and start the pool (runs in a thread). Any failure, also after the
+        engines are built (an odd checkpoint's metadata), ends in ``load_error`` and ``on_load_failure``:
+        never a service that says "loading" for ever."""
         try:
-            engines = [self.engine_factory(settings) for _ in range(settings.workers)]
+            self._load()
         except Exception as exc:  # a bad checkpoint, a missing CUDA device...: the service cannot serve
-            self.load_error = str(exc)
-            log.error("model not loaded: %s", exc)
+            self.load_error = str(exc) or type(exc).__name__
+            log.error("model not loaded: %s", self.load_error, exc_info=not isinstance(exc, PneumoscanError))
             if self.on_load_failure is not None:
                 self.on_load_failure()
-            return
+
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        settings = self.settings
+        engines = [self.engine_factory(settings) for _ in range(settings.workers)]
         from matplotlib import colormaps  # noqa: F401  (now rather than in the first heatmap request: ~1 s)
 
         engine = engines[0]
@@ -99,8 +104,9 @@ class Service:
             **{k: info[k] for k in ("model_version", "arch", "image_size", "class_names", "threshold",
                                     "temperature", "calibrated", "out_of_scope_gate")},
             "intensity": info.get("intensity", "raw"), "intended_use": INTENDED_USE, "notice": NOTICE,
-            "validation_metrics": {k.removeprefix("val_"): float(v)
-                                   for k, v in (checkpoint.get("metrics") or {}).items()},
+            "validation_metrics": {k.removeprefix("val_"): float(v)  # numbers only (a mid-training file nests them)
+                                   for k, v in (checkpoint.get("metrics") or {}).items()
+                                   if isinstance(v, (int, float)) and not isinstance(v, bool)},
             "training_note": checkpoint.get("training_note"),
             "backend": info.get("backend"), "detail_check": bool(info.get("detail_check")),
             "calibration_bias": float(info.get("calibration_bias") or 0.0),
