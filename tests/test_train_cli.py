@@ -134,11 +134,12 @@ def test_resume_without_a_checkpoint_is_refused(trained_run, tmp_path, smoke_arg
     assert "data set root" not in log  # refused before any data is prepared
 
 
-@pytest.mark.parametrize("flag", ["image_size", "init_from", "intensity", "width"])
+@pytest.mark.parametrize("flag", ["image_size", "init_from", "intensity", "width", "eval_metric"])
 def test_resume_with_a_different_fixed_flag_is_refused(trained_run, tmp_path, smoke_args, flag):
-    # init_from is fixed too: the weights on disk expect the normalisation of the run that wrote them
+    # init_from is fixed too: the weights on disk expect the normalisation of the run that wrote them;
+    # eval_metric too: the best value so far and the restored schedule were measured in the old one
     value = {"image_size": "32", "init_from": str(trained_run.model_path), "intensity": "equalize",
-             "width": "0.5"}[flag]
+             "width": "0.5", "eval_metric": "loss"}[flag]
     out = tmp_path / "changed"
     shutil.copytree(trained_run.out, out)
     first_run = len((out / "training.log").read_text())
@@ -148,6 +149,33 @@ def test_resume_with_a_different_fixed_flag_is_refused(trained_run, tmp_path, sm
     log = (out / "training.log").read_text()[first_run:]  # what the refused run wrote
     assert f"cannot --resume with a different {flag}" in log and "Epoch 2/2" not in log
     assert "data set root" not in log  # refused before any data is prepared
+
+
+def test_resume_on_other_data_is_refused(trained_run, tmp_path, smoke_args, smoke_files, make_dataset):
+    # fewer films: other validation patients, so the best epoch so far was chosen on other films
+    other = make_dataset(tmp_path / "other", {cls: paths[:-6] for cls, paths in smoke_files.items()})
+    out = tmp_path / "moved"
+    shutil.copytree(trained_run.out, out)
+    first_run = len((out / "training.log").read_text())
+    argv = ["--data_dir", str(other), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--epochs", "2", "--resume"]
+    assert train_main(argv) == 2
+    log = (out / "training.log").read_text()[first_run:]
+    assert "its validation patients differ" in log and "Epoch 2/2" not in log
+
+
+def test_fine_tuning_with_another_split_of_the_same_data_warns(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "other_split"
+    seed = int(load_checkpoint(trained_run.model_path)["config"]["seed"]) + 1
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--init_from", str(trained_run.model_path), "--seed", str(seed), "--lr", "1e-12"]
+    assert train_main(argv) == 0
+    assert "include patients those weights trained on" in (out / "training.log").read_text()
+    same = tmp_path / "same_split"  # the control: the starting run's split gives no warning
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(same), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--init_from", str(trained_run.model_path), "--lr", "1e-12"]
+    assert train_main(argv) == 0
+    assert "include patients those weights trained on" not in (same / "training.log").read_text()
 
 
 @pytest.fixture

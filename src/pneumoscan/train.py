@@ -50,7 +50,8 @@ LAST_FILE = "checkpoint_last.pth"
 # Config fields that must not change when resuming a run.
 _RESUME_FIXED = ("arch", "width", "image_size", "in_channels", "dropout", "seed", "val_fraction", "cv_folds",
                  "cv_fold", "cv_holdout", "patients_csv_sha256", "lr_schedule", "init_from",
-                 "intensity", "train_head_only")  # init_from fixes the input normalisation
+                 "intensity", "train_head_only", "eval_metric", "lr_factor",
+                 "lr_patience")  # init_from fixes the input normalisation; the restored schedule keeps the last three
 
 
 def normalization_stats(images: torch.Tensor, intensity: str = "raw") -> dict[str, float]:
@@ -105,6 +106,7 @@ class InitialWeights:
     state: dict
     norm: dict[str, float]  # as normalization_stats gives it
     split: dict  # the patients those weights were trained on (data.split_record of their config)
+    config: dict = field(default_factory=dict)  # the config they were trained with (their data_dir, digest)
 
 
 def initial_weights(cfg: TrainConfig) -> InitialWeights:
@@ -142,7 +144,33 @@ def initial_weights(cfg: TrainConfig) -> InitialWeights:
     log.info("fine-tuning from %s (%s, epoch %s); keeping its input normalisation (mean %.4f, std %.4f)",
              path, ckpt.get("model_version") or "unnamed", ckpt.get("epoch"), spec["mean"], spec["std"])
     return InitialWeights(ckpt["model_state"], {"mean": float(spec["mean"]), "std": float(spec["std"])},
-                          split_record(ckpt.get("config") or {}))
+                          split_record(ckpt.get("config") or {}), dict(ckpt.get("config") or {}))
+
+
+def warn_if_validated_on_seen_patients(cfg: TrainConfig, init: InitialWeights) -> bool:
+    """Warn when a fine-tune on the data its starting weights trained on validates on other patients than they
+    did: most of those were their training patients, so the epoch choice, the temperature, the threshold and
+    the validation metrics would be optimistic. Returns whether it warned.
+
+    Known only for the same data folder; the starting weights' validation-patient digest decides where both
+    runs have one, else their split settings (a k-fold fine-tune always validates on seen patients)."""
+    start = init.config
+    if not start.get("data_dir") or Path(start["data_dir"]).expanduser().resolve() != \
+            Path(cfg.data_dir).expanduser().resolve():
+        return False
+    if start.get("val_patients_sha256") and cfg.val_patients_sha256:
+        seen = start["val_patients_sha256"] != cfg.val_patients_sha256
+    else:
+        keys = ("seed", "val_fraction", "min_val_images", "patients_csv_sha256", "cv_folds", "cv_fold")
+        seen = bool(cfg.cv_folds) or any(start.get(k) != getattr(cfg, k) for k in keys if k in start)
+    if seen:
+        log.warning("--init_from %s was trained on this data folder with another validation split (seed %s, "
+                    "val_fraction %s, cv_folds %s): this run's validation patients include patients those weights "
+                    "trained on, so its epoch choice, temperature, threshold and validation metrics are "
+                    "optimistic; fine-tune with the starting run's --seed and --val_fraction to validate on "
+                    "patients they never saw", cfg.init_from, start.get("seed"), start.get("val_fraction"),
+                    start.get("cv_folds", 0))
+    return seen
 
 
 def build_trainer(cfg: TrainConfig, splits: DataSplits, device: torch.device, world: World = World(),
@@ -278,6 +306,11 @@ def resume(tr: Trainer, out: Path, state: dict) -> Progress:
         CheckpointError: it was written with other fixed flags.
     """
     _check_resume(state, tr.cfg)
+    stored = state.get("config", {}).get("val_patients_sha256")
+    if stored and stored != tr.cfg.val_patients_sha256:  # known only now, after data preparation
+        raise CheckpointError(f"cannot --resume {out}: its validation patients differ from this run's (the data "
+                              f"folder changed or another one was given), so the best epoch so far was chosen on "
+                              f"other films; resume on the original data, or start a new --output_dir")
     tr.model.load_state_dict(state["model_state"])
     tr.optimizer.load_state_dict(state["optimizer_state"])
     tr.scheduler.load_state_dict(state["scheduler_state"])
@@ -444,6 +477,8 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
     data_prep_s = time.time() - t_data
     # which patients chose the epoch and the operating point: an ensemble of such runs checks it is calibrated on them
     cfg = replace(cfg, val_patients_sha256=patients_digest(splits.val.patients))
+    if init is not None and world.is_main:
+        warn_if_validated_on_seen_patients(cfg, init)
     resumed_width = last_state.get("config", {}).get("width") if last_state else None
     cfg, width_check = choose_width(cfg, len(splits.train), len(splits.val), device, world,
                                     resumed_width=None if resumed_width is None else float(resumed_width))
