@@ -30,6 +30,22 @@ def cv_run(tmp_path_factory, smoke_data, smoke_args) -> Path:
     return out
 
 
+@pytest.mark.parametrize("flag, value", [("--cv_folds", "3"), ("--augment", "strong")])
+def test_finished_folds_of_other_settings_are_not_reused(cv_run, smoke_data, smoke_args, tmp_path, flag, value):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(cv_run, out)
+    argv = ["--data_dir", str(smoke_data), "--output_dir", str(out), "--cache_dir", str(cv_run.parent / "cache"),
+            "--cv_folds", "2", "--cv_holdout", "--augment", "acquisition", "--width", "0.25", *smoke_args]
+    argv[argv.index(flag) + 1] = value
+    first_run = len((out / "training.log").read_text())
+    assert train_main(argv) == 2
+    log = (out / "training.log").read_text()[first_run:]
+    assert "holds a fold trained with other settings" in log and flag.lstrip("-") in log
+    assert "Epoch 1/" not in log
+
+
 def test_folds_validate_on_disjoint_patients_that_cover_all_but_the_held_out(cv_run):
     n_val, patients = 0, 0
     for fold in (0, 1):

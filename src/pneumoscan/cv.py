@@ -28,6 +28,7 @@ import torch
 from .atomic import write_text
 from .calibration import fit_calibrated_point, fit_operating_point, positive_probability
 from .checkpoint import input_spec, load_checkpoint
+from .errors import CheckpointError
 from .config import TrainConfig
 from .data import ImageSet, split_from_config
 from .metrics import auroc, expected_calibration_error, metrics_with_ci
@@ -64,8 +65,9 @@ def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | No
     for fold in folds:
         run_dir = fold_dir(out, fold)
         if (run_dir / "training_results.json").exists():
-            log.info("fold %d of %d: finished earlier (%s), skipped", fold, cfg.cv_folds, run_dir)
             trained = json.loads((run_dir / "training_results.json").read_text())["config"]
+            _check_finished_fold(trained, dataclasses.replace(cfg, cv_fold=fold), run_dir)
+            log.info("fold %d of %d: finished earlier (%s), skipped", fold, cfg.cv_folds, run_dir)
         else:
             resume = (run_dir / LAST_FILE).exists()
             log.info("fold %d of %d%s", fold, cfg.cv_folds, " (resumed)" if resume else "")
@@ -76,6 +78,22 @@ def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | No
                 log.info("the other folds train at width %s too, the width fold %d trained at", trained["width"], fold)
             cfg = dataclasses.replace(cfg, width=trained["width"], fallback_width=0.0)
     return [fold_dir(out, f) / MODEL_FILE for f in folds]
+
+
+# What a finished fold must share with this run to be reused: its patients, network, input and recipe
+# (a fold of a 2-fold run in a 3-fold run's folder would score films twice in the out-of-fold report).
+_FOLD_FIXED = ("cv_folds", "cv_fold", "cv_holdout", "seed", "val_fraction", "min_val_images", "patients_csv_sha256",
+               "arch", "image_size", "in_channels", "intensity", "epochs", "augment", "loss", "lr", "lr_schedule",
+               "mixup", "init_from", "train_head_only")
+
+
+def _check_finished_fold(trained: dict, cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse to reuse a finished fold trained with other settings than this run's (width may be the fallback's)."""
+    changed = [f"{k}: {trained[k]!r} (this run: {getattr(cfg, k)!r})" for k in _FOLD_FIXED
+               if k in trained and trained[k] != getattr(cfg, k)]
+    if changed:
+        raise CheckpointError(f"{run_dir} holds a fold trained with other settings ({'; '.join(changed)}); "
+                              f"give a new --output_dir, or the settings it was trained with")
 
 
 def collect_oof(model_paths: list[Path], data_dir: str, cache_dir: str = ""
