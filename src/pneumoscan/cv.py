@@ -28,9 +28,9 @@ import torch
 from .atomic import write_text
 from .calibration import fit_calibrated_point, fit_operating_point, positive_probability
 from .checkpoint import input_spec, load_checkpoint
-from .errors import CheckpointError
 from .config import TrainConfig
 from .data import ImageSet, split_from_config
+from .errors import CheckpointError
 from .metrics import auroc, expected_calibration_error, metrics_with_ci
 from .predict import Predictor
 from .results import write_json
