@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 from PIL import Image
 
 from pneumoscan.checkpoint import default_model_path, input_spec, load_checkpoint, model_from_checkpoint
+from pneumoscan.cli import predict_main
 from pneumoscan.heatmap import CENTRAL_LUNG_BOX, box_pixels, central_lung_fraction, grad_cam, overlay_png
 from pneumoscan.model import MedicalCNN
 from pneumoscan.preprocess import open_image
@@ -201,3 +204,24 @@ def test_overlay_png_rejects_bad_arguments(cam, kwargs, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         overlay_png(Image.new("L", (8, 8)), cam, tmp_path / "x.png", **kwargs)
     assert not any(tmp_path.iterdir())
+
+
+def test_films_of_one_name_in_two_folders_get_their_own_heatmaps_across_runs(tmp_path):
+    films = sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray" / "train"
+                    / "PNEUMONIA").glob("*.jpeg"))[:2]
+    if len(films) < 2:
+        pytest.skip("real chest X-rays not found")
+    for folder, film in zip("ab", films):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        (tmp_path / "in" / folder / "x.jpeg").symlink_to(film)
+    runs = []
+    for i in range(2):  # a second run, as after --resume or on another rank, names each film's heatmap the same
+        out = tmp_path / f"r{i}.json"
+        assert predict_main(["--image_dir", str(tmp_path / "in"), "--output_path", str(out),
+                             "--heatmap_dir", str(tmp_path / "hm")]) == 0
+        results = json.loads(out.read_text())["results"]
+        runs.append({Path(r["image_path"]).parent.name: r["heatmap_path"] for r in results})
+    assert runs[0] == runs[1] and runs[0]["a"] != runs[0]["b"]
+    assert len(list((tmp_path / "hm").glob("*.png"))) == 2
+    for folder, film in zip("ab", films):  # each overlay has its own film's size
+        assert Image.open(runs[0][folder]).size == Image.open(film).size

@@ -7,6 +7,7 @@ checkpoint. One bad file yields an ``InferenceFailure`` and never stops a batch.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -166,6 +167,16 @@ class _Prepared:
     decoded: DecodedImage | None = None
     seconds: float = 0.0
     failure: InferenceFailure | None = None
+
+
+def heatmap_name(source: str | os.PathLike | bytes) -> str:
+    """The heatmap file name of an input: its stem and 10 hex digits of the sha256 of its absolute path (of the
+    bytes, for an upload), so that films of one name in two folders never share a heatmap, and a film keeps its
+    name across runs, ``--resume`` and torchrun ranks."""
+    if isinstance(source, bytes):
+        return f"bytes_{hashlib.sha256(source).hexdigest()[:10]}_heatmap.png"
+    path = Path(source).expanduser().resolve()
+    return f"{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:10]}_heatmap.png"
 
 
 class MedicalImageInference:
@@ -409,7 +420,7 @@ class MedicalImageInference:
                 result = self._result(row, prep.seconds + share, None if isinstance(source, bytes) else name,
                                       prep.decoded, [LOW_DETAIL.format(detail)] if detail else [])
                 if heatmap_dir is not None:
-                    self._write_heatmap(result, source, prep.decoded, Path(heatmap_dir), prep.index)
+                    self._write_heatmap(result, source, prep.decoded, Path(heatmap_dir))
                 done[prep.index] = result
             pending.clear()
 
@@ -440,10 +451,8 @@ class MedicalImageInference:
         gray = decoded.gray if decoded.dicom is not None else decode_image(source).gray
         overlay_png(gray, cam, path)
 
-    def _write_heatmap(self, result: InferenceResult, source, decoded: DecodedImage, heatmap_dir: Path,
-                       index: int) -> None:
-        stem = "bytes" if isinstance(source, bytes) else Path(source).stem
-        path = heatmap_dir / f"{index:05d}_{stem}_heatmap.png"
+    def _write_heatmap(self, result: InferenceResult, source, decoded: DecodedImage, heatmap_dir: Path) -> None:
+        path = heatmap_dir / heatmap_name(source)
         try:
             self._overlay(source, decoded, self.class_names.index(result.prediction), path)
         except (OSError, ValueError, ImageError) as exc:
