@@ -56,3 +56,19 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     img = np.asarray(Image.open(png).convert("L"))
     assert img.shape == (2400, 1280)
     assert img.std() > 20, "the rendered page looks blank"
+
+
+def test_the_model_s_threshold_row_is_counted_at_its_exact_threshold(tmp_path):
+    from pneumoscan.metrics import metrics_with_ci
+    from pneumoscan.report import build_report
+
+    thr = 0.389753
+    y = np.array([1] * 20 + [0] * 20)
+    p = np.concatenate([np.full(19, 0.9), [0.38979], np.full(20, 0.1)])  # one pneumonia just above thr
+    rep = {**metrics_with_ci(y, p, thr, n_boot=50), "ece_15": 0.0, "model_version": "t", "data_dir": "d",
+           "calibrated": True}
+    out = tmp_path / "r.html"
+    build_report(rep, y, p, [f"f{i}.jpeg" for i in range(40)], out)
+    row = re.search(r'<tr class="op"><td>([\d.]+) \(model\)</td><td>([\d.]+)</td>', out.read_text())
+    assert row and float(row.group(1)) == pytest.approx(thr, abs=1e-4)
+    assert float(row.group(2)) == 1.0  # at 0.3898, rounded, that film would fall below and sensitivity read 0.95

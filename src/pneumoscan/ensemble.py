@@ -214,7 +214,8 @@ def ensemble_main(argv: list[str] | None = None) -> int:
     m = final["metrics_summary"]
     sys.stdout.write(
         f"wrote {args.output_path}: {len(members)} members; temperature {final['temperature']:.3f}, threshold "
-        f"{final['threshold']:.4f} for sensitivity >= 0.95 on the validation split; there AUROC {m['val_auroc']:.4f}, "
+        f"{final['threshold']:.4f} ({final['threshold_rule']}) on the validation split; there AUROC "
+        f"{m['val_auroc']:.4f}, "
         f"sensitivity {m['val_sensitivity']:.4f}, specificity {m['val_specificity']:.4f} (in-sample: the same "
         f"films fitted the threshold). It has a feature-distance gate but no scope classifier (adult, lateral, "
         f"other-body checks): experiments/fit_scope.py --write adds one. Use it with --model_path.\n")

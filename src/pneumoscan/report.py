@@ -143,10 +143,11 @@ def build_report(report: dict, y: np.ndarray, prob: np.ndarray, paths: list[str]
         for name, m in report["metrics"].items())
     c = confusion(y, p, thr)
     thr_rows = ""
-    for t in sorted(set(THRESHOLDS) | {round(thr, 4)}):
+    # the model's own row at its exact threshold (a rounded one could put a film on the other side)
+    for t in sorted({t for t in THRESHOLDS if abs(t - thr) >= 1e-4} | {thr}):
         m = binary_metrics(y, p, t)
-        mark = ' class="op"' if abs(t - thr) < 1e-4 else ""
-        thr_rows += (f"<tr{mark}><td>{t:.3f}{' (model)' if mark else ''}</td><td>{_fmt(m['sensitivity'])}</td>"
+        mark = ' class="op"' if t == thr else ""
+        thr_rows += (f"<tr{mark}><td>{t:.4f}{' (model)' if mark else ''}</td><td>{_fmt(m['sensitivity'])}</td>"
                      f"<td>{_fmt(m['specificity'])}</td><td>{_fmt(m['ppv'])}</td><td>{_fmt(m['npv'])}</td></tr>")
     sub_rows = ""
     for kind in ("bacterial", "viral"):
