@@ -158,3 +158,16 @@ def test_an_exclusive_write_never_replaces_a_file_that_appeared_meanwhile(tmp_pa
     assert target.read_bytes() == b"another run's checkpoint" and list(tmp_path.iterdir()) == [target]
     save_checkpoint({"x": 1}, tmp_path / "new.pth", exclusive=True)
     assert (tmp_path / "new.pth").stat().st_size > 0
+
+
+@pytest.mark.parametrize("command, flag", [("predict", "--image_path"), ("predict", "--image_dir"),
+                                           ("evaluate", "--data_dir"), ("train", "--data_dir")])
+def test_a_path_too_long_to_look_up_is_a_clear_error_not_a_traceback(command, flag, tmp_path, capfd):
+    from pneumoscan.cli import main
+
+    argv = [command, flag, "a" * 300 + ".jpg"]
+    if command == "train":
+        argv += ["--output_dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and ("too long" in err.lower()), err[-500:]

@@ -369,9 +369,15 @@ def _predict(args, world, jsonl: bool) -> int:
 
     from .inference import MedicalImageInference, list_inputs
 
-    if args.image_path is not None and not Path(args.image_path).is_file():
-        log.error("image_path %r does not exist or is not a file", args.image_path)
-        return EXIT_BAD_INPUT
+    if args.image_path is not None:
+        try:
+            found = Path(args.image_path).is_file()
+        except OSError as exc:  # a name too long, a folder that cannot be searched
+            log.error("image_path %r cannot be read: %s", args.image_path, exc.strerror or exc)
+            return EXIT_BAD_INPUT
+        if not found:
+            log.error("image_path %r does not exist or is not a file", args.image_path)
+            return EXIT_BAD_INPUT
     try:
         files = [Path(args.image_path)] if args.image_path else list_inputs(args.image_dir, not args.no_recursive)
         if not files:
@@ -446,9 +452,12 @@ def _labelled(data_dir: str, split: str) -> bool:
     from .data import find_dataset_root
 
     base = Path(data_dir).expanduser()
-    if not base.is_dir():
+    try:
+        names = {p.name.upper() for p in base.iterdir() if p.is_dir()} if base.is_dir() else None
+    except OSError:  # a name too long, a folder that cannot be read
+        names = None
+    if names is None:
         return True  # the labelled path says what is wrong
-    names = {p.name.upper() for p in base.iterdir() if p.is_dir()}
     if names & {"NORMAL", "PNEUMONIA", split.upper()}:
         return True
     try:

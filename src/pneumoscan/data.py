@@ -112,15 +112,29 @@ def _child_named(folder: Path, name: str) -> Path | None:
     return None
 
 
+def existing_folder(data_dir: str | os.PathLike, flag: str = "data_dir") -> Path:
+    """``data_dir`` as a Path, checked to be a folder.
+
+    Raises:
+        DataError: it does not exist, is not a folder, or cannot be looked up (a name too long, no permission).
+    """
+    base = Path(data_dir).expanduser()
+    try:
+        found = base.is_dir()
+    except OSError as exc:
+        raise DataError(f"{flag} {str(base)!r} cannot be read: {exc.strerror or exc}") from exc
+    if not found:
+        raise DataError(f"{flag} {str(base)!r} does not exist or is not a folder")
+    return base
+
+
 def find_dataset_root(data_dir: str | os.PathLike) -> Path:
     """The folder holding ``train/`` (searched up to two levels below ``data_dir``).
 
     Raises:
         DataError: ``data_dir`` is missing or no ``train/`` folder is found; says what is there.
     """
-    base = Path(data_dir).expanduser()
-    if not base.is_dir():
-        raise DataError(f"data_dir {str(base)!r} does not exist or is not a folder")
+    base = existing_folder(data_dir)
     frontier = [base]
     for _ in range(3):
         for folder in frontier:
@@ -671,9 +685,7 @@ def load_labelled_folder(data_dir: str, image_size: int, split: str = "test", ca
         DataError: neither layout is found, the patients CSV does not fit the films, or no usable
             image remains.
     """
-    base = Path(data_dir).expanduser()
-    if not base.is_dir():
-        raise DataError(f"data_dir {str(base)!r} does not exist or is not a folder")
+    base = existing_folder(data_dir)
     if _child_named(base, CLASS_NAMES[0]) is not None or _child_named(base, CLASS_NAMES[1]) is not None:
         folder = base
     else:
