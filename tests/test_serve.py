@@ -446,3 +446,39 @@ def test_kill_9_during_requests_then_restart(tmp_path, train_dir):
         assert ok <= {r[0] for r in conn.execute("SELECT request_id FROM requests")}
     finally:
         conn.close()
+
+
+def test_stalled_and_abandoned_uploads_free_their_place_and_a_busy_port_is_exit_2(tmp_path, xray):
+    import socket
+    import subprocess
+    import sys
+
+    server = ServerProcess(tmp_path / "stall", "--request_timeout_s", "2", "--max_queue", "1").start()
+    try:
+        head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: image/jpeg\r\n"
+                f"Content-Length: 100000\r\n\r\n").encode()
+        # a client that sends 10 of 100,000 bytes and then nothing: answered 408 and its place freed
+        t0 = time.monotonic()
+        status, headers, body = raw_http(server.port, head, [b"\xff" * 10])
+        assert status == 408 and json.loads(body)["error_type"] == "UploadTimeout"
+        assert time.monotonic() - t0 < 15
+        assert audit_row(server.audit_db, headers["x-request-id"])["error_type"] == "UploadTimeout"
+        ok = httpx.post(server.url + "/v1/predict", files={"file": ("x.jpeg", xray.read_bytes())}, timeout=30)
+        assert ok.status_code == 200  # the one place in the queue is free again
+        # a client that leaves half-way: a 400 in the log, not a 500 "bug"
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(head + b"\xff" * 50000)
+        deadline, left = time.monotonic() + 15, "WHERE error_type = 'ClientDisconnected'"
+        while not audit_rows(server.audit_db, left) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        rows = audit_rows(server.audit_db, left)
+        assert rows and rows[0]["status"] == 400
+        assert not audit_rows(server.audit_db, "WHERE status = 500")
+        # a second service on the same port: exit status 2 (bad input), as documented, not uvicorn's 3
+        second = subprocess.run([sys.executable, "-m", "pneumoscan", "serve", "--port", str(server.port),
+                                 "--audit_db", str(tmp_path / "second.sqlite3")], capture_output=True, text=True,
+                                timeout=180)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert "address already in use" in second.stderr.lower()
+    finally:
+        assert server.stop(), server.log()[-2000:]

@@ -78,7 +78,9 @@ def serve_main(argv: list[str] | None = None) -> int:
                             log_level="debug" if settings.verbose else "info",
                             proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
                             # a backstop above the service's own 503s, for floods of idle connections
-                            limit_concurrency=max(256, 4 * settings.max_queue), timeout_graceful_shutdown=30)
+                            limit_concurrency=max(256, 4 * settings.max_queue),
+                            # long enough for a request in progress to be read, predicted and logged
+                            timeout_graceful_shutdown=int(2 * settings.request_timeout_s) + 10)
     server = uvicorn.Server(config)
     service = app.state.service
     service.on_load_failure = lambda: setattr(server, "should_exit", True)
@@ -87,6 +89,9 @@ def serve_main(argv: list[str] | None = None) -> int:
         server.run()
     except KeyboardInterrupt:
         pass
+    except SystemExit as exc:  # uvicorn's own exit, e.g. the port is in use (it logged why)
+        log.error("the service could not start (uvicorn exit status %s); see the error above", exc.code)
+        return EXIT_BAD_INPUT
     if not server.started or service.load_error is not None:
         return EXIT_BAD_INPUT
     return EXIT_OK

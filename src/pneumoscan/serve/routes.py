@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from fastapi import APIRouter, Query, Request, Security
 from fastapi.responses import FileResponse, Response
 from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 
 from ..inference import InferenceFailure
 from .errors import ApiError
@@ -31,8 +33,9 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {
     "image/png": {"schema": {"type": "string", "format": "binary"}},
 }}}
 ERRORS = {status: {"model": Error, "description": text} for status, text in (
-    (400, "no file, or a malformed request"),
+    (400, "no file, a malformed request, or the client left before its upload was complete"),
     (401, "missing or unknown API key (only with --api_key_file)"),
+    (408, "the upload did not arrive within --request_timeout_s"),
     (413, "upload over --max_upload_mb"),
     (422, "unreadable image (ImageError) or not a frontal chest radiograph (OutOfScopeError)"),
     (503, "busy or still loading: retry after the Retry-After header's seconds"),
@@ -81,7 +84,7 @@ def v1_router(api_keys: bool) -> APIRouter:
         record = request.state.audit
         try:
             with pool.admit() as ticket:
-                upload = await read_upload(request)
+                upload = await _read_in_time(request, service.settings.request_timeout_s)
                 record.input_sha256, record.input_bytes = upload.sha256, len(upload.data)
                 outcome = await ticket.predict(upload.data, heatmap, service.settings.request_timeout_s)
         except Overloaded as exc:
@@ -111,6 +114,23 @@ def v1_router(api_keys: bool) -> APIRouter:
         return ModelInfo(**service.model_info)
 
     return router
+
+
+async def _read_in_time(request: Request, timeout_s: float):
+    """The upload, read within ``timeout_s``: a stalled or vanished client frees its place in the queue.
+
+    Raises:
+        ApiError: 408 ``UploadTimeout`` when the body has not arrived in time; 400 ``ClientDisconnected`` when
+            the client closed the connection before it was complete.
+    """
+    try:
+        return await asyncio.wait_for(read_upload(request), timeout_s)
+    except asyncio.TimeoutError as exc:
+        raise ApiError(408, "UploadTimeout", f"the upload did not arrive within {timeout_s:g} s "
+                                             f"(--request_timeout_s); send it again") from exc
+    except ClientDisconnect as exc:
+        raise ApiError(400, "ClientDisconnected", "the client closed the connection before the upload was "
+                                                  "complete; nothing was predicted") from exc
 
 
 def reason(error: str) -> str:
