@@ -85,6 +85,21 @@ def test_periods_and_flags_by_hand(log_db):
     assert period_of("2026-12-31T23:59:59.999999+00:00", "month") == "2026-12"
 
 
+def test_a_film_answered_on_a_retry_after_a_503_counts_as_answered(tmp_path):
+    # the page retries a 503; the first try's row already carries the film's hash (set before predicting)
+    path = tmp_path / "audit.sqlite3"
+    log = AuditLog(path)
+    busy = [AuditRecord(**{**vars(r), "status": 503, "prediction": None, "probability": None, "risk_level": None,
+                           "error_type": "Overloaded", "error": "busy", "request_id": r.request_id + "-busy"})
+            for r in _rows(0, 6, 2, 0)]
+    for r in busy + _rows(0, 6, 2, 0):
+        log.submit(r)
+    log.close()
+    day = summarise(audit.iter_records(path), "day")["periods"]["2026-11-02"]
+    assert (day["requests"], day["repeated_uploads"], day["answered"], day["not_processed"]) == (12, 6, 6, 0)
+    assert day["pneumonia_calls"] == 2
+
+
 def test_untested_periods_say_why(log_db):
     rows = list(audit.iter_records(log_db))
     # a period not over yet is shown, not tested

@@ -93,12 +93,21 @@ def _counts(rows: list[dict]) -> dict:
     from ..inference import has_low_detail_warning
     from ..scope_report import refusal_category  # the same reason categories as `evaluate`'s scope report
 
-    seen: set[str] = set()
+    def judged_row(r: dict) -> bool:  # answered, refused or unreadable: what the film was found to be
+        return r["prediction"] is not None or r["status"] == 422
+
+    # one film uploaded again within the period counts once, by its first answer where it got one: a retry
+    # after a 503 (the page retries those) is that film's answer, not a repeat
+    at: dict[str, int] = {}  # a film's place in ``unique``
     unique = []
-    for r in rows:  # one film uploaded again within the period counts once
-        if r["input_sha256"] and r["input_sha256"] in seen:
+    for r in rows:
+        key = r["input_sha256"]
+        if key and key in at:
+            if judged_row(r) and not judged_row(unique[at[key]]):
+                unique[at[key]] = r
             continue
-        seen.add(r["input_sha256"] or f"row{id(r)}")
+        if key:
+            at[key] = len(unique)
         unique.append(r)
     answered = [r for r in unique if r["prediction"] is not None]
     refused = [r for r in unique if r["error_type"] == "OutOfScopeError"]
