@@ -309,6 +309,15 @@ def test_train_head_only_without_starting_weights_is_refused(trained_run, tmp_pa
     assert "train_head_only needs init_from" in capsys.readouterr().err
 
 
+def test_a_run_that_diverges_ends_with_a_clear_error_not_a_traceback(trained_run, tmp_path, smoke_args, capfd):
+    out = tmp_path / "diverged"
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--lr", "1e8", "--loss", "ce"]
+    assert train_main(argv) == 2
+    log = (out / "training.log").read_text()
+    assert "lower --lr" in log and "Traceback" not in log + capfd.readouterr().err
+
+
 def test_init_from_another_network_is_refused_with_the_flags_to_give(trained_run, tmp_path, smoke_args):
     out = tmp_path / "mismatch"
     argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),

@@ -23,3 +23,7 @@ class OutOfScopeError(ImageError):
 
 class OutputPathError(PneumoscanError, ValueError):
     """An output path that cannot be written, or that would replace a file that must stay."""
+
+
+class TrainingError(PneumoscanError, FloatingPointError):
+    """Training diverged or left a model that cannot be used (a loss that is not finite, collapsed features)."""

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import TrainingError
+
 log = logging.getLogger(__name__)
 
 # Radiographs (and their 8 RGB-JPEG copies in fullres_sample) have colourfulness ~0; photos 20-100.
@@ -108,6 +110,10 @@ def _mahalanobis_fit(x: torch.Tensor, labels: torch.Tensor, shrinkage: float) ->
     centred = x - means[labels]
     cov = centred.T @ centred / max(len(x) - 1, 1)
     d = cov.shape[0]
+    if not bool(torch.isfinite(cov).all()) or float(torch.trace(cov)) <= 0.0:
+        raise TrainingError("the model's features do not vary between films (collapsed, or not finite): it "
+                            "cannot tell films apart and no out-of-scope gate can be fitted on it; train again "
+                            "with a lower --lr")
     cov = (1 - shrinkage) * cov + shrinkage * torch.trace(cov) / d * torch.eye(d, dtype=cov.dtype)
     return means, torch.linalg.inv(cov)
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .augment import augment_batch, mixup
+from .errors import TrainingError
 from .config import TrainConfig
 from .predict import InputSpec
 
@@ -51,7 +52,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criteri
     """One optimiser step on ``batch`` (bf16 autocast on a GPU); returns the loss and the logits.
 
     Raises:
-        FloatingPointError: the loss is not finite (checked before the weights change); ``where``
+        TrainingError: (a FloatingPointError) the loss is not finite (checked before the weights change); ``where``
             says which batch it was.
     """
     device_type = batch.x.device.type
@@ -62,7 +63,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, criteri
     if batch.partner is not None:
         loss = batch.lam * loss + (1.0 - batch.lam) * criterion(logits.float(), batch.partner)
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"training loss became {loss.item()} at {where}; lower --lr")
+        raise TrainingError(f"training loss became {loss.item()} at {where}; lower --lr")
     loss.backward()
     optimizer.step()
     return loss, logits
