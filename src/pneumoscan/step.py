@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from .augment import augment_batch, mixup
-from .errors import TrainingError
 from .config import TrainConfig
+from .errors import TrainingError
 from .predict import InputSpec
 
 
