@@ -318,6 +318,17 @@ def test_a_run_that_diverges_ends_with_a_clear_error_not_a_traceback(trained_run
     assert "lower --lr" in log and "Traceback" not in log + capfd.readouterr().err
 
 
+def test_a_new_run_into_a_finished_run_s_folder_is_refused_and_its_model_kept(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "finished"
+    shutil.copytree(trained_run.out, out)
+    before = (out / "medical_cnn_model.pth").read_bytes()
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--seed", "1"]
+    assert train_main(argv) == 2
+    assert "holds a run already" in (out / "training.log").read_text()
+    assert (out / "medical_cnn_model.pth").read_bytes() == before
+
+
 def test_init_from_another_network_is_refused_with_the_flags_to_give(trained_run, tmp_path, smoke_args):
     out = tmp_path / "mismatch"
     argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),

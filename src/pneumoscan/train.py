@@ -282,6 +282,14 @@ def _check_resume(state: dict, cfg: TrainConfig, but: tuple[str, ...] = ()) -> N
                               + " (use the original flags or a new --output_dir)")
 
 
+def refuse_existing_run(out: Path) -> None:
+    """Raises CheckpointError if ``out`` holds a run's model or its last checkpoint (without --resume)."""
+    existing = [name for name in (MODEL_FILE, LAST_FILE) if (out / name).exists()]
+    if existing:
+        raise CheckpointError(f"{out} holds a run already ({', '.join(existing)}): continue it with --resume, or "
+                              f"give a new --output_dir (a new run would replace its model with its first epoch)")
+
+
 def read_last_checkpoint(out: Path, cfg: TrainConfig) -> dict:
     """``out/checkpoint_last.pth``, the state that ``--resume`` continues from, read before any data is
     prepared and checked against ``cfg``'s fixed flags (all but a width equal to ``--fallback_width``,
@@ -462,6 +470,8 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
         cfg = replace(cfg, patients_csv=str(csv_path), patients_csv_sha256=file_sha256(csv_path))
     log.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
 
+    if not cfg.resume:  # a finished or interrupted run's model is never replaced by a new run's first epoch
+        from_main(lambda: refuse_existing_run(out), world)
     # a wrong --init_from or --resume checkpoint stops the run before data preparation; rank 0
     # reads the file and sends it on (on several nodes only rank 0's disk may have it)
     init = from_main(lambda: initial_weights(cfg), world) if cfg.init_from else None
