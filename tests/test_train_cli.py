@@ -151,6 +151,17 @@ def test_resume_with_a_different_fixed_flag_is_refused(trained_run, tmp_path, sm
     assert "data set root" not in log  # refused before any data is prepared
 
 
+def test_a_cosine_run_resumed_with_other_epochs_is_refused(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "cosine_resume"
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--lr_schedule", "cosine"]
+    assert train_main(argv) == 0
+    first_run = len((out / "training.log").read_text())
+    assert train_main([*argv, "--epochs", "3", "--resume"]) == 2
+    log = (out / "training.log").read_text()[first_run:]
+    assert "cannot --resume with a different epochs" in log and "Epoch 2/3" not in log
+
+
 def test_resume_on_other_data_is_refused(trained_run, tmp_path, smoke_args, smoke_files, make_dataset):
     # fewer films: other validation patients, so the best epoch so far was chosen on other films
     other = make_dataset(tmp_path / "other", {cls: paths[:-6] for cls, paths in smoke_files.items()})

@@ -277,6 +277,9 @@ def _check_resume(state: dict, cfg: TrainConfig, but: tuple[str, ...] = ()) -> N
     old = state.get("config", {})
     changed = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in _RESUME_FIXED
                if k not in but and k in old and old[k] != getattr(cfg, k)]
+    if cfg.lr_schedule == "cosine" and "epochs" in old and old["epochs"] != cfg.epochs and "epochs" not in but:
+        changed.append(f"epochs: {old['epochs']!r} -> {cfg.epochs!r} (a cosine schedule anneals over --epochs: "
+                       f"continued over others it would rise again)")
     if changed:
         raise CheckpointError("cannot --resume with a different " + "; ".join(changed)
                               + " (use the original flags or a new --output_dir)")
