@@ -81,6 +81,35 @@ def test_resume_after_a_kill_mid_line_equals_a_full_run(folder, tmp_path, traine
     assert len(read_lines(part)) == len(complete)
 
 
+def test_resume_knows_a_folder_however_it_is_spelled(folder, tmp_path, trained_model, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    monkeypatch.chdir(folder.parent)
+    run(folder.name, out, trained_model)  # a relative --image_dir
+    before = read_lines(out)
+    assert run(folder, out, trained_model, "--resume") == 0  # the same folder, absolute: nothing left to do
+    assert read_lines(out) == before
+
+
+def test_resume_with_another_threshold_or_model_is_refused(folder, tmp_path, trained_model, capsys):
+    out = tmp_path / "r.jsonl"
+    run(folder, out, trained_model)
+    before = out.read_bytes()
+    assert run(folder, out, trained_model, "--resume", "--threshold", "0.99") == 2
+    assert "resume with the same --model_path and --threshold" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+def test_a_damaged_line_before_good_ones_is_reported_not_cut_away(folder, tmp_path, trained_model, capsys):
+    out = tmp_path / "r.jsonl"
+    run(folder, out, trained_model)
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:3]) + "{not json\n" + "".join(lines[3:]))
+    before = out.read_bytes()
+    assert run(folder, out, trained_model, "--resume") == 2
+    assert "line 4 is not a complete result" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
 def test_resume_needs_jsonl(folder, tmp_path, trained_model):
     with pytest.raises(SystemExit) as info:
         run(folder, tmp_path / "r.json", trained_model, "--resume")

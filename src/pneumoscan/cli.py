@@ -205,7 +205,14 @@ def _stream_jsonl(engine, files: list, path: str | Path, resume: bool, heatmap_d
 
     predicted = failed = 0
     with JsonlWriter(path, resume=resume) as writer:
-        todo = [f for f in files if str(f) not in writer.done]
+        now = (engine.info.get("model_version"), engine.threshold)
+        other = sorted((str(v), t) for v, t in writer.made_with if (v, t) != now)
+        if other:  # one file, one model and one operating point: mixed lines could not be read as one result
+            raise DataError(f"--resume: {path} holds results of model {other[0][0]} at threshold {other[0][1]}, this "
+                            f"run would add results of {now[0]} at threshold {now[1]}; resume with the same "
+                            f"--model_path and --threshold, or write a new file")
+        done = writer.done | {_same_file_key(p) for p in writer.done}
+        todo = [f for f in files if str(f) not in done and _same_file_key(f) not in done]
         if writer.done:
             log.info("--resume: %d of %d file(s) already in %s; predicting the other %d",
                      len(files) - len(todo), len(files), path, len(todo))
@@ -218,6 +225,14 @@ def _stream_jsonl(engine, files: list, path: str | Path, resume: bool, heatmap_d
                     predicted += 1
                 bar.update()
     return predicted, failed
+
+
+def _same_file_key(path) -> str:
+    """A path as an absolute, resolved string: ``--image_dir runs`` and ``--image_dir /abs/runs`` name one file."""
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError):
+        return str(path)
 
 
 def _predict_jsonl(engine, files: list, args) -> tuple[int, int]:

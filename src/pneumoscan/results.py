@@ -52,25 +52,43 @@ def write_json(obj, path: str | os.PathLike) -> None:
 def scan_jsonl(path: str | os.PathLike) -> tuple[set[str], int]:
     """The ``image_path`` of every complete line of a JSON Lines file, and the byte length of those lines.
 
-    Reading stops at the first line that is not a complete JSON object (a run killed while
-    writing leaves at most one such line, at the end).
+    Reading stops at a last line that is not a complete JSON object (a run killed while writing leaves at
+    most one such line, at the end).
+
+    Raises:
+        DataError: a line that is not a complete result comes before others: the file was changed by something
+            else than pneumoscan, and cutting it there would throw good results away.
     """
+    return _scan_jsonl(path)[:2]
+
+
+def _scan_jsonl(path: str | os.PathLike) -> tuple[set[str], int, set[tuple]]:
+    """``scan_jsonl``, and the (model_version, threshold) pairs its results were made with."""
+    from .errors import DataError
+
     done: set[str] = set()
-    good = 0
+    made_with: set[tuple] = set()
+    good, bad_at = 0, None
     with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                break
+        for number, line in enumerate(f, 1):
+            obj = None
+            if line.endswith(b"\n"):
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    obj = None
             if not isinstance(obj, dict):
-                break
+                bad_at = bad_at or number
+                continue
+            if bad_at is not None:
+                raise DataError(f"{path}: line {bad_at} is not a complete result but later lines are: the file was "
+                                f"changed by something else; check it (nothing was removed), or write a new file")
             if obj.get("image_path") is not None:
                 done.add(str(obj["image_path"]))
+            if obj.get("model_version") is not None or obj.get("threshold") is not None:
+                made_with.add((obj.get("model_version"), obj.get("threshold")))
             good += len(line)
-    return done, good
+    return done, good, made_with
 
 
 class JsonlWriter:
@@ -86,12 +104,13 @@ class JsonlWriter:
     def __init__(self, path: str | os.PathLike, resume: bool = False) -> None:
         self.path = Path(path)
         self.done: set[str] = set()
+        self.made_with: set[tuple] = set()  # (model_version, threshold) of the results already in the file
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and self.path.stat().st_size > 0:
             if not resume:
                 raise FileExistsError(f"{self.path} already exists: pass --resume to continue it, or remove it "
                                       f"to start over")
-            self.done, good = scan_jsonl(self.path)
+            self.done, good, self.made_with = _scan_jsonl(self.path)
             if good < self.path.stat().st_size:
                 log.warning("%s: dropping an incomplete last line (the previous run was interrupted while "
                             "writing it); that file is predicted again", self.path)
