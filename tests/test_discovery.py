@@ -233,3 +233,38 @@ def test_user_val_folder_duplicates_are_dropped_from_train(tmp_path, train_dir):
     assert not any(p.endswith("copy_of_a_val_image.jpeg") for p in splits.train.paths)
     assert splits.info["duplicates_dropped"] == 1
     assert len(splits.train) == 8 and len(splits.val) == 4
+
+
+def _train_and_val_folders(root: Path, train_dir: Path, n_train: int = 8, n_val: int = 3) -> None:
+    for cls in ("NORMAL", "PNEUMONIA"):
+        files = sorted((train_dir / cls).glob("*.jpeg"))[: n_train + n_val]
+        for split, part in (("train", files[:n_train]), ("val", files[n_train:])):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for f in part:
+                (root / split / cls / f.name).symlink_to(f)
+
+
+def test_cv_holdout_holds_out_the_val_folder_the_plain_split_validates_on(tmp_path, train_dir):
+    _train_and_val_folders(tmp_path / "data", train_dir)
+    plain = prepare_data(str(tmp_path / "data"), 32, min_val_images=6, cache_dir="none")
+    assert plain.info["validation"] == "val/ folder"
+    held_out = set(plain.val.paths)
+    for fold in range(2):
+        split = prepare_data(str(tmp_path / "data"), 32, min_val_images=6, cache_dir="none", cv_folds=2,
+                             cv_fold=fold, cv_holdout=True)
+        assert not held_out & (set(split.train.paths) | set(split.val.paths)), "a fold trained on val/ films"
+        assert "val/ folder held out" in split.info["validation"]
+
+
+def test_a_val_folder_sharing_patients_with_train_is_warned_about(tmp_path, train_dir, caplog):
+    _train_and_val_folders(tmp_path / "data", train_dir)
+    # one patient's two films, one on each side
+    by_patient = collections.defaultdict(list)
+    for f in sorted((train_dir / "PNEUMONIA").glob("person*.jpeg"))[20:]:
+        by_patient[data_mod.patient_id(f.name)].append(f)
+    patient, (first, second, *_) = next((k, v) for k, v in by_patient.items() if len(v) >= 2)
+    (tmp_path / "data" / "train" / "PNEUMONIA" / first.name).symlink_to(first)
+    (tmp_path / "data" / "val" / "PNEUMONIA" / second.name).symlink_to(second)
+    caplog.set_level("WARNING", logger="pneumoscan")
+    prepare_data(str(tmp_path / "data"), 32, min_val_images=6, cache_dir="none")
+    assert any("val/ shares 1 patient" in r.getMessage() and patient in r.getMessage() for r in caplog.records)

@@ -598,13 +598,22 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
     if cv_folds:
         if not 0 <= cv_fold < cv_folds:
             raise DataError(f"cv_fold must be in 0..{cv_folds - 1}, got {cv_fold}")
-        pool, n_dup = dedupe(train_recs + val_recs)
-        if cv_holdout:
-            pool, _ = patient_split(pool, val_fraction, seed)
+        # the usual validation patients are those the plain split validates on: the val/ folder where it is used
+        # (an ensemble of the folds is calibrated on them, so no fold may train on them), else a patient split
+        holdout_is_val_folder = cv_holdout and len(val_recs) >= min_val_images
+        if holdout_is_val_folder:
+            val_hashes = {r.sha1 for r in val_recs}
+            pool, n_dup = dedupe([r for r in train_recs if r.sha1 not in val_hashes])
+        else:
+            pool, n_dup = dedupe(train_recs + val_recs)
+            if cv_holdout:
+                pool, _ = patient_split(pool, val_fraction, seed)
         fold_of = patient_folds(pool, cv_folds, seed)
         train_recs = [r for r, f in zip(pool, fold_of) if f != cv_fold]
         val_recs = [r for r, f in zip(pool, fold_of) if f == cv_fold]
-        info["validation"] = (f"fold {cv_fold} of {cv_folds} patient-level folds of train/ + val/ (seed {seed})"
+        info["validation"] = (f"fold {cv_fold} of {cv_folds} patient-level folds of train/ (seed {seed}), the val/ "
+                              f"folder held out" if holdout_is_val_folder else
+                              f"fold {cv_fold} of {cv_folds} patient-level folds of train/ + val/ (seed {seed})"
                               + (f", {val_fraction:.0%} of patients held out" if cv_holdout else ""))
         info["duplicates_dropped"] = n_dup
         log.info("validation %s; dropped %d byte-identical duplicate(s)", info["validation"], n_dup)
@@ -629,6 +638,8 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
     train_recs, _ = dedupe(train_recs)
     val_recs, _ = dedupe(val_recs)
     test_recs = _usable(found["test"] or [], bad) if found["test"] is not None else None
+    _warn_shared_patients(train_recs, val_recs, "val/" if info["validation"] == "val/ folder" else "")
+    _warn_shared_patients(train_recs, test_recs or [], "test/")
     for name, recs in (("train", train_recs), ("val", val_recs)):
         labels = {r.label for r in recs}
         if len(labels) < len(CLASS_NAMES):
@@ -655,6 +666,23 @@ def patients_digest(patients: list[str]) -> str:
 
 
 SPLIT_KEYS = ("seed", "val_fraction", "min_val_images", "patients_csv_sha256", "cv_folds", "cv_fold", "cv_holdout")
+
+
+def _warn_shared_patients(train_recs: list[Record], other: list[Record], folder: str) -> None:
+    """Warn when a given ``folder`` (val/ or test/) shares patients or identical files with the training films:
+    its figures would then not be those of new patients. pneumoscan's own splits never share any."""
+    if not folder or not other:
+        return
+    patients = {r.patient for r in train_recs if r.patient}
+    hashes = {r.sha1 for r in train_recs if r.sha1}
+    shared = sorted({r.patient for r in other if r.patient and r.patient in patients})
+    same = sum(bool(r.sha1) and r.sha1 in hashes for r in other)
+    if shared or same:
+        log.warning("%s shares %d patient(s) (%d of its %d film(s)) and %d identical file(s) with the training "
+                    "films (patients as the split reads them: PatientID, Kermany file names, --patients): its "
+                    "figures are not those of new patients; move those patients to one side (e.g. %s)",
+                    folder, len(shared), sum(r.patient in set(shared) for r in other), len(other), same,
+                    ", ".join(shared[:5]) or "see the identical files")
 
 
 def split_record(config: dict) -> dict:
