@@ -240,6 +240,37 @@ def test_engine_crash_is_500_in_the_error_shape(tmp_path):
         client.__exit__(None, None, None)
 
 
+def test_a_heatmap_that_crashes_keeps_the_answer_and_the_worker(tmp_path, monkeypatch):
+    import pneumoscan.serve.pool as pool_mod
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(pool_mod, "heatmap_data_uri", broken)
+    client = ready_client(create_app(settings(tmp_path), lambda _: StubEngine()))
+    try:
+        first = client.post("/v1/predict?heatmap=true", files={"file": ("x.jpg", b"image")})
+        assert first.status_code == 200 and first.json()["heatmap"] is None
+        assert any("heatmap not made" in w for w in first.json()["warnings"])
+        assert post(client).status_code == 200  # the worker thread is still there
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_an_unexpected_error_in_the_audit_writer_is_an_audit_error_not_a_hang(tmp_path):
+    from pneumoscan.serve.audit import AuditLog, AuditRecord
+
+    log = AuditLog(tmp_path / "a.sqlite3")
+    try:
+        bad = log.submit(object())  # not a record: dataclasses.astuple raises TypeError
+        with pytest.raises(AuditError):
+            bad.result(10)
+        good = AuditRecord("r1", "2026-01-01T00:00:00+00:00", "POST", "/v1/predict", status=200)
+        assert log.submit(good).result(10) is None  # the writer thread lives on
+    finally:
+        log.close()
+
+
 def test_refusal_reason_drops_the_bytes_name(tmp_path):
     client = ready_client(create_app(settings(tmp_path), lambda _: StubEngine()))
     try:

@@ -180,8 +180,8 @@ class AuditLog:
                 self._commit(batch)
 
     def _commit(self, batch: list[tuple[AuditRecord, Future]]) -> None:
-        rows = [dataclasses.astuple(record) for record, _ in batch]
         try:
+            rows = [dataclasses.astuple(record) for record, _ in batch]
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._conn.executemany(_INSERT, rows)
@@ -189,8 +189,9 @@ class AuditLog:
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
-            log.error("audit log %s: %d row(s) not written (%s)", self.path, len(batch), exc)
+        except Exception as exc:  # sqlite3.Error, or anything else: the writer thread must live on, and say so
+            log.error("audit log %s: %d row(s) not written (%s)", self.path, len(batch), exc,
+                      exc_info=not isinstance(exc, sqlite3.Error))
             error = AuditError(f"audit log cannot be written ({exc})")
             for _, future in batch:
                 future.set_exception(error)

@@ -239,4 +239,8 @@ class InferencePool:
             result.warnings.append(f"heatmap not made: {exc}")
             log.warning("heatmap not made (%s)", exc)
             return None
+        except Exception:  # e.g. a GPU out of memory in Grad-CAM: the answer stands, and the worker lives on
+            log.exception("heatmap failed")
+            result.warnings.append("heatmap not made: internal error (see the server log)")
+            return None
 
