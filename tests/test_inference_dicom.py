@@ -92,3 +92,32 @@ def test_a_colour_dicom_is_refused_as_the_same_colour_png_is(engine, tmp_path, p
     from_png, from_dicom = engine.predict_batch([png, tmp_path / "colour.dcm"])
     assert isinstance(from_png, InferenceFailure) and "colour image" in from_png.error
     assert isinstance(from_dicom, InferenceFailure) and "colour image" in from_dicom.error
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_a_dicom_without_its_preamble_is_read_not_skipped(engine, tmp_path, pixels, implicit):
+    import io as _io
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+
+    ds = pydicom.dcmread(_io.BytesIO(dicom_bytes(tmp_path, pixels, ViewPosition="PA")))
+    ds.preamble = None
+    if implicit:  # no file meta at all, as some old systems write
+        ds.file_meta = FileMetaDataset()
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    buf = _io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=False, implicit_vr=implicit, little_endian=True)
+    (folder / "IMG0001").write_bytes(buf.getvalue())  # extension-less, as PACS folders have them
+    (folder / "b.dcm").write_bytes(buf.getvalue())
+    png = tmp_path / "same.png"
+    Image.fromarray(pixels).save(png)
+    reference = engine.predict_image(png)
+    out = tmp_path / "r.json"
+    assert predict_main(["--image_dir", str(folder), "--output_path", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert sorted(Path(r["image_path"]).name for r in results) == ["IMG0001", "b.dcm"]
+    for r in results:
+        assert r["probabilities"]["PNEUMONIA"] == pytest.approx(reference.probabilities["PNEUMONIA"], abs=1e-6)
+        assert any("without the 128-byte preamble" in w for w in r["warnings"])

@@ -112,9 +112,24 @@ class DicomInfo:
         return self.view_position in FRONTAL_VIEWS
 
 
+_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF",
+        b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN",
+        b"UR", b"US", b"UT", b"UV"}
+
+
 def is_dicom(data: bytes) -> bool:
-    """True when ``data`` is a DICOM Part 10 file: "DICM" after the 128-byte preamble, whatever the file name."""
-    return data[128:132] == b"DICM"
+    """True when ``data`` is a DICOM file, whatever the file name: Part 10 ("DICM" after the 128-byte preamble),
+    or a data set written without the preamble (it starts with a little-endian tag of the file meta group
+    0002 or the identifying group 0008, explicit or implicit VR), as some older systems export."""
+    return data[128:132] == b"DICM" or _is_bare_dataset(data)
+
+
+def _is_bare_dataset(data: bytes) -> bool:
+    if len(data) < 8 or data[:2] not in (b"\x02\x00", b"\x08\x00"):
+        return False
+    if data[4:6] in _VRS:  # explicit VR
+        return True
+    return data[:2] == b"\x08\x00" and int.from_bytes(data[4:8], "little") < 1024  # implicit VR: a short value
 
 
 def patient_key(path: str | os.PathLike) -> str:
@@ -159,18 +174,37 @@ def read_dicom(data: bytes, name: str) -> tuple[Image.Image, DicomInfo]:
             f"{name}: is a DICOM file, but pydicom is not installed; pip install 'pneumoscan[dicom]'"
         ) from exc
 
+    bare = data[128:132] != b"DICM" and _is_bare_dataset(data)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = pydicom.dcmread(io.BytesIO(data), force=bare)
+        if bare:
+            _describe_bare(ds)
     except InvalidDicomError as exc:
         raise ImageError(f"{name}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from exc
     except Exception as exc:  # a malformed file can fail inside pydicom's parser with many exception types
         raise ImageError(f"{name}: cannot parse DICOM file, it may be truncated or corrupt ({_reason(exc)})") from exc
     try:
-        return _render(ds, name)
+        img, info = _render(ds, name)
+        if bare:
+            info.warnings.append("DICOM data set without the 128-byte preamble and 'DICM' marker (not a Part 10 "
+                                 "file): read as it is; prefer the file the PACS or modality exports")
+        return img, info
     except ImageError:
         raise
     except Exception as exc:  # pydicom parses values lazily, so a malformed attribute fails on first access
         raise ImageError(f"{name}: DICOM image attributes are malformed ({_reason(exc)}); re-export the file") from exc
+
+
+def _describe_bare(ds: Dataset) -> None:
+    """A data set read without its preamble: where it has no Transfer Syntax UID, the one pydicom read it
+    with (uncompressed only: a compressed one cannot be told from the bytes)."""
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = getattr(ds, "original_encoding", (None, None))
+        if implicit is not None:
+            ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def _reason(exc: Exception) -> str:
