@@ -294,3 +294,23 @@ def test_decode_threads_are_reused_across_calls(engine, good_files):
     pool = engine._pool
     engine.predict_batch(good_files[2:4])
     assert pool is not None and engine._pool is pool
+
+
+def test_an_unexpected_error_on_one_film_fails_that_film_only(train_dir, monkeypatch):
+    films = sorted((train_dir / "PNEUMONIA").glob("*.jpeg"))[:3]
+    engine = MedicalImageInference(backend="torch")
+    spec_type = type(engine.predictor.spec)
+    real = spec_type.pixels
+    seen = []
+
+    def pixels(self, gray):
+        seen.append(gray.size)
+        if len(seen) == 2:  # the second film runs out of memory, say
+            raise MemoryError("cannot allocate")
+        return real(self, gray)
+
+    monkeypatch.setattr(spec_type, "pixels", pixels)
+    engine.decode_workers = 0
+    outcomes = list(engine.iter_predict(films))
+    assert [type(o).__name__ for o in outcomes] == ["InferenceResult", "InferenceFailure", "InferenceResult"]
+    assert "unexpected error while preparing" in outcomes[1].error and "MemoryError" in outcomes[1].error

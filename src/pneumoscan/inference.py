@@ -353,11 +353,18 @@ class MedicalImageInference:
             log.debug("unexpected error decoding %s", name, exc_info=True)
             return _Prepared(index, source, failure=_failure(name, ImageError(
                 f"{name}: unexpected error while decoding ({type(exc).__name__}: {exc})")))
-        if self.gate is not None:
-            verdict = self.gate.check_pixels(np.asarray(decoded.gray), decoded.colorfulness, decoded.size)
-            if not verdict.in_scope:
-                return _Prepared(index, source, failure=_failure(name, OutOfScopeError(f"{name}: {verdict.reason}")))
-        return _Prepared(index, source, self.predictor.spec.pixels(decoded.gray), decoded, time.perf_counter() - t0)
+        try:
+            if self.gate is not None:
+                verdict = self.gate.check_pixels(np.asarray(decoded.gray), decoded.colorfulness, decoded.size)
+                if not verdict.in_scope:
+                    return _Prepared(index, source,
+                                     failure=_failure(name, OutOfScopeError(f"{name}: {verdict.reason}")))
+            pixels = self.predictor.spec.pixels(decoded.gray)
+        except Exception as exc:  # e.g. out of memory on a huge film: this file fails, the batch goes on
+            log.warning("unexpected error preparing %s", name, exc_info=True)
+            return _Prepared(index, source, failure=_failure(name, ImageError(
+                f"{name}: unexpected error while preparing the image ({type(exc).__name__}: {exc})")))
+        return _Prepared(index, source, pixels, decoded, time.perf_counter() - t0)
 
     def _prepared(self, sources: Iterable) -> Iterator[_Prepared]:
         """``_prepare`` of each source, in order; with decode workers, a bounded number run ahead."""
@@ -455,9 +462,10 @@ class MedicalImageInference:
         path = heatmap_dir / heatmap_name(source)
         try:
             self._overlay(source, decoded, self.class_names.index(result.prediction), path)
-        except (OSError, ValueError, ImageError) as exc:
+        except Exception as exc:  # an unwritable folder, an odd image, memory: the answer stands, the batch goes on
             result.warnings.append(f"heatmap not written: {exc}")
-            log.warning("%s: heatmap not written (%s)", result.image_path, exc)
+            log.warning("%s: heatmap not written (%s)", result.image_path, exc,
+                        exc_info=not isinstance(exc, (OSError, ValueError, ImageError)))
             return
         result.heatmap_path = str(path)
 
