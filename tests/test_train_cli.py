@@ -162,6 +162,19 @@ def test_a_cosine_run_resumed_with_other_epochs_is_refused(trained_run, tmp_path
     assert "cannot --resume with a different epochs" in log and "Epoch 2/3" not in log
 
 
+def test_a_run_the_time_budget_stopped_is_finished_on_resume_not_trained_on(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "budget"
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--epochs", "8", "--max_train_minutes", "0.001"]
+    assert train_main(argv) == 0
+    assert len(read_history(out)) == 1  # the budget stopped it after the first epoch
+    first_run = len((out / "training.log").read_text())
+    assert train_main([*argv, "--resume"]) == 0
+    log = (out / "training.log").read_text()[first_run:]
+    assert "the run had stopped after epoch 1 (time budget" in log and "Epoch 2/8" not in log
+    assert len(read_history(out)) == 1
+
+
 def test_resume_on_other_data_is_refused(trained_run, tmp_path, smoke_args, smoke_files, make_dataset):
     # fewer films: other validation patients, so the best epoch so far was chosen on other films
     other = make_dataset(tmp_path / "other", {cls: paths[:-6] for cls, paths in smoke_files.items()})

@@ -332,14 +332,24 @@ def resume(tr: Trainer, out: Path, state: dict) -> Progress:
         tr.gen.manual_seed(tr.cfg.seed + 7919 * tr.world.rank + 104729 * state["epoch"])
     progress = Progress(history=state["history"], best_value=state["best_value"], best_epoch=state["best_epoch"],
                         next_epoch=state["epoch"] + 1)
+    stopped, old = state.get("stopped") or "", state.get("config", {})
+    # early stopping or the time budget had ended it: with the same patience or budget, finish it, do not train on
+    # (a raised --patience or --max_train_minutes continues it)
+    if (stopped.startswith("time budget") and old.get("max_train_minutes") == tr.cfg.max_train_minutes) or (
+            stopped.startswith("early stopping") and old.get("patience") == tr.cfg.patience):
+        progress.stop_reason, progress.next_epoch = stopped, tr.cfg.epochs + 1
+        log.info("--resume: the run had stopped after epoch %d (%s); finishing it without more epochs (a new "
+                 "--output_dir trains another)", state["epoch"], state["stopped"])
     log.info("resumed from %s at epoch %d (best %s %.4f at epoch %d)", out / LAST_FILE, progress.next_epoch,
              tr.cfg.eval_metric, progress.best_value if progress.best_value is not None else float("nan"),
              progress.best_epoch)
     return progress
 
 
-def write_epoch(tr: Trainer, out: Path, epoch: int, val: dict, progress: Progress, improved: bool) -> None:
-    """``checkpoint_last.pth`` (for --resume) and, if ``improved``, ``medical_cnn_model.pth``."""
+def write_epoch(tr: Trainer, out: Path, epoch: int, val: dict, progress: Progress, improved: bool,
+                stopped: str | None = None) -> None:
+    """``checkpoint_last.pth`` (for --resume; with ``stopped``, why training ends after this epoch) and, if
+    ``improved``, ``medical_cnn_model.pth``."""
     payload = tr.payload(out, epoch, metrics={"val": val})  # the weights copied once for both files
     if improved:
         save_checkpoint(payload, out / MODEL_FILE)
@@ -348,7 +358,7 @@ def write_epoch(tr: Trainer, out: Path, epoch: int, val: dict, progress: Progres
                      "scheduler_state": tr.scheduler.state_dict(),
                      "generator_state": tr.gen.get_state().cpu(), "torch_rng_state": torch.get_rng_state(),
                      "history": progress.history, "best_value": progress.best_value,
-                     "best_epoch": progress.best_epoch}, out / LAST_FILE)
+                     "best_epoch": progress.best_epoch, "stopped": stopped}, out / LAST_FILE)
 
 
 def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progress:
@@ -390,19 +400,20 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
         if improved:
             progress.best_value, progress.best_epoch = value, epoch
             progress.best_state = copy.deepcopy(tr.model.state_dict())
-        # rank 0 writes; a write that fails there (a full disk) stops every rank
-        from_main(lambda: write_epoch(tr, out, epoch, val, progress, improved), world)
         stop = None
         elapsed_min = (time.time() - started) / 60
         per_epoch = elapsed_min / (epoch - first + 1)
-        if epoch == cfg.epochs:  # the loop ends here anyway: the stop reason stays "reached --epochs"
-            break
-        if epoch - progress.best_epoch >= cfg.patience:
+        if epoch - progress.best_epoch >= cfg.patience and epoch < cfg.epochs:
             stop = f"early stopping: no {cfg.eval_metric} improvement for {cfg.patience} epochs"
-        elif cfg.max_train_minutes and last_epoch_in_budget(epoch, elapsed_min, per_epoch,
-                                                            cfg.max_train_minutes) == epoch:
+        elif cfg.max_train_minutes and epoch < cfg.epochs and last_epoch_in_budget(
+                epoch, elapsed_min, per_epoch, cfg.max_train_minutes) == epoch:
             stop = f"time budget: another epoch would pass --max_train_minutes {cfg.max_train_minutes}"
         stop = broadcast(stop, world)  # rank 0's clock decides, so that no rank trains alone
+        # rank 0 writes (with the stop, so that --resume finishes a stopped run instead of training on); a write
+        # that fails there (a full disk) stops every rank
+        from_main(lambda: write_epoch(tr, out, epoch, val, progress, improved, stop), world)
+        if epoch == cfg.epochs:  # the loop ends here anyway: the stop reason stays "reached --epochs"
+            break
         if stop:
             progress.stop_reason = stop
             break
