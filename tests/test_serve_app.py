@@ -348,3 +348,12 @@ def test_api_keys_match_by_id(tmp_path):
     assert keys.key_id(f"Bearer {VALID_KEY}-second").startswith("key-")
     for header in (None, "", "Bearer", f"Basic {VALID_KEY}", f"Bearer {VALID_KEY}x", VALID_KEY):
         assert keys.key_id(header) is None, header
+
+
+def test_every_setting_has_its_flag():
+    import dataclasses
+
+    from pneumoscan.serve.cli import _serve_parser
+
+    flags = {a.dest for a in _serve_parser()._actions}
+    assert {f.name for f in dataclasses.fields(ServeSettings)} <= flags

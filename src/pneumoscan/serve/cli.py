@@ -45,7 +45,12 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_queue", type=int, default=d.max_queue,
                    help="requests held at once; beyond, 503 with Retry-After (default %(default)d)")
     p.add_argument("--request_timeout_s", type=float, default=d.request_timeout_s,
-                   help="503 for a request not predicted within this time (default %(default)g)")
+                   help="408 for an upload not received, 503 for a request not predicted, within this time "
+                        "(default %(default)g)")
+    p.add_argument("--decode_workers", type=int, default=d.decode_workers,
+                   help="threads decoding a batch's images (0: none; default %(default)d)")
+    p.add_argument("--heatmap_max_side", type=int, default=d.heatmap_max_side,
+                   help="longest side in pixels of the heatmap PNG returned with ?heatmap=true (default %(default)d)")
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
     p.add_argument("--backend", choices=BACKENDS,
                    help="what runs the model (default: the engine's, as for pneumoscan predict)")

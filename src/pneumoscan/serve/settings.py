@@ -27,7 +27,8 @@ class ServeSettings:
             runs a batch that is not full; it never waits when nothing else is on its way.
         max_queue: requests admitted at once (uploading, queued or being predicted); one more is
             answered 503 with Retry-After. Memory in use is at most about max_queue x max_upload_mb.
-        request_timeout_s: a request whose prediction has not finished after this long gets 503.
+        request_timeout_s: an upload not received within this long gets 408, a request whose prediction has
+            not finished after this long gets 503.
         device: ``auto``, ``cpu`` or ``cuda``.
         backend: what runs the model (the engine's ``backend``: ``auto``, ``torch``, ``onnx``,
             ``onnx-int8``); None leaves the engine's default.
