@@ -314,6 +314,7 @@ def test_metrics(server, client, xray):
     before = values()
     ok = post(client, xray).json()
     assert_error(server, post(client, data=b"not an image"), 422, "ImageError")
+    assert httpx.get(server.url + "/no-such-page").status_code == 404  # not a /v1 refusal
     after = values()
 
     def delta(name, **labels):
@@ -324,6 +325,7 @@ def test_metrics(server, client, xray):
     assert delta("pneumoscan_http_requests_total", method="POST", path="/v1/predict", status="422") == 1
     assert delta("pneumoscan_predictions_total", prediction=ok["prediction"], risk_level=ok["risk_level"]) == 1
     assert delta("pneumoscan_refusals_total", reason="ImageError") == 1
+    assert delta("pneumoscan_refusals_total", reason="NotFound") == 0
     assert delta("pneumoscan_http_request_duration_seconds_count", path="/v1/predict") == 2
     assert after[("pneumoscan_model_info", (("model_version", SHIPPED_VERSION),))] == 1
 

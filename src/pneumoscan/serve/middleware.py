@@ -135,7 +135,7 @@ class ServiceMiddleware:
         metrics.requests.labels(scope["method"], label, str(status)).inc()
         metrics.latency.labels(label).observe(seconds)
         error_type = scope["state"].get("error_type")
-        if error_type is not None:
+        if error_type is not None and is_audited(scope["path"]):  # /v1 requests only, as the metric says
             metrics.refusals.labels(error_type).inc()
         if record is not None and status == 200 and record.prediction is not None:
             metrics.predictions.labels(record.prediction, record.risk_level or "").inc()
