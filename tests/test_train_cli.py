@@ -307,10 +307,10 @@ def test_init_from_fine_tunes_the_given_weights(trained_run, tmp_path, smoke_arg
     assert tuned["config"]["init_split"]["seed"] == source["config"]["seed"]
 
 
-def test_train_head_only_changes_the_head_and_nothing_the_gates_read(trained_run, tmp_path, smoke_args):
+def test_freeze_blocks_5_changes_the_head_and_nothing_the_gates_read(trained_run, tmp_path, smoke_args):
     out = tmp_path / "head_only"
     argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
-            *smoke_args, "--init_from", str(trained_run.model_path), "--train_head_only", "--lr", "1e-2"]
+            *smoke_args, "--init_from", str(trained_run.model_path), "--freeze_blocks", "5", "--lr", "1e-2"]
     assert train_main(argv) == 0
     source, tuned = load_checkpoint(trained_run.model_path), load_checkpoint(out / "medical_cnn_model.pth")
     blocks = [k for k in source["model_state"] if k.startswith("features.")]
@@ -320,17 +320,29 @@ def test_train_head_only_changes_the_head_and_nothing_the_gates_read(trained_run
     for k in blocks:
         assert torch.equal(tuned["model_state"][k], source["model_state"][k]), k
     assert any(not torch.equal(tuned["model_state"][k], source["model_state"][k]) for k in head)
-    assert tuned["config"]["train_head_only"] is True
+    assert tuned["config"]["freeze_blocks"] == 5
     assert "classifier head only" in (out / "training.log").read_text()
 
 
-def test_train_head_only_without_starting_weights_is_refused(trained_run, tmp_path, smoke_args, capsys):
+def test_freeze_blocks_4_trains_the_last_block_and_the_head_only(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "last_block"
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--init_from", str(trained_run.model_path), "--freeze_blocks", "4", "--lr", "1e-2"]
+    assert train_main(argv) == 0
+    source, tuned = load_checkpoint(trained_run.model_path), load_checkpoint(out / "medical_cnn_model.pth")
+    for k, v in source["model_state"].items():
+        frozen = any(k.startswith(f"features.{i}.") for i in range(4))
+        assert torch.equal(tuned["model_state"][k], v) == frozen or not v.is_floating_point(), k
+    assert "convolutional blocks 1-4 frozen" in (out / "training.log").read_text()
+
+
+def test_freeze_blocks_without_starting_weights_is_refused(trained_run, tmp_path, smoke_args, capsys):
     argv = ["--data_dir", str(trained_run.data), "--output_dir", str(tmp_path / "x"), *smoke_args,
-            "--train_head_only"]
+            "--freeze_blocks", "5"]
     with pytest.raises(SystemExit) as exc:
         train_main(argv)
     assert exc.value.code == 2
-    assert "train_head_only needs init_from" in capsys.readouterr().err
+    assert "freeze_blocks needs init_from" in capsys.readouterr().err
 
 
 def test_a_run_that_diverges_ends_with_a_clear_error_not_a_traceback(trained_run, tmp_path, smoke_args, capfd):

@@ -108,10 +108,11 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="fine-tune: start from this checkpoint's weights and input normalisation ('shipped' "
                         "for the shipped model) instead of a fresh initialisation; its --arch and --width "
                         "must match")
-    p.add_argument("--train_head_only", action="store_true", default=None,
-                   help="with --init_from: train only the classifier head (FC 512->256->2); the convolutional "
-                        "blocks and their batch-norm statistics stay as they are, so do the features the "
-                        "out-of-scope checks read (last-layer retraining: cheap, about a third of a full step)")
+    p.add_argument("--freeze_blocks", type=int, metavar="N",
+                   help="with --init_from: keep the first N of the five convolutional blocks (and their batch-norm "
+                        "statistics) as they are and train the rest; 5 trains only the classifier head (FC "
+                        "512->256->2), which keeps every feature the out-of-scope checks read (last-layer "
+                        "retraining: about a third of a full step). Default 0: train everything")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

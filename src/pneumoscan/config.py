@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .augment import LEVELS
-from .model import ARCHITECTURES
+from .model import ARCHITECTURES, SEED_WIDTHS
 from .preprocess import INTENSITIES
 
 LOSSES = ("weighted_ce", "ce", "focal")
@@ -81,7 +81,7 @@ class TrainConfig:
     resume: bool = False
     init_from: str = ""  # start from these weights (a checkpoint path or "shipped") instead of Xavier init
     init_split: dict = field(default_factory=dict)  # filled in by training: init_from's split (data.split_record)
-    train_head_only: bool = False  # with init_from: only fc1/fc2 train; the convolutional blocks stay frozen
+    freeze_blocks: int = 0  # with init_from: the first N conv blocks stay as they are (5: only fc1/fc2 train)
     max_train_minutes: float = 0.0
     preset: str = "full"
     extra: dict = field(default_factory=dict)
@@ -118,9 +118,12 @@ class TrainConfig:
                              f"(k-fold cross-validation); got cv_folds {self.cv_folds}")
         if self.cv_folds and not 0 <= self.cv_fold < self.cv_folds:
             raise ValueError(f"cv_fold must be in 0..{self.cv_folds - 1}, got {self.cv_fold}")
-        if self.train_head_only and not self.init_from:
-            raise ValueError("train_head_only needs init_from (a trained checkpoint, or 'shipped'): a head on "
-                             "untrained convolutional blocks learns nothing useful")
+        if not 0 <= self.freeze_blocks <= len(SEED_WIDTHS):
+            raise ValueError(f"freeze_blocks must be between 0 and {len(SEED_WIDTHS)} (the convolutional blocks), "
+                             f"got {self.freeze_blocks}")
+        if self.freeze_blocks and not self.init_from:
+            raise ValueError("freeze_blocks needs init_from (a trained checkpoint, or 'shipped'): training on top of "
+                             "untrained frozen blocks learns nothing useful")
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if not 0.0 <= self.dropout < 1.0:

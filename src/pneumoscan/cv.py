@@ -84,7 +84,7 @@ def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | No
 # (a fold of a 2-fold run in a 3-fold run's folder would score films twice in the out-of-fold report).
 _FOLD_FIXED = ("cv_folds", "cv_fold", "cv_holdout", "seed", "val_fraction", "min_val_images", "patients_csv_sha256",
                "arch", "image_size", "in_channels", "intensity", "epochs", "augment", "loss", "lr", "lr_schedule",
-               "mixup", "init_from", "train_head_only")
+               "mixup", "init_from", "freeze_blocks")
 
 
 def _check_finished_fold(trained: dict, cfg: TrainConfig, run_dir: Path) -> None:

@@ -37,7 +37,7 @@ from .metrics import (
     metrics_with_ci,
     reliability_bins,
 )
-from .model import build_model, model_kwargs
+from .model import SEED_WIDTHS, build_model, model_kwargs
 from .plots import plot_history, plot_reliability
 from .predict import CLASS_NAMES, InputSpec, Predictor, resolve_device
 from .results import write_json
@@ -50,7 +50,7 @@ LAST_FILE = "checkpoint_last.pth"
 # Config fields that must not change when resuming a run.
 _RESUME_FIXED = ("arch", "width", "image_size", "in_channels", "dropout", "seed", "val_fraction", "cv_folds",
                  "cv_fold", "cv_holdout", "patients_csv_sha256", "lr_schedule", "init_from",
-                 "intensity", "train_head_only", "eval_metric", "lr_factor",
+                 "intensity", "freeze_blocks", "eval_metric", "lr_factor",
                  "lr_patience")  # init_from fixes the input normalisation; the restored schedule keeps the last three
 
 
@@ -173,6 +173,12 @@ def warn_if_validated_on_seen_patients(cfg: TrainConfig, init: InitialWeights) -
     return seen
 
 
+def frozen_note(freeze_blocks: int) -> str:
+    if freeze_blocks == len(SEED_WIDTHS):
+        return " (classifier head only)"
+    return f" (convolutional blocks 1-{freeze_blocks} frozen)" if freeze_blocks else ""
+
+
 def build_trainer(cfg: TrainConfig, splits: DataSplits, device: torch.device, world: World = World(),
                   init: InitialWeights | None = None) -> Trainer:
     """Model, input contract (normalised with the training images' statistics), loss, optimiser, schedule.
@@ -189,11 +195,11 @@ def build_trainer(cfg: TrainConfig, splits: DataSplits, device: torch.device, wo
         model.load_state_dict(init.state)
     norm = init.norm if init is not None else normalization_stats(splits.train.images, cfg.intensity)
     spec = InputSpec(cfg.image_size, norm["mean"], norm["std"], cfg.in_channels, intensity=cfg.intensity)
-    if cfg.train_head_only:  # last-layer retraining: the features (and what the gates read) stay as they were
-        model.features.requires_grad_(False)
+    for block in model.features[:cfg.freeze_blocks]:  # 5: last-layer retraining, every gate's features kept
+        block.requires_grad_(False)
     trained = [p for p in model.parameters() if p.requires_grad]
     log.info("model %s: %d parameters, %d of them trained%s", cfg.arch, sum(p.numel() for p in model.parameters()),
-             sum(p.numel() for p in trained), " (classifier head only)" if cfg.train_head_only else "")
+             sum(p.numel() for p in trained), frozen_note(cfg.freeze_blocks))
     predictor = Predictor(model, spec, None, device)
     optimizer = torch.optim.Adam(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.lr_schedule == "cosine":  # stepped once per epoch: lr reaches min_lr after --epochs
@@ -226,8 +232,8 @@ def train_one_epoch(tr: Trainer, data: ImageSet, epoch: int) -> dict:
     """One pass over ``data`` in shuffled batches; returns loss, accuracy and where the time went."""
     cfg, model, device = tr.cfg, tr.train_module or tr.model, tr.predictor.device
     model.train()
-    if cfg.train_head_only:  # frozen blocks keep their batch-norm statistics too
-        tr.model.features.eval()
+    for block in tr.model.features[:cfg.freeze_blocks]:  # frozen blocks keep their batch-norm statistics too
+        block.eval()
     perm = epoch_order(len(data), cfg, tr.world, epoch)
     total_loss, correct, seen = 0.0, 0, 0
     data_time = compute_time = 0.0
