@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(data_dir=args.data_dir, output_dir=str(out / name), epochs=args.epochs,
                           image_size=args.image_size, batch_size=args.batch_size, lr=args.lr,
                           patience=args.patience, max_train_minutes=args.minutes,
-                          cache_dir=args.cache_dir, **overrides)
+                          cache_dir=args.cache_dir, overwrite=True, **overrides)  # each call measures anew
         t0 = time.time()
         res = run_training(cfg)
         m = res["validation"]["at_threshold"]["metrics"]

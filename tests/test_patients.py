@@ -352,3 +352,13 @@ def test_a_patient_group_without_a_class_stores_no_value_for_it():
 def test_evaluate_refuses_a_threshold_that_is_not_a_probability_before_any_work(jpeg_folder, capsys, threshold):
     assert evaluate_main(["--data_dir", str(jpeg_folder), "--threshold", threshold, "--model_only"]) == EXIT_BAD_INPUT
     assert f"--threshold {float(threshold)}: give a probability between 0 and 1" in capsys.readouterr().err
+
+
+def test_a_k_fold_run_with_a_patients_csv_reuses_its_finished_folds(anonymous_root, tmp_path, smoke_args):
+    root, csv_path = anonymous_root
+    out = tmp_path / "cv"
+    argv = ["--data_dir", str(root), "--output_dir", str(out), "--patients", str(csv_path), "--cv_folds", "2",
+            "--width", "0.25", "--cache_dir", "none", *smoke_args]
+    assert train_main(argv) == 0
+    assert train_main(argv) == 0  # run again: both folds finished, checked against the same CSV
+    assert (out / "training.log").read_text().count("finished earlier") == 2

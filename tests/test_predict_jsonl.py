@@ -97,6 +97,11 @@ def test_resume_with_another_threshold_or_model_is_refused(folder, tmp_path, tra
     assert run(folder, out, trained_model, "--resume", "--threshold", "0.99") == 2
     assert "resume with the same --model_path and --threshold" in capsys.readouterr().err
     assert out.read_bytes() == before
+    from pneumoscan.checkpoint import default_model_path
+
+    assert run(folder, out, default_model_path(), "--resume") == 2  # another model
+    assert "holds results of model" in capsys.readouterr().err
+    assert out.read_bytes() == before
 
 
 def test_a_damaged_line_before_good_ones_is_reported_not_cut_away(folder, tmp_path, trained_model, capsys):

@@ -181,9 +181,11 @@ def test_lateral_or_population_warning_never_comes_with_low_risk(engine, tmp_pat
     # the other spellings of a lateral, and the views that are neither frontal nor lateral (DICOM's defined terms)
     others = {view: dicom_bytes(tmp_path, film, filename=f"{view}.dcm", ViewPosition=view)
               for view in ("LAT", "LL", "RL", "RLO", "LLO", "RLD", "LLD")}
-    pa, lat, *rest = engine.predict_batch([frontal, lateral, *others.values()])
+    qualified = dicom_bytes(tmp_path, film, filename="ap_supine.dcm", ViewPosition="AP SUPINE")
+    pa, lat, supine, *rest = engine.predict_batch([frontal, lateral, qualified, *others.values()])
     assert isinstance(pa, InferenceResult) and isinstance(lat, InferenceResult)
     assert pa.risk_level == RISK_LOW  # a confident answer on a frontal film (the control)
+    assert supine.risk_level == RISK_LOW and supine.warnings == pa.warnings  # "AP SUPINE" is a frontal view
     assert any("lateral" in w for w in lat.warnings) and lat.risk_level == RISK_HIGH
     assert lat.probabilities == pa.probabilities
     for view, result in zip(others, rest):

@@ -173,6 +173,8 @@ def test_a_run_the_time_budget_stopped_is_finished_on_resume_not_trained_on(trai
     log = (out / "training.log").read_text()[first_run:]
     assert "the run had stopped after epoch 1 (time budget" in log and "Epoch 2/8" not in log
     assert len(read_history(out)) == 1
+    lowered = [*argv[:-1], "0.0005", "--resume"]  # a lower budget does not continue it either
+    assert train_main(lowered) == 0 and len(read_history(out)) == 1
 
 
 def test_resume_on_other_data_is_refused(trained_run, tmp_path, smoke_args, smoke_files, make_dataset):
@@ -363,6 +365,18 @@ def test_a_new_run_into_a_finished_run_s_folder_is_refused_and_its_model_kept(tr
     assert train_main(argv) == 2
     assert "holds a run already" in (out / "training.log").read_text()
     assert (out / "medical_cnn_model.pth").read_bytes() == before
+    assert train_main([*argv, "--overwrite"]) == 0  # asked for: replaced
+    assert load_checkpoint(out / "medical_cnn_model.pth")["config"]["seed"] == 1
+
+
+def test_a_model_left_by_a_run_killed_in_its_first_epoch_does_not_block_a_new_run(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "killed_early"
+    out.mkdir()
+    shutil.copy(trained_run.model_path, out / "medical_cnn_model.pth")  # written before checkpoint_last.pth
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args]
+    assert train_main(argv) == 0
+    assert "no checkpoint_last.pth to resume from" in (out / "training.log").read_text()
 
 
 def test_init_from_another_network_is_refused_with_the_flags_to_give(trained_run, tmp_path, smoke_args):

@@ -104,6 +104,9 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="stop before training if any file cannot be decoded (default: skip and list them)")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from OUTPUT_DIR/checkpoint_last.pth")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="start a new run in an OUTPUT_DIR that holds one, replacing its model (without it, and "
+                        "without --resume, such a folder is refused)")
     p.add_argument("--init_from", metavar="CHECKPOINT",
                    help="fine-tune: start from this checkpoint's weights and input normalisation ('shipped' "
                         "for the shipped model) instead of a fresh initialisation; its --arch and --width "

@@ -79,6 +79,7 @@ class TrainConfig:
     strict: bool = False
     cache_dir: str = ""
     resume: bool = False
+    overwrite: bool = False  # a new run may replace the run in output_dir (without it, such a folder is refused)
     init_from: str = ""  # start from these weights (a checkpoint path or "shipped") instead of Xavier init
     init_split: dict = field(default_factory=dict)  # filled in by training: init_from's split (data.split_record)
     freeze_blocks: int = 0  # with init_from: the first N conv blocks stay as they are (5: only fc1/fc2 train)

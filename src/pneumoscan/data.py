@@ -565,9 +565,10 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
     otherwise it is built from ``train/`` (plus the tiny ``val/``) by patient. With
     ``cv_folds`` = k > 0, ``train/`` and ``val/`` are pooled and dealt into k patient-level
     folds (``patient_folds``), and fold ``cv_fold`` is the validation split; with ``cv_holdout``
-    the usual patient-level validation split (``val_fraction``, ``seed``) is first set aside and
-    only the rest is dealt, so that models of every fold leave the same patients unseen (to
-    calibrate and check their ensemble, ``ensemble.write_ensemble``).
+    the usual validation split is first set aside (the ``val/`` folder where it holds at least
+    ``min_val_images`` images, else the patient-level split of ``val_fraction`` and ``seed``) and only
+    the rest (``train/`` alone, where ``val/`` is held out) is dealt, so that models of every fold leave
+    the same patients unseen (to calibrate and check their ensemble, ``ensemble.write_ensemble``).
     ``test/`` is decoded for the single final evaluation only. Patients: ``patients_csv`` when given
     (``assign_patients``), else each file's DICOM PatientID or Kermany-style name (``file_patient``).
 

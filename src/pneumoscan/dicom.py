@@ -108,13 +108,20 @@ class DicomInfo:
 
     @property
     def is_frontal(self) -> bool:
-        """PA, AP or not stated; laterals, obliques (RLO, LLO) and decubitus views (RLD, LLD) are not."""
-        return self.view_position in FRONTAL_VIEWS
+        """PA, AP (also written with a qualifier, "AP SUPINE", "PA_ERECT") or not stated; laterals, obliques
+        (RLO, LLO) and decubitus views (RLD, LLD) are not."""
+        return view_word(self.view_position) in FRONTAL_VIEWS
 
 
 _VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD", b"OF",
         b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI", b"UL", b"UN",
         b"UR", b"US", b"UT", b"UV"}
+
+
+def view_word(view_position: str) -> str:
+    """The first word of a ViewPosition ("AP SUPINE" -> "AP", "PA_ERECT" -> "PA"); "" when absent."""
+    words = view_position.replace("_", " ").replace("-", " ").split()
+    return words[0] if words else ""
 
 
 def is_dicom(data: bytes) -> bool:
@@ -226,7 +233,7 @@ def _render(ds: Dataset, name: str) -> tuple[Image.Image, DicomInfo]:
         transfer_syntax="",
         is_lateral=False,
     )
-    info.is_lateral = info.view_position in LATERAL_VIEWS
+    info.is_lateral = view_word(info.view_position) in LATERAL_VIEWS
     _check_scope(ds, info, name)
 
     tsyntax = ds.file_meta.get("TransferSyntaxUID")

@@ -292,11 +292,17 @@ def _check_resume(state: dict, cfg: TrainConfig, but: tuple[str, ...] = ()) -> N
 
 
 def refuse_existing_run(out: Path) -> None:
-    """Raises CheckpointError if ``out`` holds a run's model or its last checkpoint (without --resume)."""
-    existing = [name for name in (MODEL_FILE, LAST_FILE) if (out / name).exists()]
+    """Raises CheckpointError if ``out`` holds a run that can be resumed (``checkpoint_last.pth``) or has finished
+    (``training_results.json``). A model file alone (a run killed between the two writes of its first epoch)
+    is replaced, with a warning."""
+    existing = [name for name in (LAST_FILE, "training_results.json") if (out / name).exists()]
     if existing:
-        raise CheckpointError(f"{out} holds a run already ({', '.join(existing)}): continue it with --resume, or "
-                              f"give a new --output_dir (a new run would replace its model with its first epoch)")
+        raise CheckpointError(f"{out} holds a run already ({', '.join(existing)}): continue it with --resume, give a "
+                              f"new --output_dir, or --overwrite to replace it (its model would be replaced by "
+                              f"this run's first epoch)")
+    if (out / MODEL_FILE).exists():
+        log.warning("%s holds %s but no %s to resume from (a run stopped in its first epoch): starting again",
+                    out, MODEL_FILE, LAST_FILE)
 
 
 def read_last_checkpoint(out: Path, cfg: TrainConfig) -> dict:
@@ -339,10 +345,12 @@ def resume(tr: Trainer, out: Path, state: dict) -> Progress:
     progress = Progress(history=state["history"], best_value=state["best_value"], best_epoch=state["best_epoch"],
                         next_epoch=state["epoch"] + 1)
     stopped, old = state.get("stopped") or "", state.get("config", {})
-    # early stopping or the time budget had ended it: with the same patience or budget, finish it, do not train on
-    # (a raised --patience or --max_train_minutes continues it)
-    if (stopped.startswith("time budget") and old.get("max_train_minutes") == tr.cfg.max_train_minutes) or (
-            stopped.startswith("early stopping") and old.get("patience") == tr.cfg.patience):
+    # early stopping or the time budget had ended it: finish it, do not train on, unless --patience or
+    # --max_train_minutes was raised (0: no budget)
+    budget, old_budget = tr.cfg.max_train_minutes, float(old.get("max_train_minutes") or 0)
+    budget_raised = budget == 0 or (old_budget > 0 and budget > old_budget)
+    if (stopped.startswith("time budget") and not budget_raised) or (
+            stopped.startswith("early stopping") and tr.cfg.patience <= int(old.get("patience", tr.cfg.patience))):
         progress.stop_reason, progress.next_epoch = stopped, tr.cfg.epochs + 1
         log.info("--resume: the run had stopped after epoch %d (%s); finishing it without more epochs (a new "
                  "--output_dir trains another)", state["epoch"], state["stopped"])
@@ -490,7 +498,7 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
         cfg = replace(cfg, patients_csv=str(csv_path), patients_csv_sha256=file_sha256(csv_path))
     log.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
 
-    if not cfg.resume:  # a finished or interrupted run's model is never replaced by a new run's first epoch
+    if not cfg.resume and not cfg.overwrite:  # a run's model is never replaced by another run's first epoch
         from_main(lambda: refuse_existing_run(out), world)
     # a wrong --init_from or --resume checkpoint stops the run before data preparation; rank 0
     # reads the file and sends it on (on several nodes only rank 0's disk may have it)
