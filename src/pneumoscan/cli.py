@@ -176,7 +176,7 @@ def _predict_parser() -> argparse.ArgumentParser:
                    help="threads decoding the next images while the model runs (0: none; default 2)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx", "onnx-int8"),
                    help="what runs the model: auto (int8 ONNX Runtime on a CPU when the model carries its int8 "
-                        "calibration, else torch), torch (the fp32 reference), onnx, onnx-int8")
+                        "calibration, else torch), torch (the fp32 reference; bf16 autocast on CUDA), onnx, onnx-int8")
     p.add_argument("--calibration_dir",
                    help="onnx-int8 only, first use of a model: the data set it was trained on (for calibration)")
     p.add_argument("--no_recursive", action="store_true", help="only the top level of --image_dir")
