@@ -151,3 +151,24 @@ def test_what_rank_0_sends_when_it_fails_can_be_unpickled_by_the_others(exc, sen
     assert kind == "error" and local is exc
     assert type(value) is type(sent) and str(value) == str(sent)
     assert _outcome(lambda: 3) == ("ok", 3, None)
+
+
+def test_a_sharded_jsonl_run_resumes_with_the_folder_spelled_another_way(tmp_path, trained_model, smoke_files):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in smoke_files["NORMAL"][:3] + smoke_files["PNEUMONIA"][:3]:
+        (folder / f.name).symlink_to(f)
+    common = ["--model_path", str(trained_model), "--device", "cpu"]
+    single = subprocess.run([sys.executable, "-m", "pneumoscan", "predict", "--image_dir", "in", *common,
+                             "--output_path", "one.jsonl"], cwd=tmp_path, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    lines = (tmp_path / "one.jsonl").read_text().splitlines(keepends=True)
+    # an interrupted 2-rank run with a relative --image_dir: each rank's part holds its first file only
+    for rank in range(2):
+        (tmp_path / f".two.rank{rank}-of-2.jsonl").write_text(lines[rank::2][0])
+    proc = torchrun("predict", "--image_dir", str(folder), *common, "--output_path", str(tmp_path / "two.jsonl"),
+                    "--resume", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert len(merged) == 6 and [Path(o["image_path"]).name for o in merged] == [
+        Path(json.loads(line)["image_path"]).name for line in lines]

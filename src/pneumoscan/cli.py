@@ -295,7 +295,8 @@ def _predict_sharded(engine, files: list, args, world) -> tuple[int, int]:
             for i, path in enumerate(files):
                 line = readers[i % world.world_size].readline()
                 outcome = json.loads(line)
-                if outcome.get("image_path") != str(path):
+                if outcome.get("image_path") != str(path) and \
+                        _same_file_key(outcome.get("image_path") or "") != _same_file_key(path):  # --resume, respelt
                     raise DataError(f"part file {parts[i % world.world_size]} is not in listing order at {path}; "
                                     f"remove the .rank* part files and run again")
                 yield line, outcome
