@@ -175,6 +175,23 @@ def test_a_run_the_time_budget_stopped_is_finished_on_resume_not_trained_on(trai
     assert len(read_history(out)) == 1
     lowered = [*argv[:-1], "0.0005", "--resume"]  # a lower budget does not continue it either
     assert train_main(lowered) == 0 and len(read_history(out)) == 1
+    state = load_checkpoint(out / "checkpoint_last.pth")
+    assert state["trained_s"] > 0  # what a raised budget is counted against on the next --resume
+
+
+def test_the_time_budget_counts_the_training_time_before_a_resume(trained_run, tmp_path, smoke_args):
+    from pneumoscan.checkpoint import save_checkpoint
+
+    out = tmp_path / "an_hour_in"
+    shutil.copytree(trained_run.out, out)
+    state = load_checkpoint(out / "checkpoint_last.pth")
+    save_checkpoint({**state, "trained_s": 3600.0}, out / "checkpoint_last.pth")  # an hour trained before
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args, "--epochs", "5", "--max_train_minutes", "30", "--resume"]
+    assert train_main(argv) == 0
+    assert [int(r["epoch"]) for r in read_history(out)] == [1, 2]  # one more epoch, then the 30 minutes are over
+    results = json.loads((out / "training_results.json").read_text())
+    assert results["stop_reason"].startswith("time budget")
 
 
 def test_resume_on_other_data_is_refused(trained_run, tmp_path, smoke_args, smoke_files, make_dataset):

@@ -95,7 +95,8 @@ def _train_parser() -> argparse.ArgumentParser:
                         "folds' ensemble, written as OUTPUT_DIR/medical_cnn_model.pth")
     _add_patients_flag(p, dest="patients_csv", default=None)
     p.add_argument("--target_sensitivity", type=float, help="operating threshold's validation sensitivity")
-    p.add_argument("--max_train_minutes", type=float, help="stop before an epoch would pass this budget")
+    p.add_argument("--max_train_minutes", type=float,
+                   help="stop before an epoch would pass this budget (the run's training time, --resume included)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--num_threads", type=int, help="CPU threads for torch (0: torch's default)")

@@ -97,6 +97,8 @@ class Progress:
     next_epoch: int = 1
     best_state: dict | None = None
     stop_reason: str = "reached --epochs"
+    trained_s: float = 0.0  # training time of the invocations before this one (--resume): the budget counts it
+    started: float = 0.0  # when this invocation's training began (time.time())
 
 
 @dataclass
@@ -343,7 +345,7 @@ def resume(tr: Trainer, out: Path, state: dict) -> Progress:
     if not tr.world.is_main:  # only rank 0's generator is saved: the others continue on their own draws
         tr.gen.manual_seed(tr.cfg.seed + 7919 * tr.world.rank + 104729 * state["epoch"])
     progress = Progress(history=state["history"], best_value=state["best_value"], best_epoch=state["best_epoch"],
-                        next_epoch=state["epoch"] + 1)
+                        next_epoch=state["epoch"] + 1, trained_s=float(state.get("trained_s") or 0.0))
     stopped, old = state.get("stopped") or "", state.get("config", {})
     # early stopping or the time budget had ended it: finish it, do not train on, unless --patience or
     # --max_train_minutes was raised (0: no budget)
@@ -372,7 +374,8 @@ def write_epoch(tr: Trainer, out: Path, epoch: int, val: dict, progress: Progres
                      "scheduler_state": tr.scheduler.state_dict(),
                      "generator_state": tr.gen.get_state().cpu(), "torch_rng_state": torch.get_rng_state(),
                      "history": progress.history, "best_value": progress.best_value,
-                     "best_epoch": progress.best_epoch, "stopped": stopped}, out / LAST_FILE)
+                     "best_epoch": progress.best_epoch, "stopped": stopped,
+                     "trained_s": progress.trained_s + time.time() - progress.started}, out / LAST_FILE)
 
 
 def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progress:
@@ -384,6 +387,8 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
     """
     cfg, world = tr.cfg, tr.world
     started, first = time.time(), progress.next_epoch
+    progress.started = started
+    before_min = progress.trained_s / 60  # --max_train_minutes is for the run, over all its invocations
     for epoch in range(first, cfg.epochs + 1):
         t0 = time.time()
         trained = train_one_epoch(tr, splits.train, epoch)
@@ -395,8 +400,9 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
         else:
             if cfg.max_train_minutes and epoch < cfg.epochs:
                 elapsed_min = (time.time() - started) / 60
-                last = broadcast(last_epoch_in_budget(epoch, elapsed_min, elapsed_min / (epoch - first + 1),
-                                                      cfg.max_train_minutes) if world.is_main else None, world)
+                last = broadcast(last_epoch_in_budget(epoch, before_min + elapsed_min,
+                                                      elapsed_min / (epoch - first + 1), cfg.max_train_minutes)
+                                 if world.is_main else None, world)
                 if epoch < last < tr.scheduler.T_max:  # anneal by the epoch the time budget will stop at
                     log.info("time budget: about %d epochs fit in --max_train_minutes %s, not %d; the cosine "
                              "schedule now ends at epoch %d", last, cfg.max_train_minutes, tr.scheduler.T_max, last)
@@ -417,6 +423,7 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
         stop = None
         elapsed_min = (time.time() - started) / 60
         per_epoch = elapsed_min / (epoch - first + 1)
+        elapsed_min += before_min
         if epoch - progress.best_epoch >= cfg.patience and epoch < cfg.epochs:
             stop = f"early stopping: no {cfg.eval_metric} improvement for {cfg.patience} epochs"
         elif cfg.max_train_minutes and epoch < cfg.epochs and last_epoch_in_budget(
