@@ -227,6 +227,15 @@ def test_declared_oversize_upload_is_413_before_the_body(server):
     assert row["status"] == 413 and row["input_sha256"] is None
 
 
+def test_a_file_of_exactly_the_limit_is_taken_and_one_byte_more_is_413(server, client):
+    at_limit = b"\xff" * (LIMIT_MB * 2**20)  # not an image: read, then refused as unreadable, not as too large
+    assert_error(server, client.post("/v1/predict", files={"file": ("x.jpg", at_limit)}), 422, "ImageError")
+    assert_error(server, client.post("/v1/predict", files={"file": ("x.jpg", at_limit + b"\xff")}), 413,
+                 "UploadTooLarge")
+    raw = client.post("/v1/predict", content=at_limit + b"\xff", headers={"Content-Type": "image/jpeg"})
+    assert_error(server, raw, 413, "UploadTooLarge")
+
+
 def test_streamed_oversize_upload_is_cut_off_with_413(server):
     # Chunked, no length: the server counts while reading and answers once past the limit; the
     # client stops just past it and never sends the end of the body.

@@ -16,6 +16,11 @@ class ApiError(Exception):
         self.headers = headers
 
 
+# Room for a multipart form's boundaries and part headers around a file of --max_upload_mb: the body may be this
+# much larger, the file itself may not (upload.read_upload checks it), so a file of exactly the limit is accepted.
+FORM_OVERHEAD_BYTES = 64 * 1024
+
+
 class UploadTooLarge(ApiError):
     """The request body passed ``--max_upload_mb`` (raised while it streams in)."""
 

@@ -23,7 +23,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .audit import AuditError, AuditRecord, utc_now
-from .errors import UploadTooLarge, error_response
+from .errors import FORM_OVERHEAD_BYTES, UploadTooLarge, error_response
 from .metrics import path_label
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,11 @@ class ServiceMiddleware:
                 return
             record.api_key_id = key_id
 
-        limit = service.settings.max_upload_bytes
+        file_limit = service.settings.max_upload_bytes
+        limit = file_limit + FORM_OVERHEAD_BYTES  # the body's; the file's own is checked once it is read
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            too_large = UploadTooLarge(limit)
+            too_large = UploadTooLarge(file_limit)
             await refuse(too_large.status, too_large.error_type, str(too_large))
             return
         received = 0
@@ -113,7 +114,7 @@ class ServiceMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise UploadTooLarge(limit)
+                    raise UploadTooLarge(file_limit)
             return message
 
         try:

@@ -124,7 +124,8 @@ async def _read_in_time(request: Request, timeout_s: float):
             the client closed the connection before it was complete.
     """
     try:
-        return await asyncio.wait_for(read_upload(request), timeout_s)
+        return await asyncio.wait_for(read_upload(request, request.app.state.service.settings.max_upload_bytes),
+                                      timeout_s)
     except asyncio.TimeoutError as exc:
         raise ApiError(408, "UploadTimeout", f"the upload did not arrive within {timeout_s:g} s "
                                              f"(--request_timeout_s); send it again") from exc

@@ -17,6 +17,8 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from .errors import UploadTooLarge
+
 FIELD = "file"
 RAW_TYPES = (b"application/dicom", b"image/jpeg", b"image/png", b"application/octet-stream")
 
@@ -77,12 +79,20 @@ class _FilePart:
                                                        "on_header_end", "on_headers_finished", "on_part_data")}
 
 
-async def read_upload(request: Request) -> Upload:
+async def read_upload(request: Request, max_bytes: int | None = None) -> Upload:
     """The image in ``request`` (see the module docstring) and its SHA-256.
 
     Raises:
         NoFile: no ``file`` field, no body, a malformed multipart body or another content type.
+        UploadTooLarge: the image itself is over ``max_bytes`` (the body limit leaves room for a form around it).
     """
+    upload = await _read(request)
+    if max_bytes is not None and len(upload.data) > max_bytes:
+        raise UploadTooLarge(max_bytes)
+    return upload
+
+
+async def _read(request: Request) -> Upload:
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type == b"multipart/form-data":
         boundary = params.get(b"boundary")
