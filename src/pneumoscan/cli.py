@@ -260,7 +260,7 @@ def _document(info: dict, n_files: int, results: list, errors: list) -> dict:
 def _predict_sharded(engine, files: list, args, world) -> tuple[int, int]:
     """Under torchrun: each rank predicts every WORLD_SIZE-th file into its own part file; rank 0 then
     merges the parts in listing order into ``--output_path`` (each file exactly once) and removes them."""
-    from .atomic import atomic_path
+    from .atomic import atomic_path, same_file
     from .distributed import all_sum
     from .results import write_json
 
@@ -297,7 +297,7 @@ def _predict_sharded(engine, files: list, args, world) -> tuple[int, int]:
                 line = readers[i % world.world_size].readline()
                 outcome = json.loads(line)
                 if outcome.get("image_path") != str(path) and \
-                        _same_file_key(outcome.get("image_path") or "") != _same_file_key(path):  # --resume, respelt
+                        not same_file(outcome.get("image_path") or "", path):  # --resume, spelt another way
                     raise DataError(f"part file {parts[i % world.world_size]} is not in listing order at {path}; "
                                     f"remove the .rank* part files and run again")
                 yield line, outcome

@@ -29,7 +29,7 @@ from .atomic import write_text
 from .calibration import fit_calibrated_point, fit_operating_point, positive_probability
 from .checkpoint import input_spec, load_checkpoint
 from .config import TrainConfig
-from .data import ImageSet, file_sha256, split_from_config
+from .data import ImageSet, split_from_config
 from .errors import CheckpointError
 from .metrics import auroc, expected_calibration_error, metrics_with_ci
 from .predict import Predictor
@@ -58,13 +58,11 @@ def fold_dir(out: Path, fold: int) -> Path:
 def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | None = None) -> list[Path]:
     """Train every fold of ``cfg.cv_folds`` (or those in ``only``) into ROOT/foldI (ROOT: OUTPUT_DIR);
     returns the folds' model paths."""
-    from .train import LAST_FILE, MODEL_FILE, run_training
+    from .train import LAST_FILE, MODEL_FILE, pin_patients_csv, run_training
 
     out = Path(root or cfg.output_dir)
     folds = list(range(cfg.cv_folds)) if only is None else only
-    if cfg.patients_csv and not cfg.patients_csv_sha256:  # as each fold's run pins it: a finished fold is checked on it
-        csv_path = Path(cfg.patients_csv).expanduser().resolve()
-        cfg = dataclasses.replace(cfg, patients_csv=str(csv_path), patients_csv_sha256=file_sha256(csv_path))
+    cfg = pin_patients_csv(cfg)  # as each fold's run pins it: a finished fold is checked on it
     for fold in folds:
         run_dir = fold_dir(out, fold)
         if (run_dir / "training_results.json").exists():

@@ -25,7 +25,7 @@ from .budget import choose_width, last_epoch_in_budget
 from .calibration import cross_fitted_ece, fit_operating_point, positive_probability
 from .checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint, versions
 from .config import TrainConfig
-from .data import DataSplits, ImageSet, file_sha256, patients_digest, prepare_data, split_record
+from .data import SPLIT_KEYS, DataSplits, ImageSet, file_sha256, patients_digest, prepare_data, split_record
 from .distributed import World, all_sum, broadcast, close_world, from_main, init_world, main_first
 from .errors import CheckpointError
 from .gate import OutOfScopeGate
@@ -98,7 +98,6 @@ class Progress:
     best_state: dict | None = None
     stop_reason: str = "reached --epochs"
     trained_s: float = 0.0  # training time of the invocations before this one (--resume): the budget counts it
-    started: float = 0.0  # when this invocation's training began (time.time())
 
 
 @dataclass
@@ -163,8 +162,7 @@ def warn_if_validated_on_seen_patients(cfg: TrainConfig, init: InitialWeights) -
     if start.get("val_patients_sha256") and cfg.val_patients_sha256:
         seen = start["val_patients_sha256"] != cfg.val_patients_sha256
     else:
-        keys = ("seed", "val_fraction", "min_val_images", "patients_csv_sha256", "cv_folds", "cv_fold")
-        seen = bool(cfg.cv_folds) or any(start.get(k) != getattr(cfg, k) for k in keys if k in start)
+        seen = bool(cfg.cv_folds) or any(start.get(k) != getattr(cfg, k) for k in SPLIT_KEYS if k in start)
     if seen:
         log.warning("--init_from %s was trained on this data folder with another validation split (seed %s, "
                     "val_fraction %s, cv_folds %s): this run's validation patients include patients those weights "
@@ -173,6 +171,15 @@ def warn_if_validated_on_seen_patients(cfg: TrainConfig, init: InitialWeights) -
                     "patients they never saw", cfg.init_from, start.get("seed"), start.get("val_fraction"),
                     start.get("cv_folds", 0))
     return seen
+
+
+def pin_patients_csv(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its patients CSV (if any) as an absolute path and pinned by content: a later --resume, k-fold
+    rerun, ensemble or split_from_config checks the file against ``patients_csv_sha256``."""
+    if not cfg.patients_csv:
+        return cfg
+    csv_path = Path(cfg.patients_csv).expanduser().resolve()
+    return replace(cfg, patients_csv=str(csv_path), patients_csv_sha256=file_sha256(csv_path))
 
 
 def frozen_note(freeze_blocks: int) -> str:
@@ -363,9 +370,9 @@ def resume(tr: Trainer, out: Path, state: dict) -> Progress:
 
 
 def write_epoch(tr: Trainer, out: Path, epoch: int, val: dict, progress: Progress, improved: bool,
-                stopped: str | None = None) -> None:
-    """``checkpoint_last.pth`` (for --resume; with ``stopped``, why training ends after this epoch) and, if
-    ``improved``, ``medical_cnn_model.pth``."""
+                stopped: str | None = None, trained_s: float = 0.0) -> None:
+    """``checkpoint_last.pth`` (for --resume; with ``stopped``, why training ends after this epoch, and
+    ``trained_s``, the run's training time so far) and, if ``improved``, ``medical_cnn_model.pth``."""
     payload = tr.payload(out, epoch, metrics={"val": val})  # the weights copied once for both files
     if improved:
         save_checkpoint(payload, out / MODEL_FILE)
@@ -375,7 +382,7 @@ def write_epoch(tr: Trainer, out: Path, epoch: int, val: dict, progress: Progres
                      "generator_state": tr.gen.get_state().cpu(), "torch_rng_state": torch.get_rng_state(),
                      "history": progress.history, "best_value": progress.best_value,
                      "best_epoch": progress.best_epoch, "stopped": stopped,
-                     "trained_s": progress.trained_s + time.time() - progress.started}, out / LAST_FILE)
+                     "trained_s": trained_s}, out / LAST_FILE)
 
 
 def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progress:
@@ -387,7 +394,6 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
     """
     cfg, world = tr.cfg, tr.world
     started, first = time.time(), progress.next_epoch
-    progress.started = started
     before_min = progress.trained_s / 60  # --max_train_minutes is for the run, over all its invocations
     for epoch in range(first, cfg.epochs + 1):
         t0 = time.time()
@@ -432,7 +438,8 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
         stop = broadcast(stop, world)  # rank 0's clock decides, so that no rank trains alone
         # rank 0 writes (with the stop, so that --resume finishes a stopped run instead of training on); a write
         # that fails there (a full disk) stops every rank
-        from_main(lambda: write_epoch(tr, out, epoch, val, progress, improved, stop), world)
+        from_main(lambda: write_epoch(tr, out, epoch, val, progress, improved, stop,
+                                      progress.trained_s + time.time() - started), world)
         if epoch == cfg.epochs:  # the loop ends here anyway: the stop reason stays "reached --epochs"
             break
         if stop:
@@ -500,9 +507,7 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
     log.info("pneumoscan %s, torch %s, device %s, %d CPU threads, %s", versions()["pneumoscan"],
              torch.__version__, device, torch.get_num_threads(),
              f"rank {world.rank} of {world.world_size} ({world.backend})" if world.distributed else "one process")
-    if cfg.patients_csv:  # pinned by content: a later --resume, ensemble or split_from_config checks it
-        csv_path = Path(cfg.patients_csv).expanduser().resolve()
-        cfg = replace(cfg, patients_csv=str(csv_path), patients_csv_sha256=file_sha256(csv_path))
+    cfg = pin_patients_csv(cfg)
     log.info("config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
 
     if not cfg.resume and not cfg.overwrite:  # a run's model is never replaced by another run's first epoch

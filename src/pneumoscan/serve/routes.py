@@ -16,6 +16,7 @@ from ..inference import InferenceFailure
 from .errors import ApiError
 from .pool import Overloaded
 from .schemas import Error, Health, ModelInfo, Prediction
+from .settings import ServeSettings
 from .upload import FIELD, NoFile, read_upload
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -84,7 +85,7 @@ def v1_router(api_keys: bool) -> APIRouter:
         record = request.state.audit
         try:
             with pool.admit() as ticket:
-                upload = await _read_in_time(request, service.settings.request_timeout_s)
+                upload = await _read_in_time(request, service.settings)
                 record.input_sha256, record.input_bytes = upload.sha256, len(upload.data)
                 outcome = await ticket.predict(upload.data, heatmap, service.settings.request_timeout_s)
         except Overloaded as exc:
@@ -116,18 +117,18 @@ def v1_router(api_keys: bool) -> APIRouter:
     return router
 
 
-async def _read_in_time(request: Request, timeout_s: float):
-    """The upload, read within ``timeout_s``: a stalled or vanished client frees its place in the queue.
+async def _read_in_time(request: Request, settings: ServeSettings):
+    """The upload, at most ``max_upload_bytes``, read within ``request_timeout_s``: a stalled or vanished client
+    frees its place in the queue.
 
     Raises:
         ApiError: 408 ``UploadTimeout`` when the body has not arrived in time; 400 ``ClientDisconnected`` when
             the client closed the connection before it was complete.
     """
     try:
-        return await asyncio.wait_for(read_upload(request, request.app.state.service.settings.max_upload_bytes),
-                                      timeout_s)
+        return await asyncio.wait_for(read_upload(request, settings.max_upload_bytes), settings.request_timeout_s)
     except asyncio.TimeoutError as exc:
-        raise ApiError(408, "UploadTimeout", f"the upload did not arrive within {timeout_s:g} s "
+        raise ApiError(408, "UploadTimeout", f"the upload did not arrive within {settings.request_timeout_s:g} s "
                                              f"(--request_timeout_s); send it again") from exc
     except ClientDisconnect as exc:
         raise ApiError(400, "ClientDisconnected", "the client closed the connection before the upload was "
