@@ -222,6 +222,29 @@ def test_truncated_pixel_data_refused(tmp_path, source):
     _refuse(dicom_bytes(tmp_path, p, pixel_data=p.tobytes()[: p.size // 2]), "truncated")
 
 
+@pytest.mark.parametrize(("photometric", "shape", "stored_inverted", "warned"), [
+    ("MONOCHROME1", "INVERSE", True, False),   # the DX pairing: one inversion, as with no shape
+    ("MONOCHROME2", "IDENTITY", False, False),
+    ("MONOCHROME2", "INVERSE", True, True),    # a viewer shows it inverted, so do we, and say so
+    ("MONOCHROME1", "IDENTITY", False, True),
+])
+def test_presentation_lut_shape_decides_inversion(tmp_path, source, photometric, shape, stored_inverted, warned):
+    p = _gray(source)
+    stored = 255 - p if stored_inverted else p
+    img, info = read_dicom(dicom_bytes(tmp_path, stored, photometric=photometric, PresentationLUTShape=shape),
+                           "x.dcm")
+    np.testing.assert_array_equal(np.asarray(img), p)
+    assert bool([w for w in info.warnings if "Presentation LUT Shape" in w]) == warned, info.warnings
+
+
+def test_unknown_presentation_lut_shape_ignored_with_warning(tmp_path, source):
+    p = _gray(source)
+    img, info = read_dicom(dicom_bytes(tmp_path, 255 - p, photometric="MONOCHROME1", PresentationLUTShape="LIN OD"),
+                           "x.dcm")
+    np.testing.assert_array_equal(np.asarray(img), p)
+    assert any("'LIN OD' is not IDENTITY or INVERSE" in w for w in info.warnings), info.warnings
+
+
 def test_unusable_window_falls_back_with_warning(tmp_path, source):
     p = _gray(source)
     img, info = read_dicom(dicom_bytes(tmp_path, p, WindowCenter=100, WindowWidth=0), "x.dcm")

@@ -2,7 +2,8 @@
 
 The rendering follows the DICOM grayscale pipeline a viewer applies: stored values limited
 to *Bits Stored*, then the Modality LUT (rescale slope/intercept), then the VOI LUT or the
-first window, then MONOCHROME1 inverted so bone is bright as in MONOCHROME2. Without a VOI
+first window, then MONOCHROME1 inverted so bone is bright as in MONOCHROME2 (a Presentation LUT
+Shape, where present, decides the inversion instead, as it does in a viewer). Without a VOI
 LUT or window, 8-bit data is shown as stored (it is usually a capture of an already
 windowed image) and deeper data is stretched from its minimum to its maximum.
 
@@ -355,7 +356,7 @@ def _limit_to_bits_stored(arr: np.ndarray, bits_stored: int, signed: bool) -> np
 
 
 def _gray_to_uint8(arr: np.ndarray, ds: Dataset, info: DicomInfo) -> np.ndarray:
-    """Modality LUT, VOI LUT or first window (else 8-bit as is / min-max), MONOCHROME1 inverted."""
+    """Modality LUT, VOI LUT or first window (else 8-bit as is / min-max), MONOCHROME1 / INVERSE inverted."""
     from pydicom.pixels import apply_modality_lut, apply_windowing
 
     values = apply_modality_lut(arr, ds)
@@ -374,9 +375,30 @@ def _gray_to_uint8(arr: np.ndarray, ds: Dataset, info: DicomInfo) -> np.ndarray:
     if frac is None:
         frac = _full_range_fraction(values, ds)
     gray = np.clip(frac * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    if info.photometric_interpretation == "MONOCHROME1":
-        gray = 255 - gray
-    return gray
+    return 255 - gray if _min_is_white(ds, info) else gray
+
+
+def _min_is_white(ds: Dataset, info: DicomInfo) -> bool:
+    """Whether the lowest value is shown white: Presentation LUT Shape if present, else the photometric.
+
+    PS3.3 C.11.6: INVERSE inverts the VOI output into P-values, IDENTITY does not, and the DX image module
+    pairs INVERSE with MONOCHROME1 and IDENTITY with MONOCHROME2. A viewer follows the shape, so this
+    does too, with a warning where the two disagree (known in mislabelled files; an inverted result is
+    then refused by the out-of-scope checks rather than answered).
+    """
+    mono1 = info.photometric_interpretation == "MONOCHROME1"
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    if shape not in ("INVERSE", "IDENTITY"):
+        if shape:
+            info.warnings.append(f"Presentation LUT Shape {shape!r} is not IDENTITY or INVERSE; ignored")
+        return mono1
+    inverse = shape == "INVERSE"
+    if inverse != mono1:
+        info.warnings.append(
+            f"Presentation LUT Shape {shape} contradicts {info.photometric_interpretation} (PS3.3 pairs "
+            f"INVERSE with MONOCHROME1); shown as the shape says, with the lowest value "
+            f"{'white' if inverse else 'black'}, as a DICOM viewer shows it")
+    return inverse
 
 
 def _voi_lut_fraction(values: np.ndarray, item: Dataset, little_endian: bool) -> np.ndarray:
