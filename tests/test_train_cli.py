@@ -355,6 +355,55 @@ def test_freeze_blocks_4_trains_the_last_block_and_the_head_only(trained_run, tm
     assert "convolutional blocks 1-4 frozen" in (out / "training.log").read_text()
 
 
+def _with_scope_classifier(model_path: Path, out: Path) -> Path:
+    """A copy of ``model_path`` with a scope classifier fitted (in the sense of its digest) on its features:
+    zero weights over the right inputs, threshold 0, so it accepts every film."""
+    from pneumoscan.checkpoint import save_checkpoint
+    from pneumoscan.scope import SCOPE_CLASSES, ScopeClassifier, model_digest, pixel_features
+
+    ckpt = load_checkpoint(model_path)
+    widths = [ckpt["model_state"][f"features.{i}.conv1.weight"].shape[0] for i in range(5)]
+    dim = sum(widths) + pixel_features(np.zeros((1, 8, 8), np.uint8)).shape[1]
+    k = len(SCOPE_CLASSES)
+    clf = ScopeClassifier(list(SCOPE_CLASSES), torch.zeros(dim), torch.ones(dim), [torch.zeros(k, dim), torch.zeros(k)],
+                          0.0, model_digest(ckpt["model_state"]), {"fitted_on": "test"})
+    ckpt["scope_classifier"] = clf.to_dict()
+    save_checkpoint(ckpt, out)
+    return out
+
+
+def test_freeze_blocks_5_keeps_the_starting_models_scope_classifier(trained_run, tmp_path, smoke_args):
+    from pneumoscan.errors import CheckpointError
+    from pneumoscan.inference import MedicalImageInference
+    from pneumoscan.scope import features_digest
+
+    start = _with_scope_classifier(trained_run.model_path, tmp_path / "with_scope.pth")
+    runs = {}
+    for frozen in ("5", "4"):
+        out = runs[frozen] = tmp_path / f"frozen{frozen}"
+        argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+                *smoke_args, "--init_from", str(start), "--freeze_blocks", frozen, "--lr", "1e-2"]
+        assert train_main(argv) == 0
+    source = load_checkpoint(start)
+    head_only = load_checkpoint(runs["5"] / "medical_cnn_model.pth")
+    kept = head_only["scope_classifier"]
+    assert kept is not None and torch.equal(kept["layers"][0], source["scope_classifier"]["layers"][0])
+    assert kept["features_digest"] == features_digest(source["model_state"])
+    assert kept["info"]["carried_from"] == str(start) and kept["info"]["fitted_on"] == "test"
+    assert "scope classifier of" in (runs["5"] / "training.log").read_text()
+    MedicalImageInference(runs["5"] / "medical_cnn_model.pth")  # its features are the source's: accepted
+    # block 5 trained: the features it read are gone, so is the classifier, with the reason in the log
+    assert load_checkpoint(runs["4"] / "medical_cnn_model.pth").get("scope_classifier") is None
+    assert "some convolutional blocks are trained" in (runs["4"] / "training.log").read_text()
+    # a carried classifier still refuses other convolutional weights
+    from pneumoscan.checkpoint import save_checkpoint
+
+    head_only["model_state"]["features.4.conv2.weight"] += 1e-3
+    save_checkpoint(head_only, tmp_path / "tampered.pth")
+    with pytest.raises(CheckpointError, match="another model"):
+        MedicalImageInference(tmp_path / "tampered.pth")
+
+
 def test_freeze_blocks_without_starting_weights_is_refused(trained_run, tmp_path, smoke_args, capsys):
     argv = ["--data_dir", str(trained_run.data), "--output_dir", str(tmp_path / "x"), *smoke_args,
             "--freeze_blocks", "5"]

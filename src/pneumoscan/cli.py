@@ -116,7 +116,8 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="with --init_from: keep the first N of the five convolutional blocks (and their batch-norm "
                         "statistics) as they are and train the rest; 5 trains only the classifier head (FC "
                         "512->256->2), which keeps every feature the out-of-scope checks read (last-layer "
-                        "retraining: about a third of a full step). Default 0: train everything")
+                        "retraining: about a third of a full step) and so keeps --init_from's scope classifier. "
+                        "Default 0: train everything")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -30,7 +30,7 @@ from .gate import OutOfScopeGate
 from .heatmap import overlay_png
 from .predict import Predictor, resolve_device
 from .preprocess import DecodedImage, decode_image, is_input_file
-from .scope import ScopeClassifier, model_digest
+from .scope import ScopeClassifier
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class MedicalImageInference:
             self.scope = ScopeClassifier.from_dict(scope_state) if gate and scope_state else None
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{model_path}: unusable scope classifier ({exc})") from exc
-        if self.scope is not None and self.scope.model_digest != model_digest(self.checkpoint["model_state"]):
+        if self.scope is not None and not self.scope.fits(self.checkpoint["model_state"]):
             raise CheckpointError(f"{model_path}: its scope classifier was fitted on another model's features; "
                                   f"refit it with experiments/fit_scope.py")
         if self.gate is not None and self.gate.min_detail is None:

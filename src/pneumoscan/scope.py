@@ -11,7 +11,9 @@ histogram, left-right and up-down symmetry, edge energy, clipped-pixel fractions
 held-out pediatric films, and the reason names the most likely of the other classes.
 
 A classifier is tied to the model whose features it was fitted on (``model_digest``); a retrained
-model needs a refit (``experiments/fit_scope.py``).
+model needs a refit (``experiments/fit_scope.py``), except one whose convolutional blocks were all frozen
+(``train --freeze_blocks 5``): its features are bit for bit those of the model it started from, so
+training carries that model's classifier over, tied to the convolutional weights only (``features_digest``).
 """
 
 from __future__ import annotations
@@ -43,14 +45,23 @@ THUMB = 8
 HIST_BINS = 16
 
 
-def model_digest(model_state: dict) -> str:
-    """sha256 (first 16 hex digits) of a model's weights: which features a classifier was fitted on."""
+def model_digest(model_state: dict, prefix: str = "") -> str:
+    """sha256 (first 16 hex digits) of a model's weights (those whose names start with ``prefix``): which
+    features a classifier was fitted on."""
     h = hashlib.sha256()
-    for name in sorted(model_state):
+    for name in sorted(k for k in model_state if k.startswith(prefix)):
         t = model_state[name].detach().cpu().contiguous()
         h.update(name.encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+FEATURE_PREFIX = "features."  # MedicalCNN's convolutional blocks: everything the pooled block features depend on
+
+
+def features_digest(model_state: dict) -> str:
+    """``model_digest`` of the convolutional blocks only: equal for two models whose pooled features are equal."""
+    return model_digest(model_state, FEATURE_PREFIX)
 
 
 # How far below the first kept film's P(in scope) the threshold lies, in log-odds (at most; never below
@@ -135,7 +146,8 @@ class ScopeClassifier:
     """
 
     def __init__(self, classes: list[str], mean: torch.Tensor, std: torch.Tensor, layers: list[torch.Tensor],
-                 threshold: float, model_digest: str = "", info: dict | None = None) -> None:
+                 threshold: float, model_digest: str = "", info: dict | None = None,
+                 features_digest: str = "") -> None:
         if IN_SCOPE not in classes:
             raise ValueError(f"scope classes must include {IN_SCOPE!r}, got {classes}")
         self.classes = list(classes)
@@ -143,7 +155,14 @@ class ScopeClassifier:
         self.layers = [t.float() for t in layers]  # weight, bias[, weight, bias]
         self.threshold = float(threshold)
         self.model_digest = model_digest
+        self.features_digest = features_digest  # set only when carried over to a head-only retrain
         self.info = dict(info or {})
+
+    def fits(self, model_state: dict) -> bool:
+        """Whether ``model_state`` computes the features this classifier was fitted on."""
+        if self.features_digest:
+            return self.features_digest == features_digest(model_state)
+        return self.model_digest == model_digest(model_state)
 
     @property
     def in_index(self) -> int:
@@ -219,7 +238,8 @@ class ScopeClassifier:
 
     def to_dict(self) -> dict:
         return {"kind": KIND, "classes": self.classes, "mean": self.mean, "std": self.std, "layers": self.layers,
-                "threshold": self.threshold, "model_digest": self.model_digest, "info": self.info}
+                "threshold": self.threshold, "model_digest": self.model_digest, "info": self.info,
+                "features_digest": self.features_digest}
 
     @classmethod
     def from_dict(cls, d: dict) -> ScopeClassifier:
@@ -232,4 +252,4 @@ class ScopeClassifier:
             raise ValueError(f"the checkpoint's scope classifier is of kind {d.get('kind')!r}, not {KIND!r}; "
                              f"refit it with experiments/fit_scope.py")
         return cls(d["classes"], d["mean"], d["std"], list(d["layers"]), d["threshold"], d.get("model_digest", ""),
-                   d.get("info"))
+                   d.get("info"), d.get("features_digest", ""))

@@ -41,6 +41,7 @@ from .model import SEED_WIDTHS, build_model, model_kwargs
 from .plots import plot_history, plot_reliability
 from .predict import CLASS_NAMES, InputSpec, Predictor, resolve_device
 from .results import write_json
+from .scope import ScopeClassifier, features_digest
 from .step import sync, train_step, training_batch
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ class InitialWeights:
     norm: dict[str, float]  # as normalization_stats gives it
     split: dict  # the patients those weights were trained on (data.split_record of their config)
     config: dict = field(default_factory=dict)  # the config they were trained with (their data_dir, digest)
+    scope_classifier: dict | None = None  # theirs, where it fits their weights (a head-only run carries it over)
+    image_size: int = 0  # the input size they were trained at
 
 
 def initial_weights(cfg: TrainConfig) -> InitialWeights:
@@ -144,8 +147,29 @@ def initial_weights(cfg: TrainConfig) -> InitialWeights:
                     cfg.image_size)
     log.info("fine-tuning from %s (%s, epoch %s); keeping its input normalisation (mean %.4f, std %.4f)",
              path, ckpt.get("model_version") or "unnamed", ckpt.get("epoch"), spec["mean"], spec["std"])
+    scope = ckpt.get("scope_classifier")
+    try:
+        scope = scope if scope and ScopeClassifier.from_dict(scope).fits(ckpt["model_state"]) else None
+    except (ValueError, KeyError, TypeError):  # unusable: the run fits no scope classifier either
+        scope = None
     return InitialWeights(ckpt["model_state"], {"mean": float(spec["mean"]), "std": float(spec["std"])},
-                          split_record(ckpt.get("config") or {}), dict(ckpt.get("config") or {}))
+                          split_record(ckpt.get("config") or {}), dict(ckpt.get("config") or {}), scope,
+                          int(spec["image_size"]))
+
+
+def carried_scope_classifier(cfg: TrainConfig, init: InitialWeights | None) -> dict | None:
+    """``--init_from``'s scope classifier, for a run whose features stay those it was fitted on: every
+    convolutional block frozen and the same input size. Tied to the convolutional weights (``features_digest``),
+    since the head it does not read is retrained."""
+    if init is None or not init.scope_classifier:
+        return None
+    if cfg.freeze_blocks < len(SEED_WIDTHS) or cfg.image_size != init.image_size:
+        log.info("the scope classifier of --init_from is not kept: %s, so the features it reads change; refit it "
+                 "with experiments/fit_scope.py", "some convolutional blocks are trained"
+                 if cfg.freeze_blocks < len(SEED_WIDTHS) else "the input size differs")
+        return None
+    info = {**init.scope_classifier.get("info", {}), "carried_from": str(cfg.init_from)}
+    return {**init.scope_classifier, "features_digest": features_digest(init.state), "info": info}
 
 
 def warn_if_validated_on_seen_patients(cfg: TrainConfig, init: InitialWeights) -> bool:
@@ -450,8 +474,9 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
     return progress
 
 
-def finish(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> dict:
-    """Load the best weights, calibrate, fit the gate, write the final model; returns the run's results."""
+def finish(tr: Trainer, splits: DataSplits, progress: Progress, out: Path, scope: dict | None = None) -> dict:
+    """Load the best weights, calibrate, fit the gate, write the final model (with ``scope``, a carried-over
+    scope classifier, where its features are unchanged); returns the run's results."""
     best_path = out / MODEL_FILE
     if progress.best_state is None:  # resumed run that found no better epoch: best weights are on disk
         if not best_path.exists():
@@ -459,9 +484,15 @@ def finish(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> di
         progress.best_state = load_checkpoint(best_path)["model_state"]
     tr.model.load_state_dict(progress.best_state)
     final = finalize(tr.predictor, splits, tr.cfg)
-    save_checkpoint(tr.payload(out, progress.best_epoch, temperature=final["temperature"],
-                               threshold=final["threshold"], metrics=final["metrics_summary"],
-                               ood_gate=final["ood_gate"]), best_path)
+    payload = tr.payload(out, progress.best_epoch, temperature=final["temperature"], threshold=final["threshold"],
+                         metrics=final["metrics_summary"], ood_gate=final["ood_gate"])
+    if scope is not None and scope["features_digest"] == features_digest(progress.best_state):
+        payload["scope_classifier"] = scope
+        log.info("scope classifier of %s kept: the convolutional weights are unchanged", scope["info"]["carried_from"])
+    elif scope is not None:
+        log.warning("the scope classifier of %s is not kept: the convolutional weights changed although frozen",
+                    scope["info"]["carried_from"])
+    save_checkpoint(payload, best_path)
     return {
         "config": tr.cfg.to_dict(),
         "versions": versions(),
@@ -534,13 +565,14 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
                                     resumed_width=None if resumed_width is None else float(resumed_width))
     tr = build_trainer(cfg, splits, device, world, init)
     progress = resume(tr, out, last_state) if last_state else Progress()
+    scope = carried_scope_classifier(cfg, init)
     del last_state, init  # weights and optimiser state now live in the trainer
     t_train = time.time()
     fit(tr, splits, progress, out)
     train_s = time.time() - t_train
     if not world.is_main:  # rank 0 writes the results; the others return the config they trained with
         return {"config": cfg.to_dict()}
-    results = finish(tr, splits, progress, out)
+    results = finish(tr, splits, progress, out, scope)
     results["width_check"] = width_check
     results["world_size"] = world.world_size
     results["distributed"] = {"world_size": world.world_size, "backend": world.backend or None,
