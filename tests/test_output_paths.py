@@ -7,7 +7,9 @@ import json
 import struct
 import zlib
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from pneumoscan.checkpoint import default_model_path, load_checkpoint, save_checkpoint
 from pneumoscan.cli import calibrate_main, evaluate_main, predict_main
@@ -36,6 +38,65 @@ def test_predict_refuses_an_unwritable_output_before_predicting(two_films, not_a
     captured = capsys.readouterr()
     assert f"cannot write --output_path {not_a_folder / 'r.json'}" in captured.err
     assert "nothing was done yet" in captured.err and "predicting" not in captured.err and captured.out == ""
+
+
+@pytest.mark.parametrize("target", ["film", "film_without_suffix", "model", "model_without_suffix"])
+def test_predict_never_writes_its_results_over_a_film_or_the_model(train_dir, tmp_path, target, capsys):
+    import shutil
+
+    films = tmp_path / "films"
+    films.mkdir()
+    for f in sorted((train_dir / "NORMAL").glob("*.jpeg"))[:2]:
+        shutil.copyfile(f, films / f.name)
+    first = sorted(films.iterdir())[0]
+    from dicom_files import dicom_bytes
+    from PIL import Image
+
+    # an input without a suffix, as PACS exports name their DICOM files
+    dicom_bytes(films, np.asarray(Image.open(first).convert("L")), filename="IM000001")
+    model = tmp_path / ("model.pth" if target == "model" else "model")
+    shutil.copyfile(default_model_path(), model)
+    out = {"film": first, "film_without_suffix": films / "IM000001", "model": model,
+           "model_without_suffix": model}[target]
+    before = out.read_bytes()
+    assert predict_main(["--image_dir", str(films), "--model_path", str(model), "--output_path", str(out),
+                         "--backend", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert f"--output_path {out}" in err and ".json or .jsonl" in err and "predicting" not in err
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["model", "shipped", "report_is_output", "film"])
+def test_evaluate_never_writes_over_the_model_a_film_or_its_other_output(train_dir, tmp_path, case, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (data / cls).mkdir(parents=True)
+        for f in sorted((train_dir / cls).glob("*.jpeg"))[:2]:
+            shutil.copyfile(f, data / cls / f.name)
+    model = tmp_path / "model"  # no suffix: caught as the model, not by its name
+    shutil.copyfile(default_model_path(), model)
+    film = sorted((data / "NORMAL").iterdir())[0]
+    from dicom_files import dicom_bytes
+
+    # a film without a suffix, as PACS exports name DICOM files
+    dicom_bytes(data / "NORMAL", np.asarray(Image.open(film).convert("L")), filename="IM000001")
+    argv = ["--data_dir", str(data), "--model_path", str(model), "--model_only"]
+    out, watched = {
+        "model": (["--output_path", str(model)], model),
+        "shipped": (["--output_path", str(default_model_path())], default_model_path()),
+        "report_is_output": (["--output_path", str(tmp_path / "same"), "--report", str(tmp_path / "same")], None),
+        "film": (["--output_path", str(data / "NORMAL" / "IM000001")], data / "NORMAL" / "IM000001"),
+    }[case]
+    if case == "report_is_output":
+        (tmp_path / "same").write_text("{}")
+        watched = tmp_path / "same"
+    before = watched.read_bytes()
+    assert evaluate_main(argv + out) == 2
+    err = capsys.readouterr().err
+    assert "give a new" in err or "give two paths" in err or "give a .json path" in err, err
+    assert watched.read_bytes() == before
 
 
 def test_predict_refuses_an_unwritable_heatmap_folder(two_films, not_a_folder, capsys):

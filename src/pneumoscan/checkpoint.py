@@ -53,14 +53,16 @@ def default_model_path() -> Path:
     return path
 
 
-def protected_checkpoint(output_path: str | os.PathLike, model_path: str | os.PathLike, role: str) -> str | None:
+def protected_checkpoint(output_path: str | os.PathLike, model_path: str | os.PathLike | None,
+                         role: str) -> str | None:
     """What ``output_path`` would write over, if it is a checkpoint no command may replace: "the shipped
     model", or "the checkpoint being <role>" (``model_path``, the command's input); None otherwise."""
     try:
         protected = [(default_model_path(), "the shipped model")]
     except CheckpointError:
         protected = []  # a broken install without its weights: nothing shipped to protect
-    for other, what in [*protected, (model_path, f"the checkpoint being {role}")]:
+    mine = [(model_path, f"the checkpoint being {role}")] if model_path else []
+    for other, what in [*protected, *mine]:
         if same_file(output_path, other):
             return what
     return None

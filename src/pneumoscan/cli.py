@@ -10,11 +10,12 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .atomic import check_writable
+from .atomic import check_writable, same_file
 from .errors import DataError, OutputPathError, PneumoscanError
 
 log = logging.getLogger("pneumoscan")
@@ -261,7 +262,7 @@ def _document(info: dict, n_files: int, results: list, errors: list) -> dict:
 def _predict_sharded(engine, files: list, args, world) -> tuple[int, int]:
     """Under torchrun: each rank predicts every WORLD_SIZE-th file into its own part file; rank 0 then
     merges the parts in listing order into ``--output_path`` (each file exactly once) and removes them."""
-    from .atomic import atomic_path, same_file
+    from .atomic import atomic_path
     from .distributed import all_sum
     from .results import write_json
 
@@ -361,6 +362,39 @@ def _predict_document(engine, files: list, args) -> tuple[int, int]:
     return len(results), len(errors)
 
 
+# what an output (JSON, JSON lines, an HTML report) must never replace: images, DICOM and model files
+_NOT_AN_OUTPUT_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".pth", ".pt", ".onnx")
+
+
+def _refuse_writing_over_inputs(output_path: str, files: list, model_path: str | None,
+                                flag: str = "--output_path", kind: str = ".json or .jsonl") -> None:
+    """Refuse an output that is one of the films, the model, the shipped model, or any image or model file.
+
+    Raises:
+        OutputPathError: it would be written over such a file.
+    """
+    from .checkpoint import protected_checkpoint
+
+    out = Path(output_path).expanduser()
+    if out.suffix.lower() in _NOT_AN_OUTPUT_SUFFIXES:
+        raise OutputPathError(f"{flag} {output_path} ends in {out.suffix}: the output would be written over an "
+                              f"image or a model file; give a {kind} path")
+    if not out.exists():
+        return
+    what = protected_checkpoint(out, model_path, "used")
+    if what:
+        raise OutputPathError(f"{flag} {output_path} is {what}; give a new {kind} path")
+    target = out.stat()
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError:
+            continue  # unreadable inputs are reported by the prediction itself
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            raise OutputPathError(f"{flag} {output_path} is the input {f}; the output would be written over it: "
+                                  f"give a new {kind} path")
+
+
 def predict_main(argv: list[str] | None = None) -> int:
     """``pneumoscan predict`` / ``run_inference.py``; under torchrun the files are shared out among the ranks."""
     from .distributed import close_world, env_world, init_world
@@ -405,6 +439,7 @@ def _predict(args, world, jsonl: bool) -> int:
         if not files:
             raise DataError(f"no .jpg, .jpeg, .png or DICOM files found in {args.image_dir}")
         if args.output_path:  # before any image is predicted, not after; every rank (each writes beside it)
+            _refuse_writing_over_inputs(args.output_path, files, args.model_path)
             check_writable(args.output_path)
         if args.heatmap_dir:
             check_writable(args.heatmap_dir, "--heatmap_dir", folder=True)
@@ -501,6 +536,8 @@ def _scope_report_main(args) -> int:
         files = list_inputs(args.data_dir)
         if not files:
             raise DataError(f"no .jpg, .jpeg, .png or DICOM files found in {args.data_dir}")
+        if args.output_path:
+            _refuse_writing_over_inputs(args.output_path, files, None, kind=".json")
     except (PneumoscanError, ValueError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
@@ -582,9 +619,14 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     try:
         if args.prevalence is not None:
             check_prevalence(args.prevalence, "--prevalence")
-        for flag, path in (("--output_path", args.output_path), ("--report", args.report)):
-            if path:  # before any film is read, not after
-                check_writable(path, flag)
+        outputs = {flag: path for flag, path in (("--output_path", args.output_path), ("--report", args.report))
+                   if path}
+        for flag, path in outputs.items():  # before any film is read, not after
+            _refuse_writing_over_inputs(path, [], args.model_path, flag, ".html" if flag == "--report" else ".json")
+            check_writable(path, flag)
+        if len(outputs) == 2 and same_file(args.output_path, args.report):
+            raise OutputPathError(f"--output_path and --report are one file ({args.report}): the report would "
+                                  f"replace the JSON; give two paths")
     except ValueError as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
@@ -600,6 +642,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         threshold = ckpt.get("threshold", 0.5) if args.threshold is None else args.threshold
         data, bad = load_labelled_folder(args.data_dir, predictor.spec.image_size, args.split, args.cache_dir,
                                          args.patients)
+        for flag, path in outputs.items():  # a film without a suffix (DICOM) among the inputs
+            _refuse_writing_over_inputs(path, [*data.paths, *(p for p, _ in bad)], None, flag)
         report, prob = evaluate_imageset(predictor, data, threshold, args.n_boot, args.prevalence)
         if not args.model_only:  # every film through the pipeline a prediction takes, scope checks included
             engine = MedicalImageInference(args.model_path, device=args.device, threshold=args.threshold,
@@ -681,7 +725,6 @@ def _calibrate_parser() -> argparse.ArgumentParser:
 
 def calibrate_main(argv: list[str] | None = None) -> int:
     """``pneumoscan calibrate``: a site-calibrated copy of a checkpoint, and the table of what changed."""
-    from .atomic import same_file
     from .checkpoint import check_output_path, default_model_path, load_checkpoint, save_checkpoint
     from .data import load_labelled_folder
     from .predict import Predictor, resolve_device
