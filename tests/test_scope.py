@@ -170,6 +170,24 @@ def test_dev_shift_films_are_refused_with_their_reason(engine, folder, stems, ca
         assert all("outside the validated population" in o.error for o in outcomes)
 
 
+@needs_dev_shift
+def test_a_folder_name_never_decides_the_reason(engine, tmp_path):
+    """The engine's errors start with the path: a folder named for another reason must not count the
+    refusals in it under that reason (the scope report of `evaluate`)."""
+    from pneumoscan.scope_report import scope_report
+
+    folder = tmp_path / "PA and lateral views, not a radiograph"
+    folder.mkdir()
+    stems = ("other_radiographs_kneeoa_1", "other_radiographs_pelvis_2", "other_radiographs_boneage_3")
+    for stem in stems:
+        src = next((DEV_SHIFT / "other_radiographs").glob(f"{stem}.*"))
+        (folder / src.name).symlink_to(src)
+    outcomes = engine.predict_batch(sorted(folder.iterdir()))
+    assert all(isinstance(o, InferenceFailure) for o in outcomes), outcomes
+    assert [refusal_category(o.error, o.image_path) for o in outcomes] == ["other_body"] * len(stems)
+    assert scope_report(outcomes, str(tmp_path))["all"]["refused_by_reason"] == {"other_body": len(stems)}
+
+
 @needs_data
 def test_lateral_or_population_warning_never_comes_with_low_risk(engine, tmp_path):
     pytest.importorskip("pydicom")

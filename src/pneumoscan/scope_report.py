@@ -33,8 +33,12 @@ REFUSAL_CATEGORIES = (
 )
 
 
-def refusal_category(error: str) -> str:
-    """The category of a refusal (``OutOfScopeError``) from its reason text; ``other`` when none matches."""
+def refusal_category(error: str, image_path: str = "") -> str:
+    """The category of a refusal (``OutOfScopeError``) from its reason text; ``other`` when none matches.
+    ``image_path``, which the engine's errors start with, is cut off first: a folder named "PA and lateral
+    views" must not make every refusal in it a lateral one."""
+    if image_path and error.startswith(f"{image_path}: "):
+        error = error[len(image_path) + 2:]
     for name, marker in REFUSAL_CATEGORIES:
         if marker in error:
             return name
@@ -85,7 +89,7 @@ def _counts(outcomes: list) -> dict:
     lo, hi = wilson_interval(handled, n - len(unreadable))
     return {
         "inputs": n, "unreadable": len(unreadable), "refused": len(refused),
-        "refused_by_reason": dict(Counter(refusal_category(o.error) for o in refused).most_common()),
+        "refused_by_reason": dict(Counter(refusal_category(o.error, o.image_path) for o in refused).most_common()),
         "answered": len(answered), "answered_with_lateral_or_population_warning": len(flagged),
         "answered_with_low_detail_warning": len(low_detail), "refused_with_low_detail_note": len(refused_low_detail),
         "refused_or_flagged": handled, "refused_or_flagged_rate": handled / max(n - len(unreadable), 1),
@@ -106,7 +110,7 @@ def scope_report(outcomes: list, base: str | Path) -> dict:
     if len(groups) > 1 or "." not in groups:
         report["by_folder"] = {g: _counts(v) for g, v in sorted(groups.items())}
     report["files"] = [{"path": o.image_path, "outcome": _outcome(o),
-                        "reason": refusal_category(o.error) if _refused(o) else None,
+                        "reason": refusal_category(o.error, o.image_path) if _refused(o) else None,
                         "error": getattr(o, "error", None), "risk_level": getattr(o, "risk_level", None),
                         "prediction": getattr(o, "prediction", None), "warnings": getattr(o, "warnings", [])}
                        for o in outcomes]
@@ -165,7 +169,7 @@ def in_use_report(outcomes: list, labels) -> dict:
         "answered_risk_levels": counts["answered_risk_levels"],
         "wrong_with_low_risk": sum(wrong_low.values()),
         "wrong_with_low_risk_by_class": {c: wrong_low.get(c, 0) for c in ("NORMAL", "PNEUMONIA")},
-        "refused_files": [{"path": o.image_path, "reason": refusal_category(o.error)} for o in outcomes
+        "refused_files": [{"path": o.image_path, "reason": refusal_category(o.error, o.image_path)} for o in outcomes
                           if _refused(o)],
     }
 
