@@ -174,3 +174,29 @@ def test_cli_rejects_a_bad_value_with_usage_error(monkeypatch, tmp_path, capsys)
     assert info.value.code == 2
     assert "multiple of 32" in capsys.readouterr().err
     assert "cfg" not in seen
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--batch_size", "1"], "batch_size must be >= 2"),
+    (["--resume", "--overwrite"], "contradict each other"),
+    (["--cv_fold", "0"], "--cv_fold 0 needs --cv_folds"),
+    (["--fallback_width", "0.25"], "give --max_train_minutes too"),
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--output_dir", "FILE"], "is a file"),
+    (["--output_dir", "FILE/out"], "is a file, not a folder"),
+])
+def test_cli_refuses_contradictory_or_impossible_flags_before_anything_is_written(
+        monkeypatch, tmp_path, capsys, flags, words):
+    import torch
+
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    seen = _capture_config(monkeypatch)
+    (tmp_path / "FILE").write_text("a file")
+    flags = [f.replace("FILE", str(tmp_path / "FILE")) for f in flags]
+    out = [] if "--output_dir" in flags else ["--output_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as info:
+        cli.train_main(["--data_dir", str(tmp_path), *out, *flags])
+    assert info.value.code == 2
+    assert words in capsys.readouterr().err
+    assert "cfg" not in seen and not (tmp_path / "run").exists()

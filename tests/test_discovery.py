@@ -179,6 +179,28 @@ def test_decode_records_fills_hashes_and_uses_the_cache(tmp_path, few_images, mo
         np.testing.assert_array_equal(again[h], decoded[h])
 
 
+@pytest.mark.parametrize("damage", ["cut_in_half", "empty", "other_size"])
+def test_a_damaged_cache_is_ignored_and_rewritten(tmp_path, few_images, damage, caplog):
+    records = _records_for(tmp_path, few_images)
+    cache_dir = tmp_path / "cache"
+    decoded, _ = decode_records(records, 32, cache_dir, workers=2)
+    cache_file = next(cache_dir.glob("images-32px-*.npz"))
+    if damage == "cut_in_half":
+        cache_file.write_bytes(cache_file.read_bytes()[: cache_file.stat().st_size // 2])
+    elif damage == "empty":
+        cache_file.write_bytes(b"")
+    else:  # a file of this name holding images of another size
+        np.savez(cache_file, hashes=np.array([r.sha1 for r in records]),
+                 images=np.zeros((len(records), 16, 16), np.uint8))
+    again, bad = decode_records(discover_labelled(tmp_path / "train"), 32, cache_dir, workers=2)
+    assert bad == [] and set(again) == set(decoded)
+    for h in decoded:
+        np.testing.assert_array_equal(again[h], decoded[h])
+    assert "ignoring unreadable image cache" in caplog.text
+    with np.load(cache_file) as z:  # written again, whole
+        assert z["images"].shape == (len(decoded), 32, 32)
+
+
 def test_decode_records_reports_every_bad_file(tmp_path, few_images, make_bad_files):
     make_class_dirs(tmp_path / "train", few_images)
     bad_files = make_bad_files(tmp_path / "train" / "NORMAL")

@@ -63,3 +63,12 @@ def test_with_mixup_the_loss_is_the_blend_of_both_targets_losses():
         own, other = criterion(logits, mixed.target).item(), criterion(logits, mixed.partner).item()
     assert loss.item() == pytest.approx(0.7 * own + 0.3 * other, rel=1e-5)
     assert own != pytest.approx(other, rel=1e-4)  # so that the blend differs from either loss alone
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(10, 4), (9, 4), (8, 4), (5, 4), (33, 32), (2, 32), (4410, 32)])
+def test_every_film_is_in_one_batch_and_no_batch_holds_one(n, batch_size):
+    from pneumoscan.train import batch_bounds
+
+    bounds = batch_bounds(n, batch_size)
+    assert [i for a, b in bounds for i in range(a, b)] == list(range(n))
+    assert all(2 <= b - a <= batch_size + 1 for a, b in bounds)

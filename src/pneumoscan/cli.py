@@ -127,14 +127,23 @@ def train_main(argv: list[str] | None = None) -> int:
     """``pneumoscan train`` / ``train_medical_model.py``."""
     from .config import TrainConfig
     from .distributed import env_world
+    from .predict import resolve_device
     from .train import run_training
 
     args = _train_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("preset", "verbose")}
     try:
         cfg = TrainConfig.from_overrides(args.preset, **overrides)
+        if args.cv_fold is not None and not cfg.cv_folds:  # 0 is the default, so the config cannot tell
+            raise ValueError(f"--cv_fold {args.cv_fold} needs --cv_folds K (K >= 2)")
+        if args.fallback_width and not cfg.max_train_minutes:
+            raise ValueError("--fallback_width is the narrower network used where --max_train_minutes cannot hold "
+                             "the epochs: give --max_train_minutes too")
+        resolve_device(cfg.device)  # --device cuda without a GPU: a usage error, before anything is written
         world = env_world()
-    except ValueError as exc:
+        if world.is_main:
+            check_writable(cfg.output_dir, "--output_dir", folder=True)
+    except ValueError as exc:  # OutputPathError too
         _train_parser().error(str(exc))
     # under torchrun only rank 0 writes training.log; the other ranks print warnings and errors
     configure_logging(Path(cfg.output_dir) / "training.log" if world.is_main else None, args.verbose,

@@ -104,6 +104,9 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (batch normalisation cannot train on one film), "
+                             f"got {self.batch_size}")
         if self.image_size < 32 or self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 and >= 32 (five 2x2 poolings), "
                              f"got {self.image_size}")
@@ -114,6 +117,9 @@ class TrainConfig:
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if self.cv_folds == 1 or self.cv_folds < 0:
             raise ValueError(f"cv_folds must be 0 (one patient-level split) or >= 2, got {self.cv_folds}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite contradict each other: --resume continues the run in output_dir, "
+                             "--overwrite starts a new one over it; give one")
         if not self.cv_folds and (self.cv_fold or self.cv_holdout):
             raise ValueError(f"cv_fold ({self.cv_fold}) and cv_holdout ({self.cv_holdout}) need cv_folds >= 2 "
                              f"(k-fold cross-validation); got cv_folds {self.cv_folds}")

@@ -17,6 +17,7 @@ import os
 import posixpath
 import random
 import re
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,10 +409,14 @@ def decode_records(records: list[Record], size: int, cache_dir: Path | None = No
     if cache_file is not None and cache_file.exists():
         try:
             with np.load(cache_file) as z:
-                cache = dict(zip(z["hashes"].tolist(), z["images"]))
+                hashes, images = z["hashes"], z["images"]
+                if images.dtype != np.uint8 or images.shape[1:] != (size, size) or len(images) != len(hashes):
+                    raise ValueError(f"it holds {images.dtype} images of shape {images.shape[1:]}, "
+                                     f"expected uint8 {size}x{size}")
+                cache = dict(zip(hashes.tolist(), images))
             log.info("loaded %d decoded images from cache %s", len(cache), cache_file)
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("ignoring unreadable image cache %s (%s)", cache_file, exc)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # cut short, damaged, foreign
+            log.warning("ignoring unreadable image cache %s (%s); decoding the films again", cache_file, exc)
             cache = {}
     todo = {}
     for r in records:

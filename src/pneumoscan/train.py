@@ -261,6 +261,15 @@ def epoch_order(n: int, cfg: TrainConfig, world: World, epoch: int) -> torch.Ten
     return torch.tensor(list(sampler), dtype=torch.long)
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each training batch over ``n`` shuffled films: a last batch of one joins the one before
+    it, since batch normalisation cannot train on one film and dropping it would leave a film out of the epoch."""
+    stops = list(range(batch_size, n, batch_size)) + [n]
+    if n > 1 and n % batch_size == 1:
+        stops.pop(-2)
+    return [(a, b) for a, b in zip([0, *stops[:-1]], stops) if b - a > 1]
+
+
 def train_one_epoch(tr: Trainer, data: ImageSet, epoch: int) -> dict:
     """One pass over ``data`` in shuffled batches; returns loss, accuracy and where the time went."""
     cfg, model, device = tr.cfg, tr.train_module or tr.model, tr.predictor.device
@@ -270,14 +279,13 @@ def train_one_epoch(tr: Trainer, data: ImageSet, epoch: int) -> dict:
     perm = epoch_order(len(data), cfg, tr.world, epoch)
     total_loss, correct, seen = 0.0, 0, 0
     data_time = compute_time = 0.0
-    n_batches = math.ceil(len(perm) / cfg.batch_size)
+    bounds = batch_bounds(len(perm), cfg.batch_size)
+    n_batches = len(bounds)
     bar = tqdm(range(n_batches), desc=f"epoch {epoch}", unit="batch", leave=False,
                disable=None if tr.world.is_main else True)
     for b in bar:
         t0 = time.perf_counter()
-        idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        if len(idx) < 2:  # BatchNorm cannot train on a batch of one
-            continue
+        idx = perm[slice(*bounds[b])]
         imgs = data.images[idx].to(device, non_blocking=True)
         target = data.labels[idx].to(device, non_blocking=True)
         # mixup's draws depend only on seed, rank, epoch and batch: a resumed run repeats them
