@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pneumoscan.checkpoint import load_checkpoint
 from pneumoscan.cli import train_main
@@ -175,3 +176,19 @@ def test_the_first_folds_speed_check_decides_every_folds_width(tmp_path, smoke_d
     report = json.loads((out / "cv_results.json").read_text())
     assert report["fold_widths"] == [0.25, 0.25] and report["mixed_widths"] is None
     assert "fold models at width x0.25, not x1.0" in (out / "cv_summary.txt").read_text()
+
+
+def test_a_temperature_is_not_fitted_on_films_the_model_already_separates():
+    from pneumoscan.calibration import fit_calibrated_point, separable
+
+    z = torch.tensor([-3.0, -1.0, -0.5, 0.4, 2.0, 5.0])
+    logits = torch.stack([torch.zeros_like(z), z], 1)
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert separable(logits, y) and separable(logits, y, intercept=True)
+    assert fit_calibrated_point(logits, y, 0.95)[0] == 0.05  # no finite optimum: the fit runs to its bound
+    t, thr, b = fit_calibrated_point(logits, y, 0.95, if_separable=(0.7, 0.0))
+    assert (t, b) == (0.7, 0.0) and 0 < thr < 1
+    # one film on the wrong side of 0, but every normal below every pneumonia: an intercept still has no optimum
+    shifted = torch.stack([torch.zeros_like(z), z + 1.0], 1)
+    assert not separable(shifted, y) and separable(shifted, y, intercept=True)
+    assert fit_calibrated_point(shifted, y, 0.95, if_separable=(0.7, 0.0))[0] != 0.7

@@ -152,6 +152,10 @@ def test_export_never_writes_over_the_checkpoint_it_exports(tmp_path, capsys):
     assert "is the checkpoint being exported" in capsys.readouterr().err and mine.read_bytes() == before
     assert export_main(["--format", "onnx", "--output_path", str(default_model_path())]) == 2
     assert "is the shipped model" in capsys.readouterr().err
+    other = tmp_path / "other.pth"  # any other checkpoint: an export is ONNX, never a .pth
+    other.write_bytes(before)
+    assert export_main(["--format", "onnx", "--model_path", str(mine), "--output_path", str(other)]) == 2
+    assert "ends in .pth" in capsys.readouterr().err and other.read_bytes() == before
 
 
 def _png_header_only(width: int, height: int) -> bytes:

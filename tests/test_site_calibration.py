@@ -145,6 +145,41 @@ def test_warnings_for_a_ranking_too_poor_to_calibrate():
     assert "more than 5 points below the target" in site_warnings(record(0.97, 0.85, 0.9))[0]
 
 
+def test_films_the_model_already_separates_keep_the_stored_calibration(real_records, tmp_path):
+    """Validation films the shipped model gets right at its margin give a temperature no finite optimum (it ran to
+    its 0.05 bound: every probability 0 or 1, threshold 0.9997); calibrate keeps the stored one, refits the
+    threshold only and says why."""
+    from pneumoscan.calibration import fit_calibrated_point, separable
+
+    ckpt = load_checkpoint(default_model_path())
+    pool, _ = dedupe(list(real_records))
+    _, val = patient_split(pool, ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
+    every = tmp_path / "every"
+    for label, cls in enumerate(CLASS_NAMES):
+        (every / cls).mkdir(parents=True)
+        for r in [r for r in val if r.label == label][:70]:
+            (every / cls / r.path.name).symlink_to(r.path)
+    predictor = Predictor.from_checkpoint(ckpt, torch.device("cpu"))
+    data, _ = load_labelled_folder(str(every), predictor.spec.image_size, cache_dir="none")
+    logits = predictor.logits(data.images)
+    margin = logits[:, 1] - logits[:, 0]
+    right = tmp_path / "right"
+    for path, label, m in zip(data.paths, data.labels.tolist(), margin.tolist()):
+        if (m > 0) == bool(label):
+            (right / CLASS_NAMES[label]).mkdir(parents=True, exist_ok=True)
+            (right / CLASS_NAMES[label] / Path(path).name).symlink_to(Path(path).resolve())
+    site, _ = load_labelled_folder(str(right), predictor.spec.image_size, cache_dir="none")
+    site_logits = predictor.logits(site.images)
+    assert separable(site_logits, site.labels)
+    assert fit_calibrated_point(site_logits, site.labels, 0.95)[0] == 0.05  # what calibrate used to store
+
+    out, record = calibrate_on_site(ckpt, predictor, site, SiteCalibrationConfig(min_per_class=30, n_boot=50))
+    assert out["temperature"] == ckpt["temperature"] and record["calibration_kept"]
+    assert all(f["temperature"] == ckpt["temperature"] for f in record["refitted_cross_validated"]["per_fold"])
+    assert 0 < out["threshold"] < 0.99
+    assert any("no finite optimum" in w for w in record["warnings"])
+
+
 def test_predictions_of_the_site_checkpoint_say_so(calibrated, sites):
     out, _, _ = calibrated
     image = next((sites[1] / "PNEUMONIA").iterdir())
@@ -236,6 +271,11 @@ def test_the_report_never_replaces_a_checkpoint(calibrated, sites, tmp_path, cap
     err = capsys.readouterr().err
     assert "--json" in err and "is the checkpoint being calibrated" in err and "give the report its own file" in err
     assert _sha(out) == before and not (tmp_path / "site.pth").exists()
+    other = tmp_path / "other.pth"  # another checkpoint is no place for a report either
+    other.write_bytes(out.read_bytes())
+    assert calibrate_main(["--data_dir", str(sites[0]), "--model_path", str(out), "--output_path",
+                           str(tmp_path / "site2.pth"), "--json", str(other)]) == EXIT_BAD_INPUT
+    assert "ends in .pth" in capsys.readouterr().err and _sha(other) == before
 
 
 def test_a_site_checkpoint_is_judged_against_its_own_target(calibrated):

@@ -58,6 +58,24 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+# what a report or an export must never be written over: films (images, DICOM) and models
+INPUT_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".pth", ".pt", ".onnx")
+
+
+def refuse_input_suffix(path: str | os.PathLike, flag: str, kind: str, allowed: tuple[str, ...] = ()) -> None:
+    """Refuse an output named like a film or a model (other than ``allowed`` suffixes).
+
+    Raises:
+        OutputPathError: ``path`` ends in one of ``INPUT_SUFFIXES``; the message asks for a ``kind`` path.
+    """
+    from .errors import OutputPathError
+
+    suffix = Path(path).suffix.lower()
+    if suffix in INPUT_SUFFIXES and suffix not in allowed:
+        raise OutputPathError(f"{flag} {path} ends in {Path(path).suffix}: it would be written over an image or a "
+                              f"model file; give a {kind} path")
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two paths name one file (through links and relative paths too)."""
     a, b = Path(a).expanduser(), Path(b).expanduser()

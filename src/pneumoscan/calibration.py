@@ -75,13 +75,29 @@ def fit_operating_point(logits: torch.Tensor, labels: torch.Tensor, target_sensi
     return t, thr
 
 
+def separable(logits: torch.Tensor, labels: torch.Tensor, intercept: bool = False) -> bool:
+    """Whether no film is on the wrong side of the margin z1 - z0 = 0 (with ``intercept``: of some margin).
+    Then the likelihood has no finite optimum: the fitted temperature runs to its lower bound (0.05) and
+    turns every probability into 0 or 1, so there is nothing to calibrate from these films."""
+    z = (logits[:, 1] - logits[:, 0]).detach().double()
+    pos, neg = z[labels == 1], z[labels == 0]
+    if not len(pos) or not len(neg):
+        return True
+    return bool(neg.max() < pos.min()) if intercept else bool((pos > 0).all() and (neg < 0).all())
+
+
 def fit_calibrated_point(logits: torch.Tensor, labels: torch.Tensor, target_sensitivity: float,
-                         intercept: bool = False) -> tuple[float, float, float]:
+                         intercept: bool = False,
+                         if_separable: tuple[float, float] | None = None) -> tuple[float, float, float]:
     """(temperature, threshold, bias): ``fit_operating_point``, with ``intercept`` by logistic calibration
-    (``fit_logistic``) instead of a temperature alone (then bias 0)."""
+    (``fit_logistic``) instead of a temperature alone (then bias 0). With ``if_separable`` (a temperature and
+    bias, e.g. the model's stored ones), films that are ``separable`` keep those and only the threshold is fitted."""
     from .metrics import threshold_for_sensitivity
 
-    t, b = fit_logistic(logits, labels) if intercept else (fit_temperature(logits, labels), 0.0)
+    if if_separable is not None and separable(logits, labels, intercept):
+        t, b = if_separable
+    else:
+        t, b = fit_logistic(logits, labels) if intercept else (fit_temperature(logits, labels), 0.0)
     return t, threshold_for_sensitivity(labels.numpy(), positive_probability(logits, t, b), target_sensitivity), b
 
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .atomic import check_writable, same_file
+from .atomic import check_writable, refuse_input_suffix, same_file
 from .errors import DataError, OutputPathError, PneumoscanError
 
 log = logging.getLogger("pneumoscan")
@@ -371,10 +371,6 @@ def _predict_document(engine, files: list, args) -> tuple[int, int]:
     return len(results), len(errors)
 
 
-# what an output (JSON, JSON lines, an HTML report) must never replace: images, DICOM and model files
-_NOT_AN_OUTPUT_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".pth", ".pt", ".onnx")
-
-
 def _refuse_writing_over_inputs(output_path: str, files: list, model_path: str | None,
                                 flag: str = "--output_path", kind: str = ".json or .jsonl") -> None:
     """Refuse an output that is one of the films, the model, the shipped model, or any image or model file.
@@ -385,9 +381,7 @@ def _refuse_writing_over_inputs(output_path: str, files: list, model_path: str |
     from .checkpoint import protected_checkpoint
 
     out = Path(output_path).expanduser()
-    if out.suffix.lower() in _NOT_AN_OUTPUT_SUFFIXES:
-        raise OutputPathError(f"{flag} {output_path} ends in {out.suffix}: the output would be written over an "
-                              f"image or a model file; give a {kind} path")
+    refuse_input_suffix(out, flag, kind)
     if not out.exists():
         return
     what = protected_checkpoint(out, model_path, "used")
@@ -754,6 +748,7 @@ def calibrate_main(argv: list[str] | None = None) -> int:
             report_path = check_output_path(args.model_path, args.json, "--json", new_file=False)
             if same_file(report_path, out):
                 raise DataError(f"--json {args.json} is --output_path; give the report its own file")
+            refuse_input_suffix(args.json, "--json", ".json")  # another checkpoint, a film
         ckpt = load_checkpoint(args.model_path)
         predictor = Predictor.from_checkpoint(ckpt, resolve_device(args.device))
         data, bad = load_labelled_folder(args.data_dir, predictor.spec.image_size, args.split, args.cache_dir,

@@ -123,12 +123,13 @@ def deal_patients(patients: list[str], k: int = 5) -> np.ndarray:
 
 
 def cross_fitted(oof: OutOfFold, target_sensitivity: float = 0.95, applied_to: torch.Tensor | None = None,
-                 intercept: bool = False) -> tuple[np.ndarray, np.ndarray, list[tuple[int, float, float, float]]]:
+                 intercept: bool = False, if_separable: tuple[float, float] | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, float, float, float]]]:
     """For each fold: the temperature (with ``intercept``, the logistic calibration) and the threshold fitted on
     the *other* folds' OOF logits, applied to this fold's films. ``applied_to`` (the same films in the same
     order, changed, e.g. re-encoded) replaces the logits they are applied to, so the operating point stays the
     one fitted on the unchanged films. Returns the calibrated P(PNEUMONIA) per film, the call per film, and
-    (fold, temperature, threshold, bias)."""
+    (fold, temperature, threshold, bias). ``if_separable``: as in ``fit_calibrated_point``."""
     y, logits, labels, folds = oof.labels.numpy(), oof.logits, oof.labels, oof.folds
     target = oof.logits if applied_to is None else applied_to
     if len(target) != len(y):
@@ -140,7 +141,7 @@ def cross_fitted(oof: OutOfFold, target_sensitivity: float = 0.95, applied_to: t
         held, fit = folds == f, folds != f
         if not fit.any():
             raise ValueError("cross-validating the operating point needs at least two folds")
-        t, thr, b = fit_calibrated_point(logits[fit], labels[fit], target_sensitivity, intercept)
+        t, thr, b = fit_calibrated_point(logits[fit], labels[fit], target_sensitivity, intercept, if_separable)
         cv_prob[held] = positive_probability(target[held], t, b)
         cv_pred[held] = cv_prob[held] >= thr
         params.append((int(f), t, thr, b))

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_path, check_writable
+from .atomic import atomic_path, check_writable, refuse_input_suffix
 from .checkpoint import default_model_path, input_spec, load_checkpoint, model_from_checkpoint, protected_checkpoint
 from .errors import DataError, OutputPathError, PneumoscanError
 from .predict import InputSpec, calibration_bias
@@ -392,6 +392,7 @@ def export_main(argv: list[str] | None = None) -> int:
         if what:
             raise OutputPathError(f"--output_path {out} is {what}; write the ONNX model to a new file "
                                   f"(e.g. model.onnx)")
+        refuse_input_suffix(out, "--output_path", ".onnx", allowed=(".onnx",))
         check_writable(out)
         ckpt = load_checkpoint(model_path)
         model = onnx_model(ckpt)

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from .calibration import fit_calibrated_point, positive_probability
+from .calibration import fit_calibrated_point, positive_probability, separable
 from .checkpoint import format_version
 from .cv import OutOfFold, cross_fitted, deal_patients, operating_point
 from .data import ImageSet
@@ -129,8 +129,11 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
     old_t, old_thr, old_b = ckpt.get("temperature"), float(ckpt.get("threshold", 0.5)), predictor.bias
     stored = _at(y, positive_probability(logits, old_t, old_b), old_thr, patients, cfg.n_boot)
     oof = OutOfFold(logits, labels, patients, deal_patients(patients, cfg.folds))
-    cv_prob, cv_pred, params = cross_fitted(oof, target, intercept=cfg.intercept)
-    new_t, new_thr, new_b = fit_calibrated_point(logits, labels, target, cfg.intercept)
+    # films the model already separates give a temperature no finite optimum: keep the stored calibration
+    kept = (float(old_t or 1.0), float(old_b))
+    cv_prob, cv_pred, params = cross_fitted(oof, target, intercept=cfg.intercept, if_separable=kept)
+    new_t, new_thr, new_b = fit_calibrated_point(logits, labels, target, cfg.intercept, if_separable=kept)
+    calibration_kept = separable(logits, labels, cfg.intercept)
     refit = _at(y, positive_probability(logits, new_t, new_b), new_thr, patients, cfg.n_boot)
     record = {
         "site": cfg.site,
@@ -139,7 +142,12 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
         "target_sensitivity": target,
         "previous": {"model_version": ckpt.get("model_version", ""), "temperature": old_t, "threshold": old_thr,
                      "bias": old_b, "metrics": dict(ckpt.get("metrics") or {})},
-        "calibration": "temperature and intercept (logistic)" if cfg.intercept else "temperature",
+        "calibration": ("threshold only (the stored calibration kept: the model makes no error on these films at "
+                        "its decision margin)") if calibration_kept else
+                       "temperature and intercept (logistic)" if cfg.intercept else "temperature",
+        "calibration_kept": calibration_kept,
+        "folds_keeping_calibration": sum(separable(logits[oof.folds != f], labels[oof.folds != f], cfg.intercept)
+                                         for f, *_ in params),
         "temperature": new_t, "bias": new_b, "threshold": new_thr,
         "stored_operating_point_on_site": stored,
         "refitted_cross_validated": {**operating_point(y, cv_prob, cv_pred), "folds": cfg.folds,
@@ -161,9 +169,11 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
     # what is shown beside the threshold (the service's model card) must describe *this* threshold
     metrics = {"val_sensitivity": cv["sensitivity"], "val_specificity": cv["specificity"],
                "val_accuracy": cv["accuracy"], "val_auroc": stored["metrics"]["auroc"]["value"]}
+    refitted = ("threshold refitted, calibration kept" if calibration_kept
+                else f"{record['calibration']} and threshold refitted")
     note = (f"{ckpt.get('training_note') or base}; then site-calibrated by pneumoscan calibrate on "
             f"{record['films']} labelled films of {record['patients']} patients of site {cfg.site} "
-            f"({record['calibrated_at'][:10]}): {record['calibration']} and threshold refitted, weights unchanged; "
+            f"({record['calibrated_at'][:10]}): {refitted}, weights unchanged; "
             f"the metrics are that site's patient-level cross-validated estimate")
     version = f"{base}+{cfg.site}"
     if cfg.refit_gate and record["gate"]["threshold"] != record["gate"]["previous_threshold"]:
@@ -260,6 +270,15 @@ def site_warnings(record: dict) -> list[str]:
     if cv["specificity"] < 0.5:
         out.append(f"at the refitted threshold the estimated specificity is {cv['specificity']:.3f}: most normal "
                    f"films would be called PNEUMONIA")
+    if record.get("calibration_kept"):
+        out.append("the model makes no error on these films at its decision margin, so a temperature fitted on them "
+                   "has no finite optimum (it would turn every probability into 0 or 1): the stored calibration is "
+                   "kept and only the threshold refitted; films the model gets wrong are what calibration is "
+                   "learnt from, so add labelled films (the harder ones too) to refit it")
+    elif record.get("folds_keeping_calibration"):
+        out.append(f"in {record['folds_keeping_calibration']} of the cross-validation folds the other folds' films "
+                   f"were all on the right side of the model's margin, so those folds kept the stored calibration: "
+                   f"the estimate rests on few informative films; add labelled films")
     if cv["sensitivity"] < record["target_sensitivity"] - 0.05:
         out.append(f"the estimated sensitivity on new films of this site ({cv['sensitivity']:.3f}) is more than 5 "
                    f"points below the target {record['target_sensitivity']:.2f}: add labelled films")

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .atomic import write_text
 from .budget import choose_width, last_epoch_in_budget
-from .calibration import cross_fitted_ece, fit_operating_point, positive_probability
+from .calibration import cross_fitted_ece, fit_calibrated_point, positive_probability, separable
 from .checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint, versions
 from .config import TrainConfig
 from .data import SPLIT_KEYS, DataSplits, ImageSet, file_sha256, patients_digest, prepare_data, split_record
@@ -602,7 +602,13 @@ def finalize(predictor: Predictor, splits: DataSplits, cfg: TrainConfig) -> dict
     log.info("out-of-scope gate: feature-distance score limit %.2f (%.1f%% quantile of validation); detail floor "
              "%.3f (training films)", gate.threshold, 100 * gate.quantile, gate.min_detail)
     y = splits.val.labels.numpy()
-    temperature, threshold = fit_operating_point(logits, splits.val.labels, cfg.target_sensitivity)
+    if separable(logits, splits.val.labels):
+        log.warning("every validation film is on the right side of the model's margin, so a temperature fitted on "
+                    "them has no finite optimum: the model is left uncalibrated (temperature 1) and only the "
+                    "threshold is fitted; with more validation films (--val_fraction, or a larger val/) it can be "
+                    "calibrated")
+    temperature, threshold, _ = fit_calibrated_point(logits, splits.val.labels, cfg.target_sensitivity,
+                                                     if_separable=(1.0, 0.0))
     raw, cal = positive_probability(logits), positive_probability(logits, temperature)
     validation = {
         "at_threshold": metrics_with_ci(y, cal, threshold, groups=splits.val.patients),
