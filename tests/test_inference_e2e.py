@@ -266,6 +266,21 @@ def test_evaluate_main_writes_metrics(trained_model, labelled_folder, tmp_path, 
     assert report["metrics"]["auroc"]["value"] == pytest.approx(expected["auroc"], abs=1e-6)
 
 
+def test_evaluate_warns_when_a_class_has_too_few_patients_for_an_interval(trained_model, fullres_dir, tmp_path,
+                                                                          capsys):
+    folder = tmp_path / "one_patient"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (folder / cls).mkdir(parents=True)
+    for p in sorted((fullres_dir / "NORMAL").iterdir())[:6]:
+        (folder / "NORMAL" / p.name).symlink_to(p)
+    for i, p in enumerate(sorted((fullres_dir / "PNEUMONIA").iterdir())[:4], 1):  # four films of one child
+        (folder / "PNEUMONIA" / f"person9999_bacteria_{i}.jpeg").symlink_to(p)
+    assert evaluate(trained_model, folder, tmp_path / "e.json", "--model_only") == 0
+    err = capsys.readouterr().err
+    assert "the pneumonia films come from 1 patient(s)" in err
+    assert "the normal films come from" not in err  # six patients: enough
+
+
 def test_evaluate_main_with_an_unreadable_file_returns_1(trained_model, labelled_folder, tmp_path, make_bad_files,
                                                          capsys):
     bad = make_bad_files(labelled_folder / "NORMAL")

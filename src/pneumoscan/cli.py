@@ -574,6 +574,32 @@ def _n_boot_ok(n_boot: int) -> bool:
     return False
 
 
+# fewer patients of a class than this: the patient bootstrap has too few distinct resamples to give an interval
+MIN_PATIENTS_FOR_CI = 5
+
+
+def _warn_on_few_patients(labels, patients, report: dict) -> None:
+    """A class with films of fewer than ``MIN_PATIENTS_FOR_CI`` patients: the intervals that depend on it (which
+    resample patients) are close to meaningless, however many films; and any other interval of no width."""
+    import numpy as np
+
+    y, groups = np.asarray(labels), np.asarray(patients)
+    warned = set()
+    for label, films, metrics in ((1, "pneumonia", ("sensitivity", "auroc", "f1", "precision")),
+                                  (0, "normal", ("specificity", "auroc", "npv"))):
+        n = len(set(groups[y == label].tolist()))
+        if 0 < n < MIN_PATIENTS_FOR_CI:
+            warned.update(metrics)
+            log.warning("the %s films come from %d patient(s): the 95 %% intervals of %s resample patients and "
+                        "cannot be trusted with fewer than %d; add films of more patients", films, n,
+                        ", ".join(metrics), MIN_PATIENTS_FOR_CI)
+    flat = [name for name, m in report["metrics"].items() if name not in warned and m["value"] not in (0.0, 1.0)
+            and m["ci_low"] == m["ci_high"]]
+    if flat:
+        log.warning("%s: an interval of no width (too few films or patients to resample); read it as unknown, "
+                    "not as certain", ", ".join(flat))
+
+
 def _warn_on_zero_counts(report: dict) -> None:
     """A specificity (or sensitivity) of 1 on these films has a bootstrap interval of no width, which reads as
     certainty: say so, with the rule-of-three 95 % bound (1 - 3/n), and with ``--prevalence`` the PPV (or NPV)
@@ -663,6 +689,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                    "data_dir": args.data_dir,
                    "skipped_files": [{"path": p, "reason": r} for p, r in bad]})
     _warn_on_zero_counts(report)
+    _warn_on_few_patients(data.labels.numpy(), data.patients, report)
     target = stored_target(ckpt)
     sens = report["metrics"]["sensitivity"]
     if args.threshold is None and sens["ci_high"] < target:
