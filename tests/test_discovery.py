@@ -140,6 +140,21 @@ def test_missing_class_folder_is_named(tmp_path, few_images):
     assert "COVID" in message  # says what was found instead
 
 
+def test_linked_folders_are_read_once_and_folders_beside_the_classes_are_named(tmp_path, few_images, caplog):
+    make_class_dirs(tmp_path / "train", {"NORMAL": few_images["NORMAL"][:2], "PNEUMONIA": few_images["PNEUMONIA"]})
+    batch = tmp_path / "batch2"
+    batch.mkdir()
+    for f in few_images["NORMAL"][2:]:
+        (batch / f.name).symlink_to(f)
+    (tmp_path / "train" / "NORMAL" / "batch2").symlink_to(batch)
+    (batch / "loop").symlink_to(tmp_path / "train" / "NORMAL")
+    (tmp_path / "train" / "COVID").mkdir()
+    (tmp_path / "train" / "loose.jpeg").symlink_to(few_images["NORMAL"][0])
+    records = discover_labelled(tmp_path / "train")
+    assert sorted(r.path.name for r in records if r.label == 0) == sorted(f.name for f in few_images["NORMAL"])
+    assert "COVID/, loose.jpeg left out" in caplog.text and "already listed" in caplog.text
+
+
 def test_empty_class_folder_is_named(tmp_path, few_images):
     make_class_dirs(tmp_path / "train", {"NORMAL": few_images["NORMAL"]})
     empty = tmp_path / "train" / "PNEUMONIA"

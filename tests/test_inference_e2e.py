@@ -133,6 +133,20 @@ def test_predict_batch_isolates_bad_files(trained_model, good_files, tmp_path, m
         assert o.probabilities["PNEUMONIA"] == pytest.approx(single.probabilities["PNEUMONIA"], abs=1e-5)
 
 
+def test_a_linked_folder_is_listed_once_and_a_link_loop_ends(good_files, tmp_path, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "b.jpeg").symlink_to(good_files[1])
+    base = tmp_path / "films"
+    base.mkdir()
+    (base / "a.jpeg").symlink_to(good_files[0])
+    (base / "site2").symlink_to(elsewhere)  # how evaluation sets are often assembled
+    (base / "site2_again").symlink_to(elsewhere)
+    (elsewhere / "loop").symlink_to(base)
+    assert [p.relative_to(base).as_posix() for p in list_inputs(base)] == ["a.jpeg", "site2/b.jpeg"]
+    assert "already listed" in caplog.text
+
+
 def test_predict_directory_skips_hidden_and_macosx(engine, good_files, tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "__MACOSX").mkdir()

@@ -150,10 +150,23 @@ def find_dataset_root(data_dir: str | os.PathLike) -> Path:
 
 
 def list_images(folder: Path) -> tuple[list[Path], int]:
-    """Image and DICOM files under ``folder`` (recursive, sorted) and how many other files were ignored."""
+    """Image and DICOM files under ``folder`` (recursive, sorted) and how many other files were ignored.
+    Links to folders are followed, each real folder once (a loop, or a second link to it, is not)."""
     images, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in _SKIP_DIRS)
+    seen = {os.path.realpath(folder)}
+
+    def first_visit(dirpath: str, d: str) -> bool:
+        real = os.path.realpath(os.path.join(dirpath, d))
+        if real in seen:
+            log.warning("%s: already listed (a link loop, or a second link to it): not read twice",
+                        os.path.join(dirpath, d))
+            return False
+        seen.add(real)
+        return True
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in _SKIP_DIRS
+                             and first_visit(dirpath, d))
         for name in filenames:
             path = Path(dirpath) / name
             if is_input_file(path):
@@ -173,6 +186,19 @@ def file_patient(path: Path) -> str:
     return patient_id(path.name)
 
 
+def _warn_on_unused_entries(folder: Path) -> None:
+    """Say which folders and films beside NORMAL/ and PNEUMONIA/ are left out: they carry no label."""
+    try:
+        others = [p.name + "/" for p in _visible_dirs(folder) if p.name.upper() not in CLASS_NAMES]
+        loose = [p.name for p in sorted(folder.iterdir()) if p.is_file() and is_input_file(p)]
+    except OSError:
+        return  # an unreadable folder is reported where its films are read
+    if others or loose:
+        log.warning("%s: %s left out: only the films in %s are used (each class in its own folder)", folder,
+                    ", ".join(others + loose[:5]) + (f" and {len(loose) - 5} more file(s)" if len(loose) > 5 else ""),
+                    " and ".join(c + "/" for c in CLASS_NAMES))
+
+
 def discover_labelled(folder: Path, dicom_ids: bool = True) -> list[Record]:
     """Records of ``folder/NORMAL`` and ``folder/PNEUMONIA``; patients by ``file_patient`` (without
     ``dicom_ids``, by file name only: a patients CSV will replace them).
@@ -181,6 +207,7 @@ def discover_labelled(folder: Path, dicom_ids: bool = True) -> list[Record]:
         DataError: a class folder is missing or holds no images; names what was found.
     """
     records: list[Record] = []
+    _warn_on_unused_entries(folder)
     for label, cls in enumerate(CLASS_NAMES):
         cls_dir = _child_named(folder, cls)
         if cls_dir is None:

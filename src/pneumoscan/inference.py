@@ -106,9 +106,9 @@ def risk_level(confidence: float, uncertainty: float) -> str:
 def iter_inputs(directory: str | os.PathLike, recursive: bool = True) -> Iterator[Path]:
     """Image and DICOM files under ``directory``, depth first, each folder's entries sorted by name.
 
-    Hidden files and folders and ``__MACOSX`` are skipped, as are links to folders; broken
-    links and special files with an image name are yielded (prediction reports them). A
-    folder that cannot be listed is logged. Memory is that of the largest single folder.
+    Hidden files and folders and ``__MACOSX`` are skipped; links to folders are followed, each real folder
+    once (a loop is not); broken links and special files with an image name are yielded (prediction
+    reports them). A folder that cannot be listed is logged. Memory is that of the largest single folder.
 
     Raises:
         DataError: ``directory`` does not exist or is not a folder.
@@ -117,22 +117,28 @@ def iter_inputs(directory: str | os.PathLike, recursive: bool = True) -> Iterato
     if not base.is_dir():
         raise DataError(f"image_dir {str(base)!r} does not exist or is not a folder")
     skipped = 0
+    seen = {os.path.realpath(base)}  # links to folders are followed, each real folder once (no cycles)
 
     def walk(folder: Path) -> Iterator[Path]:
         nonlocal skipped
         try:
             with os.scandir(folder) as it:
-                entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
+                entries = sorted((e.name, e.is_dir()) for e in it)
         except OSError as exc:
             log.warning("cannot list %s (%s); its files are not predicted", folder, exc.strerror or exc)
             return
         for name, is_dir in entries:
             path = folder / name
             if is_dir:
-                if recursive and not name.startswith(".") and name.lower() != "__macosx":
-                    yield from walk(path)
-            elif path.is_symlink() and path.is_dir():
-                continue  # a link to a folder: not followed (no cycles, no surprises)
+                if not recursive or name.startswith(".") or name.lower() == "__macosx":
+                    continue
+                real = os.path.realpath(path)
+                if real in seen:
+                    log.warning("%s: already listed (a link loop, or a second link to it): not predicted twice",
+                                path)
+                    continue
+                seen.add(real)
+                yield from walk(path)
             elif is_input_file(path):
                 yield path
             elif not name.startswith("."):
