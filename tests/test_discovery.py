@@ -305,3 +305,18 @@ def test_a_val_folder_sharing_patients_with_train_is_warned_about(tmp_path, trai
     caplog.set_level("WARNING", logger="pneumoscan")
     prepare_data(str(tmp_path / "data"), 32, min_val_images=6, cache_dir="none")
     assert any("val/ shares 1 patient" in r.getMessage() and patient in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_an_empty_val_or_test_folder_counts_as_absent(tmp_path, few_images, split, caplog):
+    make_class_dirs(tmp_path / "train", few_images)
+    for cls in ("NORMAL", "PNEUMONIA"):  # the folders left after moving the official val/ films into train/
+        (tmp_path / split / cls).mkdir(parents=True)
+    (tmp_path / split / "NORMAL" / ".DS_Store").write_bytes(b"junk")
+    found = discover_splits(tmp_path)
+    assert found[split] is None and len(found["train"]) == 8
+    assert f"{tmp_path / split} holds no films: treated as absent" in caplog.text
+    # a split with films but a class missing is still an error
+    (tmp_path / split / "NORMAL" / few_images["NORMAL"][0].name).symlink_to(few_images["NORMAL"][0])
+    with pytest.raises(DataError, match="PNEUMONIA"):
+        discover_splits(tmp_path)

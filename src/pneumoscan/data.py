@@ -355,10 +355,16 @@ def assign_patients(records: list[Record], rows: list[tuple[str, str]], folder: 
 
 
 def discover_splits(root: Path, dicom_ids: bool = True) -> dict[str, list[Record] | None]:
-    """Records of each split under ``root``; None for a split folder that does not exist."""
+    """Records of each split under ``root``; None for a split folder that does not exist (or, but for train/,
+    holds no films at all)."""
     out: dict[str, list[Record] | None] = {}
     for split in SPLITS:
         folder = _child_named(root, split)
+        if folder is not None and split != "train" and not list_images(folder)[0]:
+            # what is left after moving the official 16 val/ films into train/: not a broken data set
+            log.warning("%s holds no films: treated as absent (%s)", folder,
+                        "the validation patients are drawn from train/" if split == "val" else "no test evaluation")
+            folder = None
         out[split] = discover_labelled(folder, dicom_ids) if folder is not None else None
     return out
 
