@@ -177,6 +177,17 @@ def test_newer_format_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("version", ["5", 2.5, None, True])
+def test_a_format_version_that_is_not_a_whole_number_is_refused(tmp_path, version):
+    model, kw = small_model()
+    payload = payload_for(model, kw)
+    payload["format_version"] = version
+    path = tmp_path / "odd.pth"
+    torch.save(payload, path)  # as written by something else than save_checkpoint, which fixes the field
+    with pytest.raises(CheckpointError, match="not a whole number"):
+        load_checkpoint(path)
+
+
 def test_weights_that_do_not_fit_the_architecture_are_refused(tmp_path):
     model, kw = small_model(width=0.25)
     payload = payload_for(model, kw)

@@ -320,3 +320,16 @@ def test_an_empty_val_or_test_folder_counts_as_absent(tmp_path, few_images, spli
     (tmp_path / split / "NORMAL" / few_images["NORMAL"][0].name).symlink_to(few_images["NORMAL"][0])
     with pytest.raises(DataError, match="PNEUMONIA"):
         discover_splits(tmp_path)
+
+
+def test_an_evaluation_folder_counts_each_film_once(tmp_path, few_images, caplog):
+    from pneumoscan.data import load_labelled_folder
+
+    make_class_dirs(tmp_path / "eval", few_images)
+    normal, pneumonia = few_images["NORMAL"], few_images["PNEUMONIA"]
+    (tmp_path / "eval" / "NORMAL" / "copy_of_a_normal.jpeg").symlink_to(normal[0])  # counted once
+    (tmp_path / "eval" / "NORMAL" / "mislabelled.jpeg").symlink_to(pneumonia[0])  # in both classes: no label
+    data, bad = load_labelled_folder(str(tmp_path / "eval"), 32, cache_dir="none")
+    assert bad == [] and len(data) == 7
+    assert data.class_counts() == {"NORMAL": 4, "PNEUMONIA": 3}
+    assert "3 film(s) left out as byte-identical copies" in caplog.text and "carry different labels" in caplog.text

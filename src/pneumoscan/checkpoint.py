@@ -177,7 +177,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state dict")
     if obj.get("format") == FORMAT:
-        if obj.get("format_version", 0) > FORMAT_VERSION:
+        version = obj.get("format_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise CheckpointError(f"{path}: format_version {version!r} is not a whole number; the file is damaged "
+                                  f"or was not written by pneumoscan")
+        if version > FORMAT_VERSION:
             raise CheckpointError(f"{path} was written by a newer pneumoscan (format "
                                   f"{obj['format_version']}); upgrade pneumoscan to read it")
         if obj.get("format_version", 0) < 2 and "input_spec" not in obj:

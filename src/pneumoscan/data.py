@@ -769,4 +769,10 @@ def load_labelled_folder(data_dir: str, image_size: int, split: str = "test", ca
     usable = _usable(records, bad)
     if not usable:
         raise DataError(f"{folder}: none of the {len(records)} images could be decoded")
+    usable, copies = dedupe(usable)  # a film counted twice would narrow the CIs; one in both classes is no label
+    if copies:
+        log.warning("%s: %d film(s) left out as byte-identical copies: a film is counted once, and one filed in both "
+                    "classes not at all", folder, copies)
+    if not usable:
+        raise DataError(f"{folder}: every film has a byte-identical copy in the other class folder: no label is left")
     return to_imageset(usable, decoded, image_size), bad
