@@ -4,11 +4,14 @@ path and what to do; a write that fails at the end keeps the results. Real files
 from __future__ import annotations
 
 import json
+import os
 import struct
+import sys
 import zlib
 
 import numpy as np
 import pytest
+from odd_names import assert_printable_json, not_utf8
 from PIL import Image
 
 from pneumoscan.checkpoint import default_model_path, load_checkpoint, save_checkpoint
@@ -236,3 +239,59 @@ def test_a_path_too_long_to_look_up_is_a_clear_error_not_a_traceback(command, fl
     assert main(argv) == 2
     err = capfd.readouterr().err
     assert "Traceback" not in err and ("too long" in err.lower()), err[-500:]
+
+
+@pytest.fixture
+def odd_names(tmp_path, train_dir):
+    """Films and folders whose names are not UTF-8: ``NORMAL/caf\\xe9.jpeg`` (a real film, a copy),
+    ``NORMAL/broken\\xe9.jpeg`` (not an image) and ``PNEUMONIA/``; and ``sub\\xe9/`` with a film, unlabelled."""
+    normal, pneumonia = (sorted((train_dir / cls).glob("*.jpeg"))[:3] for cls in ("NORMAL", "PNEUMONIA"))
+    labelled = tmp_path / "labelled"
+    for cls, films in (("NORMAL", normal), ("PNEUMONIA", pneumonia)):
+        (labelled / cls).mkdir(parents=True)
+        for f in films:
+            (labelled / cls / f.name).symlink_to(f)
+    not_utf8(labelled / "NORMAL", b"caf\xe9.jpeg").write_bytes(normal[0].read_bytes())
+    not_utf8(labelled / "NORMAL", b"broken\xe9.jpeg").write_bytes(b"not an image")
+    unlabelled = not_utf8(tmp_path / "unlabelled", b"sub\xe9")
+    unlabelled.mkdir(parents=True)
+    (unlabelled / normal[1].name).symlink_to(normal[1])
+    (unlabelled.parent / normal[2].name).symlink_to(normal[2])
+    return labelled, unlabelled.parent
+
+
+def test_evaluate_shows_and_writes_names_that_are_not_utf8(odd_names, tmp_path, capsys):
+    # capsys's stdout is strict UTF-8, as PYTHONIOENCODING=utf-8 makes it
+    out = tmp_path / "m.json"
+    assert evaluate_main(["--data_dir", str(odd_names[0]), "--output_path", str(out), "--model_only",
+                          "--n_boot", "20"]) == 1  # a film left out
+    assert "left out: 1 file(s) that could not be read (broken\\xe9.jpeg;" in capsys.readouterr().out
+    skipped = json.loads(assert_printable_json(out))["skipped_files"]
+    assert [s["path"] for s in skipped] == [str(odd_names[0] / "NORMAL" / "broken\\xe9.jpeg")]
+
+
+def test_the_scope_report_shows_and_writes_folder_names_that_are_not_utf8(odd_names, tmp_path, capsys):
+    out = tmp_path / "scope.json"
+    assert evaluate_main(["--data_dir", str(odd_names[1]), "--output_path", str(out), "--backend", "torch"]) == 0
+    assert "\nsub\\xe9 " in capsys.readouterr().out
+    assert "sub\\xe9" in json.loads(assert_printable_json(out))["by_folder"]
+
+
+def test_predict_shows_and_writes_names_that_are_not_utf8(odd_names, tmp_path, capsys):
+    out, heatmaps = tmp_path / "r.json", tmp_path / "heatmaps"
+    assert predict_main(["--image_dir", str(odd_names[0] / "NORMAL"), "--output_path", str(out), "--heatmap_dir",
+                         str(heatmaps), "--backend", "torch"]) == 1  # broken\xe9.jpeg
+    document = json.loads(assert_printable_json(out))
+    cafe = [r for r in document["results"] if r["image_path"].endswith("/caf\\xe9.jpeg")]
+    assert len(cafe) == 1 and document["errors"][0]["image_path"].endswith("/broken\\xe9.jpeg")
+    assert cafe[0]["heatmap_path"] and not cafe[0]["warnings"]  # written, under the film's own name
+    (heatmap,) = heatmaps.glob("caf*")
+    assert os.fsencode(heatmap.name).startswith(b"caf\xe9_")  # the film's bytes, \xNN in the JSON
+    assert cafe[0]["heatmap_path"] == str(heatmaps / "caf\\xe9") + heatmap.name[4:]
+
+
+def test_predict_s_summary_on_a_terminal_shows_a_name_that_is_not_utf8(odd_names, monkeypatch, capsys):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert predict_main(["--image_path", str(not_utf8(odd_names[0] / "NORMAL", b"caf\xe9.jpeg")),
+                         "--backend", "torch"]) == 0
+    assert "/caf\\xe9.jpeg: NORMAL (P(PNEUMONIA) = " in capsys.readouterr().out

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from odd_names import assert_printable_json, not_utf8
 
 from pneumoscan.cli import predict_main
 from pneumoscan.inference import list_inputs
@@ -162,3 +163,18 @@ def test_output_grows_while_the_run_is_going(tmp_path, trained_model, smoke_file
         proc.wait(timeout=120)
     assert seen_partial, "no partial output observed: results were not written as they came"
     assert len(read_lines(out)) == 400
+
+
+def test_names_that_are_not_utf8_are_written_printable_and_resumed(tmp_path, smoke_files):
+    films = tmp_path / "films"
+    films.mkdir()
+    for i, path in enumerate(smoke_files["NORMAL"][:3]):
+        not_utf8(films, b"caf\xe9%d.jpeg" % i).symlink_to(path)
+    out = tmp_path / "r.jsonl"
+    argv = ["--image_dir", str(films), "--output_path", str(out), "--backend", "torch"]
+    assert predict_main(argv) == 0
+    assert_printable_json(out)
+    assert [line["image_path"] for line in read_lines(out)] == [str(films / f"caf\\xe9{i}.jpeg") for i in range(3)]
+    before = out.read_bytes()
+    assert predict_main([*argv, "--resume"]) == 0  # each file known by its printable name: none predicted again
+    assert out.read_bytes() == before

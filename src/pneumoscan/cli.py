@@ -17,10 +17,25 @@ from pathlib import Path
 
 from .atomic import check_writable, refuse_input_suffix, same_file
 from .errors import DataError, OutputPathError, PneumoscanError
+from .names import printable
 
 log = logging.getLogger("pneumoscan")
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _say(text: str) -> None:
+    """A line on stdout; the odd bytes of file names that are not UTF-8 as ``\\xNN`` (a strict UTF-8 stdout would
+    refuse them, before the outputs are written)."""
+    sys.stdout.write(printable(text) + "\n")
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with file names as ``_say`` shows them (a log file is opened strict: its handler would
+    print a traceback for each line naming a film whose name is not UTF-8)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def configure_logging(log_file: Path | None = None, verbose: bool = False, quiet: bool = False) -> None:
@@ -33,7 +48,7 @@ def configure_logging(log_file: Path | None = None, verbose: bool = False, quiet
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    fmt = _PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +243,7 @@ def _stream_jsonl(engine, files: list, path: str | Path, resume: bool, heatmap_d
                             f"run would add results of {now[0]} at threshold {now[1]}; resume with the same "
                             f"--model_path and --threshold, or write a new file")
         done = writer.done | {_same_file_key(p) for p in writer.done}
-        todo = [f for f in files if str(f) not in done and _same_file_key(f) not in done]
+        todo = [f for f in files if printable(str(f)) not in done and _same_file_key(f) not in done]
         if writer.done:
             log.info("--resume: %d of %d file(s) already in %s; predicting the other %d",
                      len(files) - len(todo), len(files), path, len(todo))
@@ -244,11 +259,12 @@ def _stream_jsonl(engine, files: list, path: str | Path, resume: bool, heatmap_d
 
 
 def _same_file_key(path) -> str:
-    """A path as an absolute, resolved string: ``--image_dir runs`` and ``--image_dir /abs/runs`` name one file."""
+    """A path as an absolute, resolved string, as the JSON Lines file has it (``printable``): ``--image_dir runs``
+    and ``--image_dir /abs/runs`` name one file."""
     try:
-        return str(Path(path).expanduser().resolve())
+        return printable(str(Path(path).expanduser().resolve()))
     except (OSError, RuntimeError):
-        return str(path)
+        return printable(str(path))
 
 
 def _predict_jsonl(engine, files: list, args) -> tuple[int, int]:
@@ -307,7 +323,7 @@ def _predict_sharded(engine, files: list, args, world) -> tuple[int, int]:
             for i, path in enumerate(files):
                 line = readers[i % world.world_size].readline()
                 outcome = json.loads(line)
-                if outcome.get("image_path") != str(path) and \
+                if outcome.get("image_path") != printable(str(path)) and \
                         not same_file(outcome.get("image_path") or "", path):  # --resume, spelt another way
                     raise DataError(f"part file {parts[i % world.world_size]} is not in listing order at {path}; "
                                     f"remove the .rank* part files and run again")
@@ -357,17 +373,17 @@ def _predict_document(engine, files: list, args) -> tuple[int, int]:
         try:
             write_json(document, args.output_path)
         except OSError as exc:  # checked before the work, but a disk can fill up meanwhile: keep the results
-            sys.stdout.write(dumps(document) + "\n")
+            _say(dumps(document))
             raise OutputPathError(f"cannot write {args.output_path}: {exc.strerror or exc}; the results were "
                                   f"printed to stdout instead") from exc
         log.info("%d prediction(s), %d error(s) written to %s", len(results), len(errors), args.output_path)
     else:
-        sys.stdout.write(dumps(document) + "\n")
+        _say(dumps(document))
     if args.image_path is not None and sys.stdout.isatty():
         for r in results:
-            sys.stdout.write(_summary_line(r) + "\n")
+            _say(_summary_line(r))
         for e in errors:
-            sys.stdout.write(f"{e.image_path}: FAILED: {e.error}\n")
+            _say(f"{e.image_path}: FAILED: {e.error}")
     return len(results), len(errors)
 
 
@@ -546,9 +562,9 @@ def _scope_report_main(args) -> int:
         return EXIT_BAD_INPUT
     report = scope_report(list(engine.iter_predict(files)), args.data_dir)
     report.update(model_path=engine.model_path, model_version=engine.model_version)
-    sys.stdout.write(f"{engine.model_path} on {args.data_dir}: scope report ({len(files)} inputs; refused = no "
-                     f"prediction, flagged = answered with a lateral or population warning)\n")
-    sys.stdout.write(format_scope_report(report) + "\n")
+    _say(f"{engine.model_path} on {args.data_dir}: scope report ({len(files)} inputs; refused = no "
+         f"prediction, flagged = answered with a lateral or population warning)")
+    _say(format_scope_report(report))
     if args.output_path and not _written(write_json, report, args.output_path):
         return EXIT_BAD_INPUT
     return EXIT_SOME_FAILED if report["all"]["unreadable"] else EXIT_OK
@@ -697,15 +713,15 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                     "fitted for: the operating point does not hold here; `pneumoscan calibrate` refits it on "
                     "labelled local films", sens["value"], sens["ci_low"], sens["ci_high"], target)
     cal = "calibrated" if report["calibrated"] else "uncalibrated (checkpoint has no temperature)"
-    sys.stdout.write(f"{args.model_path} on {args.data_dir} ({len(data)} films of {report['patients']} patients; "
-                     f"CIs resample patients): {cal}, ECE(15 bins) {report['ece_15']:.4f}\n")
-    sys.stdout.write(format_metrics_table(report) + "\n")
+    _say(f"{args.model_path} on {args.data_dir} ({len(data)} films of {report['patients']} patients; "
+         f"CIs resample patients): {cal}, ECE(15 bins) {report['ece_15']:.4f}")
+    _say(format_metrics_table(report))
     if "in_use" in report:
-        sys.stdout.write(format_in_use(report["in_use"]) + "\n")
+        _say(format_in_use(report["in_use"]))
     if bad:  # in the table's output too, not only in the log: these films are in none of the numbers above
         names = ", ".join(Path(p).name for p, _ in bad[:5]) + (", ..." if len(bad) > 5 else "")
-        sys.stdout.write(f"left out: {len(bad)} file(s) that could not be read ({names}; each with its reason in the "
-                         f"JSON's skipped_files)\n")
+        _say(f"left out: {len(bad)} file(s) that could not be read ({names}; each with its reason in the "
+             f"JSON's skipped_files)")
     if args.output_path and not _written(write_json, report, args.output_path):
         return EXIT_BAD_INPUT
     if args.report:
@@ -793,8 +809,8 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.error("could not write the site-calibrated checkpoint %s (%s); nothing was written", out, exc)
         return EXIT_BAD_INPUT
-    sys.stdout.write(format_site_report(record) + "\n")
-    sys.stdout.write(f"wrote {args.output_path} (model version {new['model_version']}); use it with --model_path\n")
+    _say(format_site_report(record))
+    _say(f"wrote {args.output_path} (model version {new['model_version']}); use it with --model_path")
     if args.json:
         record.update(data_dir=args.data_dir, model_path=args.model_path,  # in the report, not in the checkpoint
                       skipped_files=[{"path": p, "reason": r} for p, r in bad])

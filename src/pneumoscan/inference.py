@@ -182,7 +182,7 @@ def heatmap_name(source: str | os.PathLike | bytes) -> str:
     if isinstance(source, bytes):
         return f"bytes_{hashlib.sha256(source).hexdigest()[:10]}_heatmap.png"
     path = Path(source).expanduser().resolve()
-    return f"{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:10]}_heatmap.png"
+    return f"{path.stem}_{hashlib.sha256(os.fsencode(path)).hexdigest()[:10]}_heatmap.png"
 
 
 class MedicalImageInference:

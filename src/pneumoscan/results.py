@@ -12,24 +12,26 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_text
+from .names import printable
 
 log = logging.getLogger(__name__)
 
 
 def to_jsonable(obj):
-    """Dataclasses, numpy values and paths to plain JSON types; NaN and inf become None."""
+    """Dataclasses, numpy values and paths to plain JSON types; NaN and inf become None; in text, the bytes of
+    file names that are not UTF-8 become ``\\xNN`` (``printable``), not surrogates that JSON readers refuse."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
     if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
+        return {printable(str(k)): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
-    if isinstance(obj, Path):
-        return str(obj)
+    if isinstance(obj, (str, Path)):
+        return printable(str(obj))
     return obj
 
 
