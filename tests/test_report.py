@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from odd_names import not_utf8
 from PIL import Image
 
 from pneumoscan.browser import find_chromium, screenshot
@@ -72,3 +73,38 @@ def test_the_model_s_threshold_row_is_counted_at_its_exact_threshold(tmp_path):
     row = re.search(r'<tr class="op"><td>([\d.]+) \(model\)</td><td>([\d.]+)</td>', out.read_text())
     assert row and float(row.group(1)) == pytest.approx(thr, abs=1e-4)
     assert float(row.group(2)) == 1.0  # at 0.3898, rounded, that film would fall below and sensitivity read 0.95
+
+
+@pytest.fixture
+def latin1_films(tmp_path, train_dir) -> Path:
+    """A labelled folder named ``d\\xe9p\\xf4t`` with a real film named ``caf\\xe9.jpeg``: names not UTF-8."""
+    root = not_utf8(tmp_path, b"d\xe9p\xf4t")
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir(parents=True)
+        for f in sorted((train_dir / cls).glob("*.jpeg"))[:3]:
+            (root / cls / f.name).symlink_to(f)
+    not_utf8(root / "NORMAL", b"caf\xe9.jpeg").symlink_to(sorted((train_dir / "NORMAL").glob("*.jpeg"))[3])
+    return root
+
+
+def test_a_report_on_films_with_names_that_are_not_utf8_is_written(latin1_films, tmp_path, capsys):
+    out = tmp_path / "R.html"
+    out.write_text("yesterday's report")
+    assert evaluate_main(["--data_dir", str(latin1_films), "--report", str(out), "--model_only",
+                          "--n_boot", "20"]) == 0
+    assert "d\\xe9p\\xf4t" in out.read_text(encoding="utf-8")  # the folder's name, its odd bytes as \xNN
+
+
+def test_a_report_that_cannot_be_written_leaves_the_older_one_and_the_json(latin1_films, tmp_path, monkeypatch,
+                                                                          capsys):
+    import pneumoscan.report
+
+    # names as they were before they were made printable: the write fails half-way, with UnicodeEncodeError
+    monkeypatch.setattr(pneumoscan.report, "printable", lambda text: text, raising=False)
+    out = tmp_path / "R.html"
+    out.write_text("yesterday's report")
+    assert evaluate_main(["--data_dir", str(latin1_films), "--report", str(out), "--output_path",
+                          str(tmp_path / "m.json"), "--model_only", "--n_boot", "20"]) == 2
+    assert out.read_text() == "yesterday's report" and not list(tmp_path.glob(".R.tmp*"))
+    assert json.loads((tmp_path / "m.json").read_text())["n"] == 7
+    assert f"cannot write {out}" in capsys.readouterr().err

@@ -579,6 +579,10 @@ def _written(write, *args, **kwargs) -> bool:
     except OSError as exc:
         log.error("cannot write %s: %s", path, exc.strerror or exc)
         return False
+    except UnicodeError as exc:  # text that cannot be encoded; any earlier output, and an older file, stay whole
+        log.error("cannot write %s: %s; nothing was written there (the outputs before it were): please report "
+                  "this with the file names of the data", path, exc)
+        return False
     log.info("written to %s", path)
     return True
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_text
 from .metrics import binary_metrics, confusion, metric_label, reliability_bins
+from .names import printable
 from .plots import new_figure
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -219,6 +221,4 @@ on <b>{esc(str(report.get('data_dir', '')))}</b>
 {gallery("False negatives: PNEUMONIA films called NORMAL", fn_idx)}
 </body></html>
 """
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(page, encoding="utf-8")
+    write_text(out_path, printable(page))  # atomic: a report that fails half-way leaves the earlier one whole
