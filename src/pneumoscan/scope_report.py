@@ -17,6 +17,7 @@ from .inference import (
     InferenceResult,
     has_low_detail_warning,
 )
+from .names import printable
 
 # How a refusal's reason text reads, first match wins (texts: scope.REASONS, gate.py, dicom.py).
 REFUSAL_CATEGORIES = (
@@ -125,7 +126,7 @@ def format_scope_report(report: dict) -> str:
     for name, c in rows:
         lo, hi = c["refused_or_flagged_ci95"]
         flagged, low = c["answered_with_lateral_or_population_warning"], c["answered_low_risk_pneumonia"]
-        lines.append(f"{name:<24} {c['inputs']:>6} {c['refused']:>8} {flagged:>8} {c['answered']:>9} "
+        lines.append(f"{printable(name):<24} {c['inputs']:>6} {c['refused']:>8} {flagged:>8} {c['answered']:>9} "
                      f"{c['refused_or_flagged_rate']:>11.1%} [{lo:.1%}, {hi:.1%}]  {low:>6}")
     lines.append("refused by reason: " + (", ".join(f"{k} {v}" for k, v in report["all"]["refused_by_reason"].items())
                                           or "none"))
