@@ -296,3 +296,63 @@ def test_predict_s_summary_on_a_terminal_shows_a_name_that_is_not_utf8(odd_names
     assert predict_main(["--image_path", str(not_utf8(odd_names[0] / "NORMAL", b"caf\xe9.jpeg")),
                          "--backend", "torch"]) == 0
     assert "/caf\\xe9.jpeg: NORMAL (P(PNEUMONIA) = " in capsys.readouterr().out
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """HOME is a fresh folder, and the working folder another: a ``~`` left unexpanded writes to ./~/."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    yield tmp_path / "home"
+    assert not (tmp_path / "cwd" / "~").exists(), "a path was written under ./~/"
+
+
+def _parsers() -> dict:
+    from pneumoscan import cli, ensemble, export
+    from pneumoscan.serve import cli as serve_cli
+
+    return {"train": cli._train_parser, "predict": cli._predict_parser, "evaluate": cli._evaluate_parser,
+            "calibrate": cli._calibrate_parser, "export": export._export_parser, "ensemble": ensemble._ensemble_parser,
+            "serve": serve_cli._serve_parser, "audit": serve_cli._audit_parser}
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("train", ["--data_dir", "--output_dir", "--cache_dir", "--init_from", "--patients"]),
+    ("predict", ["--image_dir", "--model_path", "--output_path", "--calibration_dir", "--heatmap_dir"]),
+    ("predict", ["--image_path"]),
+    ("evaluate", ["--data_dir", "--model_path", "--output_path", "--report", "--cache_dir", "--patients"]),
+    ("calibrate", ["--data_dir", "--model_path", "--output_path", "--json", "--cache_dir", "--patients"]),
+    ("export", ["--output_path", "--model_path", "--calibration_dir"]),
+    ("ensemble", ["--members", "--data_dir", "--output_path", "--cache_dir"]),
+    ("serve", ["--model_path", "--audit_db", "--api_key_file"]),
+    ("audit", ["--audit_db", "--output_path"]),
+])
+def test_every_path_flag_expands_a_tilde_the_shell_left(command, flags, home):
+    argv = [f"{flag}=~/{flag[2:]}" for flag in flags] + (["--format", "onnx"] if command == "export" else [])
+    parser = _parsers()[command]()
+    dest = {a.option_strings[-1]: a.dest for a in parser._actions if a.option_strings}
+    args = parser.parse_args(argv)
+    for flag in flags:
+        value = getattr(args, dest[flag])
+        assert (value[0] if isinstance(value, list) else value) == str(home / flag[2:]), flag
+
+
+def test_predict_reads_and_writes_a_tilde_path_at_home(two_films, home):
+    (home / "films").symlink_to(two_films)
+    assert predict_main(["--image_dir=~/films", "--output_path=~/out/r.json", "--backend", "torch"]) == 0
+    assert len(json.loads((home / "out" / "r.json").read_text())["results"]) == 2
+
+
+def test_evaluate_reads_and_writes_tilde_paths_at_home(two_films, train_dir, home):
+    (home / "unlabelled").symlink_to(two_films)  # the scope report's path (list_inputs)
+    assert evaluate_main(["--data_dir=~/unlabelled", "--output_path=~/scope.json", "--backend", "torch"]) == 0
+    assert json.loads((home / "scope.json").read_text())["all"]["inputs"] == 2
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (home / "labelled" / cls).mkdir(parents=True)
+        for f in sorted((train_dir / cls).glob("*.jpeg"))[:2]:
+            (home / "labelled" / cls / f.name).symlink_to(f)
+    assert evaluate_main(["--data_dir=~/labelled", "--output_path=~/m.json", "--report=~/R.html", "--model_only",
+                          "--n_boot", "20"]) == 0
+    assert json.loads((home / "m.json").read_text())["n"] == 4 and (home / "R.html").stat().st_size > 0

@@ -24,6 +24,12 @@ log = logging.getLogger("pneumoscan")
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
+def user_path(value: str) -> str:
+    """The ``type`` of every path flag: ``~`` and ``~user`` expanded once, where the flag is read (the shell
+    leaves ``--output_path=~/m.json`` as it is), so that what is checked, read and written is one path."""
+    return os.path.expanduser(value)
+
+
 def _say(text: str) -> None:
     """A line on stdout; the odd bytes of file names that are not UTF-8 as ``\\xNN`` (a strict UTF-8 stdout would
     refuse them, before the outputs are written)."""
@@ -68,8 +74,10 @@ def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pneumoscan train",
         description="Train a pneumonia classifier on DIR/{train,val,test}/{NORMAL,PNEUMONIA}.")
-    p.add_argument("--data_dir", required=True, help="data set root (holds train/, optional val/ test/)")
-    p.add_argument("--output_dir", help="where the model, plots, logs and results go (./training_output)")
+    p.add_argument("--data_dir", type=user_path, required=True,
+                   help="data set root (holds train/, optional val/ test/)")
+    p.add_argument("--output_dir", type=user_path,
+                   help="where the model, plots, logs and results go (./training_output)")
     p.add_argument("--preset", default="full", choices=list(PRESETS),
                    help="full: the shipped model's recipe; fast: about 10 minutes on a 2-core CPU")
     p.add_argument("--epochs", type=int)
@@ -116,7 +124,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--num_threads", type=int, help="CPU threads for torch (0: torch's default)")
-    p.add_argument("--cache_dir", help="decoded-image cache (default ~/.cache/pneumoscan; 'none' disables)")
+    p.add_argument("--cache_dir", type=user_path,
+                   help="decoded-image cache (default ~/.cache/pneumoscan; 'none' disables)")
     p.add_argument("--strict", action="store_true", default=None,
                    help="stop before training if any file cannot be decoded (default: skip and list them)")
     p.add_argument("--resume", action="store_true", default=None,
@@ -124,7 +133,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="start a new run in an OUTPUT_DIR that holds one, replacing its model (without it, and "
                         "without --resume, such a folder is refused)")
-    p.add_argument("--init_from", metavar="CHECKPOINT",
+    p.add_argument("--init_from", type=user_path, metavar="CHECKPOINT",
                    help="fine-tune: start from this checkpoint's weights and input normalisation ('shipped' "
                         "for the shipped model) instead of a fresh initialisation; its --arch and --width "
                         "must match")
@@ -187,10 +196,10 @@ def _predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pneumoscan predict",
                                 description="Predict pneumonia on one image or every image in a folder.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image_path", help="one image file")
-    src.add_argument("--image_dir", help="a folder of images (searched recursively)")
-    p.add_argument("--model_path", help="checkpoint from pneumoscan train (default: the shipped model)")
-    p.add_argument("--output_path",
+    src.add_argument("--image_path", type=user_path, help="one image file")
+    src.add_argument("--image_dir", type=user_path, help="a folder of images (searched recursively)")
+    p.add_argument("--model_path", type=user_path, help="checkpoint from pneumoscan train (default: the shipped model)")
+    p.add_argument("--output_path", type=user_path,
                    help="write results here: .json (one document at the end; an existing file is replaced) or "
                         ".jsonl (one line per file, written as it goes, for large folders; an existing file is "
                         "never replaced, see --resume). Default: print JSON to stdout")
@@ -204,10 +213,11 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx", "onnx-int8"),
                    help="what runs the model: auto (int8 ONNX Runtime on a CPU when the model carries its int8 "
                         "calibration, else torch), torch (the fp32 reference; bf16 autocast on CUDA), onnx, onnx-int8")
-    p.add_argument("--calibration_dir",
+    p.add_argument("--calibration_dir", type=user_path,
                    help="onnx-int8 only, first use of a model: the data set it was trained on (for calibration)")
     p.add_argument("--no_recursive", action="store_true", help="only the top level of --image_dir")
-    p.add_argument("--heatmap_dir", help="write a Grad-CAM overlay PNG per image here (original geometry)")
+    p.add_argument("--heatmap_dir", type=user_path,
+                   help="write a Grad-CAM overlay PNG per image here (original geometry)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -484,7 +494,7 @@ def _predict(args, world, jsonl: bool) -> int:
 
 
 def _add_patients_flag(p: argparse.ArgumentParser, **kwargs) -> None:
-    p.add_argument("--patients", metavar="CSV", **{"default": "", **kwargs},
+    p.add_argument("--patients", metavar="CSV", type=user_path, **{"default": "", **kwargs},
                    help="CSV with columns file,patient giving every film's patient, for patient-level splits, "
                         "folds and CIs (default: a DICOM file's PatientID, else the Kermany file-name rule, else "
                         "the file name without its extension)")
@@ -494,8 +504,8 @@ def _evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pneumoscan evaluate",
                                 description="Measure a model on labelled images, with 95% CIs; on a folder "
                                             "without labels, count what the scope checks refused or flagged.")
-    p.add_argument("--model_path", help="checkpoint to evaluate (default: the shipped model)")
-    p.add_argument("--data_dir", required=True,
+    p.add_argument("--model_path", type=user_path, help="checkpoint to evaluate (default: the shipped model)")
+    p.add_argument("--data_dir", type=user_path, required=True,
                    help="a folder with NORMAL/ and PNEUMONIA/, or a data set root (its --split is used); any other "
                         "folder gets the scope report")
     p.add_argument("--scope_report", action="store_true",
@@ -503,8 +513,10 @@ def _evaluate_parser() -> argparse.ArgumentParser:
                         "labelled or not) instead of metrics")
     p.add_argument("--split", default="test", help="split under a data set root (default test)")
     _add_patients_flag(p)
-    p.add_argument("--output_path", help="write the metrics as JSON here (default: table on stdout only)")
-    p.add_argument("--report", help="write a self-contained HTML report here (curves, calibration, errors)")
+    p.add_argument("--output_path", type=user_path,
+                   help="write the metrics as JSON here (default: table on stdout only)")
+    p.add_argument("--report", type=user_path,
+                   help="write a self-contained HTML report here (curves, calibration, errors)")
     p.add_argument("--threshold", type=float, help="override the model's operating threshold")
     p.add_argument("--prevalence", type=float,
                    help="also give PPV and NPV where this share of films shows pneumonia (e.g. 0.2); those of "
@@ -518,7 +530,7 @@ def _evaluate_parser() -> argparse.ArgumentParser:
                         "and the scope report (default auto: what predict and serve use, onnx-int8 on a CPU)")
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--cache_dir", default="", help="decoded-image cache ('none' disables)")
+    p.add_argument("--cache_dir", type=user_path, default="", help="decoded-image cache ('none' disables)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -744,12 +756,14 @@ def _calibrate_parser() -> argparse.ArgumentParser:
         description="Refit a model's temperature and operating threshold on a site's own labelled films and write "
                     "a new checkpoint (same weights); prints the stored operating point on those films and what "
                     "the refitted one does on new films of the site (cross-validated by patient).")
-    p.add_argument("--model_path", help="checkpoint to calibrate (default: the shipped model); it is not changed")
-    p.add_argument("--data_dir", required=True,
+    p.add_argument("--model_path", type=user_path,
+                   help="checkpoint to calibrate (default: the shipped model); it is not changed")
+    p.add_argument("--data_dir", type=user_path, required=True,
                    help="labelled films of the site: a folder with NORMAL/ and PNEUMONIA/, or a data set root")
     p.add_argument("--split", default="test", help="split under a data set root (default test)")
     _add_patients_flag(p)
-    p.add_argument("--output_path", required=True, help="the site-calibrated checkpoint to write (a new file)")
+    p.add_argument("--output_path", type=user_path, required=True,
+                   help="the site-calibrated checkpoint to write (a new file)")
     p.add_argument("--site", default="site", help="short site name, appended to the model version (default site)")
     p.add_argument("--target_sensitivity", type=float,
                    help="sensitivity the new threshold must keep on the site's films (default: the checkpoint's)")
@@ -765,10 +779,10 @@ def _calibrate_parser() -> argparse.ArgumentParser:
                    help="also raise the feature-distance gate's limit to the same quantile of these films, for a "
                         "site whose processing makes the gate refuse valid films (never lowered; the scope "
                         "classifier is unchanged; what it costs on out-of-scope inputs: docs/gate.md)")
-    p.add_argument("--json", help="write the report (both operating points, with CIs) here")
+    p.add_argument("--json", type=user_path, help="write the report (both operating points, with CIs) here")
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--cache_dir", default="", help="decoded-image cache ('none' disables)")
+    p.add_argument("--cache_dir", type=user_path, default="", help="decoded-image cache ('none' disables)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -171,6 +171,8 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
 
 
 def _ensemble_parser() -> argparse.ArgumentParser:
+    from .cli import user_path
+
     p = argparse.ArgumentParser(
         prog="pneumoscan ensemble",
         description="Combine trained models into one ensemble checkpoint (their logits averaged), with its "
@@ -178,11 +180,12 @@ def _ensemble_parser() -> argparse.ArgumentParser:
                     "the split the members were trained on. Members: plain pneumoscan train runs on that split "
                     "(fine-tunes included) or k-fold runs with --cv_holdout; none may have trained on those "
                     "patients. Prediction costs one model per member.")
-    p.add_argument("--members", nargs="+", required=True, metavar="CHECKPOINT", help="the models to combine")
-    p.add_argument("--data_dir", required=True, help="the data folder the members were trained on")
-    p.add_argument("--output_path", required=True, help="the ensemble checkpoint to write (a new file)")
+    p.add_argument("--members", type=user_path, nargs="+", required=True, metavar="CHECKPOINT",
+                   help="the models to combine")
+    p.add_argument("--data_dir", type=user_path, required=True, help="the data folder the members were trained on")
+    p.add_argument("--output_path", type=user_path, required=True, help="the ensemble checkpoint to write (a new file)")
     p.add_argument("--fp32", action="store_true", help="store float32 weights (default float16: half the file)")
-    p.add_argument("--cache_dir", default="", help="decoded-image cache ('none' disables)")
+    p.add_argument("--cache_dir", type=user_path, default="", help="decoded-image cache ('none' disables)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

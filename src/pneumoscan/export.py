@@ -351,13 +351,15 @@ def _input_size(model) -> int:
 
 
 def _export_parser() -> argparse.ArgumentParser:
+    from .cli import user_path
+
     p = argparse.ArgumentParser(prog="pneumoscan export",
                                 description="Export a pneumoscan model for another runtime (ONNX).")
     p.add_argument("--format", required=True, help="onnx (the only format so far)")
-    p.add_argument("--output_path", required=True, help="the .onnx file to write")
-    p.add_argument("--model_path", help="checkpoint from pneumoscan train (default: the shipped model)")
+    p.add_argument("--output_path", type=user_path, required=True, help="the .onnx file to write")
+    p.add_argument("--model_path", type=user_path, help="checkpoint from pneumoscan train (default: the shipped model)")
     p.add_argument("--quantize", choices=("int8",), help="int8: static quantisation, calibrated on training images")
-    p.add_argument("--calibration_dir",
+    p.add_argument("--calibration_dir", type=user_path,
                    help="with --quantize int8: the data set root the model was trained on (holds train/); "
                         "its validation split, rebuilt from the checkpoint's config, is left out")
     p.add_argument("--calibration_images", type=int, default=CALIBRATION_IMAGES,

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..atomic import atomic_path, check_writable, same_file
-from ..cli import EXIT_BAD_INPUT, EXIT_OK, configure_logging
+from ..cli import EXIT_BAD_INPUT, EXIT_OK, configure_logging, user_path
 from ..errors import OutputPathError
 from .audit import AuditError, export, iter_records, to_utc
 from .drift import MIN_REQUESTS, PERIODS, format_summary, summarise
@@ -29,10 +29,12 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=d.host, help="address to listen on (default loopback; put a TLS reverse "
                                                   "proxy in front to expose the service)")
     p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--model_path", help="checkpoint from pneumoscan train (default: the shipped model)")
-    p.add_argument("--audit_db", default=d.audit_db, help=f"SQLite audit log (default ./{DEFAULT_AUDIT_DB})")
-    p.add_argument("--api_key_file", help="require 'Authorization: Bearer <key>' on /v1 with a key from this file "
-                                          "(one '<key id> <key>' per line)")
+    p.add_argument("--model_path", type=user_path, help="checkpoint from pneumoscan train (default: the shipped model)")
+    p.add_argument("--audit_db", type=user_path, default=d.audit_db,
+                   help=f"SQLite audit log (default ./{DEFAULT_AUDIT_DB})")
+    p.add_argument("--api_key_file", type=user_path,
+                   help="require 'Authorization: Bearer <key>' on /v1 with a key from this file "
+                   "(one '<key id> <key>' per line)")
     p.add_argument("--max_upload_mb", type=float, default=d.max_upload_mb,
                    help="refuse request bodies above this size with 413 (default %(default)g)")
     p.add_argument("--workers", type=int, default=d.workers,
@@ -106,13 +108,14 @@ def _audit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pneumoscan audit",
                                 description="Export the service's audit log (one row per /v1 request), or with "
                                             "--summary count its predictions per period and flag drift.")
-    p.add_argument("--audit_db", default=DEFAULT_AUDIT_DB, help="the SQLite file pneumoscan serve wrote "
-                                                                "(default ./%(default)s)")
+    p.add_argument("--audit_db", type=user_path, default=DEFAULT_AUDIT_DB,
+                   help="the SQLite file pneumoscan serve wrote (default ./%(default)s)")
     p.add_argument("--since", help="only requests from this ISO 8601 date or time on (no offset: local time; "
                                    "with --summary, UTC)")
     p.add_argument("--format", choices=("csv", "jsonl"),
                    help="the export's format (default: from --output_path's extension, else csv); not with --summary")
-    p.add_argument("--output_path", help="write here instead of stdout (with --summary: the summary as JSON)")
+    p.add_argument("--output_path", type=user_path,
+                   help="write here instead of stdout (with --summary: the summary as JSON)")
     p.add_argument("--summary", action="store_true",
                    help="per period: requests, refusals by reason, unreadable uploads, PNEUMONIA-call rate, mean "
                         "P(PNEUMONIA), risk levels; refusal, unreadable and call rates tested against a baseline, "
