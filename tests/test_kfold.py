@@ -31,20 +31,59 @@ def cv_run(tmp_path_factory, smoke_data, smoke_args) -> Path:
     return out
 
 
-@pytest.mark.parametrize("flag, value", [("--cv_folds", "3"), ("--augment", "strong")])
-def test_finished_folds_of_other_settings_are_not_reused(cv_run, smoke_data, smoke_args, tmp_path, flag, value):
+@pytest.fixture(scope="module")
+def fewer_films(tmp_path_factory, smoke_files, make_dataset) -> Path:
+    """The smoke data less a few films of each class: folds made of it hold other patients."""
+    return make_dataset(tmp_path_factory.mktemp("fewer") / "data", {c: p[:-8] for c, p in smoke_files.items()})
+
+
+def _cv_argv(cv_run: Path, data: Path, out: Path, smoke_args: list[str]) -> list[str]:
+    """cv_run's command line, into ``out`` on ``data``."""
+    return ["--data_dir", str(data), "--output_dir", str(out), "--cache_dir", str(cv_run.parent / "cache"),
+            "--cv_folds", "2", "--cv_holdout", "--augment", "acquisition", "--width", "0.25", *smoke_args]
+
+
+@pytest.mark.parametrize("flag, value", [("--cv_folds", "3"), ("--augment", "strong"), ("--dropout", "0.2"),
+                                         ("--batch_size", "8"), ("--patience", "3"), ("--data_dir", "fewer"),
+                                         ("--width", "0.5")])
+def test_finished_folds_of_other_settings_are_not_reused(cv_run, smoke_data, smoke_args, tmp_path, flag, value,
+                                                         fewer_films):
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(cv_run, out)
-    argv = ["--data_dir", str(smoke_data), "--output_dir", str(out), "--cache_dir", str(cv_run.parent / "cache"),
-            "--cv_folds", "2", "--cv_holdout", "--augment", "acquisition", "--width", "0.25", *smoke_args]
-    argv[argv.index(flag) + 1] = value
+    argv = _cv_argv(cv_run, smoke_data, out, smoke_args)
+    if flag in argv:
+        argv[argv.index(flag) + 1] = str(fewer_films) if value == "fewer" else value
+    else:
+        argv += [flag, value]
     first_run = len((out / "training.log").read_text())
     assert train_main(argv) == 2
     log = (out / "training.log").read_text()[first_run:]
     assert "holds a fold trained with other settings" in log and flag.lstrip("-") in log
     assert "Epoch 1/" not in log
+
+
+def test_a_finished_fold_is_reused_whatever_the_spelling_of_its_data_folder(cv_run, smoke_data, smoke_args,
+                                                                          tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(cv_run, out)
+    monkeypatch.chdir(smoke_data.parent)
+    argv = _cv_argv(cv_run, smoke_data, out, smoke_args)
+    argv[1] = f"./{smoke_data.name}/"
+    assert train_main([*argv, "--resume"]) == 0  # --resume on a k-fold run: its finished folds are skipped too
+    assert (out / "training.log").read_text().count("finished earlier") == 4
+
+
+def test_fold_models_are_refused_on_a_data_folder_whose_folds_hold_other_patients(cv_run, fewer_films):
+    from pneumoscan.cv import collect_oof
+    from pneumoscan.errors import CheckpointError
+
+    folds = [cv_run / f"fold{i}" / "medical_cnn_model.pth" for i in (0, 1)]
+    with pytest.raises(CheckpointError, match=r"fold0.*\(fold 0\) was validated on other patients.*--overwrite"):
+        collect_oof(folds, str(fewer_films), str(cv_run.parent / "cache"))
 
 
 def test_folds_validate_on_disjoint_patients_that_cover_all_but_the_held_out(cv_run):

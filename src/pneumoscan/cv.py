@@ -3,7 +3,9 @@
 
 ``pneumoscan train --cv_folds K`` (without ``--cv_fold``) runs ``run_cv``: K ordinary training
 runs in OUTPUT_DIR/foldI (a finished fold is skipped and an interrupted one resumed, so the
-command can simply be started again), then ``cv_results.json`` and ``cv_summary.txt``:
+command can simply be started again; a finished fold of other data or another recipe is refused;
+``--overwrite`` trains every fold anew), then ``cv_results.json`` and
+``cv_summary.txt``:
 
 - out-of-fold (OOF) AUROC with a patient-level bootstrap CI, and the per-fold AUROCs;
 - one temperature and one threshold (sensitivity >= ``target_sensitivity``) fitted on all OOF
@@ -29,7 +31,7 @@ from .atomic import write_text
 from .calibration import fit_calibrated_point, fit_operating_point, positive_probability
 from .checkpoint import input_spec, load_checkpoint
 from .config import TrainConfig
-from .data import ImageSet, split_from_config
+from .data import ImageSet, check_validated_on, split_from_config
 from .errors import CheckpointError
 from .metrics import auroc, expected_calibration_error, metrics_with_ci
 from .predict import Predictor
@@ -57,20 +59,26 @@ def fold_dir(out: Path, fold: int) -> Path:
 
 def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | None = None) -> list[Path]:
     """Train every fold of ``cfg.cv_folds`` (or those in ``only``) into ROOT/foldI (ROOT: OUTPUT_DIR);
-    returns the folds' model paths."""
+    returns the folds' model paths. A finished fold is checked (``_check_finished_fold``) and skipped, an
+    interrupted one resumed; with ``cfg.overwrite`` every fold trains anew.
+
+    Raises:
+        CheckpointError: a finished fold was trained with other settings than ``cfg``.
+    """
     from .train import LAST_FILE, MODEL_FILE, pin_patients_csv, run_training
 
     out = Path(root or cfg.output_dir)
     folds = list(range(cfg.cv_folds)) if only is None else only
     cfg = pin_patients_csv(cfg)  # as each fold's run pins it: a finished fold is checked on it
+    widths = tuple(w for w in (cfg.width, cfg.fallback_width) if w)
     for fold in folds:
         run_dir = fold_dir(out, fold)
-        if (run_dir / "training_results.json").exists():
+        if (run_dir / "training_results.json").exists() and not cfg.overwrite:
             trained = json.loads((run_dir / "training_results.json").read_text())["config"]
-            _check_finished_fold(trained, dataclasses.replace(cfg, cv_fold=fold), run_dir)
+            _check_finished_fold(trained, dataclasses.replace(cfg, cv_fold=fold), run_dir, widths)
             log.info("fold %d of %d: finished earlier (%s), skipped", fold, cfg.cv_folds, run_dir)
-        else:
-            resume = (run_dir / LAST_FILE).exists()
+        else:  # with --overwrite every fold trains anew
+            resume = (run_dir / LAST_FILE).exists() and not cfg.overwrite
             log.info("fold %d of %d%s", fold, cfg.cv_folds, " (resumed)" if resume else "")
             trained = run_training(dataclasses.replace(cfg, cv_fold=fold, output_dir=str(run_dir),
                                                        resume=resume))["config"]
@@ -81,31 +89,54 @@ def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | No
     return [fold_dir(out, f) / MODEL_FILE for f in folds]
 
 
-# What a finished fold must share with this run to be reused: its patients, network, input and recipe
-# (a fold of a 2-fold run in a 3-fold run's folder would score films twice in the out-of-fold report).
-_FOLD_FIXED = ("cv_folds", "cv_fold", "cv_holdout", "seed", "val_fraction", "min_val_images", "patients_csv_sha256",
-               "arch", "image_size", "in_channels", "intensity", "epochs", "augment", "loss", "lr", "lr_schedule",
-               "mixup", "init_from", "freeze_blocks")
+# What a finished fold must share with this run to be reused: its data, patients, network, input and recipe
+# (a fold of a 2-fold run in a 3-fold run's folder would score films twice in the out-of-fold report; a fold
+# trained on another data folder may have trained on the films it is now said to score). Only settings that
+# cannot change the fold's model are left out: folders, device, threads, cache, target_sensitivity (the OOF
+# report and the ensemble fit their own operating points) and width (checked apart: it may be the fallback's).
+_FOLD_FIXED = ("data_dir", "cv_folds", "cv_fold", "cv_holdout", "seed", "val_fraction", "min_val_images",
+               "patients_csv_sha256", "strict", "arch", "image_size", "in_channels", "dropout", "intensity",
+               "epochs", "batch_size", "augment", "mixup", "loss", "focal_gamma", "lr", "weight_decay",
+               "lr_schedule", "lr_patience", "lr_factor", "min_lr", "eval_metric", "patience", "max_train_minutes",
+               "init_from", "freeze_blocks")
 
 
-def _check_finished_fold(trained: dict, cfg: TrainConfig, run_dir: Path) -> None:
-    """Refuse to reuse a finished fold trained with other settings than this run's (width may be the fallback's)."""
+def _fold_setting(key: str, value):
+    """A fold setting as compared: a data folder by the folder it names, not by how it is spelt."""
+    return str(Path(value).expanduser().resolve()) if key == "data_dir" and value else value
+
+
+def _check_finished_fold(trained: dict, cfg: TrainConfig, run_dir: Path, widths: tuple[float, ...]) -> None:
+    """Refuse to reuse a finished fold trained with other settings than this run's, or at none of ``widths``
+    (--width and --fallback_width: a fold trained by an earlier run may have fallen back where this one's first
+    fold did not; the report names such mixed widths)."""
     changed = [f"{k}: {trained[k]!r} (this run: {getattr(cfg, k)!r})" for k in _FOLD_FIXED
-               if k in trained and trained[k] != getattr(cfg, k)]
+               if k in trained and _fold_setting(k, trained[k]) != _fold_setting(k, getattr(cfg, k))]
+    if "width" in trained and trained["width"] not in widths:
+        changed.append(f"width: {trained['width']!r} (this run: {' or '.join(map(repr, widths))})")
     if changed:
         raise CheckpointError(f"{run_dir} holds a fold trained with other settings ({'; '.join(changed)}); "
-                              f"give a new --output_dir, or the settings it was trained with")
+                              f"give a new --output_dir, --overwrite to train every fold again, or the settings "
+                              f"it was trained with")
 
 
 def collect_oof(model_paths: list[Path], data_dir: str, cache_dir: str = ""
                 ) -> tuple[OutOfFold, list[dict], list[ImageSet]]:
     """Each fold model's raw (uncalibrated) logits on its own validation fold; the loaded checkpoints
-    and those validation folds (in the same order)."""
+    and those validation folds (in the same order).
+
+    Raises:
+        CheckpointError: a fold model was validated on other patients than its fold of ``data_dir`` holds
+            (``check_validated_on``).
+    """
     logits, labels, patients, folds, ckpts, vals = [], [], [], [], [], []
     for i, path in enumerate(model_paths):
         ckpt = load_checkpoint(path)
         ckpts.append(ckpt)
         val = split_from_config(ckpt["config"], data_dir, input_spec(ckpt).image_size, cache_dir).val
+        check_validated_on(ckpt["config"], val, f"{path} (fold {ckpt['config'].get('cv_fold', i)})", data_dir,
+                           "give the data folder it was trained on, or train into a new --output_dir (or with "
+                           "--overwrite)")
         vals.append(val)
         logits.append(Predictor.from_checkpoint(ckpt).logits(val.images))
         labels.append(val.labels)

@@ -27,7 +27,7 @@ import torch
 
 from .atomic import atomic_path
 from .dicom import patient_key
-from .errors import DataError, ImageError
+from .errors import CheckpointError, DataError, ImageError
 from .predict import CLASS_NAMES
 from .preprocess import (
     PREPROCESS_VERSION,
@@ -702,6 +702,22 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
 def patients_digest(patients: list[str]) -> str:
     """SHA-256 of a set of patient IDs (order and repeats do not count): which patients a split holds."""
     return hashlib.sha256("\n".join(sorted(set(map(str, patients)))).encode()).hexdigest()
+
+
+def check_validated_on(config: dict, val: ImageSet, what: str, data_dir: str, fix: str) -> None:
+    """Refuse a model whose run recorded other validation patients (``val_patients_sha256``) than ``val``, the
+    validation split its ``config`` makes of ``data_dir`` (``split_from_config``): it was trained on another data
+    folder, or films were added or removed since, so some of ``val``'s films may be ones it trained on. ``what``
+    names the model, ``fix`` says what to do. Runs from before the record are not checked.
+
+    Raises:
+        CheckpointError: the patients differ.
+    """
+    stored = config.get("val_patients_sha256")
+    if stored and stored != patients_digest(val.patients):
+        raise CheckpointError(f"{what} was validated on other patients than its validation split of {data_dir} holds "
+                              f"(another data folder, or films added or removed since it trained), so it may have "
+                              f"trained on films it would be scored on: {fix}")
 
 
 SPLIT_KEYS = ("seed", "val_fraction", "min_val_images", "patients_csv_sha256", "cv_folds", "cv_fold", "cv_holdout")
