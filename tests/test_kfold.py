@@ -86,6 +86,25 @@ def test_fold_models_are_refused_on_a_data_folder_whose_folds_hold_other_patient
         collect_oof(folds, str(fewer_films), str(cv_run.parent / "cache"))
 
 
+def test_an_ensemble_of_folds_is_refused_on_a_data_folder_whose_folds_hold_other_patients(cv_run, smoke_data,
+                                                                                          fewer_films, tmp_path,
+                                                                                          capsys):
+    from pneumoscan.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+    folds = [str(cv_run / f"fold{i}" / "medical_cnn_model.pth") for i in (0, 1)]
+    cache = ["--cache_dir", str(cv_run.parent / "cache")]
+    wrong = main(["ensemble", "--members", *folds, "--data_dir", str(fewer_films), "--output_path",
+                  str(tmp_path / "wrong.pth"), *cache])
+    assert wrong == EXIT_BAD_INPUT and "member 0 (fold 0) was validated on other patients" in capsys.readouterr().err
+    assert not (tmp_path / "wrong.pth").exists()
+    # on the folder they trained on, the folds' held-out patients calibrate them, as run_cv does
+    right = main(["ensemble", "--members", *folds, "--data_dir", str(smoke_data), "--output_path",
+                  str(tmp_path / "right.pth"), *cache])
+    assert right == EXIT_OK
+    assert load_checkpoint(tmp_path / "right.pth")["threshold"] == pytest.approx(
+        load_checkpoint(cv_run / "medical_cnn_model.pth")["threshold"])
+
+
 def test_folds_validate_on_disjoint_patients_that_cover_all_but_the_held_out(cv_run):
     n_val, patients = 0, 0
     for fold in (0, 1):

@@ -24,7 +24,7 @@ from .checkpoint import (
     model_payload,
     save_checkpoint,
 )
-from .data import patients_digest, split_from_config
+from .data import ImageSet, check_validated_on, split_from_config
 from .errors import CheckpointError, DataError, PneumoscanError
 from .model import Ensemble
 from .predict import InputSpec, Predictor
@@ -121,6 +121,26 @@ def _calibration_split(configs: list[dict]) -> tuple:
     return keys.pop()
 
 
+def _check_members_validated_on(configs: list[dict], usual_val: ImageSet, data_dir: str, image_size: int,
+                                cache_dir: str) -> None:
+    """Refuse members validated on other patients than their own validation split of ``data_dir`` holds: the
+    usual one (``usual_val``) for a plain run, its fold for a k-fold run (whose held-out patients, the usual
+    validation ones, calibrate the ensemble). Either way ``data_dir`` is then not the folder they trained on
+    and the ensemble could be calibrated on films a member trained on. Runs from before the record (2026-12-03)
+    are not checked.
+
+    Raises:
+        CheckpointError: a member's recorded validation patients differ.
+    """
+    for i, c in enumerate(configs):
+        if not c.get("val_patients_sha256"):
+            continue
+        k_fold = bool(c.get("cv_folds"))
+        val = split_from_config(c, data_dir, image_size, cache_dir).val if k_fold else usual_val
+        what = f"ensemble member {i}" + (f" (fold {c.get('cv_fold')})" if k_fold else "")
+        check_validated_on(c, val, what, data_dir, "give the data folder the members were trained on")
+
+
 def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, report: dict | None = None,
                    cache_dir: str = "", half: bool = True, exclusive: bool = False) -> dict:
     """Calibrate the ensemble of ``members`` on the patients none of them trained on and write it.
@@ -133,8 +153,9 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
     an existing file at ``path`` is never replaced (``FileExistsError``).
 
     Raises:
-        CheckpointError: see ``_calibration_split``; or a plain-run member was validated on other
-            patients than ``data_dir``'s validation split.
+        CheckpointError: see ``_calibration_split``; or a member was validated
+            on other patients than its validation split of ``data_dir`` holds (the usual one for a
+            plain run, its fold for a k-fold run).
     """
     from .config import TrainConfig
     from .train import finalize
@@ -147,12 +168,7 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
     # usual split, whose validation part is the patients no member trained on
     own = {**first, "cv_folds": 0, "cv_fold": 0, "cv_holdout": False}
     splits = split_from_config(own, data_dir, spec.image_size, cache_dir)
-    digest = patients_digest(splits.val.patients)
-    for i, c in enumerate(configs):  # a plain run records the patients it was validated on (since 2026-12-03)
-        if not c.get("cv_folds") and c.get("val_patients_sha256") and c["val_patients_sha256"] != digest:
-            raise CheckpointError(f"ensemble member {i} was validated on other patients than the validation split of "
-                                  f"{data_dir} (another data folder, or files added or removed since it trained): "
-                                  f"give the folder the members were trained on")
+    _check_members_validated_on(configs, splits.val, data_dir, spec.image_size, cache_dir)
     cfg = TrainConfig(target_sensitivity=first.get("target_sensitivity", 0.95))
     final = finalize(Predictor(model, spec), splits, cfg)
     payload = ensemble_payload(members, temperature=final["temperature"], threshold=final["threshold"],
