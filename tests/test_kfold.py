@@ -105,6 +105,52 @@ def test_an_ensemble_of_folds_is_refused_on_a_data_folder_whose_folds_hold_other
         load_checkpoint(cv_run / "medical_cnn_model.pth")["threshold"])
 
 
+def test_a_k_fold_run_into_a_plain_run_s_folder_is_refused_and_its_model_kept(cv_run, trained_run, smoke_args,
+                                                                             tmp_path):
+    import shutil
+
+    out = tmp_path / "plain"
+    shutil.copytree(trained_run.out, out)
+    before = (out / "medical_cnn_model.pth").read_bytes()
+    for extra in ([], ["--resume"]):
+        assert train_main([*_cv_argv(cv_run, trained_run.data, out, smoke_args), *extra]) == 2
+    log = (out / "training.log").read_text()
+    assert log.count("holds a plain training run (checkpoint_last.pth, training_results.json)") == 2
+    assert "--overwrite" in log and "fold 0 of 2" not in log
+    assert (out / "medical_cnn_model.pth").read_bytes() == before and not (out / "fold0").exists()
+
+
+def test_a_plain_run_into_a_k_fold_run_s_folder_is_refused_and_its_ensemble_kept(cv_run, trained_run, smoke_args,
+                                                                                tmp_path):
+    import shutil
+
+    out = tmp_path / "cv"
+    shutil.copytree(cv_run, out)
+    before = (out / "medical_cnn_model.pth").read_bytes()
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args]
+    assert train_main(argv) == 2
+    assert "holds a k-fold run (cv_results.json)" in (out / "training.log").read_text()
+    assert (out / "medical_cnn_model.pth").read_bytes() == before
+
+
+def test_overwrite_makes_a_plain_run_s_folder_a_k_fold_run_s(trained_run, tmp_path):
+    import shutil
+
+    from pneumoscan.cv import claim_folder
+    from pneumoscan.errors import CheckpointError
+    from pneumoscan.train import refuse_existing_run
+
+    out = tmp_path / "plain"
+    shutil.copytree(trained_run.out, out)
+    with pytest.raises(CheckpointError, match="plain training run"):
+        claim_folder(out, overwrite=False)
+    claim_folder(out, overwrite=True)
+    assert not any((out / n).exists() for n in ("checkpoint_last.pth", "training_results.json",
+                                                 "medical_cnn_model.pth"))
+    refuse_existing_run(out, k_fold=True)  # a later start (without --overwrite) reads it as the k-fold run's
+
+
 def test_folds_validate_on_disjoint_patients_that_cover_all_but_the_held_out(cv_run):
     n_val, patients = 0, 0
     for fold in (0, 1):

@@ -3,8 +3,8 @@
 
 ``pneumoscan train --cv_folds K`` (without ``--cv_fold``) runs ``run_cv``: K ordinary training
 runs in OUTPUT_DIR/foldI (a finished fold is skipped and an interrupted one resumed, so the
-command can simply be started again; a finished fold of other data or another recipe is refused;
-``--overwrite`` trains every fold anew), then ``cv_results.json`` and
+command can simply be started again; a finished fold of other data or another recipe is refused, and so is
+an OUTPUT_DIR holding a plain run; ``--overwrite`` trains every fold anew), then ``cv_results.json`` and
 ``cv_summary.txt``:
 
 - out-of-fold (OOF) AUROC with a patient-level bootstrap CI, and the per-fold AUROCs;
@@ -255,12 +255,30 @@ def summary_text(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def claim_folder(out: Path, overwrite: bool) -> None:
+    """Make ``out`` the folder of this k-fold run. Without ``overwrite`` a plain training run there is refused
+    (``train.refuse_existing_run``) and an earlier start of this k-fold run is continued (its finished folds
+    are checked and skipped). With it, the files of the run it replaces are removed: a plain run's (so that a
+    later start reads the folder as this run's) and the model at its top (so that a run without --cv_holdout
+    leaves no ensemble of other folds there)."""
+    from .train import MODEL_FILE, PLAIN_RUN_FILES, refuse_existing_run
+
+    if not overwrite:
+        refuse_existing_run(out, k_fold=True)
+        return
+    for name in (*PLAIN_RUN_FILES, MODEL_FILE):
+        if (out / name).exists():
+            log.info("--overwrite: removing %s, of the run this k-fold run replaces", out / name)
+            (out / name).unlink(missing_ok=True)
+
+
 def run_cv(cfg: TrainConfig) -> dict:
     """Train all folds, write the out-of-fold report and, with ``cv_holdout``, the ensemble model."""
     from .ensemble import write_ensemble
     from .train import MODEL_FILE
 
     out = Path(cfg.output_dir)
+    claim_folder(out, cfg.overwrite)
     paths = train_folds(cfg)
     oof, ckpts, _ = collect_oof(paths, cfg.data_dir, cfg.cache_dir)
     widths = [c["config"]["width"] for c in ckpts]

@@ -332,15 +332,32 @@ def _check_resume(state: dict, cfg: TrainConfig, but: tuple[str, ...] = ()) -> N
                               + " (use the original flags or a new --output_dir)")
 
 
-def refuse_existing_run(out: Path) -> None:
+PLAIN_RUN_FILES = (LAST_FILE, "training_results.json")  # what marks a folder as holding a plain training run
+
+
+def refuse_existing_run(out: Path, k_fold: bool = False) -> None:
     """Raises CheckpointError if ``out`` holds a run that can be resumed (``checkpoint_last.pth``) or has finished
-    (``training_results.json``). A model file alone (a run killed between the two writes of its first epoch)
-    is replaced, with a warning."""
-    existing = [name for name in (LAST_FILE, "training_results.json") if (out / name).exists()]
+    (``training_results.json``), or a k-fold run's report (``cv_results.json``) that a plain run's model would
+    replace the folds' ensemble beside. A model file alone (a run killed between the two writes of its first
+    epoch) is replaced, with a warning. With ``k_fold`` (the folder of a k-fold run, ``cv.run_cv``) only a plain
+    run is refused: the k-fold run's own earlier start is continued (its finished folds are skipped)."""
+    from .cv import CV_RESULTS
+
+    existing = [name for name in PLAIN_RUN_FILES if (out / name).exists()]
+    if k_fold and existing:
+        raise CheckpointError(f"{out} holds a plain training run ({', '.join(existing)}): give a new --output_dir "
+                              f"for the k-fold run, or --overwrite to replace it (its {MODEL_FILE} would be "
+                              f"replaced by the folds' ensemble with --cv_holdout)")
+    if k_fold:
+        return
     if existing:
         raise CheckpointError(f"{out} holds a run already ({', '.join(existing)}): continue it with --resume, give a "
                               f"new --output_dir, or --overwrite to replace it (its model would be replaced by "
                               f"this run's first epoch)")
+    if (out / CV_RESULTS).exists():
+        raise CheckpointError(f"{out} holds a k-fold run ({CV_RESULTS}): give a new --output_dir, or --overwrite to "
+                              f"replace it (its folds' ensemble {MODEL_FILE}, where there is one, would be replaced "
+                              f"by this run's first epoch)")
     if (out / MODEL_FILE).exists():
         log.warning("%s holds %s but no %s to resume from (a run stopped in its first epoch): starting again",
                     out, MODEL_FILE, LAST_FILE)
