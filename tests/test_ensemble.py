@@ -216,7 +216,9 @@ def test_the_ensemble_command_writes_a_checkpoint_that_predicts(trained_run, tra
 @pytest.mark.parametrize("case, message", [("member", "is the checkpoint being combined"),
                                            ("exists", "exists already"),
                                            ("no_data", "is not a folder"),
-                                           ("other_patients", "member 1 was validated on other patients")])
+                                           ("other_patients", "member 1 was validated on other patients"),
+                                           ("copy", "members 0 and 1 have identical weights"),
+                                           ("twice", "members 0 and 1 have identical weights")])
 def test_the_ensemble_command_refuses_bad_input_and_writes_nothing(trained_run, trained_model, tmp_path, capsys,
                                                                    case, message):
     from pneumoscan.cli import EXIT_BAD_INPUT, main
@@ -224,7 +226,9 @@ def test_the_ensemble_command_refuses_bad_input_and_writes_nothing(trained_run, 
     first = load_checkpoint(trained_model)
     second = tmp_path / "second.pth"
     config = first["config"] if case != "other_patients" else {**first["config"], "val_patients_sha256": "0" * 64}
-    save_checkpoint({**_perturbed(first, 3), "config": config}, second)
+    save_checkpoint({**(first if case == "copy" else _perturbed(first, 3)), "config": config}, second)
+    if case == "twice":
+        second = trained_model
     out = {"member": second, "exists": tmp_path / "old.pth"}.get(case, tmp_path / "new.pth")
     if case == "exists":
         out.write_bytes(b"an earlier ensemble")
@@ -244,7 +248,8 @@ def test_members_validated_on_other_patients_than_the_folder_given_are_refused(t
     val = split_from_config(first["config"], str(trained_run.data), first["input_spec"]["image_size"],
                             str(trained_run.cache)).val
     assert first["config"]["val_patients_sha256"] == patients_digest(val.patients)  # recorded by training
-    other = {**first, "config": {**first["config"], "val_patients_sha256": patients_digest(["someone else"])}}
+    other = {**_perturbed(first, 4), "config": {**first["config"],
+                                                "val_patients_sha256": patients_digest(["someone else"])}}
     with pytest.raises(CheckpointError, match="member 1 was validated on other patients"):
         write_ensemble([first, other], tmp_path / "ens.pth", data_dir=str(trained_run.data),
                        cache_dir=str(trained_run.cache))

@@ -28,6 +28,7 @@ from .data import ImageSet, check_validated_on, split_from_config
 from .errors import CheckpointError, DataError, PneumoscanError
 from .model import Ensemble
 from .predict import InputSpec, Predictor
+from .scope import model_digest
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,18 @@ def _calibration_split(configs: list[dict]) -> tuple:
     return keys.pop()
 
 
+def _check_distinct(members: list[dict]) -> None:
+    """Refuse members with identical weights (``scope.model_digest``): the same checkpoint given twice, or a
+    copy of one, is one model that would cost two and be counted twice."""
+    seen: dict[str, int] = {}
+    for i, m in enumerate(members):
+        digest = model_digest(m["model_state"])
+        if digest in seen:
+            raise CheckpointError(f"ensemble members {seen[digest]} and {i} have identical weights (the same model "
+                                  f"given twice, or a copy of it): list each model once")
+        seen[digest] = i
+
+
 def _check_members_validated_on(configs: list[dict], usual_val: ImageSet, data_dir: str, image_size: int,
                                 cache_dir: str) -> None:
     """Refuse members validated on other patients than their own validation split of ``data_dir`` holds: the
@@ -153,8 +166,8 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
     an existing file at ``path`` is never replaced (``FileExistsError``).
 
     Raises:
-        CheckpointError: see ``_calibration_split``; or a member was validated
-            on other patients than its validation split of ``data_dir`` holds (the usual one for a
+        CheckpointError: see ``_calibration_split``; two members have identical weights; or a member was
+            validated on other patients than its validation split of ``data_dir`` holds (the usual one for a
             plain run, its fold for a k-fold run).
     """
     from .config import TrainConfig
@@ -162,6 +175,7 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
 
     configs = [m.get("config", {}) for m in members]
     _calibration_split(configs)
+    _check_distinct(members)
     model, spec = build_ensemble(members)
     first = configs[0]
     # "its own split" for later tools (recalibration, scope fitting, evaluation) and for its calibration here: the
