@@ -7,6 +7,7 @@ from datetime import datetime
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pneumoscan.checkpoint import load_checkpoint
 from pneumoscan.cli import evaluate_main, predict_main
@@ -303,7 +304,21 @@ def test_evaluate_main_with_an_unreadable_file_returns_1(trained_model, labelled
     report = json.loads(out.read_text())
     assert sorted(s["path"] for s in report["skipped_files"]) == sorted(str(p) for p in bad.values())
     assert report["n"] == 12
-    assert f"left out: {len(bad)} file(s) that could not be read" in capsys.readouterr().out  # beside the table
+    out = capsys.readouterr().out  # beside the table
+    assert f"left out: {len(bad)} file(s), in none of the numbers above ({len(bad)} unreadable:" in out
+
+
+def test_evaluate_says_which_left_out_films_were_laterals_or_another_modality(trained_model, labelled_folder,
+                                                                               tmp_path, capsys):
+    pytest.importorskip("pydicom")
+    from dicom_files import dicom_bytes
+
+    film = np.asarray(Image.open(sorted((labelled_folder / "NORMAL").iterdir())[0]).convert("L"))
+    dicom_bytes(labelled_folder / "NORMAL", film, filename="side.dcm", ViewPosition="LL")
+    dicom_bytes(labelled_folder / "NORMAL", film, filename="ct.dcm", Modality="CT")
+    assert evaluate(trained_model, labelled_folder, tmp_path / "e.json", "--model_only") == 1
+    assert ("left out: 2 file(s), in none of the numbers above (1 not frontal, 1 out of scope: ct.dcm, side.dcm;"
+            in capsys.readouterr().out)
 
 
 def test_evaluate_main_on_a_folder_without_classes_returns_2(trained_model, tmp_path):

@@ -735,9 +735,15 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if "in_use" in report:
         _say(format_in_use(report["in_use"]))
     if bad:  # in the table's output too, not only in the log: these films are in none of the numbers above
+        from collections import Counter
+
+        from .data import left_out_kind
+
+        counts = Counter(left_out_kind(r) for _, r in bad)
+        kinds = ", ".join(f"{counts[k]} {k}" for k in sorted(counts, key=lambda k: (-counts[k], k)))
         names = ", ".join(Path(p).name for p, _ in bad[:5]) + (", ..." if len(bad) > 5 else "")
-        _say(f"left out: {len(bad)} file(s) that could not be read ({names}; each with its reason in the "
-             f"JSON's skipped_files)")
+        _say(f"left out: {len(bad)} file(s), in none of the numbers above ({kinds}: {names}; each with its reason "
+             f"in the JSON's skipped_files)")
     if args.output_path and not _written(write_json, report, args.output_path):
         return EXIT_BAD_INPUT
     if args.report:

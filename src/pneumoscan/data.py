@@ -408,6 +408,17 @@ def _hash_file(path: Path) -> tuple[str, str]:
         return "", f"cannot read file ({exc.strerror or exc})"
 
 
+NOT_FRONTAL = "view (DICOM ViewPosition"  # in the reason of a DICOM film left out for its view
+
+
+def left_out_kind(reason: str) -> str:
+    """Why a labelled film was left out, in a word: ``not frontal`` (a DICOM lateral or oblique view), ``out of
+    scope`` (a DICOM modality other than CR/DX) or ``unreadable``."""
+    if NOT_FRONTAL in reason:
+        return "not frontal"
+    return "out of scope" if reason.startswith("out of scope") else "unreadable"
+
+
 def _decode_file(path: Path, size: int) -> tuple[np.ndarray | None, str]:
     try:
         decoded = decode_image(path, size)
@@ -415,7 +426,7 @@ def _decode_file(path: Path, size: int) -> tuple[np.ndarray | None, str]:
         return None, str(exc).removeprefix(f"{path}: ")
     if decoded.dicom is not None and not decoded.dicom.is_frontal:
         what = "lateral" if decoded.dicom.is_lateral else "non-frontal"
-        return None, (f"{what} view (DICOM ViewPosition {decoded.dicom.view_position}): the model reads frontal "
+        return None, (f"{what} {NOT_FRONTAL} {decoded.dicom.view_position}): the model reads frontal "
                       f"films only, so such views are left out of training, evaluation and calibration")
     return resize_gray(decoded.gray, size), ""
 
