@@ -749,7 +749,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if args.report:
         from .report import build_report
 
-        engine = MedicalImageInference(args.model_path, device=args.device, gate=False)
+        # heatmaps only: Grad-CAM runs the fp32 weights, so no int8 graph is built for it
+        engine = MedicalImageInference(args.model_path, device=args.device, gate=False, backend="torch")
         if not _written(build_report, report, data.labels.numpy(), prob, data.paths, args.report,
                         heatmap=engine.heatmap_data_uri):
             return EXIT_BAD_INPUT
