@@ -202,3 +202,12 @@ def test_ece_matches_a_hand_computation():
 def test_reliability_bins_cover_every_case():
     bins = reliability_bins(Y, P_CONT, 15)
     assert len(bins) == 15 and sum(b["count"] for b in bins) == len(Y)
+
+
+def test_the_wilson_interval_stays_within_0_and_1():
+    from pneumoscan.metrics import wilson_interval
+
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0  # never -0.000 in a report
+    lo, hi = wilson_interval(8, 10)
+    assert 0.49 < lo < 0.8 < hi < 0.95
+    assert all(map(math.isnan, wilson_interval(0, 0)))

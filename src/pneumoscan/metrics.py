@@ -208,3 +208,13 @@ def threshold_for_sensitivity(y_true: np.ndarray, prob: np.ndarray, target: floa
     highest = float(pos[k - 1])
     below = p[p < highest]
     return (highest + (float(below.max()) if len(below) else 0.0)) / 2.0
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval for k of n (NaN, NaN for n = 0)."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_text
-from .metrics import binary_metrics, confusion, metric_label, reliability_bins
+from .metrics import binary_metrics, confusion, metric_label, reliability_bins, wilson_interval
 from .names import printable
 from .plots import new_figure
 
@@ -41,17 +41,6 @@ def pr_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     last = np.r_[np.flatnonzero(np.diff(ps)), len(ps) - 1]
     tp, fp = np.cumsum(ys)[last], np.cumsum(~ys)[last]
     return tp / max(ys.sum(), 1), tp / np.maximum(tp + fp, 1)
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score 95 % interval for a proportion k/n."""
-    if n == 0:
-        return float("nan"), float("nan")
-    phat = k / n
-    den = 1 + z * z / n
-    centre = (phat + z * z / (2 * n)) / den
-    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / den
-    return centre - half, centre + half
 
 
 def _png(fig) -> str:
@@ -156,7 +145,7 @@ def build_report(report: dict, y: np.ndarray, prob: np.ndarray, paths: list[str]
         idx = [i for i, path in enumerate(paths) if y[i] == 1 and _subtype(path) == kind]
         if idx:
             k = int((p[idx] >= thr).sum())
-            lo, hi = wilson(k, len(idx))
+            lo, hi = wilson_interval(k, len(idx))
             sub_rows += (f"<tr><td>{kind}</td><td>{len(idx)}</td><td>{k / len(idx):.3f}</td>"
                          f"<td>[{lo:.3f}, {hi:.3f}]</td></tr>")
     subtype_html = (f"<table><tr><th>pneumonia type</th><th>n</th><th>sensitivity</th><th>95% CI (Wilson)</th></tr>"

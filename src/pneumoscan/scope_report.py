@@ -17,6 +17,7 @@ from .inference import (
     InferenceResult,
     has_low_detail_warning,
 )
+from .metrics import wilson_interval
 from .names import printable
 
 # How a refusal's reason text reads, first match wins (texts: scope.REASONS, gate.py, dicom.py).
@@ -44,16 +45,6 @@ def refusal_category(error: str, image_path: str = "") -> str:
         if marker in error:
             return name
     return "other"
-
-
-def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval for k of n (NaN, NaN for n = 0)."""
-    if n == 0:
-        return math.nan, math.nan
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _group(path: str, base: Path) -> str:
