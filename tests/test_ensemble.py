@@ -167,12 +167,14 @@ def test_fine_tunes_on_the_usual_split_make_an_ensemble_calibrated_on_its_valida
     theirs = split_from_config(first["config"], str(trained_run.data), first["input_spec"]["image_size"],
                                str(trained_run.cache))
     assert own.val.paths == theirs.val.paths  # later tools find the members' validation patients as its own
-    # calibrated on exactly those patients: their ensemble logits give the stored temperature and threshold
-    from pneumoscan.calibration import fit_operating_point
+    # calibrated on exactly those patients, with the (float16) weights it stores: its own logits give the stored
+    # temperature and threshold to the last digit
+    from pneumoscan.calibration import fit_calibrated_point
 
-    model, spec = build_ensemble(plain)
-    t, thr = fit_operating_point(Predictor(model, spec).logits(theirs.val.images), theirs.val.labels, 0.95)
-    assert ckpt["temperature"] == pytest.approx(t, rel=1e-9) and ckpt["threshold"] == pytest.approx(thr, abs=1e-12)
+    assert ckpt["weights_dtype"] == "float16"
+    t, thr, _ = fit_calibrated_point(Predictor.from_checkpoint(ckpt).logits(theirs.val.images), theirs.val.labels,
+                                     0.95, if_separable=(1.0, 0.0))
+    assert ckpt["temperature"] == t and ckpt["threshold"] == thr
     # the ensemble's logits are the members' mean
     images = torch.from_numpy(np.stack([load_image(p, first["input_spec"]["image_size"]) for p in own.val.paths[:4]]))
     expected = torch.stack([Predictor.from_checkpoint(m).logits(images) for m in plain]).mean(0)

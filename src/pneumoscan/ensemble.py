@@ -16,6 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from .checkpoint import (
     check_output_path,
     input_spec,
@@ -177,6 +179,11 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
     _calibration_split(configs)
     _check_distinct(members)
     model, spec = build_ensemble(members)
+    if half:  # calibrate the weights that are stored: float16, widened again on load
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(t.half().float())
     first = configs[0]
     # "its own split" for later tools (recalibration, scope fitting, evaluation) and for its calibration here: the
     # usual split, whose validation part is the patients no member trained on
