@@ -225,3 +225,32 @@ def test_films_of_one_name_in_two_folders_get_their_own_heatmaps_across_runs(tmp
     assert len(list((tmp_path / "hm").glob("*.png"))) == 2
     for folder, film in zip("ab", films):  # each overlay has its own film's size
         assert Image.open(runs[0][folder]).size == Image.open(film).size
+
+
+def test_a_film_refused_or_unreadable_now_keeps_no_heatmap_of_an_earlier_run(tmp_path):
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    film = next(iter(sorted((shared / "chest_xray" / "train" / "PNEUMONIA").glob("*.jpeg"))), None)
+    lateral = next(iter(sorted((shared / "dev_shift" / "lateral_chest").glob("*.jpg"))), None)
+    if film is None or lateral is None:
+        pytest.skip("real chest X-rays or dev_shift not found")
+    (tmp_path / "in").mkdir()
+    target = tmp_path / "in" / "film.jpeg"
+    args = ["--image_dir", str(tmp_path / "in"), "--output_path", str(tmp_path / "r.json"),
+            "--heatmap_dir", str(tmp_path / "hm"), "--backend", "torch"]
+    for replacement, code in ((lateral, 1), (None, 1)):  # refused as lateral; then unreadable
+        target.write_bytes(film.read_bytes())
+        assert predict_main(args) == 0
+        assert len(list((tmp_path / "hm").glob("film_*_heatmap.png"))) == 1
+        target.write_bytes(replacement.read_bytes() if replacement else b"not an image")
+        assert predict_main(args) == code
+        assert json.loads((tmp_path / "r.json").read_text())["errors"]
+        assert not list((tmp_path / "hm").glob("*.png")), "a heatmap stayed under a film that got no answer"
+
+
+def test_a_film_with_a_long_name_gets_its_heatmap(tmp_path):
+    from pneumoscan.inference import heatmap_name
+
+    long_stem = "person1_bacteria_" + "a" * 225  # 242 bytes: a legal name, too long with the heatmap suffix
+    name = heatmap_name(tmp_path / f"{long_stem}.jpeg")
+    assert len(name.encode()) <= 200 and name.endswith("_heatmap.png") and name.startswith("person1_bacteria_a")
+    assert heatmap_name(tmp_path / f"{long_stem}.jpeg") != heatmap_name(tmp_path / f"{long_stem}b.jpeg")

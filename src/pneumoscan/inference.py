@@ -182,7 +182,23 @@ def heatmap_name(source: str | os.PathLike | bytes) -> str:
     if isinstance(source, bytes):
         return f"bytes_{hashlib.sha256(source).hexdigest()[:10]}_heatmap.png"
     path = Path(source).expanduser().resolve()
-    return f"{path.stem}_{hashlib.sha256(os.fsencode(path)).hexdigest()[:10]}_heatmap.png"
+    # a long stem is cut (the hash keeps names apart): the name and atomic_path's temporary one stay under NAME_MAX
+    stem = os.fsdecode(os.fsencode(path.stem)[:HEATMAP_STEM_BYTES])
+    return f"{stem}_{hashlib.sha256(os.fsencode(path)).hexdigest()[:10]}_heatmap.png"
+
+
+HEATMAP_STEM_BYTES = 160  # + 23 for the hash and suffix + about 30 for a temporary name: under 255
+
+
+def drop_stale_heatmap(source, heatmap_dir: str | os.PathLike | None) -> None:
+    """Remove the heatmap an earlier run wrote under this film's name: a film refused, unreadable or whose
+    heatmap cannot be written now must not keep an overlay that reads as evidence."""
+    if heatmap_dir is None or isinstance(source, bytes):
+        return
+    try:
+        (Path(heatmap_dir) / heatmap_name(source)).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("%s: an earlier heatmap of this film could not be removed (%s)", _name(source), exc)
 
 
 class MedicalImageInference:
@@ -426,9 +442,11 @@ class MedicalImageInference:
                 # the classifier's reason names what the input looks like: prefer it to the distance's
                 if scope is not None and not scope.in_scope:
                     done[prep.index] = _failure(name, OutOfScopeError(f"{name}: out of scope: {scope.reason}{lost}"))
+                    drop_stale_heatmap(source, heatmap_dir)
                     continue
                 if verdict is not None and not verdict.in_scope:
                     done[prep.index] = _failure(name, OutOfScopeError(f"{name}: {verdict.reason}{lost}"))
+                    drop_stale_heatmap(source, heatmap_dir)
                     continue
                 result = self._result(row, prep.seconds + share, None if isinstance(source, bytes) else name,
                                       prep.decoded, [LOW_DETAIL.format(detail)] if detail else [])
@@ -446,6 +464,7 @@ class MedicalImageInference:
         for item in self._prepared(sources):
             if item.failure is not None:
                 done[item.index] = item.failure
+                drop_stale_heatmap(item.source, heatmap_dir)
             else:
                 pending.append(item)
                 if len(pending) >= self.batch_size:
@@ -472,6 +491,7 @@ class MedicalImageInference:
             result.warnings.append(f"heatmap not written: {exc}")
             log.warning("%s: heatmap not written (%s)", result.image_path, exc,
                         exc_info=not isinstance(exc, (OSError, ValueError, ImageError)))
+            drop_stale_heatmap(source, heatmap_dir)
             return
         result.heatmap_path = str(path)
 
