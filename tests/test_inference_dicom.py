@@ -71,8 +71,9 @@ def test_folder_with_extensionless_dicom_ct_and_empty_dicom(engine, tmp_path, pi
     assert "prediction" in by_name["IM0001"]
     lateral = by_name["lateral.dcm"]
     assert lateral.get("view_position") == "LATERAL" or "LATERAL" in lateral.get("error", "")
-    if "prediction" in lateral:
-        assert any("lateral" in w for w in lateral["warnings"])
+    assert "prediction" in lateral  # a frontal film's pixels: answered, with the view's warning
+    assert sum("lateral" in w.lower() for w in lateral["warnings"]) == 1, lateral["warnings"]  # said once
+    assert lateral["risk_level"] == "HIGH"
 
 
 def test_patient_identifiers_never_logged(engine, tmp_path, pixels, caplog):

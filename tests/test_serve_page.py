@@ -45,7 +45,7 @@ def uploads(tmp_path, fullres_dir, real_jpeg):
     return xray, dcm, text
 
 
-def test_upload_shows_results_heatmap_toggle_and_refusal(server, browser, uploads):
+def test_upload_shows_results_heatmap_toggle_and_refusal(server, browser, uploads, fullres_dir):
     xray, dcm, text = uploads
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     requested = []
@@ -57,9 +57,10 @@ def test_upload_shows_results_heatmap_toggle_and_refusal(server, browser, upload
     expect(page.locator(".notice")).to_contain_text("Not a diagnostic device")
     expect(page.locator("#model-line")).to_contain_text(SHIPPED_VERSION)
 
-    page.set_input_files("#files", [str(xray), str(dcm), str(text)])
+    adult = next((fullres_dir.parents[0] / "dev_shift" / "adult_frontal").glob("adult_frontal_mhh_1.*"))
+    page.set_input_files("#files", [str(xray), str(dcm), str(text), str(adult)])
     cards = page.locator(".card")
-    expect(cards).to_have_count(3)
+    expect(cards).to_have_count(4)
     expect(page.locator(".card[data-state=pending]")).to_have_count(0, timeout=60_000)
 
     jpeg = cards.filter(has_text=xray.name)
@@ -73,6 +74,8 @@ def test_upload_shows_results_heatmap_toggle_and_refusal(server, browser, upload
     expect(jpeg.locator(".probability")).to_have_text(
         re.compile(rf"^[01]\.\d{{3}} \(threshold {re.escape(f'{threshold:.3f}')}\)$"))
     expect(jpeg.locator(".uncertainty")).to_have_text(re.compile(r"^[01]\.\d{3}$"))
+    expect(jpeg.locator(".probability-label")).to_have_text("P(pneumonia), calibrated")
+    assert "not validated" in badge.get_attribute("title")  # HIGH is also forced by a view or population warning
 
     picture, toggle = jpeg.locator(".picture"), jpeg.locator(".heatmap-toggle")
     expect(toggle).to_be_checked()
@@ -97,6 +100,12 @@ def test_upload_shows_results_heatmap_toggle_and_refusal(server, browser, upload
         "Could not read this file as an image. (not a recognised image (expected JPEG, PNG or DICOM))")
     expect(refused.locator(".numbers")).to_be_hidden()
     expect(refused.locator(".badge")).to_be_hidden()
+    # an adult's frontal film: the plain words must not contradict the reason ("not a frontal chest X-ray")
+    grown = cards.filter(has_text=adult.name)
+    expect(grown).to_have_attribute("data-state", "refused")
+    expect(grown.locator(".reason")).to_contain_text("outside what the model is validated for")
+    expect(grown.locator(".reason")).to_contain_text("outside the validated population")
+    assert "does not look like a frontal" not in grown.locator(".reason").inner_text()
 
     assert not errors, errors
     outside = [u for u in requested if not u.startswith((server.url, "data:", "blob:"))]

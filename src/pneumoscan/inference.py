@@ -311,9 +311,10 @@ class MedicalImageInference:
         if decoded.dicom is not None:
             view = decoded.dicom.view_position or None
             warnings += list(decoded.dicom.warnings)
-            if decoded.dicom.is_lateral:
+            said = " ".join(warnings).lower()  # the reader's own view warning, if it gave one, is not repeated
+            if decoded.dicom.is_lateral and "lateral" not in said:
                 warnings.append("lateral view: the model is trained and validated on frontal views only")
-            elif not decoded.dicom.is_frontal:
+            elif not decoded.dicom.is_frontal and not decoded.dicom.is_lateral and "not frontal" not in said:
                 warnings.append("view not frontal: the model is trained and validated on frontal (PA/AP) views only")
         warnings += image_warnings or []
         if self.temperature is None:

@@ -24,7 +24,10 @@ function apiHeaders() {
 
 // Plain words for each refusal; the server's reason follows them.
 const REFUSALS = {
-  OutOfScopeError: "Not analysed: this does not look like a frontal chest X-ray, so the model gives no answer.",
+  // one sentence for every reason (adult film, lateral view, other body part, lost detail, modality): the server's
+  // reason, which follows, says which
+  OutOfScopeError: "Not analysed: this image is outside what the model is validated for (frontal chest X-rays of " +
+    "children aged 1-5), so it gives no answer.",
   ImageError: "Could not read this file as an image.",
   UploadTooLarge: "The file is too large for this service.",
   NoFile: "The file did not reach the service.",
@@ -100,12 +103,14 @@ async function render(card, file, result) {
   const badge = $(".badge", card);
   badge.textContent = `Risk ${result.risk_level}`;
   badge.classList.add(result.risk_level);
-  badge.title = "LOW: confident prediction; MEDIUM: less sure; HIGH: uncertain";
+  badge.title = "LOW: confident prediction; MEDIUM: less sure; HIGH: uncertain, or a view, population or " +
+    "image the model is not validated on (see the warnings)";
   show(badge);
 
+  $(".probability-label", card).textContent = result.calibrated ? "P(pneumonia), calibrated" :
+    "P(pneumonia), uncalibrated";
   const p = result.probabilities.PNEUMONIA;
-  $(".probability", card).textContent = `${fmt(p)} (threshold ${fmt(result.threshold)})` +
-    (result.calibrated ? "" : " uncalibrated");
+  $(".probability", card).textContent = `${fmt(p)} (threshold ${fmt(result.threshold)})`;
   $(".uncertainty", card).textContent = fmt(result.uncertainty);
   $(".confidence", card).textContent = fmt(result.confidence);
   show($(".numbers", card));
