@@ -273,3 +273,14 @@ def test_the_stored_size_follows_the_exif_orientation(real_jpeg, tmp_path):
     turned, plain = decode_image(tmp_path / "turned.jpg", 64), decode_image(tmp_path / "plain.jpg", 64)
     assert turned.size == (200, 300) and plain.size == (300, 200)
     assert (turned.gray.width < turned.gray.height) and (plain.gray.width > plain.gray.height)
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "TIFF", "GIF", "BMP"])
+def test_formats_other_than_jpeg_png_and_dicom_are_refused_by_name(tmp_path, fmt):
+    from pneumoscan.errors import ImageError
+    from pneumoscan.preprocess import decode_image
+
+    path = tmp_path / f"film.{fmt.lower()}"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(path, format=fmt)
+    with pytest.raises(ImageError, match=f"a {fmt} image; JPEG, PNG or DICOM is expected"):
+        decode_image(path.read_bytes())

@@ -39,6 +39,7 @@ INTENSITIES = ("raw", "equalize")
 # Larger images are refused before their pixels are decoded (decompression bombs). Checked here,
 # not through PIL's global Image.MAX_IMAGE_PIXELS, which an embedding application owns.
 MAX_IMAGE_PIXELS = 100_000_000
+READ_FORMATS = ("JPEG", "MPO", "PNG")  # MPO: a JPEG with extra frames, as some cameras write them
 
 
 def is_image_file(path: Path) -> bool:
@@ -181,6 +182,9 @@ def decode_image(source: str | os.PathLike | bytes, size: int | None = None) -> 
             # PIL's own bomb warning depends on a global limit; ours is checked just below
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+        if img.format not in READ_FORMATS:  # PIL opens many more (WebP, TIFF pages, GIF frames): none validated
+            raise ImageError(f"{name}: a {img.format} image; JPEG, PNG or DICOM is expected (save the film as PNG, "
+                             f"or export it as DICOM)")
         if img.width * img.height > MAX_IMAGE_PIXELS:
             raise ImageError(f"{name}: image is {img.width}x{img.height} pixels, more than the "
                              f"{MAX_IMAGE_PIXELS} allowed (a decompression bomb?); downsample it first")
