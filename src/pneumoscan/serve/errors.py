@@ -25,7 +25,8 @@ class UploadTooLarge(ApiError):
     """The request body passed ``--max_upload_mb`` (raised while it streams in)."""
 
     def __init__(self, limit_bytes: int) -> None:
-        super().__init__(413, "UploadTooLarge", f"upload is larger than the {limit_bytes / 2**20:g} MiB this service "
+        mib = round(limit_bytes / 2**20, 3)  # 0.1, not 0.0999994 (the limit is a whole number of bytes)
+        super().__init__(413, "UploadTooLarge", f"upload is larger than the {mib:g} MiB this service "
                                                 "accepts (--max_upload_mb); send a smaller file")
 
 
