@@ -86,6 +86,29 @@ def test_fold_models_are_refused_on_a_data_folder_whose_folds_hold_other_patient
         collect_oof(folds, str(fewer_films), str(cv_run.parent / "cache"))
 
 
+def test_a_finished_fold_is_refused_before_the_others_train_when_its_folder_s_films_changed(cv_run, smoke_files,
+                                                                                             make_dataset, smoke_args,
+                                                                                             tmp_path):
+    import shutil
+
+    data = make_dataset(tmp_path / "data", smoke_files)  # the same films as the fold trained on, at a new path
+    out = tmp_path / "run"
+    (out / "fold0").mkdir(parents=True)
+    for f in (cv_run / "fold0").iterdir():
+        if f.is_file():
+            shutil.copy(f, out / "fold0" / f.name)
+    results = out / "fold0" / "training_results.json"
+    done = json.loads(results.read_text())
+    done["config"]["data_dir"] = str(data)  # as if it had been trained on this folder
+    results.write_text(json.dumps(done))
+    for cls, paths in smoke_files.items():  # then films were removed: the same path, other patients in fold 0
+        for p in paths[-8:]:
+            (data / "train" / cls / p.name).unlink()
+    assert train_main(_cv_argv(cv_run, data, out, smoke_args)) == 2
+    assert "fold0 (fold 0) was validated on other patients" in (out / "training.log").read_text()
+    assert not (out / "fold1").exists()  # refused before any other fold trained
+
+
 def test_an_ensemble_of_folds_is_refused_on_a_data_folder_whose_folds_hold_other_patients(cv_run, smoke_data,
                                                                                           fewer_films, tmp_path,
                                                                                           capsys):

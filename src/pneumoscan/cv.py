@@ -76,6 +76,9 @@ def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | No
         if (run_dir / "training_results.json").exists() and not cfg.overwrite:
             trained = json.loads((run_dir / "training_results.json").read_text())["config"]
             _check_finished_fold(trained, dataclasses.replace(cfg, cv_fold=fold), run_dir, widths)
+            # the same folder, but films added or removed since: refused now, before the other folds train
+            val = split_from_config(trained, cfg.data_dir, trained["image_size"], cfg.cache_dir).val
+            check_validated_on(trained, val, f"{run_dir} (fold {fold})", cfg.data_dir, _REUSE_FIX)
             log.info("fold %d of %d: finished earlier (%s), skipped", fold, cfg.cv_folds, run_dir)
         else:  # with --overwrite every fold trains anew
             resume = (run_dir / LAST_FILE).exists() and not cfg.overwrite
@@ -99,6 +102,9 @@ _FOLD_FIXED = ("data_dir", "cv_folds", "cv_fold", "cv_holdout", "seed", "val_fra
                "epochs", "batch_size", "augment", "mixup", "loss", "focal_gamma", "lr", "weight_decay",
                "lr_schedule", "lr_patience", "lr_factor", "min_lr", "eval_metric", "patience", "max_train_minutes",
                "init_from", "freeze_blocks")
+
+
+_REUSE_FIX = "give the data folder it was trained on, or train into a new --output_dir (or with --overwrite)"
 
 
 def _fold_setting(key: str, value):
@@ -135,8 +141,7 @@ def collect_oof(model_paths: list[Path], data_dir: str, cache_dir: str = ""
         ckpts.append(ckpt)
         val = split_from_config(ckpt["config"], data_dir, input_spec(ckpt).image_size, cache_dir).val
         check_validated_on(ckpt["config"], val, f"{path} (fold {ckpt['config'].get('cv_fold', i)})", data_dir,
-                           "give the data folder it was trained on, or train into a new --output_dir (or with "
-                           "--overwrite)")
+                           _REUSE_FIX)
         vals.append(val)
         logits.append(Predictor.from_checkpoint(ckpt).logits(val.images))
         labels.append(val.labels)
