@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,37 @@ def test_a_rank_that_cannot_write_its_share_stops_the_merge_and_keeps_the_other_
     assert "Connection closed by peer" not in proc.stderr  # rank 0 did not try to merge and crash
     assert not (tmp_path / "out.jsonl").exists()
     assert len((tmp_path / ".out.rank0-of-2.jsonl").read_text().splitlines()) == 2  # rank 0's share is kept
+
+
+@pytest.mark.parametrize("where", ["while predicting", "while loading the model"])
+def test_an_unexpected_error_on_one_rank_stops_every_rank_at_once(tmp_path, trained_model, smoke_files, where):
+    """A rank that fails must not wait in the closing barrier while the others wait in their count: that held
+    every rank for the process group's timeout (30 min) and hid the error."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in smoke_files["NORMAL"][:6]:
+        (folder / f.name).symlink_to(f)
+    # an uncaught error (a CUDA out-of-memory, say) in the share; a reported one (exit 2) before it
+    method, error = (("iter_predict", "RuntimeError('injected on rank 1')") if where == "while predicting"
+                     else ("__init__", "OSError(5, 'injected on rank 1')"))
+    wrapper = tmp_path / "fail_on_rank_1.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        "from pneumoscan import inference\n"
+        "def fail(*a, **k):\n"
+        f"    raise {error}\n"
+        "if os.environ.get('RANK') == '1':\n"
+        f"    setattr(inference.MedicalImageInference, {method!r}, fail)\n"
+        "from pneumoscan.__main__ import main\n"
+        "sys.exit(main())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    started = time.monotonic()
+    proc = subprocess.run([*TORCHRUN, str(wrapper), "predict", "--image_dir", str(folder), "--model_path",
+                           str(trained_model), "--device", "cpu", "--output_path", str(tmp_path / "out.jsonl")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode != 0 and "injected on rank 1" in proc.stderr
+    assert time.monotonic() - started < 90  # seconds, not the 30 min of the group's timeout
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_torchrun_is_installed_with_torch():

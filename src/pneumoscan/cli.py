@@ -443,10 +443,12 @@ def predict_main(argv: list[str] | None = None) -> int:
     if args.decode_workers < 0 or args.batch_size < 1:
         parser.error("--decode_workers must be >= 0 and --batch_size >= 1")
     world = init_world("cpu")  # gloo: prediction only needs the ranks' count of failed shares
+    code = EXIT_BAD_INPUT
     try:
-        return _predict(args, world, jsonl)
-    finally:
-        close_world(world)
+        code = _predict(args, world, jsonl)
+        return code
+    finally:  # a rank that stopped on an error (2, or an exception) must not wait for the others
+        close_world(world, clean=code in (EXIT_OK, EXIT_SOME_FAILED))
 
 
 def _predict(args, world, jsonl: bool) -> int:

@@ -32,6 +32,7 @@ from .calibration import fit_calibrated_point, fit_operating_point, positive_pro
 from .checkpoint import input_spec, load_checkpoint
 from .config import TrainConfig
 from .data import ImageSet, check_validated_on, split_from_config
+from .distributed import env_world
 from .errors import CheckpointError
 from .metrics import auroc, expected_calibration_error, metrics_with_ci
 from .predict import Predictor
@@ -285,6 +286,8 @@ def run_cv(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
     claim_folder(out, cfg.overwrite)
     paths = train_folds(cfg)
+    if not env_world().is_main:  # under torchrun the folds trained together; rank 0 alone scores and writes
+        return {"config": cfg.to_dict(), "folds": [str(p) for p in paths]}
     oof, ckpts, _ = collect_oof(paths, cfg.data_dir, cfg.cache_dir)
     widths = [c["config"]["width"] for c in ckpts]
     report = {"config": cfg.to_dict(), "folds": [str(p) for p in paths],

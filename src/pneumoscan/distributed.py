@@ -69,15 +69,19 @@ def init_world(device_type: str = "cpu") -> World:
     return World(world.rank, world.world_size, world.local_rank, backend)
 
 
-def close_world(world: World) -> None:
-    """Leave the process group (after a barrier, so no rank exits while another still waits on it).
+def close_world(world: World, clean: bool = True) -> None:
+    """Leave the process group: after a barrier when this rank finished its work (``clean``), so that no rank
+    exits while another still waits on it; without one when it failed, since the others then wait in another
+    collective, and a barrier would hold every rank until the group's timeout (30 min) instead of letting this
+    one exit, which torchrun answers by stopping the others.
 
     Objects left in reference cycles (a DDP model's reducer, finished gloo work holding tensors) are collected
     first, while the group and the interpreter are alive: destroyed later, during interpreter shutdown, such
     objects are a known cause of a rank aborting at exit ("terminate called without an active exception")."""
     if world.distributed and dist.is_initialized():
         gc.collect()
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -543,10 +543,13 @@ def run_training(cfg: TrainConfig) -> dict:
     on ranks other than 0, only ``{"config": ...}``, the config as trained: the width may be the fallback's)."""
     device = resolve_device(cfg.device)
     world = init_world(device.type)
+    clean = False
     try:
-        return _run(cfg, device, world)
+        results = _run(cfg, device, world)
+        clean = True
+        return results
     finally:
-        close_world(world)
+        close_world(world, clean)
 
 
 def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
