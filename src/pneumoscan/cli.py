@@ -682,10 +682,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     try:
         if args.prevalence is not None:
             check_prevalence(args.prevalence, "--prevalence")
-        outputs = {flag: path for flag, path in (("--output_path", args.output_path), ("--report", args.report))
-                   if path}
-        for flag, path in outputs.items():  # before any film is read, not after
-            _refuse_writing_over_inputs(path, [], args.model_path, flag, ".html" if flag == "--report" else ".json")
+        outputs = {flag: (path, kind) for flag, path, kind in (("--output_path", args.output_path, ".json"),
+                                                                ("--report", args.report, ".html")) if path}
+        for flag, (path, kind) in outputs.items():  # before any film is read, not after
+            _refuse_writing_over_inputs(path, [], args.model_path, flag, kind)
             check_writable(path, flag)
         if len(outputs) == 2 and same_file(args.output_path, args.report):
             raise OutputPathError(f"--output_path and --report are one file ({args.report}): the report would "
@@ -705,8 +705,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         threshold = ckpt.get("threshold", 0.5) if args.threshold is None else args.threshold
         data, bad = load_labelled_folder(args.data_dir, predictor.spec.image_size, args.split, args.cache_dir,
                                          args.patients)
-        for flag, path in outputs.items():  # a film without a suffix (DICOM) among the inputs
-            _refuse_writing_over_inputs(path, [*data.paths, *(p for p, _ in bad)], None, flag)
+        for flag, (path, kind) in outputs.items():  # a film without a suffix (DICOM) among the inputs
+            _refuse_writing_over_inputs(path, [*data.paths, *(p for p, _ in bad)], None, flag, kind)
         report, prob = evaluate_imageset(predictor, data, threshold, args.n_boot, args.prevalence)
         if not args.model_only:  # every film through the pipeline a prediction takes, scope checks included
             engine = MedicalImageInference(args.model_path, device=args.device, threshold=args.threshold,

@@ -31,6 +31,7 @@ from .errors import CheckpointError, DataError, ImageError
 from .predict import CLASS_NAMES
 from .preprocess import (
     PREPROCESS_VERSION,
+    FolderVisits,
     decode_image,
     is_image_file,
     is_input_file,
@@ -153,20 +154,10 @@ def list_images(folder: Path) -> tuple[list[Path], int]:
     """Image and DICOM files under ``folder`` (recursive, sorted) and how many other files were ignored.
     Links to folders are followed, each real folder once (a loop, or a second link to it, is not)."""
     images, ignored = [], 0
-    seen = {os.path.realpath(folder)}
-
-    def first_visit(dirpath: str, d: str) -> bool:
-        real = os.path.realpath(os.path.join(dirpath, d))
-        if real in seen:
-            log.warning("%s: already listed (a link loop, or a second link to it): not read twice",
-                        os.path.join(dirpath, d))
-            return False
-        seen.add(real)
-        return True
-
+    visits = FolderVisits(folder)
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in _SKIP_DIRS
-                             and first_visit(dirpath, d))
+                             and visits.first(os.path.join(dirpath, d)))
         for name in filenames:
             path = Path(dirpath) / name
             if is_input_file(path):

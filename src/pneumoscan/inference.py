@@ -29,7 +29,7 @@ from .errors import CheckpointError, DataError, ImageError, OutOfScopeError
 from .gate import OutOfScopeGate
 from .heatmap import overlay_png
 from .predict import Predictor, resolve_device
-from .preprocess import DecodedImage, decode_image, is_input_file
+from .preprocess import DecodedImage, FolderVisits, decode_image, is_input_file
 from .scope import ScopeClassifier
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def iter_inputs(directory: str | os.PathLike, recursive: bool = True) -> Iterato
     if not base.is_dir():
         raise DataError(f"image_dir {str(base)!r} does not exist or is not a folder")
     skipped = 0
-    seen = {os.path.realpath(base)}  # links to folders are followed, each real folder once (no cycles)
+    visits = FolderVisits(base)  # links to folders are followed, each real folder once (no cycles)
 
     def walk(folder: Path) -> Iterator[Path]:
         nonlocal skipped
@@ -130,15 +130,8 @@ def iter_inputs(directory: str | os.PathLike, recursive: bool = True) -> Iterato
         for name, is_dir in entries:
             path = folder / name
             if is_dir:
-                if not recursive or name.startswith(".") or name.lower() == "__macosx":
-                    continue
-                real = os.path.realpath(path)
-                if real in seen:
-                    log.warning("%s: already listed (a link loop, or a second link to it): not predicted twice",
-                                path)
-                    continue
-                seen.add(real)
-                yield from walk(path)
+                if recursive and not name.startswith(".") and name.lower() != "__macosx" and visits.first(path):
+                    yield from walk(path)
             elif is_input_file(path):
                 yield path
             elif not name.startswith("."):
@@ -310,12 +303,7 @@ class MedicalImageInference:
         warnings, view = [], None
         if decoded.dicom is not None:
             view = decoded.dicom.view_position or None
-            warnings += list(decoded.dicom.warnings)
-            said = " ".join(warnings).lower()  # the reader's own view warning, if it gave one, is not repeated
-            if decoded.dicom.is_lateral and "lateral" not in said:
-                warnings.append("lateral view: the model is trained and validated on frontal views only")
-            elif not decoded.dicom.is_frontal and not decoded.dicom.is_lateral and "not frontal" not in said:
-                warnings.append("view not frontal: the model is trained and validated on frontal (PA/AP) views only")
+            warnings += list(decoded.dicom.warnings)  # a lateral or other non-frontal view's warning among them
         warnings += image_warnings or []
         if self.temperature is None:
             warnings.append("uncalibrated model: probabilities are raw softmax outputs")
@@ -441,12 +429,10 @@ class MedicalImageInference:
                 # lost detail is what the checks may have read (a downscaled child's film looks like an adult's)
                 lost = LOW_DETAIL_NOTE.format(detail) if detail else ""
                 # the classifier's reason names what the input looks like: prefer it to the distance's
-                if scope is not None and not scope.in_scope:
-                    done[prep.index] = _failure(name, OutOfScopeError(f"{name}: out of scope: {scope.reason}{lost}"))
-                    drop_stale_heatmap(source, heatmap_dir)
-                    continue
-                if verdict is not None and not verdict.in_scope:
-                    done[prep.index] = _failure(name, OutOfScopeError(f"{name}: {verdict.reason}{lost}"))
+                refusal = (f"out of scope: {scope.reason}" if scope is not None and not scope.in_scope
+                           else verdict.reason if verdict is not None and not verdict.in_scope else None)
+                if refusal is not None:
+                    done[prep.index] = _failure(name, OutOfScopeError(f"{name}: {refusal}{lost}"))
                     drop_stale_heatmap(source, heatmap_dir)
                     continue
                 result = self._result(row, prep.seconds + share, None if isinstance(source, bytes) else name,

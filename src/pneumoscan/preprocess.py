@@ -13,6 +13,7 @@ the same input.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import warnings
@@ -26,6 +27,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .dicom import is_dicom, read_dicom
 from .errors import ImageError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 PREPROCESS_VERSION = "gray-stretch-bilinear-v2"
@@ -46,6 +49,23 @@ def is_image_file(path: Path) -> bool:
     """True for a visible file with an image extension (case-insensitive)."""
     name = path.name
     return not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+class FolderVisits:
+    """The real folders a listing of films has entered, from ``top``: a link to a folder is followed once, and
+    a loop, or a second link to a folder already listed, is not (with a warning)."""
+
+    def __init__(self, top: str | os.PathLike) -> None:
+        self._seen = {os.path.realpath(top)}
+
+    def first(self, folder: str | os.PathLike) -> bool:
+        """Whether ``folder`` is to be listed: True the first time its real folder is met."""
+        real = os.path.realpath(folder)
+        if real in self._seen:
+            log.warning("%s: already listed (a link loop, or a second link to it): not listed twice", folder)
+            return False
+        self._seen.add(real)
+        return True
 
 
 def is_input_file(path: Path) -> bool:

@@ -47,6 +47,11 @@ def refusal_category(error: str, image_path: str = "") -> str:
     return "other"
 
 
+def _category(outcome: InferenceFailure) -> str:
+    """``refusal_category`` of an engine's refusal, whose error starts with its path."""
+    return refusal_category(outcome.error, outcome.image_path)
+
+
 def _group(path: str, base: Path) -> str:
     try:
         parts = Path(path).relative_to(base).parts
@@ -81,7 +86,7 @@ def _counts(outcomes: list) -> dict:
     lo, hi = wilson_interval(handled, n - len(unreadable))
     return {
         "inputs": n, "unreadable": len(unreadable), "refused": len(refused),
-        "refused_by_reason": dict(Counter(refusal_category(o.error, o.image_path) for o in refused).most_common()),
+        "refused_by_reason": dict(Counter(_category(o) for o in refused).most_common()),
         "answered": len(answered), "answered_with_lateral_or_population_warning": len(flagged),
         "answered_with_low_detail_warning": len(low_detail), "refused_with_low_detail_note": len(refused_low_detail),
         "refused_or_flagged": handled, "refused_or_flagged_rate": handled / max(n - len(unreadable), 1),
@@ -102,7 +107,7 @@ def scope_report(outcomes: list, base: str | Path) -> dict:
     if len(groups) > 1 or "." not in groups:
         report["by_folder"] = {g: _counts(v) for g, v in sorted(groups.items())}
     report["files"] = [{"path": o.image_path, "outcome": _outcome(o),
-                        "reason": refusal_category(o.error, o.image_path) if _refused(o) else None,
+                        "reason": _category(o) if _refused(o) else None,
                         "error": getattr(o, "error", None), "risk_level": getattr(o, "risk_level", None),
                         "prediction": getattr(o, "prediction", None), "warnings": getattr(o, "warnings", [])}
                        for o in outcomes]
@@ -161,7 +166,7 @@ def in_use_report(outcomes: list, labels) -> dict:
         "answered_risk_levels": counts["answered_risk_levels"],
         "wrong_with_low_risk": sum(wrong_low.values()),
         "wrong_with_low_risk_by_class": {c: wrong_low.get(c, 0) for c in ("NORMAL", "PNEUMONIA")},
-        "refused_files": [{"path": o.image_path, "reason": refusal_category(o.error, o.image_path)} for o in outcomes
+        "refused_files": [{"path": o.image_path, "reason": _category(o)} for o in outcomes
                           if _refused(o)],
     }
 
