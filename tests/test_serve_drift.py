@@ -129,6 +129,14 @@ def test_the_test_needs_counts_and_an_effect():
     assert len(_flags({**base, "pneumonia_calls": 7100}, base)) == 1
 
 
+def test_a_change_of_exactly_five_points_is_flagged():
+    # 15 % against 10 %: in floats 0.15 - 0.10 < 0.05, so a float comparison missed it
+    base = {"answered": 2000, "refused": 0, "unreadable": 0, "pneumonia_calls": 200, "model_versions": [],
+            "thresholds": [], "low_detail": 0, "warnings_recorded": 0}
+    assert [f.split(" 1")[0] for f in _flags({**base, "pneumonia_calls": 300}, base)] == ["PNEUMONIA-call rate"]
+    assert _flags({**base, "pneumonia_calls": 299}, base) == []  # 14.95 %: under the effect
+
+
 def test_a_site_that_starts_sending_downscaled_copies_is_flagged(tmp_path):
     """The share of answers with a low-detail warning is a drift rate too, counted over the answers whose
     warnings the log holds: a baseline logged before that column existed tests nothing."""

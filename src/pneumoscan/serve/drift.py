@@ -32,7 +32,8 @@ from datetime import date, datetime, timedelta, timezone
 
 PERIODS = ("day", "week", "month")
 Z_FLAG = 3.0
-MIN_EFFECT = 0.05
+MIN_EFFECT_PERCENT = 5  # in whole points, for an exact comparison (in floats 0.15 - 0.10 < 0.05)
+MIN_EFFECT = MIN_EFFECT_PERCENT / 100
 MIN_REQUESTS = 30
 MIN_EXPECTED = 5.0
 PREDICT_PATH = "/v1/predict"
@@ -166,7 +167,8 @@ def _flags(c: dict, base: dict) -> list[str]:
     for name, num, den in RATES:
         k1, n1, k0, n0 = num(c), den(c), num(base), den(base)
         z = two_proportion_z(k1, n1, k0, n0)
-        if z is not None and abs(z) >= Z_FLAG and abs(k1 / n1 - k0 / n0) >= MIN_EFFECT:
+        # |k1/n1 - k0/n0| >= 5 points, in integers: a change of exactly 5 points is flagged
+        if z is not None and abs(z) >= Z_FLAG and 100 * abs(k1 * n0 - k0 * n1) >= MIN_EFFECT_PERCENT * n1 * n0:
             out.append(f"{name} {k1 / n1:.1%} against {k0 / n0:.1%} in the baseline (z = {z:+.1f})")
     return out
 
