@@ -154,6 +154,31 @@ def test_export_since_date_only(filled, tmp_path):
     assert buf.getvalue().startswith("id,request_id,time")
 
 
+def test_a_log_locked_by_another_program_says_so_not_that_it_is_no_audit_log(filled, monkeypatch):
+    path, _ = filled
+    monkeypatch.setattr(audit, "READ_BUSY_TIMEOUT_S", 0.05)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA journal_mode=DELETE")  # out of WAL: an exclusive lock then keeps readers out
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(AuditError, match="is locked by another program") as caught:
+            list(audit.iter_records(path))
+        assert "not a pneumoscan audit log" not in str(caught.value)
+    finally:
+        holder.close()
+    assert len(list(audit.iter_records(path))) == 4  # the lock gone, the same log reads
+
+
+def test_a_database_without_the_requests_table_is_no_audit_log(tmp_path):
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(AuditError, match="is not a pneumoscan audit log"):
+        list(audit.iter_records(path))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--audit_db", "missing.db"], "does not exist"),
     (["--since", "last tuesday"], "not an ISO 8601"),

@@ -217,6 +217,18 @@ def to_utc(moment_text: str, flag: str = "--since", naive_is_utc: bool = False) 
     return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
+# How long a reader waits for another program's lock on the log before it says so
+READ_BUSY_TIMEOUT_S = 5.0
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed because another connection holds a lock (SQLITE_BUSY / SQLITE_LOCKED)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 def iter_records(path: str | os.PathLike, since: str | None = None) -> Iterator[dict]:
     """The rows of an audit database in the order they were written, optionally from ``since`` on.
 
@@ -229,7 +241,7 @@ def iter_records(path: str | os.PathLike, since: str | None = None) -> Iterator[
         raise AuditError(f"audit_db {str(path)!r} does not exist")
     where, params = ("WHERE time >= ?", (to_utc(since),)) if since else ("", ())
     try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=READ_BUSY_TIMEOUT_S)
     except sqlite3.Error as exc:
         raise AuditError(f"audit_db {str(path)!r} cannot be opened ({exc})") from exc
     try:
@@ -238,6 +250,9 @@ def iter_records(path: str | os.PathLike, since: str | None = None) -> Iterator[
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             cursor = conn.execute(f"SELECT * FROM requests {where} ORDER BY id", params)
         except sqlite3.DatabaseError as exc:
+            if _is_busy(exc):
+                raise AuditError(f"audit_db {str(path)!r} is locked by another program ({exc}), still after "
+                                 f"{READ_BUSY_TIMEOUT_S:g} s; try again when it is done") from exc
             raise AuditError(f"audit_db {str(path)!r} is not a pneumoscan audit log ({exc})") from exc
         if version > SCHEMA_VERSION:
             log.warning("%s has schema version %d (this pneumoscan knows %d); exporting its columns as they are",
@@ -246,7 +261,8 @@ def iter_records(path: str | os.PathLike, since: str | None = None) -> Iterator[
             for row in cursor:
                 yield dict(row)
         except sqlite3.DatabaseError as exc:  # locked, or damaged after the first rows
-            raise AuditError(f"audit_db {str(path)!r} could not be read to the end ({exc})") from exc
+            hint = "; try again when the other program is done" if _is_busy(exc) else ""
+            raise AuditError(f"audit_db {str(path)!r} could not be read to the end ({exc}){hint}") from exc
     finally:
         conn.close()
 
