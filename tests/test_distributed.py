@@ -204,3 +204,26 @@ def test_a_sharded_jsonl_run_resumes_with_the_folder_spelled_another_way(tmp_pat
     merged = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
     assert len(merged) == 6 and [Path(o["image_path"]).name for o in merged] == [
         Path(json.loads(line)["image_path"]).name for line in lines]
+
+
+def test_a_sharded_resume_takes_a_single_run_s_output_and_another_process_count_s_parts(tmp_path, trained_model,
+                                                                                        smoke_files):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in smoke_files["NORMAL"][:4] + smoke_files["PNEUMONIA"][:4]:
+        (folder / f.name).symlink_to(f)
+    common = ["--image_dir", str(folder), "--model_path", str(trained_model), "--device", "cpu"]
+    single = subprocess.run([sys.executable, "-m", "pneumoscan", "predict", *common, "--output_path", "one.jsonl"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    lines = (tmp_path / "one.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "two.jsonl").write_text(lines[0])  # a one-process run stopped after its first film,
+    for rank in range(3):  # then a 3-process run stopped after one film each
+        (tmp_path / f".two.rank{rank}-of-3.jsonl").write_text(lines[1 + rank])
+    proc = torchrun("predict", *common, "--output_path", "two.jsonl", "--resume", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = (tmp_path / "two.jsonl").read_text().splitlines(keepends=True)
+    assert merged[:4] == lines[:4]  # the four finished results kept byte for byte: not predicted again
+    assert [json.loads(m)["image_path"] for m in merged] == [json.loads(m)["image_path"] for m in lines]
+    assert "4 of 8 file(s) already in two.jsonl; predicting the other 4" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -7,10 +7,12 @@ Each ``*_main(argv)`` parses flags, configures logging once, and returns an exit
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -246,12 +248,7 @@ def _stream_jsonl(engine, files: list, path: str | Path, resume: bool, heatmap_d
 
     predicted = failed = 0
     with JsonlWriter(path, resume=resume) as writer:
-        now = (engine.info.get("model_version"), engine.threshold)
-        other = sorted((str(v), t) for v, t in writer.made_with if (v, t) != now)
-        if other:  # one file, one model and one operating point: mixed lines could not be read as one result
-            raise DataError(f"--resume: {path} holds results of model {other[0][0]} at threshold {other[0][1]}, this "
-                            f"run would add results of {now[0]} at threshold {now[1]}; resume with the same "
-                            f"--model_path and --threshold, or write a new file")
+        _check_made_with(path, writer.made_with, engine)
         done = writer.done | {_same_file_key(p) for p in writer.done}
         todo = [f for f in files if printable(str(f)) not in done and _same_file_key(f) not in done]
         if writer.done:
@@ -268,6 +265,20 @@ def _stream_jsonl(engine, files: list, path: str | Path, resume: bool, heatmap_d
     return predicted, failed
 
 
+def _check_made_with(path, made_with: set[tuple], engine) -> None:
+    """One file, one model and one operating point: mixed lines could not be read as one result.
+
+    Raises:
+        DataError: ``path`` holds results of another (model_version, threshold) than ``engine``'s.
+    """
+    now = (engine.info.get("model_version"), engine.threshold)
+    other = sorted((str(v), t) for v, t in made_with if (v, t) != now)
+    if other:
+        raise DataError(f"--resume: {path} holds results of model {other[0][0]} at threshold {other[0][1]}, this "
+                        f"run would add results of {now[0]} at threshold {now[1]}; resume with the same "
+                        f"--model_path and --threshold, or write a new file")
+
+
 def _same_file_key(path) -> str:
     """A path as an absolute, resolved string, as the JSON Lines file has it (``printable``): ``--image_dir runs``
     and ``--image_dir /abs/runs`` name one file."""
@@ -278,6 +289,8 @@ def _same_file_key(path) -> str:
 
 
 def _predict_jsonl(engine, files: list, args) -> tuple[int, int]:
+    if _left_parts(args.output_path):  # an interrupted torchrun run: continued by one process, or refused
+        _prepare_jsonl_output(args.output_path, files, args.resume, engine)
     predicted, failed = _stream_jsonl(engine, files, args.output_path, args.resume, args.heatmap_dir)
     log.info("%d prediction(s), %d error(s) written to %s", predicted, failed, args.output_path)
     return predicted, failed
@@ -286,6 +299,76 @@ def _predict_jsonl(engine, files: list, args) -> tuple[int, int]:
 def _part_path(output_path: str, rank: int, world_size: int) -> Path:
     out = Path(output_path)
     return out.with_name(f".{out.stem}.rank{rank}-of-{world_size}.jsonl")
+
+
+def _left_parts(output_path: str) -> list[Path]:
+    """Part files an earlier run left beside ``output_path``, whatever its number of processes."""
+    out = Path(output_path)
+    return sorted(p for p in out.parent.glob(f".{glob.escape(out.stem)}.rank*-of-*.jsonl") if p.is_file())
+
+
+def _keys(path) -> tuple[str, str]:
+    """The two spellings under which a JSON Lines file may hold ``path``: as listed and resolved."""
+    return printable(str(path)), _same_file_key(path)
+
+
+def _prepare_jsonl_output(output_path: str, files: list, resume: bool, engine) -> set[str]:
+    """Before the files of a ``.jsonl`` run are predicted (on rank 0, under torchrun before the ranks share
+    them out): the keys (``_keys``) of the files already in ``output_path``.
+
+    With ``resume``, the lines of part files left by an interrupted run (of this or any other number of
+    processes) are first appended to the output, each file once and in listing order (files no longer
+    listed last: nothing is dropped), and the parts removed. The output then holds every finished
+    result, and the ranks share out only the rest; a single-process run's output resumes the same way.
+
+    Raises:
+        FileExistsError: without ``resume``, the output or part files of an earlier run exist.
+        DataError: a damaged output or part file, or results of another model or threshold.
+    """
+    from .atomic import atomic_path
+    from .results import JsonlWriter, iter_jsonl
+
+    out, parts = Path(output_path), _left_parts(output_path)
+    if not resume:
+        if out.exists():
+            raise FileExistsError(f"{output_path} already exists: pass --resume to continue it, or remove it")
+        if parts:
+            raise FileExistsError(f"part files of an interrupted run are beside {output_path} "
+                                  f"({', '.join(p.name for p in parts)}): pass --resume to continue them, or "
+                                  f"remove them to start over")
+        return set()
+    done: set[str] = set()
+    if out.exists():
+        with JsonlWriter(out, resume=True) as writer:  # drops a last line cut by a kill, checks the rest
+            _check_made_with(output_path, writer.made_with, engine)
+            done = writer.done | {_same_file_key(p) for p in writer.done}
+    if parts:
+        made_with: set[tuple] = set()
+        entries: list[tuple[bytes, set[str]]] = []  # (line, its file's keys) of every part line not yet in out
+        for part in parts:
+            for line, obj in iter_jsonl(part):
+                keys = set(_keys(obj["image_path"])) if obj.get("image_path") is not None else set()
+                if not keys & done:
+                    entries.append((line, keys))
+                    done |= keys
+                if obj.get("model_version") is not None or obj.get("threshold") is not None:
+                    made_with.add((obj.get("model_version"), obj.get("threshold")))
+        _check_made_with(", ".join(str(p) for p in parts), made_with, engine)
+        index = {key: i for i, (_, keys) in enumerate(entries) for key in keys}
+        order = list(dict.fromkeys(i for f in files for key in _keys(f) if (i := index.get(key)) is not None))
+        listed = set(order)
+        order += [i for i in range(len(entries)) if i not in listed]
+        with atomic_path(out, durable=True) as tmp, open(tmp, "wb") as dst:
+            if out.exists():
+                with open(out, "rb") as src:
+                    shutil.copyfileobj(src, dst)
+            for i in order:
+                dst.write(entries[i][0])
+        for part in parts:
+            part.unlink()
+        log.info("--resume: %d result(s) from %d part file(s) of an interrupted run added to %s",
+                 len(entries), len(parts), output_path)
+    return done
 
 
 def _document(info: dict, n_files: int, results: list, errors: list) -> dict:
@@ -298,20 +381,23 @@ def _predict_sharded(engine, files: list, args, world) -> tuple[int, int]:
     """Under torchrun: each rank predicts every WORLD_SIZE-th file into its own part file; rank 0 then
     merges the parts in listing order into ``--output_path`` (each file exactly once) and removes them."""
     from .atomic import atomic_path
-    from .distributed import all_sum
+    from .distributed import all_sum, from_main
     from .results import write_json
 
     jsonl = args.output_path.lower().endswith(".jsonl")
     part = _part_path(args.output_path, world.rank, world.world_size)
-    if jsonl and not args.resume and Path(args.output_path).exists():
-        raise FileExistsError(f"{args.output_path} already exists: pass --resume to continue it, or remove it")
-    shard = files[world.rank::world.world_size]
-    log.info("rank %d of %d: %d of the %d file(s)", world.rank, world.world_size, len(shard), len(files))
+    done = (from_main(lambda: _prepare_jsonl_output(args.output_path, files, args.resume, engine), world)
+            if jsonl else set())
+    todo = [f for f in files if not done & set(_keys(f))]
+    if done:
+        log.info("--resume: %d of %d file(s) already in %s; predicting the other %d", len(files) - len(todo),
+                 len(files), args.output_path, len(todo))
+    shard = todo[world.rank::world.world_size]
+    log.info("rank %d of %d: %d of the %d file(s)", world.rank, world.world_size, len(shard), len(todo))
     failure = None
     try:
-        if not (jsonl and args.resume):
-            part.unlink(missing_ok=True)  # a part left by an earlier interrupted run that is not being resumed
-        _stream_jsonl(engine, shard, part, jsonl and args.resume, args.heatmap_dir, progress=world.is_main)
+        part.unlink(missing_ok=True)  # a .json run's part left by an interrupted run (a .jsonl's was merged)
+        _stream_jsonl(engine, shard, part, False, args.heatmap_dir, progress=world.is_main)
     except (PneumoscanError, ValueError, OSError) as exc:  # every rank must still reach the count below
         failure = exc
     unfinished = int(all_sum([float(failure is not None)], world)[0])  # also the barrier before the merge
@@ -327,16 +413,18 @@ def _predict_sharded(engine, files: list, args, world) -> tuple[int, int]:
     parts = [_part_path(args.output_path, r, world.world_size) for r in range(world.world_size)]
 
     def merged() -> Iterator[tuple[str, dict]]:
-        """(line, outcome) of every file in listing order: file i is the next line of part i % WORLD_SIZE."""
+        """(line, outcome) of every file predicted in listing order: file i is the next line of part
+        i % WORLD_SIZE."""
         readers = [open(p, encoding="utf-8") for p in parts]
         try:
-            for i, path in enumerate(files):
+            for i, path in enumerate(todo):
                 line = readers[i % world.world_size].readline()
                 outcome = json.loads(line)
                 if outcome.get("image_path") != printable(str(path)) and \
-                        not same_file(outcome.get("image_path") or "", path):  # --resume, spelt another way
-                    raise DataError(f"part file {parts[i % world.world_size]} is not in listing order at {path}; "
-                                    f"remove the .rank* part files and run again")
+                        not same_file(outcome.get("image_path") or "", path):
+                    raise DataError(f"part file {parts[i % world.world_size]} is not in listing order at {path} "
+                                    f"(changed while the ranks wrote it?); nothing was merged, run again with "
+                                    f"--resume")
                 yield line, outcome
         finally:
             for r in readers:
@@ -346,10 +434,13 @@ def _predict_sharded(engine, files: list, args, world) -> tuple[int, int]:
         if jsonl:  # lines go straight to the merged file: constant memory, as in one process
             failed = 0
             with atomic_path(args.output_path, durable=True) as tmp, open(tmp, "w", encoding="utf-8") as out:
+                if args.resume and Path(args.output_path).exists():  # earlier results first, as one process
+                    with open(args.output_path, encoding="utf-8") as earlier:
+                        shutil.copyfileobj(earlier, out)
                 for line, outcome in merged():
                     out.write(line)
                     failed += "error" in outcome
-            predicted = len(files) - failed
+            predicted = len(todo) - failed
         else:
             outcomes = [outcome for _, outcome in merged()]
             errors = [o for o in outcomes if "error" in o]

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,13 +65,16 @@ def scan_jsonl(path: str | os.PathLike) -> tuple[set[str], int]:
     return _scan_jsonl(path)[:2]
 
 
-def _scan_jsonl(path: str | os.PathLike) -> tuple[set[str], int, set[tuple]]:
-    """``scan_jsonl``, and the (model_version, threshold) pairs its results were made with."""
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[bytes, dict]]:
+    """(line, object) of every complete line of a pneumoscan JSON Lines file, in order; a last line that is
+    not a complete JSON object (a run killed while writing it) is left out.
+
+    Raises:
+        DataError: as ``scan_jsonl``.
+    """
     from .errors import DataError
 
-    done: set[str] = set()
-    made_with: set[tuple] = set()
-    good, bad_at = 0, None
+    bad_at = None
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             obj = None
@@ -85,11 +89,20 @@ def _scan_jsonl(path: str | os.PathLike) -> tuple[set[str], int, set[tuple]]:
             if bad_at is not None:
                 raise DataError(f"{path}: line {bad_at} is not a complete result but later lines are: the file was "
                                 f"changed by something else; check it (nothing was removed), or write a new file")
-            if obj.get("image_path") is not None:
-                done.add(str(obj["image_path"]))
-            if obj.get("model_version") is not None or obj.get("threshold") is not None:
-                made_with.add((obj.get("model_version"), obj.get("threshold")))
-            good += len(line)
+            yield line, obj
+
+
+def _scan_jsonl(path: str | os.PathLike) -> tuple[set[str], int, set[tuple]]:
+    """``scan_jsonl``, and the (model_version, threshold) pairs its results were made with."""
+    done: set[str] = set()
+    made_with: set[tuple] = set()
+    good = 0
+    for line, obj in iter_jsonl(path):
+        if obj.get("image_path") is not None:
+            done.add(str(obj["image_path"]))
+        if obj.get("model_version") is not None or obj.get("threshold") is not None:
+            made_with.add((obj.get("model_version"), obj.get("threshold")))
+        good += len(line)
     return done, good, made_with
 
 
