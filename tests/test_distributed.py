@@ -227,3 +227,30 @@ def test_a_sharded_resume_takes_a_single_run_s_output_and_another_process_count_
     assert [json.loads(m)["image_path"] for m in merged] == [json.loads(m)["image_path"] for m in lines]
     assert "4 of 8 file(s) already in two.jsonl; predicting the other 4" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_k_fold_under_torchrun_writes_its_report_and_ensemble_once(tmp_path, smoke_data, smoke_args):
+    """Every rank trains the folds together; rank 0 alone scores the out-of-fold films and writes (before, every
+    rank scored them again and wrote the report and the ensemble into the same files)."""
+    out = tmp_path / "cv"
+    wrapper = tmp_path / "rank_1_must_not_score.py"  # rank 1's logging is quiet: this makes its scoring seen
+    wrapper.write_text(
+        "import os, sys\n"
+        "from pneumoscan import cv\n"
+        "def scored(*a, **k):\n"
+        "    raise RuntimeError('rank 1 scored the out-of-fold films')\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    cv.collect_oof = scored\n"
+        "from pneumoscan.__main__ import main\n"
+        "sys.exit(main())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([*TORCHRUN, str(wrapper), "train", "--data_dir", str(smoke_data), "--output_dir", str(out),
+                           "--cache_dir", str(tmp_path / "cache"), "--cv_folds", "2", "--cv_holdout", "--width",
+                           "0.25", *smoke_args], cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("2-fold cross-validation by patient") == 1  # one summary: rank 0's
+    report = json.loads((out / "cv_results.json").read_text())
+    assert [Path(p).parent.name for p in report["folds"]] == ["fold0", "fold1"]
+    ensemble = load_checkpoint(out / "medical_cnn_model.pth")
+    assert ensemble["arch"] == "ensemble" and ensemble["config"]["ensemble_of"]["folds"] == [0, 1]
+    assert ensemble["threshold"] == pytest.approx(report["ensemble_holdout"]["threshold"])
