@@ -173,7 +173,7 @@ def test_fine_tunes_on_the_usual_split_make_an_ensemble_calibrated_on_its_valida
 
     assert ckpt["weights_dtype"] == "float16"
     t, thr, _ = fit_calibrated_point(Predictor.from_checkpoint(ckpt).logits(theirs.val.images), theirs.val.labels,
-                                     0.95, if_separable=(1.0, 0.0))
+                                     0.95, if_separable=(None, 0.0))
     assert ckpt["temperature"] == t and ckpt["threshold"] == thr
     # the ensemble's logits are the members' mean
     images = torch.from_numpy(np.stack([load_image(p, first["input_spec"]["image_size"]) for p in own.val.paths[:4]]))

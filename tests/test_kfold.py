@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from pneumoscan.checkpoint import load_checkpoint
+from pneumoscan.calibration import positive_probability
+from pneumoscan.checkpoint import load_checkpoint, save_checkpoint
 from pneumoscan.cli import train_main
 from pneumoscan.data import prepare_data, split_from_config
 from pneumoscan.inference import MedicalImageInference
@@ -319,3 +321,47 @@ def test_a_temperature_is_not_fitted_on_films_the_model_already_separates():
     shifted = torch.stack([torch.zeros_like(z), z + 1.0], 1)
     assert not separable(shifted, y) and separable(shifted, y, intercept=True)
     assert fit_calibrated_point(shifted, y, 0.95, if_separable=(0.7, 0.0))[0] != 0.7
+
+
+def test_the_cross_fitted_ece_measures_the_calibration_that_ships_on_separable_films():
+    from pneumoscan.calibration import cross_fitted_ece, separable
+    from pneumoscan.metrics import expected_calibration_error
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(100), np.ones(100)].astype(int)
+    z = np.where(y == 1, 1.0, -1.0) * rng.uniform(0.05, 2, 200)  # every film on the right side of z = 0
+    logits = torch.tensor(np.stack([np.zeros(200), z], 1), dtype=torch.float32)
+    labels = torch.tensor(y)
+    assert separable(logits, labels)
+    raw = expected_calibration_error(y, positive_probability(logits))  # no temperature: what training ships
+    crossed = cross_fitted_ece(logits, labels, [f"p{i}" for i in range(200)])
+    assert raw > 0.2 and crossed > 0.2  # before, a temperature at its 0.05 bound was measured: ECE 0.01
+
+
+def test_training_on_films_the_model_separates_ships_no_temperature_and_says_uncalibrated(fullres_dir, tmp_path):
+    """The shipped model on films it trained on: every one on the right side of its margin, so calibration there
+    has no finite optimum; the model must then be stored, and answer, as uncalibrated (it said calibrated, T = 1)."""
+    from pneumoscan.checkpoint import default_model_path
+    from pneumoscan.config import TrainConfig
+    from pneumoscan.data import DataSplits, ImageSet
+    from pneumoscan.predict import Predictor
+    from pneumoscan.preprocess import load_image
+    from pneumoscan.train import finalize
+
+    ckpt = load_checkpoint(default_model_path())
+    size = ckpt["input_spec"]["image_size"]
+    paths = [p for cls in ("NORMAL", "PNEUMONIA") for p in sorted((fullres_dir / cls).iterdir())[:12]]
+    labels = torch.tensor([int(p.parent.name == "PNEUMONIA") for p in paths])
+    images = torch.from_numpy(np.stack([load_image(p, size) for p in paths]))
+    predictor = Predictor.from_checkpoint(ckpt)
+    z = predictor.logits(images)
+    right = ((z[:, 1] > z[:, 0]).long() == labels).nonzero().flatten().tolist()
+    val = ImageSet(images[right], labels[right], [str(paths[i]) for i in right], [f"p{i}" for i in right])
+    assert set(val.labels.tolist()) == {0, 1}
+    train = ImageSet(images, labels, [str(p) for p in paths], [f"p{i}" for i in range(len(paths))])
+    final = finalize(predictor, DataSplits(train, val, None), TrainConfig())
+    assert final["temperature"] is None and 0 < final["threshold"] < 1
+    path = tmp_path / "separable.pth"
+    save_checkpoint({**ckpt, "temperature": None, "threshold": final["threshold"]}, path)
+    result = MedicalImageInference(str(path), device="cpu", backend="torch").predict_image(val.paths[0])
+    assert result.calibrated is False and any("uncalibrated" in w for w in result.warnings)

@@ -45,6 +45,11 @@ def calibrated_probs(logits: torch.Tensor, temperature: float | None = None, bia
     return torch.softmax(scaled, dim=-1)
 
 
+def temperature_text(temperature: float | None, digits: int = 3) -> str:
+    """A stored temperature as reports print it: None (the model left uncalibrated) said in words."""
+    return "none (uncalibrated)" if temperature is None else f"{temperature:.{digits}f}"
+
+
 def positive_probability(logits: torch.Tensor, temperature: float | None = None, bias: float = 0.0) -> np.ndarray:
     """P(PNEUMONIA), class 1, as a float64 numpy array (calibrated when a temperature is given)."""
     return calibrated_probs(logits, temperature, bias)[:, 1].numpy()
@@ -105,7 +110,8 @@ def cross_fitted_ece(logits: torch.Tensor, labels: torch.Tensor, groups: list[st
                      seed: int = 0) -> float:
     """ECE of temperature scaling measured honestly: fit on half the patients, measure on the other.
 
-    Two folds by patient; returns the count-weighted ECE over both held-out halves.
+    Two folds by patient; returns the count-weighted ECE over both held-out halves. A half whose films are
+    ``separable`` fits no temperature, as training then ships none: the ECE measured is the one shipped.
     """
     from .metrics import expected_calibration_error
 
@@ -119,7 +125,7 @@ def cross_fitted_ece(logits: torch.Tensor, labels: torch.Tensor, groups: list[st
         fit, held = fold != k, fold == k
         if held.sum() == 0 or len(set(labels[fit].tolist())) < 2:
             continue
-        t = fit_temperature(logits[fit], labels[fit])
+        t = None if separable(logits[fit], labels[fit]) else fit_temperature(logits[fit], labels[fit])
         prob = positive_probability(logits[held], t)
         total += expected_calibration_error(labels[held].numpy(), prob, n_bins) * int(held.sum())
         n += int(held.sum())

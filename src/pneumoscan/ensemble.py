@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .calibration import temperature_text
 from .checkpoint import (
     check_output_path,
     input_spec,
@@ -202,8 +203,8 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
     if report is not None:
         payload["cross_validation"] = report
     save_checkpoint(payload, path, exclusive=exclusive)
-    log.info("ensemble of %d members written to %s (temperature %.3f, threshold %.4f, fitted on %d held-out films)",
-             len(members), path, final["temperature"], final["threshold"], len(splits.val))
+    log.info("ensemble of %d members written to %s (temperature %s, threshold %.4f, fitted on %d held-out films)",
+             len(members), path, temperature_text(final["temperature"]), final["threshold"], len(splits.val))
     return final
 
 
@@ -253,7 +254,8 @@ def ensemble_main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     m = final["metrics_summary"]
     sys.stdout.write(
-        f"wrote {args.output_path}: {len(members)} members; temperature {final['temperature']:.3f}, threshold "
+        f"wrote {args.output_path}: {len(members)} members; temperature {temperature_text(final['temperature'])}, "
+        f"threshold "
         f"{final['threshold']:.4f} ({final['threshold_rule']}) on the validation split; there AUROC "
         f"{m['val_auroc']:.4f}, "
         f"sensitivity {m['val_sensitivity']:.4f}, specificity {m['val_specificity']:.4f} (in-sample: the same "

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .atomic import write_text
 from .budget import choose_width, last_epoch_in_budget
-from .calibration import cross_fitted_ece, fit_calibrated_point, positive_probability, separable
+from .calibration import cross_fitted_ece, fit_calibrated_point, positive_probability, separable, temperature_text
 from .checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint, versions
 from .config import TrainConfig
 from .data import SPLIT_KEYS, DataSplits, ImageSet, file_sha256, patients_digest, prepare_data, split_record
@@ -624,11 +624,11 @@ def finalize(predictor: Predictor, splits: DataSplits, cfg: TrainConfig) -> dict
     y = splits.val.labels.numpy()
     if separable(logits, splits.val.labels):
         log.warning("every validation film is on the right side of the model's margin, so a temperature fitted on "
-                    "them has no finite optimum: the model is left uncalibrated (temperature 1) and only the "
+                    "them has no finite optimum: the model is left uncalibrated (no temperature) and only the "
                     "threshold is fitted; with more validation films (--val_fraction, or a larger val/) it can be "
                     "calibrated")
     temperature, threshold, _ = fit_calibrated_point(logits, splits.val.labels, cfg.target_sensitivity,
-                                                     if_separable=(1.0, 0.0))
+                                                     if_separable=(None, 0.0))
     raw, cal = positive_probability(logits), positive_probability(logits, temperature)
     validation = {
         "at_threshold": metrics_with_ci(y, cal, threshold, groups=splits.val.patients),
@@ -646,9 +646,9 @@ def finalize(predictor: Predictor, splits: DataSplits, cfg: TrainConfig) -> dict
                  test["at_threshold"]["metrics"]["specificity"]["value"], threshold)
     ece_before, ece_after = expected_calibration_error(y, raw), expected_calibration_error(y, cal)
     ece_cross = cross_fitted_ece(logits, splits.val.labels, splits.val.patients)
-    log.info("calibration on validation: temperature %.3f, ECE %.4f -> %.4f (%.4f fitted on other patients); "
-             "threshold %.4f for sensitivity >= %.2f", temperature, ece_before, ece_after, ece_cross, threshold,
-             cfg.target_sensitivity)
+    log.info("calibration on validation: temperature %s, ECE %.4f -> %.4f (%.4f fitted on other patients); "
+             "threshold %.4f for sensitivity >= %.2f", temperature_text(temperature), ece_before, ece_after, ece_cross,
+             threshold, cfg.target_sensitivity)
     vm = validation["at_threshold"]["metrics"]
     return {
         "temperature": temperature, "threshold": threshold,
@@ -672,8 +672,9 @@ def write_outputs(results: dict, out: Path) -> None:
             writer.writerows(history)
         plot_history(history, out / "training_history.png")
     cal = results["calibration"]
+    after = f"after T = {temperature_text(cal['temperature'], 2)} (ECE {cal['ece_after']:.3f})"
     plot_reliability({f"before (ECE {cal['ece_before']:.3f})": cal["reliability_before"],
-                      f"after T = {cal['temperature']:.2f} (ECE {cal['ece_after']:.3f})": cal["reliability_after"]},
+                      after: cal["reliability_after"]},
                      out / "reliability_diagram.png", title="validation")
     write_text(out / "training_summary.txt", summary_text(results))
 
@@ -710,7 +711,7 @@ def summary_text(results: dict) -> str:
         f"time: data preparation {t['data_preparation']:.0f}s, training {t['training']:.0f}s, "
         f"total {t['total']:.0f}s on {results['device']}",
         "",
-        f"calibration: temperature {cal['temperature']:.3f}; validation ECE (15 bins) "
+        f"calibration: temperature {temperature_text(cal['temperature'])}; validation ECE (15 bins) "
         f"{cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after (fitted on the same split); "
         f"{cal['ece_after_cross_fitted']:.4f} when fitted on half the patients and measured on the other half",
         f"operating threshold: {cal['threshold']:.4f} ({cal['threshold_rule']})",
