@@ -179,6 +179,18 @@ def trained_model(trained_run) -> Path:
     return trained_run.model_path
 
 
+@pytest.fixture(scope="session")
+def nan_model(trained_model, tmp_path_factory) -> Path:
+    """The smoke model with one output bias made NaN: a damaged file whose outputs are not finite."""
+    from pneumoscan.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(trained_model)
+    ckpt["model_state"]["fc2.bias"][1] = float("nan")
+    path = tmp_path_factory.mktemp("nan") / "nan.pth"
+    save_checkpoint(ckpt, path)
+    return path
+
+
 def _reset_package_logging() -> None:
     """Undo ``cli.configure_logging``: close its file/stream handlers so nothing leaks between tests."""
     root = logging.getLogger("pneumoscan")

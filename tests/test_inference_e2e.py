@@ -294,6 +294,9 @@ def test_evaluate_warns_when_a_class_has_too_few_patients_for_an_interval(traine
     err = capsys.readouterr().err
     assert "the pneumonia films come from 1 patient(s)" in err
     assert "the normal films come from" not in err  # six patients: enough
+    named = err.split("the 95 % intervals of ")[1].split(" resample patients")[0].split(", ")
+    # every metric that reads the pneumonia films, by the names the table prints (it said "precision", no metric)
+    assert named == ["sensitivity", "accuracy", "ppv", "npv", "f1", "auroc"]
 
 
 def test_evaluate_main_with_an_unreadable_file_returns_1(trained_model, labelled_folder, tmp_path, make_bad_files,
@@ -358,3 +361,16 @@ def test_an_unexpected_error_on_one_film_fails_that_film_only(train_dir, monkeyp
     outcomes = list(engine.iter_predict(films))
     assert [type(o).__name__ for o in outcomes] == ["InferenceResult", "InferenceFailure", "InferenceResult"]
     assert "unexpected error while preparing" in outcomes[1].error and "MemoryError" in outcomes[1].error
+
+
+def test_a_model_output_that_is_not_finite_is_no_answer_and_the_batch_goes_on(nan_model, smoke_files):
+    from pneumoscan.errors import InferenceError
+
+    engine = MedicalImageInference(str(nan_model), device="cpu", backend="torch")
+    films = smoke_files["NORMAL"][:2] + smoke_files["PNEUMONIA"][:1]
+    outcomes = engine.predict_batch([*films, films[0].parent / "missing.jpeg"])
+    assert [type(o).__name__ for o in outcomes] == ["InferenceFailure"] * 4  # before: NORMAL, with NaN confidence
+    assert {o.error_type for o in outcomes[:3]} == {"InferenceError"} and outcomes[3].error_type == "ImageError"
+    assert all("not finite" in o.error for o in outcomes[:3])
+    with pytest.raises(InferenceError, match="not finite"):
+        engine.predict_image(films[0])

@@ -211,3 +211,21 @@ def test_the_wilson_interval_stays_within_0_and_1():
     lo, hi = wilson_interval(8, 10)
     assert 0.49 < lo < 0.8 < hi < 0.95
     assert all(map(math.isnan, wilson_interval(0, 0)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_score_that_is_not_finite_is_refused_not_counted(bad):
+    from pneumoscan.metrics import auroc, binary_metrics, confusion, expected_calibration_error
+
+    y, p = np.array([1, 1, 1, 0, 0, 0]), np.array([0.9, 0.8, bad, 0.1, 0.2, 0.3])
+    # before: a NaN counted as a missed pneumonia, ranked highest by the AUROC and dropped from the ECE
+    for compute in (lambda: auroc(y, p), lambda: confusion(y, p, 0.5), lambda: binary_metrics(y, p),
+                    lambda: expected_calibration_error(y, p), lambda: threshold_for_sensitivity(y, p, 0.95)):
+        with pytest.raises(ValueError, match="1 of 6 .* are NaN or infinite"):
+            compute()
+
+
+def test_the_ece_of_no_films_is_nan_not_a_crash():
+    from pneumoscan.metrics import expected_calibration_error
+
+    assert np.isnan(expected_calibration_error(np.array([]), np.array([])))

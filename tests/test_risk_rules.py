@@ -70,3 +70,8 @@ def test_two_class_results_reach_every_risk_level():
     """With two classes the uncertainty follows from the confidence; all three levels are reachable."""
     levels = {risk_level(c, normalized_entropy([c, 1 - c])) for c in (0.7, 0.92, 0.99)}
     assert levels == {RISK_LOW, RISK_MEDIUM, RISK_HIGH}
+
+
+def test_a_certain_answer_has_uncertainty_zero_not_minus_zero():
+    u = normalized_entropy([1.0, 0.0])
+    assert u == 0.0 and math.copysign(1.0, u) == 1.0  # JSON wrote -0.0

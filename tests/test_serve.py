@@ -314,6 +314,17 @@ def test_concurrent_requests_are_micro_batched(server, client, train_dir):
     assert {r["request_id"]: r["status"] for r in rows} == statuses
 
 
+def test_a_model_that_cannot_answer_is_a_500_worth_retrying_not_a_422_about_the_file(tmp_path, nan_model, xray):
+    proc = ServerProcess(tmp_path, "--model_path", str(nan_model)).start()
+    try:
+        with httpx.Client(base_url=proc.url, timeout=60) as c:
+            body = assert_error(proc, post(c, xray), 500, "InternalError")
+        assert "not a fault of the file" in body["error"] and "send it again" in body["error"]
+        assert "not finite" in proc.log()  # the detail is in the server log, under the request id
+    finally:
+        assert proc.stop(), proc.log()[-2000:]
+
+
 def test_metrics(server, client, xray):
     def values() -> dict:
         text = httpx.get(server.url + "/metrics").text

@@ -225,8 +225,8 @@ def _predict_parser() -> argparse.ArgumentParser:
 
 
 def _summary_line(r) -> str:
-    return (f"{r.image_path}: {r.prediction} (P(PNEUMONIA) = {r.probabilities['PNEUMONIA']:.3f}, "
-            f"threshold {r.threshold:.3f}{'' if r.calibrated else ', uncalibrated'}), "
+    return (f"{r.image_path}: {r.prediction} (P(PNEUMONIA) = {r.probabilities['PNEUMONIA']:.4f}, "
+            f"threshold {r.threshold:.4f}{'' if r.calibrated else ', uncalibrated'}), "
             f"confidence {r.confidence:.3f}, uncertainty {r.uncertainty:.3f}, risk {r.risk_level}")
 
 
@@ -710,8 +710,9 @@ def _warn_on_few_patients(labels, patients, report: dict) -> None:
 
     y, groups = np.asarray(labels), np.asarray(patients)
     warned = set()
-    for label, films, metrics in ((1, "pneumonia", ("sensitivity", "auroc", "f1", "precision")),
-                                  (0, "normal", ("specificity", "auroc", "npv"))):
+    # sensitivity reads the pneumonia films alone, specificity the normal ones; every other metric reads both
+    both = [name for name in report["metrics"] if name not in ("sensitivity", "specificity")]
+    for label, films, metrics in ((1, "pneumonia", ("sensitivity", *both)), (0, "normal", ("specificity", *both))):
         n = len(set(groups[y == label].tolist()))
         if 0 < n < MIN_PATIENTS_FOR_CI:
             warned.update(metrics)

@@ -21,6 +21,11 @@ class OutOfScopeError(ImageError):
     """The input decodes but is not a frontal chest radiograph, so no prediction is made."""
 
 
+class InferenceError(PneumoscanError, RuntimeError):
+    """No answer for one input for a reason that is not the input's: the model gave a non-finite output, or
+    preparing it failed unexpectedly (out of memory, a bug). The input may be sent again; report it if it stays."""
+
+
 class OutputPathError(PneumoscanError, ValueError):
     """An output path that cannot be written, or that would replace a file that must stay."""
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import default_model_path, load_checkpoint
-from .errors import CheckpointError, DataError, ImageError, OutOfScopeError
+from .errors import CheckpointError, DataError, ImageError, InferenceError, OutOfScopeError
 from .gate import OutOfScopeGate
 from .heatmap import overlay_png
 from .predict import Predictor, resolve_device
@@ -91,7 +91,7 @@ def normalized_entropy(probs: list[float] | torch.Tensor) -> float:
     """Shannon entropy of ``probs`` divided by ln(K): 0 for certainty, 1 for a uniform guess."""
     p = torch.as_tensor(probs, dtype=torch.float64)
     entropy = -torch.special.xlogy(p, p).sum()
-    return float(entropy / math.log(len(p)))
+    return max(0.0, float(entropy / math.log(len(p))))  # never -0.0 (a certain answer) in the JSON
 
 
 def risk_level(confidence: float, uncertainty: float) -> str:
@@ -340,10 +340,12 @@ class MedicalImageInference:
         Raises:
             ImageError: the input cannot be read or decoded.
             OutOfScopeError: the input is not a chest radiograph (the gate refused it).
+            InferenceError: no answer for a reason that is not the input's (a non-finite model output).
         """
         outcome = self.predict_batch([source], heatmap_dir)[0]
         if isinstance(outcome, InferenceFailure):
-            exc = OutOfScopeError if outcome.error_type == OutOfScopeError.__name__ else ImageError
+            exc = {OutOfScopeError.__name__: OutOfScopeError,
+                   InferenceError.__name__: InferenceError}.get(outcome.error_type, ImageError)
             raise exc(outcome.error)
         return outcome
 
@@ -371,10 +373,11 @@ class MedicalImageInference:
                     return _Prepared(index, source,
                                      failure=_failure(name, OutOfScopeError(f"{name}: {verdict.reason}")))
             pixels = self.predictor.spec.pixels(decoded.gray)
-        except Exception as exc:  # e.g. out of memory on a huge film: this file fails, the batch goes on
+        except Exception as exc:  # e.g. out of memory, a bug: this file fails, the batch goes on
             log.warning("unexpected error preparing %s", name, exc_info=True)
-            return _Prepared(index, source, failure=_failure(name, ImageError(
-                f"{name}: unexpected error while preparing the image ({type(exc).__name__}: {exc})")))
+            return _Prepared(index, source, failure=_failure(name, InferenceError(
+                f"{name}: unexpected error while preparing the image ({type(exc).__name__}: {exc}); not the file's "
+                f"fault as far as is known: try it again, and report it if it stays")))
         return _Prepared(index, source, pixels, decoded, time.perf_counter() - t0)
 
     def _prepared(self, sources: Iterable) -> Iterator[_Prepared]:
@@ -419,13 +422,21 @@ class MedicalImageInference:
             out = self.predictor.outputs(images, features=self.gate is not None or self.scope is not None,
                                          batch_size=len(pending))
             probs = self.predictor.probabilities(out.logits)
+            finite = torch.isfinite(out.logits).all(dim=1).tolist()  # NaN or inf: no probability can be trusted
             verdicts = self.gate.check_features(out.features) if self.gate is not None else [None] * len(pending)
             scoped = self.scope.check(out.features, images) if self.scope is not None else [None] * len(pending)
             details = self.gate.low_detail(images) if self.gate is not None else [""] * len(pending)
             share = (time.perf_counter() - t0) / len(pending)
-            for prep, row, verdict, scope, detail in zip(pending, probs, verdicts, scoped, details):
+            for prep, row, ok, verdict, scope, detail in zip(pending, probs, finite, verdicts, scoped, details):
                 source = prep.source
                 name = _name(source)
+                if not ok:
+                    done[prep.index] = _failure(name, InferenceError(
+                        f"{name}: the model's output for this film is not finite (NaN or infinity), so no answer is "
+                        f"given; the model file or the backend is faulty (try --backend torch) and should be "
+                        f"reported"))
+                    drop_stale_heatmap(source, heatmap_dir)
+                    continue
                 # lost detail is what the checks may have read (a downscaled child's film looks like an adult's)
                 lost = LOW_DETAIL_NOTE.format(detail) if detail else ""
                 # the classifier's reason names what the input looks like: prefer it to the distance's

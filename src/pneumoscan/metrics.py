@@ -40,10 +40,25 @@ def predictive_values(sensitivity: float, specificity: float, prevalence: float)
     return ppv, npv
 
 
+def finite_scores(scores, what: str = "scores") -> np.ndarray:
+    """``scores`` as float64, refused if any is NaN or infinite (a NaN sorts as the highest score, counts as a
+    negative call and falls out of every calibration bin: three different wrong numbers).
+
+    Raises:
+        ValueError: a score is not finite.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    bad = int((~np.isfinite(s)).sum())
+    if bad:
+        raise ValueError(f"{bad} of {s.size} {what} are NaN or infinite (a faulty model or backend): no metric "
+                         f"can be computed from them")
+    return s
+
+
 def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve by the Mann-Whitney rank statistic (ties count half)."""
     y = np.asarray(y_true).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
+    s = finite_scores(scores)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
@@ -62,7 +77,7 @@ def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
 def confusion(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, int]:
     """TP/FP/TN/FN with PNEUMONIA predicted when ``prob >= threshold``."""
     y = np.asarray(y_true).astype(bool)
-    pred = np.asarray(prob) >= threshold
+    pred = finite_scores(prob, "probabilities") >= threshold
     return {"tp": int((pred & y).sum()), "fp": int((pred & ~y).sum()),
             "tn": int((~pred & ~y).sum()), "fn": int((~pred & y).sum())}
 
@@ -166,7 +181,7 @@ def format_metrics_table(report: dict) -> str:
 def reliability_bins(y_true: np.ndarray, prob: np.ndarray, n_bins: int = 15) -> list[dict]:
     """Per-bin confidence, accuracy and count, confidence being that of the predicted class at 0.5."""
     y = np.asarray(y_true).astype(int)
-    p = np.asarray(prob, dtype=np.float64)
+    p = finite_scores(prob, "probabilities")
     pred = (p >= 0.5).astype(int)
     conf = np.where(pred == 1, p, 1.0 - p)
     correct = (pred == y).astype(float)
@@ -185,6 +200,8 @@ def expected_calibration_error(y_true: np.ndarray, prob: np.ndarray, n_bins: int
     """ECE (Guo et al. 2017): count-weighted mean |accuracy - confidence| over equal-width bins."""
     bins = reliability_bins(y_true, prob, n_bins)
     total = sum(b["count"] for b in bins)
+    if not total:
+        return float("nan")
     return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]) / total)
 
 
@@ -197,7 +214,7 @@ def threshold_for_sensitivity(y_true: np.ndarray, prob: np.ndarray, target: floa
     next lower score of any case: it classifies the given data exactly as the highest one does,
     with a margin on both sides.
     """
-    p = np.asarray(prob, dtype=np.float64)
+    p = finite_scores(prob, "probabilities")
     y = np.asarray(y_true).astype(bool)
     pos = np.sort(p[y])[::-1]
     if len(pos) == 0:

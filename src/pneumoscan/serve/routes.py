@@ -39,6 +39,7 @@ ERRORS = {status: {"model": Error, "description": text} for status, text in (
     (408, "the upload did not arrive within --request_timeout_s"),
     (413, "upload over --max_upload_mb"),
     (422, "unreadable image (ImageError) or not a frontal chest radiograph (OutOfScopeError)"),
+    (500, "the model could not answer for a reason that is not the file's (InternalError): send it again"),
     (503, "busy or still loading: retry after the Retry-After header's seconds"),
 )}
 
@@ -94,6 +95,10 @@ def v1_router(api_keys: bool) -> APIRouter:
             raise ApiError(400, "NoFile", str(exc)) from exc
         result = outcome.result
         if isinstance(result, InferenceFailure):
+            if result.error_type == "InferenceError":  # the service's fault, not the film's: 500, worth a retry
+                raise ApiError(500, "InternalError", "the model could not answer for this film (an internal error, "
+                                                     "not a fault of the file); the request id names it in the "
+                                                     "server log: send it again, and report it if it stays")
             raise ApiError(422, result.error_type, reason(result.error))
         positive = service.class_names[-1]
         record.prediction, record.risk_level = result.prediction, result.risk_level
