@@ -134,12 +134,14 @@ def test_resume_without_a_checkpoint_is_refused(trained_run, tmp_path, smoke_arg
     assert "data set root" not in log  # refused before any data is prepared
 
 
-@pytest.mark.parametrize("flag", ["image_size", "init_from", "intensity", "width", "eval_metric"])
+@pytest.mark.parametrize("flag", ["image_size", "init_from", "intensity", "width", "eval_metric", "lr", "loss",
+                                  "augment"])
 def test_resume_with_a_different_fixed_flag_is_refused(trained_run, tmp_path, smoke_args, flag):
     # init_from is fixed too: the weights on disk expect the normalisation of the run that wrote them;
-    # eval_metric too: the best value so far and the restored schedule were measured in the old one
+    # eval_metric too: the best value so far and the restored schedule were measured in the old one;
+    # lr: the restored optimiser would ignore it (and the config say it was used); loss, augment: another recipe
     value = {"image_size": "32", "init_from": str(trained_run.model_path), "intensity": "equalize",
-             "width": "0.5", "eval_metric": "loss"}[flag]
+             "width": "0.5", "eval_metric": "loss", "lr": "0.0001", "loss": "weighted_ce", "augment": "light"}[flag]
     out = tmp_path / "changed"
     shutil.copytree(trained_run.out, out)
     first_run = len((out / "training.log").read_text())
@@ -149,6 +151,19 @@ def test_resume_with_a_different_fixed_flag_is_refused(trained_run, tmp_path, sm
     log = (out / "training.log").read_text()[first_run:]  # what the refused run wrote
     assert f"cannot --resume with a different {flag}" in log and "Epoch 2/2" not in log
     assert "data set root" not in log  # refused before any data is prepared
+
+
+def test_a_resumed_run_keeps_its_own_recipe_for_the_flags_not_given_again(trained_run, tmp_path, smoke_args):
+    out = tmp_path / "fast_resumed"
+    argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
+            *smoke_args]
+    assert train_main([*argv, "--preset", "fast", "--width", "0.25", "--lr_schedule", "plateau", "--augment",
+                       "light"]) == 0
+    assert train_main([*argv, "--epochs", "2", "--resume"]) == 0  # no --preset, --augment, --lr: the run's own
+    config = json.loads((out / "training_results.json").read_text())["config"]
+    assert (config["preset"], config["augment"], config["loss"], config["mixup"], config["lr"]) == (
+        "fast", "light", "weighted_ce", 0.2, 2e-3)  # before: full's strong augmentation and focal loss from epoch 2
+    assert config["epochs"] == 2 and len(read_history(out)) == 2
 
 
 def test_a_cosine_run_resumed_with_other_epochs_is_refused(trained_run, tmp_path, smoke_args):

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .atomic import check_writable, refuse_input_suffix, same_file
-from .errors import DataError, OutputPathError, PneumoscanError
+from .errors import CheckpointError, DataError, OutputPathError, PneumoscanError
 from .names import printable
 
 log = logging.getLogger("pneumoscan")
@@ -80,8 +80,9 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="data set root (holds train/, optional val/ test/)")
     p.add_argument("--output_dir", type=user_path,
                    help="where the model, plots, logs and results go (./training_output)")
-    p.add_argument("--preset", default="full", choices=list(PRESETS),
-                   help="full: the shipped model's recipe; fast: about 10 minutes on a 2-core CPU")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="full (default): the shipped model's recipe; fast: about 10 minutes on a 2-core CPU "
+                        "(with --resume: the continued run's)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch_size", type=int)
     p.add_argument("--lr", type=float, help="Adam learning rate")
@@ -149,6 +150,22 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _resumed_config(args) -> dict:
+    """With ``--resume``, the config of the run in ``--output_dir`` (its flags stand for those not given again, so a
+    resumed run goes on with its own recipe); {} without a readable checkpoint_last.pth (training then says why)."""
+    from .checkpoint import load_checkpoint
+    from .config import TrainConfig
+    from .train import LAST_FILE
+
+    if not args.resume:
+        return {}
+    path = Path(args.output_dir or TrainConfig.output_dir) / LAST_FILE
+    try:
+        return dict(load_checkpoint(path).get("config", {})) if path.is_file() else {}
+    except CheckpointError:
+        return {}
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """``pneumoscan train`` / ``train_medical_model.py``."""
     from .config import TrainConfig
@@ -159,7 +176,8 @@ def train_main(argv: list[str] | None = None) -> int:
     args = _train_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("preset", "verbose")}
     try:
-        cfg = TrainConfig.from_overrides(args.preset, **overrides)
+        resumed = _resumed_config(args)
+        cfg = TrainConfig.from_overrides(args.preset, resumed, **overrides)
         if args.cv_fold is not None and not cfg.cv_folds:  # 0 is the default, so the config cannot tell
             raise ValueError(f"--cv_fold {args.cv_fold} needs --cv_folds K (K >= 2)")
         if args.fallback_width and not cfg.max_train_minutes:

@@ -35,6 +35,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# What a resumed run does not take from the run it continues: where and how it runs, and what training fills in.
+# Every other flag not given again is the continued run's own (a fast run resumed without --preset stays fast).
+RESUME_OWN = ("data_dir", "output_dir", "device", "num_threads", "cache_dir", "resume", "overwrite", "strict",
+              "extra", "patients_csv_sha256", "val_patients_sha256", "init_split")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run. Unknown values raise ``ValueError``."""
@@ -146,12 +152,18 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_overrides(cls, preset: str = "full", **overrides) -> TrainConfig:
-        """Defaults, then the preset's values, then the explicit overrides."""
+    def from_overrides(cls, preset: str | None = "full", resumed: dict | None = None, **overrides) -> TrainConfig:
+        """Defaults, then the preset's values, then (``resumed``: the config of the run ``--resume`` continues) that
+        run's values but ``RESUME_OWN``, then the explicit overrides. ``preset`` None: the resumed run's, or full."""
+        resumed = resumed or {}
+        preset = preset or resumed.get("preset") or "full"
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         given = {k: v for k, v in overrides.items() if v is not None}
-        values = {**PRESETS[preset], **given}
+        fields = {f.name for f in dataclasses.fields(cls)} - set(RESUME_OWN) - {"preset"}
+        if resumed.get("fallback_width") and resumed.get("width") == resumed["fallback_width"]:
+            fields.discard("width")  # the speed check's choice, not the width asked: --resume keeps it (budget.py)
+        values = {**PRESETS[preset], **{k: v for k, v in resumed.items() if k in fields}, **given}
         if "width" in given and "fallback_width" not in given:  # an explicit --width is kept on any machine
             values["fallback_width"] = 0.0
         return cls(preset=preset, **values)

@@ -48,11 +48,14 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "medical_cnn_model.pth"
 LAST_FILE = "checkpoint_last.pth"
-# Config fields that must not change when resuming a run.
+# Config fields that must not change when resuming a run (flags not given again keep the run's own values,
+# cli._resumed_config). init_from fixes the input normalisation; the restored schedule keeps eval_metric, lr_factor,
+# lr_patience and min_lr, the restored optimiser lr and weight_decay; loss, focal_gamma, augment, mixup and
+# batch_size would change the recipe halfway (and the validation loss the best epoch was chosen by).
 _RESUME_FIXED = ("arch", "width", "image_size", "in_channels", "dropout", "seed", "val_fraction", "cv_folds",
                  "cv_fold", "cv_holdout", "patients_csv_sha256", "lr_schedule", "init_from",
-                 "intensity", "freeze_blocks", "eval_metric", "lr_factor",
-                 "lr_patience")  # init_from fixes the input normalisation; the restored schedule keeps the last three
+                 "intensity", "freeze_blocks", "eval_metric", "lr_factor", "lr_patience", "min_lr", "lr",
+                 "weight_decay", "loss", "focal_gamma", "augment", "mixup", "batch_size")
 
 
 def normalization_stats(images: torch.Tensor, intensity: str = "raw") -> dict[str, float]:
