@@ -356,6 +356,20 @@ def test_freeze_blocks_5_changes_the_head_and_nothing_the_gates_read(trained_run
     assert any(not torch.equal(tuned["model_state"][k], source["model_state"][k]) for k in head)
     assert tuned["config"]["freeze_blocks"] == 5
     assert "classifier head only" in (out / "training.log").read_text()
+    # the smoke data's few validation films would refit the gate's limit to about their largest score (about 1 in
+    # n + 1 valid films refused): the source's gate, fitted on the same features, is kept
+    assert all(torch.equal(a, b) for a, b in zip(tuned["ood_gate"]["means"], source["ood_gate"]["means"]))
+    assert (tuned["ood_gate"]["threshold"], tuned["ood_gate"]["scales"]) == (source["ood_gate"]["threshold"],
+                                                                          source["ood_gate"]["scales"])
+    assert "out-of-scope gate of" in (out / "training.log").read_text()
+    assert "note: the out-of-scope gate" not in (out / "training_summary.txt").read_text()
+
+
+def test_a_gate_fitted_on_few_validation_films_says_what_it_will_refuse(trained_run):
+    results = json.loads((trained_run.out / "training_results.json").read_text())
+    n = results["data"]["val"]["images"]
+    assert n < 200 and f"fitted on only {n} validation films" in results["gate_note"]
+    assert f"about 1 in {n + 1}" in (trained_run.out / "training_summary.txt").read_text()
 
 
 def test_freeze_blocks_4_trains_the_last_block_and_the_head_only(trained_run, tmp_path, smoke_args):

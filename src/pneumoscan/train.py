@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .data import SPLIT_KEYS, DataSplits, ImageSet, file_sha256, patients_digest, prepare_data, split_record
 from .distributed import World, all_sum, broadcast, close_world, from_main, init_world, main_first
 from .errors import CheckpointError
-from .gate import OutOfScopeGate
+from .gate import MIN_FIT_FILMS, OutOfScopeGate, small_fit_note
 from .losses import build_loss
 from .metrics import (
     binary_metrics,
@@ -114,6 +114,7 @@ class InitialWeights:
     config: dict = field(default_factory=dict)  # the config they were trained with (their data_dir, digest)
     scope_classifier: dict | None = None  # theirs, where it fits their weights (a head-only run carries it over)
     image_size: int = 0  # the input size they were trained at
+    ood_gate: dict | None = None  # theirs (a head-only run with too few validation films to refit it keeps it)
 
 
 def initial_weights(cfg: TrainConfig) -> InitialWeights:
@@ -157,7 +158,7 @@ def initial_weights(cfg: TrainConfig) -> InitialWeights:
         scope = None
     return InitialWeights(ckpt["model_state"], {"mean": float(spec["mean"]), "std": float(spec["std"])},
                           split_record(ckpt.get("config") or {}), dict(ckpt.get("config") or {}), scope,
-                          int(spec["image_size"]))
+                          int(spec["image_size"]), ckpt.get("ood_gate"))
 
 
 def carried_scope_classifier(cfg: TrainConfig, init: InitialWeights | None) -> dict | None:
@@ -173,6 +174,16 @@ def carried_scope_classifier(cfg: TrainConfig, init: InitialWeights | None) -> d
         return None
     info = {**init.scope_classifier.get("info", {}), "carried_from": str(cfg.init_from)}
     return {**init.scope_classifier, "features_digest": features_digest(init.state), "info": info}
+
+
+def carried_gate(cfg: TrainConfig, init: InitialWeights | None, n_val: int) -> dict | None:
+    """``--init_from``'s out-of-scope gate, for a run whose features stay those it was fitted on (every block frozen,
+    the same input size) and whose validation films are too few to refit its limit (``gate.MIN_FIT_FILMS``): a
+    limit refitted on 6 films refuses about 1 in 7 valid films. Tied to the convolutional weights in ``finish``."""
+    if (init is None or not init.ood_gate or n_val >= MIN_FIT_FILMS or cfg.freeze_blocks < len(SEED_WIDTHS)
+            or cfg.image_size != init.image_size):
+        return None
+    return {"gate": init.ood_gate, "features_digest": features_digest(init.state), "carried_from": str(cfg.init_from)}
 
 
 def warn_if_validated_on_seen_patients(cfg: TrainConfig, init: InitialWeights) -> bool:
@@ -502,9 +513,11 @@ def fit(tr: Trainer, splits: DataSplits, progress: Progress, out: Path) -> Progr
     return progress
 
 
-def finish(tr: Trainer, splits: DataSplits, progress: Progress, out: Path, scope: dict | None = None) -> dict:
+def finish(tr: Trainer, splits: DataSplits, progress: Progress, out: Path, scope: dict | None = None,
+           gate: dict | None = None) -> dict:
     """Load the best weights, calibrate, fit the gate, write the final model (with ``scope``, a carried-over
-    scope classifier, where its features are unchanged); returns the run's results."""
+    scope classifier, and ``gate``, a carried-over gate (``carried_gate``), where their features are unchanged);
+    returns the run's results."""
     best_path = out / MODEL_FILE
     if progress.best_state is None:  # resumed run that found no better epoch: best weights are on disk
         if not best_path.exists():
@@ -512,6 +525,10 @@ def finish(tr: Trainer, splits: DataSplits, progress: Progress, out: Path, scope
         progress.best_state = load_checkpoint(best_path)["model_state"]
     tr.model.load_state_dict(progress.best_state)
     final = finalize(tr.predictor, splits, tr.cfg)
+    if gate is not None and gate["features_digest"] == features_digest(progress.best_state):
+        log.info("out-of-scope gate of %s kept: its features are unchanged, and %d validation films are too few to "
+                 "refit its limit", gate["carried_from"], len(splits.val))
+        final["ood_gate"], final["gate_note"] = gate["gate"], None
     payload = tr.payload(out, progress.best_epoch, temperature=final["temperature"], threshold=final["threshold"],
                          metrics=final["metrics_summary"], ood_gate=final["ood_gate"])
     if scope is not None and scope["features_digest"] == features_digest(progress.best_state):
@@ -537,6 +554,7 @@ def finish(tr: Trainer, splits: DataSplits, progress: Progress, out: Path, scope
                                               "reliability_after")},
         "validation": final["validation"],
         "test": final["test"],
+        "gate_note": final["gate_note"],
         "model_path": str(best_path),
     }
 
@@ -596,14 +614,14 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
                                     resumed_width=None if resumed_width is None else float(resumed_width))
     tr = build_trainer(cfg, splits, device, world, init)
     progress = resume(tr, out, last_state) if last_state else Progress()
-    scope = carried_scope_classifier(cfg, init)
+    scope, gate = carried_scope_classifier(cfg, init), carried_gate(cfg, init, len(splits.val))
     del last_state, init  # weights and optimiser state now live in the trainer
     t_train = time.time()
     fit(tr, splits, progress, out)
     train_s = time.time() - t_train
     if not world.is_main:  # rank 0 writes the results; the others return the config they trained with
         return {"config": cfg.to_dict()}
-    results = finish(tr, splits, progress, out, scope)
+    results = finish(tr, splits, progress, out, scope, gate)
     results["width_check"] = width_check
     results["world_size"] = world.world_size
     results["distributed"] = {"world_size": world.world_size, "backend": world.backend or None,
@@ -624,6 +642,9 @@ def finalize(predictor: Predictor, splits: DataSplits, cfg: TrainConfig) -> dict
     gate.fit_detail(splits.train.images)
     log.info("out-of-scope gate: feature-distance score limit %.2f (%.1f%% quantile of validation); detail floor "
              "%.3f (training films)", gate.threshold, 100 * gate.quantile, gate.min_detail)
+    gate_note = small_fit_note(len(splits.val))
+    if gate_note:
+        log.warning("%s", gate_note)
     y = splits.val.labels.numpy()
     if separable(logits, splits.val.labels):
         log.warning("every validation film is on the right side of the model's margin, so a temperature fitted on "
@@ -659,7 +680,7 @@ def finalize(predictor: Predictor, splits: DataSplits, cfg: TrainConfig) -> dict
                           f"{cfg.target_sensitivity}",
         "ece_before": ece_before, "ece_after": ece_after, "ece_after_cross_fitted": ece_cross,
         "reliability_before": reliability_bins(y, raw), "reliability_after": reliability_bins(y, cal),
-        "validation": validation, "test": test, "ood_gate": gate.to_dict(),
+        "validation": validation, "test": test, "ood_gate": gate.to_dict(), "gate_note": gate_note,
         "metrics_summary": {"val_" + k: v["value"] for k, v in vm.items()},
     }
 
@@ -718,6 +739,7 @@ def summary_text(results: dict) -> str:
         f"{cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after (fitted on the same split); "
         f"{cal['ece_after_cross_fitted']:.4f} when fitted on half the patients and measured on the other half",
         f"operating threshold: {cal['threshold']:.4f} ({cal['threshold_rule']})",
+        *([f"note: {results['gate_note']}"] if results.get("gate_note") else []),
         "",
         "validation (patient-level split), at the operating threshold:",
         format_metrics_table(results["validation"]["at_threshold"]),
