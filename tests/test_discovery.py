@@ -316,10 +316,23 @@ def test_an_empty_val_or_test_folder_counts_as_absent(tmp_path, few_images, spli
     found = discover_splits(tmp_path)
     assert found[split] is None and len(found["train"]) == 8
     assert f"{tmp_path / split} holds no films: treated as absent" in caplog.text
-    # a split with films but a class missing is still an error
     (tmp_path / split / "NORMAL" / few_images["NORMAL"][0].name).symlink_to(few_images["NORMAL"][0])
-    with pytest.raises(DataError, match="PNEUMONIA"):
-        discover_splits(tmp_path)
+    if split == "test":  # a test split with films but a class missing is still an error, that says what to do
+        with pytest.raises(DataError, match="PNEUMONIA.*a test split needs films of both classes.*move test/ out"):
+            discover_splits(tmp_path)
+    else:  # a val/ of one class cannot validate: read, then pooled with train/ (prepare_data)
+        assert [r.path.name for r in discover_splits(tmp_path)["val"]] == [few_images["NORMAL"][0].name]
+
+
+def test_a_val_folder_of_one_class_is_pooled_with_train_not_refused(tmp_path, train_dir, caplog):
+    _train_and_val_folders(tmp_path / "data", train_dir)
+    for f in (tmp_path / "data" / "val" / "PNEUMONIA").iterdir():  # the README: such a val/ is pooled into train/
+        f.unlink()
+    caplog.set_level("WARNING", logger="pneumoscan")
+    splits = prepare_data(str(tmp_path / "data"), 32, min_val_images=2, cache_dir="none")
+    assert splits.info["validation"].endswith("because val/ is of one class")
+    assert set(splits.val.labels.tolist()) == {0, 1} and len(splits.train) + len(splits.val) == 19
+    assert "val/ holds no PNEUMONIA films, so it cannot validate" in caplog.text
 
 
 def test_an_evaluation_folder_counts_each_film_once(tmp_path, few_images, caplog):

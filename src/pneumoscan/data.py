@@ -190,9 +190,10 @@ def _warn_on_unused_entries(folder: Path) -> None:
                     " and ".join(c + "/" for c in CLASS_NAMES))
 
 
-def discover_labelled(folder: Path, dicom_ids: bool = True) -> list[Record]:
+def discover_labelled(folder: Path, dicom_ids: bool = True, one_class: bool = False) -> list[Record]:
     """Records of ``folder/NORMAL`` and ``folder/PNEUMONIA``; patients by ``file_patient`` (without
-    ``dicom_ids``, by file name only: a patients CSV will replace them).
+    ``dicom_ids``, by file name only: a patients CSV will replace them). With ``one_class`` (a val/ folder, which
+    is then pooled into train/) a class folder may be missing or empty.
 
     Raises:
         DataError: a class folder is missing or holds no images; names what was found.
@@ -201,6 +202,8 @@ def discover_labelled(folder: Path, dicom_ids: bool = True) -> list[Record]:
     _warn_on_unused_entries(folder)
     for label, cls in enumerate(CLASS_NAMES):
         cls_dir = _child_named(folder, cls)
+        if cls_dir is None and one_class:
+            continue
         if cls_dir is None:
             found = ", ".join(p.name for p in _visible_dirs(folder)) or "nothing"
             raise DataError(f"{folder}: missing class folder {cls}/ (found: {found}); "
@@ -208,8 +211,11 @@ def discover_labelled(folder: Path, dicom_ids: bool = True) -> list[Record]:
         files, ignored = list_images(cls_dir)
         if ignored:
             log.warning("%s: ignored %d file(s) that are neither JPEG/PNG nor DICOM", cls_dir, ignored)
-        if not files:
-            raise DataError(f"{cls_dir}: no .jpg, .jpeg, .png or DICOM files found")
+        if not files and not one_class:
+            hint = (f": a test split needs films of both classes (sensitivity and specificity); add them, or move "
+                    f"{folder.name}/ out of the data set to train without a test evaluation"
+                    if folder.name.lower() == "test" else "")
+            raise DataError(f"{cls_dir}: no .jpg, .jpeg, .png or DICOM files found{hint}")
         records += [Record(p, label, file_patient(p) if dicom_ids else patient_id(p.name)) for p in files]
     return records
 
@@ -356,7 +362,7 @@ def discover_splits(root: Path, dicom_ids: bool = True) -> dict[str, list[Record
             log.warning("%s holds no films: treated as absent (%s)", folder,
                         "the validation patients are drawn from train/" if split == "val" else "no test evaluation")
             folder = None
-        out[split] = discover_labelled(folder, dicom_ids) if folder is not None else None
+        out[split] = discover_labelled(folder, dicom_ids, one_class=split == "val") if folder is not None else None
     return out
 
 
@@ -636,12 +642,18 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
     train_recs = _usable(found["train"] or [], bad)
     val_recs = _usable(found["val"] or [], bad)
     info: dict = {"root": str(root), "bad_files": len(bad)}
+    val_classes = {r.label for r in val_recs}
+    val_folder_used = len(val_recs) >= min_val_images and len(val_classes) == len(CLASS_NAMES)
+    if found["val"] and len(val_classes) < len(CLASS_NAMES):
+        log.warning("val/ holds no %s films, so it cannot validate (sensitivity, AUROC and the threshold need both "
+                    "classes): its films are pooled with train/", " or ".join(
+                        c for i, c in enumerate(CLASS_NAMES) if i not in val_classes))
     if cv_folds:
         if not 0 <= cv_fold < cv_folds:
             raise DataError(f"cv_fold must be in 0..{cv_folds - 1}, got {cv_fold}")
         # the usual validation patients are those the plain split validates on: the val/ folder where it is used
         # (an ensemble of the folds is calibrated on them, so no fold may train on them), else a patient split
-        holdout_is_val_folder = cv_holdout and len(val_recs) >= min_val_images
+        holdout_is_val_folder = cv_holdout and val_folder_used
         if holdout_is_val_folder:
             val_hashes = {r.sha1 for r in val_recs}
             pool, n_dup = dedupe([r for r in train_recs if r.sha1 not in val_hashes])
@@ -658,7 +670,7 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
                               + (f", {val_fraction:.0%} of patients held out" if cv_holdout else ""))
         info["duplicates_dropped"] = n_dup
         log.info("validation %s; dropped %d byte-identical duplicate(s)", info["validation"], n_dup)
-    elif len(val_recs) >= min_val_images:
+    elif val_folder_used:
         info["validation"] = "val/ folder"
         val_hashes = {r.sha1 for r in val_recs}
         leaked = [r for r in train_recs if r.sha1 in val_hashes]
@@ -668,7 +680,8 @@ def prepare_data(data_dir: str, image_size: int, val_fraction: float = 0.15, min
             train_recs = [r for r in train_recs if r.sha1 not in val_hashes]
         info["duplicates_dropped"] = len(leaked)
     else:
-        why = "missing" if found["val"] is None else f"only {len(val_recs)} images"
+        why = ("missing" if found["val"] is None else f"only {len(val_recs)} images" if len(val_recs) < min_val_images
+               else "of one class")
         pool = train_recs + val_recs
         pool, n_dup = dedupe(pool)
         train_recs, val_recs = patient_split(pool, val_fraction, seed)
