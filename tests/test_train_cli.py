@@ -462,6 +462,10 @@ def test_a_new_run_into_a_finished_run_s_folder_is_refused_and_its_model_kept(tr
     assert (out / "medical_cnn_model.pth").read_bytes() == before
     assert train_main([*argv, "--overwrite"]) == 0  # asked for: replaced
     assert load_checkpoint(out / "medical_cnn_model.pth")["config"]["seed"] == 1
+    # its log is the new model's alone; the replaced run's (and the refusal) is kept beside it
+    log, replaced = (out / "training.log").read_text(), (out / "training.replaced.log").read_text()
+    assert log.count("config: ") == 1 and '"seed": 1' in log and "holds a run already" not in log
+    assert '"seed": 0' in replaced and "holds a run already" in replaced
 
 
 def test_a_model_left_by_a_run_killed_in_its_first_epoch_does_not_block_a_new_run(trained_run, tmp_path, smoke_args):
@@ -489,7 +493,8 @@ def test_init_from_a_missing_file_is_refused(trained_run, tmp_path, smoke_args):
     argv = ["--data_dir", str(trained_run.data), "--output_dir", str(out), "--cache_dir", str(trained_run.cache),
             *smoke_args, "--init_from", str(tmp_path / "nope.pth")]
     assert train_main(argv) == 2
-    assert "does not exist" in (out / "training.log").read_text()
+    log = (out / "training.log").read_text()
+    assert "does not exist; pass --init_from" in log and "--model_path" not in log  # train has no --model_path
 
 
 

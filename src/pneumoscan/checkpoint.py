@@ -145,8 +145,9 @@ def model_payload(model: torch.nn.Module, *, arch: str, model_kw: dict, spec: In
     }
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load and check a checkpoint; a bare MedicalCNN state_dict is accepted with seed defaults.
+def load_checkpoint(path: str | os.PathLike, flag: str = "--model_path") -> dict:
+    """Load and check a checkpoint; a bare MedicalCNN state_dict is accepted with seed defaults. ``flag``: the
+    option that named it, for the messages (``--init_from``, ``--members``).
 
     Raises:
         CheckpointError: missing file, not a torch file, pickled objects instead of a
@@ -154,17 +155,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; pass --model_path to the .pth file in it "
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; pass {flag} to the .pth file in it "
                               f"(pneumoscan train writes medical_cnn_model.pth)")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass --model_path to a .pth "
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass {flag} to a .pth "
                               f"written by pneumoscan train")
     with open(path, "rb") as f:
         head = f.read(2)
     # torch.save writes a zip archive; the legacy format starts with a pickle protocol byte (0x80)
     if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle), or it is "
-                              f"truncated or corrupt; pass --model_path to a whole .pth written by pneumoscan train")
+                              f"truncated or corrupt; pass {flag} to a whole .pth written by pneumoscan train")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -150,6 +150,9 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
+REPLACED_LOG = "training.replaced.log"  # where --overwrite moves the log of the run it replaces
+
+
 def _resumed_config(args) -> dict:
     """With ``--resume``, the config of the run in ``--output_dir`` (its flags stand for those not given again, so a
     resumed run goes on with its own recipe); {} without a readable checkpoint_last.pth (training then says why)."""
@@ -190,8 +193,10 @@ def train_main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # OutputPathError too
         _train_parser().error(str(exc))
     # under torchrun only rank 0 writes training.log; the other ranks print warnings and errors
-    configure_logging(Path(cfg.output_dir) / "training.log" if world.is_main else None, args.verbose,
-                      quiet=not world.is_main)
+    log_path = Path(cfg.output_dir) / "training.log"
+    if cfg.overwrite and world.is_main and log_path.is_file() and log_path.stat().st_size:
+        os.replace(log_path, log_path.with_name(REPLACED_LOG))  # the log of the model now there, the old one kept
+    configure_logging(log_path if world.is_main else None, args.verbose, quiet=not world.is_main)
     try:
         if cfg.cv_folds and args.cv_fold is None:  # every fold, then the out-of-fold report (and ensemble)
             from .cv import run_cv

@@ -239,7 +239,7 @@ def ensemble_main(argv: list[str] | None = None) -> int:
         if not Path(args.data_dir).is_dir():
             raise DataError(f"--data_dir {args.data_dir} is not a folder; give the data folder the members were "
                             f"trained on")
-        members = [load_checkpoint(m) for m in args.members]
+        members = [load_checkpoint(m, "--members") for m in args.members]
         final = write_ensemble(members, out, data_dir=args.data_dir, cache_dir=args.cache_dir, half=not args.fp32,
                                exclusive=True)
     except FileExistsError:

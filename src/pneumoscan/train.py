@@ -125,7 +125,7 @@ def initial_weights(cfg: TrainConfig) -> InitialWeights:
             than ``--arch``/``--width``/``--in_channels`` build.
     """
     path = default_model_path() if cfg.init_from == "shipped" else Path(cfg.init_from)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, "--init_from (a .pth file, or 'shipped')")
     if "ensemble" in ckpt["model_kwargs"]:  # what model_from_kwargs builds an Ensemble from
         raise CheckpointError(f"--init_from {path}: an ensemble cannot be fine-tuned as one network; "
                               f"pass a single-model checkpoint")
