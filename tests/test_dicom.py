@@ -15,7 +15,7 @@ from dicom_files import IDENTIFIERS, dicom_bytes
 from PIL import Image
 
 from pneumoscan.dicom import DicomInfo, is_dicom, read_dicom
-from pneumoscan.errors import ImageError
+from pneumoscan.errors import ImageError, OutOfScopeError
 from pneumoscan.preprocess import open_image
 
 pydicom = pytest.importorskip("pydicom")
@@ -242,7 +242,7 @@ def test_unknown_presentation_lut_shape_ignored_with_warning(tmp_path, source):
     img, info = read_dicom(dicom_bytes(tmp_path, 255 - p, photometric="MONOCHROME1", PresentationLUTShape="LIN OD"),
                            "x.dcm")
     np.testing.assert_array_equal(np.asarray(img), p)
-    assert any("'LIN OD' is not IDENTITY or INVERSE" in w for w in info.warnings), info.warnings
+    assert any("Shape LIN OD is not IDENTITY or INVERSE" in w for w in info.warnings), info.warnings
 
 
 def test_unusable_window_falls_back_with_warning(tmp_path, source):
@@ -250,6 +250,59 @@ def test_unusable_window_falls_back_with_warning(tmp_path, source):
     img, info = read_dicom(dicom_bytes(tmp_path, p, WindowCenter=100, WindowWidth=0), "x.dcm")
     np.testing.assert_array_equal(np.asarray(img), p)
     assert any("window unusable" in w for w in info.warnings)
+
+
+# What a site typed into a text attribute instead of a defined term (a patient, an ID): never echoed.
+TYPED = ("MUELLER", "HANS", "PID12345", "mueller")
+
+
+def _assert_not_echoed(*texts: str) -> None:
+    leaked = [t for t in TYPED if any(t in text for text in texts)]
+    assert not leaked, f"{leaked} echoed in {texts}"
+
+
+@pytest.mark.parametrize("attrs, view, warnings", [
+    ({"ViewPosition": "MUELLER HANS", "BodyPartExamined": "PID12345 KNEE"}, "unrecognised",
+     ["view position is an unrecognised value, not frontal", "body part examined is an unrecognised value"]),
+    ({"ViewPosition": "AP MUELLER", "BodyPartExamined": "KNEE"}, "AP", ["body part examined is KNEE, not CHEST"]),
+    ({"ViewPosition": "AP SUPINE"}, "AP SUPINE", []),
+    ({"ViewPosition": "RLD", "BodyPartExamined": "PID12345"}, "RLD",
+     ["view position is RLD, not frontal", "body part examined is an unrecognised value"]),
+    ({"ViewPosition": "LL MUELLER HANS"}, "LL", ["lateral view (LL)"]),
+    ({"PresentationLUTShape": "MUELLER"}, "", ["Presentation LUT Shape an unrecognised value is not IDENTITY"]),
+])
+def test_dicom_text_is_echoed_only_when_it_is_a_defined_term(tmp_path, source, caplog, attrs, view, warnings):
+    caplog.set_level("DEBUG")
+    _, info = read_dicom(dicom_bytes(tmp_path, _gray(source), **attrs), "x.dcm")
+    assert info.view_position == view
+    assert info.is_frontal == (view in ("", "AP", "AP SUPINE"))
+    for expected in warnings:
+        assert any(w.startswith(expected) for w in info.warnings), (expected, info.warnings)
+    _assert_not_echoed(repr(info), caplog.text)
+
+
+@pytest.mark.parametrize("attrs, error, match", [
+    ({"Modality": "MUELLERHANS"}, OutOfScopeError, "DICOM modality is an unrecognised value; only CR/DX"),
+    ({"photometric": "MUELLER"}, ImageError, "photometric interpretation an unrecognised value is not supported"),
+])
+def test_an_unrecognised_modality_or_photometric_is_refused_without_its_text(tmp_path, source, attrs, error, match):
+    with pytest.raises(error, match=match) as caught:
+        read_dicom(dicom_bytes(tmp_path, _gray(source), **attrs), "x.dcm")
+    _assert_not_echoed(str(caught.value))
+
+
+def test_malformed_values_are_not_quoted_by_pydicom_or_the_error(tmp_path, source, caplog, recwarn):
+    # lower case is invalid in a Code String and text in an Integer String: pydicom's validation would quote
+    # both in a warning and int() in its error; what reaches the error, the log and warnings is neither
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(tmp_path, _gray(source))))
+    ds.add_new(0x00185101, "CS", "mueller hans")  # ViewPosition
+    ds.add_new(0x00280008, "LO", "MUELLER")  # NumberOfFrames, with the wrong VR
+    out = io.BytesIO()
+    with pydicom.config.disable_value_validation():
+        ds.save_as(out)
+    caplog.set_level("DEBUG")
+    error = _refuse(out.getvalue(), r"attributes are malformed \(ValueError: invalid literal for int\(\) with base 10")
+    _assert_not_echoed(str(error), caplog.text, *(str(w.message) for w in recwarn))
 
 
 def test_no_identifiers_in_logs(tmp_path, source, caplog):

@@ -122,3 +122,20 @@ def test_a_dicom_without_its_preamble_is_read_not_skipped(engine, tmp_path, pixe
     for r in results:
         assert r["probabilities"]["PNEUMONIA"] == pytest.approx(reference.probabilities["PNEUMONIA"], abs=1e-6)
         assert any("without the 128-byte preamble" in w for w in r["warnings"])
+
+
+def test_predict_echoes_no_dicom_text_that_is_not_a_defined_term(tmp_path, pixels, capsys, caplog):
+    # a site that typed the patient into ViewPosition and BodyPartExamined: the CLI's output says only that the
+    # values are unrecognised, as the service does
+    dicom_bytes(tmp_path, pixels, filename="typed.dcm", ViewPosition="MUELLER HANS", BodyPartExamined="PID12345 KNEE")
+    out = tmp_path / "r.json"
+    assert predict_main(["--image_path", str(tmp_path / "typed.dcm"), "--output_path", str(out)]) == 0
+    result = json.loads(out.read_text())["results"][0]
+    assert result["view_position"] == "unrecognised"
+    assert "view position is an unrecognised value, not frontal (PA/AP)" in " ".join(result["warnings"])
+    assert "body part examined is an unrecognised value, not CHEST" in result["warnings"]
+    printed = capsys.readouterr()
+    for typed in ("MUELLER", "HANS", "PID12345"):
+        for where, text in (("output", out.read_text()), ("stdout", printed.out), ("stderr", printed.err),
+                            ("log", caplog.text)):
+            assert typed not in text, f"{typed} in the {where}"

@@ -33,6 +33,7 @@ from pneumoscan.serve.cli import audit_main
 
 KEY_ID, KEY = "tests", "test-key-5f0e9c2a7b614d3e"
 LIMIT_MB = 3
+HEADER_TIMEOUT_S = 2
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ def server(tmp_path_factory, train_dir):
     keys = folder / "keys.txt"
     keys.write_text(f"# id key\n{KEY_ID} {KEY}\n")
     keys.chmod(0o600)
-    proc = ServerProcess(folder, "--api_key_file", str(keys), "--max_upload_mb", str(LIMIT_MB)).start()
+    proc = ServerProcess(folder, "--api_key_file", str(keys), "--max_upload_mb", str(LIMIT_MB),
+                         "--header_timeout_s", str(HEADER_TIMEOUT_S)).start()
     yield proc
     assert proc.stop(), proc.log()[-2000:]
 
@@ -82,6 +84,9 @@ def test_health_and_readiness_need_no_key(server):
     ready = httpx.get(server.url + "/readyz").json()
     assert ready == {"status": "ready", "model_version": SHIPPED_VERSION}
     assert httpx.get(server.url + "/metrics").status_code == 200
+    for path in ("/", "/healthz", "/readyz", "/metrics"):  # uptime checks that send HEAD
+        head = httpx.head(server.url + path)
+        assert head.status_code == 200 and head.content == b"", path
 
 
 def test_predict_matches_the_engine_and_is_audited(server, client, xray):
@@ -185,19 +190,29 @@ def test_no_file_is_400(server, client, xray, case):
 
 
 def test_bad_query_is_400(server, client, xray):
-    assert_error(server, post(client, xray, heatmap="maybe"), 400, "BadRequest")
+    body = assert_error(server, post(client, xray, heatmap="maybe"), 400, "BadRequest")
+    assert body["error"] == "query parameter heatmap is not true or false: use heatmap=true or heatmap=false"
+    body = assert_error(server, post(client, xray, heatmaps="true"), 400, "BadRequest")
+    assert body["error"].startswith("unknown query parameter 'heatmaps' for POST /v1/predict; it takes heatmap")
 
 
-@pytest.mark.parametrize("method, path", [("GET", "/v1/predict"), ("PUT", "/v1/predict"), ("POST", "/v1/model")])
-def test_wrong_method_is_405(server, client, method, path):
+@pytest.mark.parametrize("method, path, call", [
+    ("GET", "/v1/predict", "use POST /v1/predict with the film as multipart field 'file'"),
+    ("PUT", "/v1/predict", "use POST /v1/predict with the film as multipart field 'file'"),
+    ("POST", "/v1/model", "use GET /v1/model"),
+])
+def test_wrong_method_is_405(server, client, method, path, call):
     response = client.request(method, path)
-    assert_error(server, response, 405, "MethodNotAllowed")
+    body = assert_error(server, response, 405, "MethodNotAllowed")
     assert response.headers["Allow"]
+    assert body["error"].startswith(f"{path} does not take {method}: {call}") and "/docs" in body["error"]
 
 
 def test_unknown_path_is_404(server, client):
-    assert_error(server, client.get("/v1/nothing-here"), 404, "NotFound")
-    assert_error(server, client.get("/nothing-here"), 404, "NotFound")
+    for path in ("/v1/nothing-here", "/nothing-here"):
+        body = assert_error(server, client.get(path), 404, "NotFound")
+        assert "POST /v1/predict with the film as multipart field 'file'" in body["error"]
+        assert "GET /v1/model" in body["error"] and "/docs" in body["error"]
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-key-0000000000000", f"Basic {KEY}", "Bearer"])
@@ -288,6 +303,58 @@ def test_dicom_upload_keeps_patient_identifiers_out(server, client, tmp_path, re
     for value in IDENTIFIERS.values():
         assert value.encode() not in stored, f"{value} is in the audit database"
         assert value not in log, f"{value} is in the server log"
+
+
+def test_dicom_text_that_is_no_defined_term_is_not_echoed(server, client, tmp_path, real_jpeg):
+    # a site that typed the patient into ViewPosition and BodyPartExamined, and a modality nobody defined
+    gray = np.asarray(Image.open(real_jpeg).convert("L"))
+    typed = dicom_bytes(tmp_path, gray, ViewPosition="MUELLER HANS", BodyPartExamined="PID12345 KNEE")
+    response = post(client, data=typed, name="typed.dcm")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["view_position"] == "unrecognised"
+    assert "view position is an unrecognised value, not frontal (PA/AP)" in " ".join(body["warnings"])
+    assert "body part examined is an unrecognised value, not CHEST" in body["warnings"]
+    refused = post(client, data=dicom_bytes(tmp_path, gray, Modality="MUELLERHANS"), name="typed.dcm")
+    assert "modality is an unrecognised value" in assert_error(server, refused, 422, "OutOfScopeError")["error"]
+    rows = [audit_row(server.audit_db, r.json()["request_id"]) for r in (response, refused)]
+    stored = b"".join(p.read_bytes() for p in server.audit_db.parent.glob("audit.sqlite3*"))
+    for text in ("MUELLER", "HANS", "PID12345"):
+        assert text not in response.text and text not in refused.text
+        assert text not in json.dumps(rows) and text.encode() not in stored, f"{text} is in the audit log"
+        assert text not in server.log(), f"{text} is in the server log"
+
+
+def test_connections_that_never_complete_their_headers_are_closed(server):
+    import socket
+
+    def opened(first_bytes: bytes) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=HEADER_TIMEOUT_S + 8)
+        s.sendall(first_bytes)
+        return s
+
+    t0 = time.monotonic()
+    partial = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n".encode()  # never the blank line
+    idle = [opened(b"") for _ in range(3)] + [opened(partial) for _ in range(2)]
+    kept_alive = opened(partial + b"\r\n")  # one whole request, then half of the next
+    answer = b""
+    while not answer.endswith(b"}"):  # the whole answer to the first request: {"status":"ok",...}
+        answer += kept_alive.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200")
+    kept_alive.sendall(partial)
+    t_second = time.monotonic()
+    assert httpx.get(server.url + "/healthz").status_code == 200  # meanwhile the service answers
+    for s in [*idle, kept_alive]:
+        with s:
+            try:
+                assert s.recv(65536) == b"", "a connection without complete headers got an answer"
+            except ConnectionResetError:
+                pass
+            except TimeoutError:
+                pytest.fail(f"a connection without complete headers is still open after {HEADER_TIMEOUT_S + 8} s")
+    assert HEADER_TIMEOUT_S - 0.5 < time.monotonic() - t0 < HEADER_TIMEOUT_S + 6
+    # the clock of a kept-alive connection starts with its next request, and does not wait for the 5 s keep-alive
+    assert time.monotonic() - t_second < HEADER_TIMEOUT_S + 2.5
 
 
 def test_concurrent_requests_are_micro_batched(server, client, train_dir):

@@ -357,3 +357,106 @@ def test_every_setting_has_its_flag():
 
     flags = {a.dest for a in _serve_parser()._actions}
     assert {f.name for f in dataclasses.fields(ServeSettings)} <= flags
+
+
+def test_readiness_is_503_while_the_audit_log_cannot_be_written_and_comes_back_without_traffic(tmp_path, monkeypatch):
+    import sqlite3
+
+    import pneumoscan.serve.audit as audit_mod
+
+    monkeypatch.setattr(audit_mod, "WRITE_BUSY_TIMEOUT_S", 0.2)  # how long a commit waits for the other's lock
+    s = settings(tmp_path)
+    client = ready_client(create_app(s, lambda _: StubEngine()))
+    other = sqlite3.connect(s.audit_db, isolation_level=None)  # another program holding the write lock
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        refused = post(client)
+        assert refused.status_code == 503 and refused.json()["error_type"] == "AuditError"
+        headers = refused.headers
+        assert headers["X-Request-ID"] == refused.json()["request_id"]
+        assert (headers["Cache-Control"], headers["X-Content-Type-Options"]) == ("no-store", "nosniff")
+        assert int(headers["Retry-After"]) >= 1
+        for _ in range(3):  # and stays so, probes or not, while the lock is held
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["error_type"] == "AuditError", ready.text
+            assert int(ready.headers["Retry-After"]) >= 1 and "cannot be written" in ready.json()["error"]
+            time.sleep(0.3)
+        other.execute("ROLLBACK")
+        wait_until(lambda: client.get("/readyz").status_code == 200)  # the probe found the lock free: no request
+        assert post(client).status_code == 200
+    finally:
+        other.close()
+        client.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("path", ["/", "/healthz", "/readyz", "/metrics"])
+def test_head_and_options_on_the_page_and_health_endpoints(tmp_path, path):
+    client = ready_client(create_app(settings(tmp_path), lambda _: StubEngine()))
+    try:
+        get, head = client.get(path), client.head(path)
+        assert (get.status_code, head.status_code) == (200, 200)
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+        assert head.headers["X-Request-ID"]
+        options = client.options(path)
+        assert options.status_code == 204 and options.headers["Allow"] == "GET, HEAD, OPTIONS"
+        wrong = client.put(path)
+        assert wrong.status_code == 405 and wrong.headers["Allow"] == "GET, HEAD, OPTIONS"
+        assert f"use GET {path} or HEAD {path}" in wrong.json()["error"]
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_head_is_not_a_second_operation_in_the_api_docs(tmp_path, recwarn):
+    client = ready_client(create_app(settings(tmp_path), lambda _: StubEngine()))
+    try:
+        spec = client.get("/openapi.json").json()
+        assert set(spec["paths"]["/healthz"]) == {"get"} and "/" not in spec["paths"]
+        assert not [w for w in recwarn if "Duplicate Operation ID" in str(w.message)]
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_an_unknown_method_is_counted_as_other_so_metrics_stay_bounded(tmp_path):
+    client = ready_client(create_app(settings(tmp_path), lambda _: StubEngine()))
+    try:
+        for method in ("XYZ1", "XYZ2", "BREW"):
+            assert client.request(method, "/healthz").status_code == 405
+        text = client.get("/metrics").text
+        assert "XYZ1" not in text and "BREW" not in text
+        assert 'pneumoscan_http_requests_total{method="other",path="/healthz",status="405"} 3.0' in text
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_query_errors_say_what_to_send(tmp_path):
+    s = settings(tmp_path)
+    client = ready_client(create_app(s, lambda _: StubEngine()))
+    try:
+        bad = client.post("/v1/predict?heatmap=maybe", files={"file": ("x.jpg", b"image")})
+        assert bad.status_code == 400 and bad.json()["error_type"] == "BadRequest"
+        assert "use heatmap=true or heatmap=false" in bad.json()["error"]
+        unknown = client.post("/v1/predict?heatmaps=true&x=" + "y" * 500, files={"file": ("x.jpg", b"image")})
+        assert unknown.status_code == 400 and unknown.json()["error_type"] == "BadRequest"
+        assert "unknown query parameter 'heatmaps', 'x'" in unknown.json()["error"]
+        assert "it takes heatmap" in unknown.json()["error"]
+        assert audit_row(s.audit_db, unknown.json()["request_id"])["error_type"] == "BadRequest"
+        assert client.post("/v1/predict?heatmap=true", files={"file": ("x.jpg", b"image")}).status_code == 200
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_api_key_file_with_a_byte_order_mark_matches_its_first_key(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text(f"{VALID_KEY}\npacs {VALID_KEY}-second\n", encoding="utf-8-sig")  # as Windows Notepad saves
+    assert ApiKeys.from_file(path).key_id(f"Bearer {VALID_KEY}") is not None
+    path.write_text(f"pacs {VALID_KEY}\n", encoding="utf-8-sig")
+    assert ApiKeys.from_file(path).key_id(f"Bearer {VALID_KEY}") == "pacs"
+
+
+@pytest.mark.parametrize("key", [VALID_KEY + "\u00fc", "\u00e9" + VALID_KEY, VALID_KEY + "\x07"])
+def test_an_api_key_that_an_http_header_cannot_carry_is_refused_at_start_up(tmp_path, key):
+    path = tmp_path / "keys"
+    path.write_text(f"# keys\nward {key}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=":2: key holds a character that is not printable ASCII") as caught:
+        ApiKeys.from_file(path)
+    assert key not in str(caught.value)

@@ -9,7 +9,11 @@ windowed image) and deeper data is stretched from its minimum to its maximum.
 
 Only image-describing attributes are read: no patient identifier (name, ID, birth date)
 is stored, logged or put into an error message. ``patient_key`` reads (0010,0020) PatientID for one
-purpose: labelled folders group a patient's films by a hash of it, kept in memory only.
+purpose: labelled folders group a patient's films by a hash of it, kept in memory only. A text attribute
+that is read (ViewPosition, BodyPartExamined, Modality, ...) is echoed in warnings, errors, logs and
+``DicomInfo`` only when it is one of DICOM's defined terms for it; any other text (a site may type
+anything there, a patient's name included) is shown as "an unrecognised value". pydicom's value
+validation is turned off for reading, since its warnings quote the offending value.
 
 pydicom is an optional dependency (``pip install 'pneumoscan[dicom]'``), imported when a
 DICOM file is first read, so ``is_dicom`` works without it.
@@ -21,6 +25,8 @@ import hashlib
 import io
 import logging
 import os
+import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -41,6 +47,47 @@ ACCEPTED_MODALITIES = ("CR", "DX")
 # checks decide); any other view is answered with a warning that keeps it from risk LOW, never as a frontal film.
 FRONTAL_VIEWS = ("", "PA", "AP")
 LATERAL_VIEWS = ("LATERAL", "LAT", "LL", "RL", "LLAT", "RLAT")
+VIEW_TERMS = frozenset(FRONTAL_VIEWS[1:] + LATERAL_VIEWS + ("RLD", "LLD", "RLO", "LLO"))
+# Words that follow a view in some sites' values ("AP SUPINE", "PA_ERECT"); kept in what is shown.
+VIEW_QUALIFIERS = frozenset(("SUPINE", "ERECT", "UPRIGHT", "SEMIERECT", "SEMI", "SITTING", "PRONE", "PORTABLE",
+                             "DECUBITUS", "LORDOTIC", "INSPIRATION", "EXPIRATION"))
+# An attribute's text that is not a defined term is never echoed: it is shown as this (DicomInfo fields), and
+# described in sentences as UNRECOGNISED_TEXT. Code String values are at most 16 characters.
+UNRECOGNISED = "unrecognised"
+UNRECOGNISED_TEXT = "an unrecognised value"
+CS_MAX_CHARS = 16
+# (0008,0060) Modality, defined terms of PS3.3 C.7.3.1.1.1 (retired ones included: old files carry them).
+MODALITY_TERMS = frozenset((
+    "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CR", "CT", "CTPROTOCOL", "DG", "DOC", "DX", "ECG", "EEG", "EMG",
+    "EOG", "EPS", "ES", "FID", "GM", "HC", "HD", "IO", "IOL", "IVOCT", "IVUS", "KER", "KO", "LEN", "LS", "M3D",
+    "MG", "MR", "NM", "OAM", "OCT", "OP", "OPM", "OPT", "OPTBSV", "OPTENF", "OPV", "OSS", "OT", "PLAN", "POS",
+    "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE", "RTIMAGE", "RTINTENT", "RTPLAN", "RTRAD", "RTRECORD",
+    "RTSEGANN", "RTSTRUCT", "RWV", "SEG", "SM", "SMR", "SR", "SRF", "STAIN", "TEXTUREMAP", "TG", "US", "VA",
+    "XA", "XAPROTOCOL", "XC",
+    "CD", "CF", "CP", "CS", "DD", "DF", "DM", "DS", "EC", "FA", "FS", "LP", "MA", "MS", "OPR", "ST", "VF",
+))
+# (0018,0015) BodyPartExamined, the terms of PS3.16 Annex L, and THORAX, which many sites send for a chest film.
+BODY_PART_TERMS = frozenset((
+    "ABDOMEN", "ABDOMENPELVIS", "ADRENAL", "ANKLE", "AORTA", "ARM", "AXILLA", "BACK", "BLADDER", "BRAIN",
+    "BREAST", "BRONCHUS", "BUTTOCK", "CALCANEUS", "CALF", "CAROTID", "CEREBELLUM", "CERVIX", "CHEEK", "CHEST",
+    "CHESTABDOMEN", "CHESTABDPELVIS", "CIRCLEOFWILLIS", "CLAVICLE", "COCCYX", "COLON", "CORNEA",
+    "CORONARYARTERY", "CSPINE", "CTSPINE", "DUODENUM", "EAR", "ELBOW", "ESOPHAGUS", "EXTREMITY", "EYE", "EYELID",
+    "FACE", "FEMUR", "FINGER", "FOOT", "GALLBLADDER", "HAND", "HEAD", "HEADNECK", "HEART", "HIP", "HUMERUS",
+    "IAC", "ILEUM", "ILIUM", "JAW", "JEJUNUM", "KIDNEY", "KNEE", "LARYNX", "LEG", "LIVER", "LSPINE", "LSSPINE",
+    "LUNG", "MAXILLA", "MEDIASTINUM", "MOUTH", "NECK", "NECKCHEST", "NECKCHESTABDOMEN", "NECKCHESTABDPELV",
+    "NOSE", "ORBIT", "OVARY", "PANCREAS", "PAROTID", "PATELLA", "PELVIS", "PENIS", "PHARYNX", "PROSTATE",
+    "RADIUS", "RADIUSULNA", "RECTUM", "RIB", "SCALP", "SCAPULA", "SCLERA", "SCROTUM", "SHOULDER", "SKULL",
+    "SPINE", "SPLEEN", "SSPINE", "STERNUM", "STOMACH", "SUBMANDIBULAR", "TESTIS", "THIGH", "THORAX", "THUMB",
+    "THYMUS", "THYROID", "TIBIA", "TIBIAFIBULA", "TLSPINE", "TMJ", "TOE", "TONGUE", "TRACHEA", "TSPINE", "ULNA",
+    "URETER", "URETHRA", "UTERUS", "VAGINA", "VULVA", "WHOLEBODY", "WRIST", "ZYGOMA",
+))
+# (0028,0004) Photometric Interpretation, PS3.3 C.7.6.3.1.2 (retired ones included).
+PHOTOMETRIC_TERMS = frozenset(("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422",
+                               "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB", "HSV", "ARGB",
+                               "CMYK"))
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+REASON_MAX_CHARS = 200
 
 _MODALITY_NAMES = {
     "CT": "computed tomography",
@@ -94,8 +141,9 @@ _GDCM = "pip install python-gdcm"
 class DicomInfo:
     """What a DICOM file says about its image; no patient identifiers.
 
-    ``view_position`` is (0018,5101) ViewPosition upper-cased (PA, AP, LATERAL, LL, RL, ...)
-    or "" when absent. ``warnings`` lists reasons to treat a prediction with caution.
+    ``view_position`` is (0018,5101) ViewPosition upper-cased (PA, AP, LATERAL, LL, RL, ...; see
+    ``shown_view``), ``UNRECOGNISED`` for text that is no defined view, or "" when absent; ``modality`` and
+    ``photometric_interpretation`` likewise. ``warnings`` lists reasons to treat a prediction with caution.
     """
 
     modality: str
@@ -121,8 +169,51 @@ _VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"
 
 def view_word(view_position: str) -> str:
     """The first word of a ViewPosition ("AP SUPINE" -> "AP", "PA_ERECT" -> "PA"); "" when absent."""
-    words = view_position.replace("_", " ").replace("-", " ").split()
+    words = _view_words(view_position)
     return words[0] if words else ""
+
+
+def _view_words(view_position: str) -> list[str]:
+    return view_position.replace("_", " ").replace("-", " ").split()
+
+
+def shown_term(value: str, terms: Collection[str]) -> str:
+    """``value`` (stripped, upper-cased) where it is one of ``terms``, "" where empty, else ``UNRECOGNISED``:
+    what of a DICOM text attribute may be echoed."""
+    value = value.strip().upper()
+    if not value:
+        return ""
+    return value if value in terms else UNRECOGNISED
+
+
+def shown_view(view_position: str) -> str:
+    """What of a ViewPosition may be echoed: the whole value when each word is a view or a known qualifier
+    ("AP SUPINE") and it fits a Code String; else its first word when that is a view ("AP"); else
+    ``UNRECOGNISED`` ("" when absent). Its first word is the raw value's, so frontal or not is decided alike."""
+    value = view_position.strip().upper()
+    words = _view_words(value)
+    if not words:
+        return ""
+    if words[0] not in VIEW_TERMS:
+        return UNRECOGNISED
+    if len(value) <= CS_MAX_CHARS and all(w in VIEW_TERMS or w in VIEW_QUALIFIERS for w in words):
+        return value
+    return words[0]
+
+
+def described(shown: str) -> str:
+    """A shown value for a sentence: ``UNRECOGNISED`` becomes "an unrecognised value"."""
+    return UNRECOGNISED_TEXT if shown == UNRECOGNISED else shown
+
+
+def _pydicom():
+    """pydicom, imported on first use, with value validation off for reading: its warnings ("Invalid value for
+    VR CS: 'mueller hans'") quote the value, which may be a patient's name, into the log."""
+    import pydicom
+    from pydicom import config
+
+    config.settings.reading_validation_mode = config.IGNORE
+    return pydicom
 
 
 def is_dicom(data: bytes) -> bool:
@@ -149,9 +240,7 @@ def patient_key(path: str | os.PathLike) -> str:
     hash of a short ID can be reversed by trying every ID), so it must never be written out either.
     """
     try:
-        import pydicom
-
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+        ds = _pydicom().dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
         pid = str(ds.get("PatientID", "") or "").strip()
     except Exception:  # pydicom fails with many types on a broken header; decoding reports what is wrong
         return ""
@@ -175,7 +264,7 @@ def read_dicom(data: bytes, name: str) -> tuple[Image.Image, DicomInfo]:
     """
     try:
         # Imported here so the package and ``is_dicom`` work without the optional extra.
-        import pydicom
+        pydicom = _pydicom()
         from pydicom.errors import InvalidDicomError
     except ImportError as exc:
         raise ImageError(
@@ -216,8 +305,26 @@ def _describe_bare(ds: Dataset) -> None:
 
 
 def _reason(exc: Exception) -> str:
-    """An exception as one line for an error message."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    """An exception as one line for an error message, at most ``REASON_MAX_CHARS``, with quoted text left out:
+    pydicom and int()/float() quote the attribute value they failed on ("invalid literal for int(): 'MUELLER'")."""
+    text = f"{type(exc).__name__}: {_QUOTED.sub('<value>', ' '.join(str(exc).split()))}"
+    return text if len(text) <= REASON_MAX_CHARS else text[:REASON_MAX_CHARS - 3] + "..."
+
+
+def _syntax_name(tsyntax: UID) -> str:
+    """A transfer syntax's name where pydicom knows it, else "UID <uid>" (the UID only where it is one: a
+    malformed file can hold any text there)."""
+    from pydicom.uid import UID_dictionary
+
+    if tsyntax in UID_dictionary:
+        return tsyntax.name
+    return f"UID {tsyntax}" if len(tsyntax) <= 64 and _UID.fullmatch(tsyntax) else f"UID {UNRECOGNISED_TEXT}"
+
+
+def _describe_syntax(tsyntax: UID) -> str:
+    """A transfer syntax for messages: name and UID where known (``_syntax_name`` otherwise)."""
+    name = _syntax_name(tsyntax)
+    return name if name.startswith("UID ") else f"{name} ({tsyntax})"
 
 
 def _render(ds: Dataset, name: str) -> tuple[Image.Image, DicomInfo]:
@@ -227,9 +334,9 @@ def _render(ds: Dataset, name: str) -> tuple[Image.Image, DicomInfo]:
                          "presentation state or DICOMDIR: export the radiograph itself")
 
     info = DicomInfo(
-        modality=str(ds.get("Modality", "")).strip().upper(),
-        view_position=str(ds.get("ViewPosition", "")).strip().upper(),
-        photometric_interpretation=str(ds.get("PhotometricInterpretation", "")).strip().upper(),
+        modality=shown_term(str(ds.get("Modality", "")), MODALITY_TERMS),
+        view_position=shown_view(str(ds.get("ViewPosition", ""))),
+        photometric_interpretation=shown_term(str(ds.get("PhotometricInterpretation", "")), PHOTOMETRIC_TERMS),
         bits_stored=int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8),
         transfer_syntax="",
         is_lateral=False,
@@ -241,7 +348,7 @@ def _render(ds: Dataset, name: str) -> tuple[Image.Image, DicomInfo]:
     if tsyntax is None:
         raise ImageError(f"{name}: DICOM file meta has no Transfer Syntax UID (0002,0010), so its pixel "
                          "data cannot be interpreted; re-export it from the PACS or modality")
-    info.transfer_syntax = tsyntax.name
+    info.transfer_syntax = _syntax_name(tsyntax)
 
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if rows < 2 or cols < 2:
@@ -284,13 +391,13 @@ def _check_scope(ds: Dataset, info: DicomInfo, name: str) -> None:
         what = "secondary capture" if is_secondary_capture else f"modality {modality or 'missing'}"
         info.warnings.append(f"{what}: not marked as a CR/DX radiograph; check that it is a chest X-ray")
     else:
-        described = f"{modality} ({_MODALITY_NAMES[modality]})" if modality in _MODALITY_NAMES else modality
-        raise OutOfScopeError(f"{name}: out of scope: DICOM modality is {described}; only CR/DX chest "
+        what = f"{modality} ({_MODALITY_NAMES[modality]})" if modality in _MODALITY_NAMES else described(modality)
+        raise OutOfScopeError(f"{name}: out of scope: DICOM modality is {what}; only CR/DX chest "
                               "radiographs are supported: upload a chest X-ray (modality CR or DX)")
 
     if info.photometric_interpretation not in _GRAY_PHOTOMETRICS + _COLOR_PHOTOMETRICS:
-        raise ImageError(f"{name}: DICOM photometric interpretation '{info.photometric_interpretation}' is not "
-                         f"supported; expected one of {', '.join(_GRAY_PHOTOMETRICS + _COLOR_PHOTOMETRICS)}")
+        raise ImageError(f"{name}: DICOM photometric interpretation {described(info.photometric_interpretation)} "
+                         f"is not supported; expected one of {', '.join(_GRAY_PHOTOMETRICS + _COLOR_PHOTOMETRICS)}")
     if info.photometric_interpretation in _COLOR_PHOTOMETRICS:
         info.warnings.append(f"colour image ({info.photometric_interpretation}) converted to grayscale: "
                              "radiographs are grayscale, so this may be a photo or screenshot")
@@ -298,11 +405,11 @@ def _check_scope(ds: Dataset, info: DicomInfo, name: str) -> None:
         info.warnings.append(f"lateral view ({info.view_position}): the model was trained on frontal (PA/AP) "
                              "radiographs")
     elif not info.is_frontal:
-        info.warnings.append(f"view position {info.view_position}, not frontal (PA/AP): the model was trained on "
-                             "frontal radiographs")
-    body_part = str(ds.get("BodyPartExamined", "")).strip().upper()
+        info.warnings.append(f"view position is {described(info.view_position)}, not frontal (PA/AP): the model "
+                             "was trained on frontal radiographs")
+    body_part = shown_term(str(ds.get("BodyPartExamined", "")), BODY_PART_TERMS)
     if body_part not in _CHEST_BODY_PARTS:
-        info.warnings.append(f"body part examined is {body_part}, not CHEST")
+        info.warnings.append(f"body part examined is {described(body_part)}, not CHEST")
     if str(ds.get("PresentationIntentType", "")).strip().upper() == "FOR PROCESSING":
         info.warnings.append("'FOR PROCESSING' image: raw detector data, which looks unlike the processed "
                              "radiographs the model was trained on; export the 'FOR PRESENTATION' image")
@@ -312,7 +419,7 @@ def _decode_first_frame(ds: Dataset, tsyntax: UID, name: str) -> np.ndarray:
     """The first frame's stored values: (rows, cols) or (rows, cols, 3); YBR_FULL* becomes RGB."""
     from pydicom.pixels import get_decoder, pixel_array
 
-    what = f"{tsyntax.name} ({tsyntax})"
+    what = _describe_syntax(tsyntax)
     packages = _DECODER_PACKAGES.get(str(tsyntax), _GDCM)
     try:
         decoder = get_decoder(tsyntax)
@@ -333,11 +440,12 @@ def _decode_first_frame(ds: Dataset, tsyntax: UID, name: str) -> np.ndarray:
                              f"depth the file declares ({reason}); re-export the file") from exc
         raise ImageError(f"{name}: cannot decode pixel data compressed as {what} ({reason}); the data may be "
                          f"corrupt, or the installed decoder may not support this variant: {packages}") from exc
-    color = str(ds.PhotometricInterpretation).strip().upper() in _COLOR_PHOTOMETRICS
+    photometric = str(ds.PhotometricInterpretation).strip().upper()  # one of the supported: checked before
+    color = photometric in _COLOR_PHOTOMETRICS
     if arr.ndim != (3 if color else 2) or (color and arr.shape[2] != 3):
         expected = "(rows, columns, 3)" if color else "(rows, columns)"
         raise ImageError(f"{name}: decoded pixel data has shape {arr.shape}, expected {expected} for "
-                         f"{ds.PhotometricInterpretation}; the file's image attributes are inconsistent")
+                         f"{photometric}; the file's image attributes are inconsistent")
     if np.issubdtype(arr.dtype, np.integer):
         arr = _limit_to_bits_stored(arr, int(ds.get("BitsStored") or arr.dtype.itemsize * 8),
                                     signed=int(ds.get("PixelRepresentation", 0)) == 1)
@@ -370,7 +478,7 @@ def _gray_to_uint8(arr: np.ndarray, ds: Dataset, info: DicomInfo) -> np.ndarray:
             lo, hi = _window_output_range(ds)
             frac = (apply_windowing(values, ds, index=0) - lo) / (hi - lo)
     except (ValueError, NotImplementedError, TypeError, IndexError) as exc:
-        info.warnings.append(f"VOI LUT/window unusable ({exc}); image shown without it")
+        info.warnings.append(f"VOI LUT/window unusable ({_reason(exc)}); image shown without it")
         frac = None
     if frac is None:
         frac = _full_range_fraction(values, ds)
@@ -387,10 +495,10 @@ def _min_is_white(ds: Dataset, info: DicomInfo) -> bool:
     then refused by the out-of-scope checks rather than answered).
     """
     mono1 = info.photometric_interpretation == "MONOCHROME1"
-    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    shape = shown_term(str(ds.get("PresentationLUTShape", "") or ""), ("INVERSE", "IDENTITY", "LIN OD"))
     if shape not in ("INVERSE", "IDENTITY"):
         if shape:
-            info.warnings.append(f"Presentation LUT Shape {shape!r} is not IDENTITY or INVERSE; ignored")
+            info.warnings.append(f"Presentation LUT Shape {described(shape)} is not IDENTITY or INVERSE; ignored")
         return mono1
     inverse = shape == "INVERSE"
     if inverse != mono1:

@@ -18,16 +18,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
 from .. import __version__
 from ..errors import PneumoscanError
 from .audit import AuditLog
 from .auth import ApiKeys
-from .errors import HTTP_ERROR_TYPES, ApiError, error_response
+from .errors import AUDIT_RETRY_AFTER_S, HTTP_ERROR_TYPES, ApiError, error_response
 from .metrics import ServiceMetrics
 from .middleware import ServiceMiddleware
 from .pool import InferencePool
-from .routes import STATIC_DIR, pages, v1_router
+from .routes import HEAD_ROUTES, STATIC_DIR, method_not_allowed_message, not_found_message, pages, v1_router
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,15 @@ class Service:
                        else "model is loading; retry in a moment")
             raise ApiError(503, "NotReady", message, {"Retry-After": "2"})
         return self.pool
+
+    def require_audit(self) -> None:
+        """Nothing while the audit log can be written; after a failed commit, until a commit succeeds again,
+        ApiError 503 ``AuditError`` (and a probe of the log, so that readiness comes back without traffic)."""
+        failure = self.audit.failure if self.audit is not None else None
+        if failure is not None:
+            self.audit.probe()
+            raise ApiError(503, "AuditError", f"{failure}; predictions are refused until it can be written again",
+                           {"Retry-After": str(AUDIT_RETRY_AFTER_S)})
 
     def load(self) -> None:
         """Load one engine per worker and start the pool (runs in a thread). Any failure, also after the
@@ -162,12 +172,20 @@ def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings]
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(request.scope, exc.status_code, HTTP_ERROR_TYPES.get(exc.status_code, "HTTPError"),
-                              str(exc.detail), exc.headers)
+        status, headers, message = exc.status_code, exc.headers, str(exc.detail)
+        if status == 405:
+            allowed = allowed_methods(request.url.path, (headers or {}).get("Allow", ""))
+            headers = {**(headers or {}), "Allow": ", ".join([*allowed, "OPTIONS"])}
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers=headers)
+            message = method_not_allowed_message(request.method, request.url.path, allowed)
+        elif status == 404:
+            message = not_found_message()
+        return error_response(request.scope, status, HTTP_ERROR_TYPES.get(status, "HTTPError"), message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        problems = "; ".join(validation_problem(e) for e in exc.errors())
         return error_response(request.scope, 400, "BadRequest", problems or "invalid request")
 
     app.include_router(pages)
@@ -175,6 +193,25 @@ def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings]
     _offline_docs(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def allowed_methods(path: str, allow: str) -> list[str]:
+    """The methods ``path`` takes: Starlette's ``Allow`` (the first route on the path), HEAD where a HEAD route
+    of its own stands beside the GET, and GET and HEAD under /static (StaticFiles' 405 names none)."""
+    methods = {m.strip() for m in allow.split(",") if m.strip()}
+    if path in HEAD_ROUTES:
+        methods.add("HEAD")
+    if not methods and path.startswith("/static/"):
+        methods = {"GET", "HEAD"}
+    return sorted(methods)
+
+
+def validation_problem(error: dict) -> str:
+    """One of FastAPI's validation errors in words; a query flag that is not a boolean says which values are."""
+    where = error.get("loc", ())
+    if error.get("type") == "bool_parsing" and len(where) == 2 and where[0] == "query":
+        return f"query parameter {where[1]} is not true or false: use {where[1]}=true or {where[1]}=false"
+    return f"{'.'.join(str(p) for p in where)}: {error.get('msg')}"
 
 
 def _offline_docs(app: FastAPI) -> None:

@@ -9,7 +9,9 @@ identifiers out of those).
 
 The database is in WAL mode with ``synchronous=FULL``: a committed row survives the process
 being killed and a power cut. One writer thread owns the connection and commits whatever rows
-are waiting in one transaction (group commit), so concurrent requests share an fsync.
+are waiting in one transaction (group commit), so concurrent requests share an fsync. After a
+failed commit ``AuditLog.failure`` says why until a commit, or a ``probe`` for the write lock, succeeds
+(the service is not ready meanwhile).
 
 The schema version is SQLite's ``PRAGMA user_version``; ``MIGRATIONS[i]`` takes a database
 from version i to i + 1, and opening a database applies the missing ones in a transaction. A
@@ -68,6 +70,10 @@ class AuditError(RuntimeError):
     """The audit log cannot be opened or written."""
 
 
+# How long a commit waits for another program's lock on the log before it fails
+WRITE_BUSY_TIMEOUT_S = 10.0
+
+
 def utc_now() -> str:
     """The current time as the audit log writes it (ISO 8601, UTC, microseconds): sortable as text."""
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
@@ -110,7 +116,7 @@ def connect(path: str | os.PathLike, migrations: Sequence[Sequence[str]] = MIGRA
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=WRITE_BUSY_TIMEOUT_S)
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         conn.execute("PRAGMA synchronous=FULL")
         _migrate(conn, path, migrations)
@@ -141,8 +147,14 @@ def _migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Sequence
         log.info("%s: audit schema migrated to version %d", path, target)
 
 
+_PROBE = object()  # a queue item that asks the writer whether it can take the write lock
+
+
 class AuditLog:
     """The writer: ``submit(record)`` returns a Future that completes once the row is committed.
+
+    ``failure`` is None while the log can be written, and the reason of the last failed commit after one,
+    until a later commit or ``probe`` succeeds (set by the writer thread, in commit order).
 
     Raises (from the constructor):
         AuditError: see ``connect``.
@@ -150,8 +162,10 @@ class AuditLog:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self.failure: str | None = None
         self._conn = connect(self.path)
-        self._queue: queue.SimpleQueue[tuple[AuditRecord, Future] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[object, Future] | None] = queue.SimpleQueue()
+        self._probing = threading.Lock()  # held while a probe is queued: at most one at a time
         self._thread = threading.Thread(target=self._run, name="pneumoscan-audit", daemon=True)
         self._thread.start()
 
@@ -160,6 +174,15 @@ class AuditLog:
         future: Future = Future()
         self._queue.put((record, future))
         return future
+
+    def probe(self) -> None:
+        """Ask the writer, unless it is already asked, to take the write lock and let it go (a transaction
+        with no rows): where that works, ``failure`` is cleared without waiting for a request to commit."""
+        if not self._probing.acquire(blocking=False):
+            return
+        future: Future = Future()
+        future.add_done_callback(lambda _: self._probing.release())
+        self._queue.put((_PROBE, future))
 
     def close(self) -> None:
         """Commit what is queued, stop the writer and close the database."""
@@ -179,9 +202,12 @@ class AuditLog:
             if batch:
                 self._commit(batch)
 
-    def _commit(self, batch: list[tuple[AuditRecord, Future]]) -> None:
+    def _commit(self, batch: list[tuple[object, Future]]) -> None:
+        """Commit the batch's records in one transaction (a probe alone: an empty one); its futures get the
+        outcome."""
+        records = [record for record, _ in batch if record is not _PROBE]
         try:
-            rows = [dataclasses.astuple(record) for record, _ in batch]
+            rows = [dataclasses.astuple(record) for record in records]
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._conn.executemany(_INSERT, rows)
@@ -190,12 +216,16 @@ class AuditLog:
                 self._conn.execute("ROLLBACK")
                 raise
         except Exception as exc:  # sqlite3.Error, or anything else: the writer thread must live on, and say so
-            log.error("audit log %s: %d row(s) not written (%s)", self.path, len(batch), exc,
+            log.error("audit log %s: %d row(s) not written (%s)", self.path, len(records), exc,
                       exc_info=not isinstance(exc, sqlite3.Error))
             error = AuditError(f"audit log cannot be written ({exc})")
+            self.failure = str(error)
             for _, future in batch:
                 future.set_exception(error)
             return
+        if self.failure is not None:
+            log.info("audit log %s: written again", self.path)
+        self.failure = None
         for _, future in batch:
             future.set_result(None)
 

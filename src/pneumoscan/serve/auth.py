@@ -1,14 +1,15 @@
 """API keys: read from a file at start-up, checked in constant time, known to the audit log only by id.
 
-File format (UTF-8 text), one key per line::
+File format (UTF-8 text, with or without a byte order mark), one key per line::
 
     # comments and blank lines are ignored
     pacs-router  9f2c0e8d4b7a41d6a3f0c5e2b8d7a6c1
     viewer-ward3 0b6e2f5a9c8d7e1f3a4b5c6d7e8f9a0b
 
 A line is ``<key id> <key>`` (whitespace between). A line holding only a key gets the id
-``key-<first 8 hex digits of its SHA-256>``. Keys must be at least 16 characters without
-whitespace (``python -c "import secrets; print(secrets.token_hex(16))"`` makes one). The id is
+``key-<first 8 hex digits of its SHA-256>``. Keys must be at least 16 characters of printable
+ASCII without whitespace (``python -c "import secrets; print(secrets.token_hex(16))"`` makes one):
+a client cannot send anything else in an HTTP header, so such a key could never match. The id is
 what the audit log records; the key itself is never stored or logged.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MIN_KEY_LENGTH = 16
+MAKE_ONE = "make one with: python -c \"import secrets; print(secrets.token_hex(16))\""
 
 
 class ApiKeys:
@@ -39,12 +41,13 @@ class ApiKeys:
         """Read an API key file (format in the module docstring).
 
         Raises:
-            ValueError: the file is unreadable, holds no key, a short key, a repeated key or
-                a repeated id; the message names the line, never the key.
+            ValueError: the file is unreadable, holds no key, a short key, a key that is not printable
+                ASCII, a repeated key or a repeated id; the message names the line, never the key.
         """
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            # utf-8-sig: a BOM (Windows editors write one) would otherwise become part of the first key or id
+            text = path.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"api_key_file {str(path)!r} cannot be read ({exc})") from exc
         keys: dict[str, str] = {}
@@ -57,8 +60,10 @@ class ApiKeys:
             key = words[-1]
             key_id = words[0] if len(words) == 2 else "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
             if len(key) < MIN_KEY_LENGTH:
-                raise ValueError(f"{path}:{number}: key is shorter than {MIN_KEY_LENGTH} characters; "
-                                 "make one with: python -c \"import secrets; print(secrets.token_hex(16))\"")
+                raise ValueError(f"{path}:{number}: key is shorter than {MIN_KEY_LENGTH} characters; {MAKE_ONE}")
+            if not (key.isascii() and key.isprintable()):
+                raise ValueError(f"{path}:{number}: key holds a character that is not printable ASCII, which an "
+                                 f"HTTP header cannot carry, so it could never match; {MAKE_ONE}")
             if key_id in keys:
                 raise ValueError(f"{path}:{number}: key id {key_id!r} is used twice")
             if key in keys.values():

@@ -49,6 +49,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--request_timeout_s", type=float, default=d.request_timeout_s,
                    help="408 for an upload not received, 503 for a request not predicted, within this time "
                         "(default %(default)g)")
+    p.add_argument("--header_timeout_s", type=float, default=d.header_timeout_s,
+                   help="close a connection that has not sent a request's complete headers within this time "
+                        "(default %(default)g)")
     p.add_argument("--decode_workers", type=int, default=d.decode_workers,
                    help="threads decoding a batch's images (0: none; default %(default)d)")
     p.add_argument("--heatmap_max_side", type=int, default=d.heatmap_max_side,
@@ -67,6 +70,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .app import create_app
+    from .protocol import with_header_timeout
 
     parser = _serve_parser()
     args = parser.parse_args(argv)
@@ -84,7 +88,9 @@ def serve_main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
                             log_level="debug" if settings.verbose else "info",
                             proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
-                            # a backstop above the service's own 503s, for floods of idle connections
+                            http=with_header_timeout(settings.header_timeout_s),
+                            # a backstop above the service's own 503s (max_queue); idle connections are closed
+                            # after header_timeout_s, so they hold a place for that long only
                             limit_concurrency=max(256, 4 * settings.max_queue),
                             # long enough for a request in progress to be read, predicted and logged
                             timeout_graceful_shutdown=int(2 * settings.request_timeout_s) + 10)

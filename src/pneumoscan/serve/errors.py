@@ -30,6 +30,10 @@ class UploadTooLarge(ApiError):
                                                 "accepts (--max_upload_mb); send a smaller file")
 
 
+# Seconds a client is told to wait after an AuditError: a lock another program holds is often let go by then.
+AUDIT_RETRY_AFTER_S = 5
+
+
 # HTTP statuses that Starlette raises itself (routing, parsing), and their error_type.
 HTTP_ERROR_TYPES = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed",
                     413: "UploadTooLarge", 503: "Overloaded"}

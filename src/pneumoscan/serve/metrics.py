@@ -6,6 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Paths named in metric labels; anything else is counted as "other" so labels stay few.
 KNOWN_PATHS = ("/", "/healthz", "/readyz", "/metrics", "/v1/predict", "/v1/model", "/docs", "/openapi.json")
+# Methods named in metric labels (RFC 9110's and PATCH); any other token a client sends is counted as "other".
+KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -13,6 +15,10 @@ def path_label(path: str) -> str:
     if path in KNOWN_PATHS:
         return path
     return "/static" if path.startswith("/static/") else "other"
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "other"
 
 
 class ServiceMetrics:

@@ -23,14 +23,22 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .audit import AuditError, AuditRecord, utc_now
-from .errors import FORM_OVERHEAD_BYTES, UploadTooLarge, error_response
-from .metrics import path_label
+from .errors import AUDIT_RETRY_AFTER_S, FORM_OVERHEAD_BYTES, UploadTooLarge, error_response
+from .metrics import method_label, path_label
 
 log = logging.getLogger(__name__)
 
 
 def is_audited(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
+
+
+def standard_headers(request_id: str, audited: bool) -> dict[str, str]:
+    """The headers every response carries; a /v1 answer is about one patient's film, so never cached."""
+    headers = {"X-Request-ID": request_id, "X-Content-Type-Options": "nosniff"}
+    if audited:
+        headers["Cache-Control"] = "no-store"
+    return headers
 
 
 class ServiceMiddleware:
@@ -68,20 +76,18 @@ class ServiceMiddleware:
                 started = True
                 status = message["status"]
                 latency = time.perf_counter() - t0
-                headers = MutableHeaders(scope=message)
-                headers["X-Request-ID"] = request_id
-                headers["X-Content-Type-Options"] = "nosniff"
+                MutableHeaders(scope=message).update(standard_headers(request_id, audited))
                 if record is not None:
-                    headers["Cache-Control"] = "no-store"
                     record.status, record.latency_ms = status, round(latency * 1000.0, 3)
                     try:
                         await self._commit(record)
                     except AuditError as exc:
                         replaced = True
                         status = 503
+                        headers = {**standard_headers(request_id, audited), "Retry-After": str(AUDIT_RETRY_AFTER_S)}
                         response = error_response(scope, 503, "AuditError",
                                                   f"{exc}; the request was not processed into the record, "
-                                                  "so no answer is given", {"X-Request-ID": request_id})
+                                                  "so no answer is given", headers)
                         await response(scope, receive, send)
                         self._observe(scope, status, time.perf_counter() - t0, None)
                         return
@@ -133,7 +139,7 @@ class ServiceMiddleware:
     def _observe(self, scope: Scope, status: int, seconds: float, record: AuditRecord | None) -> None:
         metrics = self.service.metrics
         label = path_label(scope["path"])
-        metrics.requests.labels(scope["method"], label, str(status)).inc()
+        metrics.requests.labels(method_label(scope["method"]), label, str(status)).inc()
         metrics.latency.labels(label).observe(seconds)
         error_type = scope["state"].get("error_type")
         if error_type is not None and is_audited(scope["path"]):  # /v1 requests only, as the metric says

@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect
 
 from ..inference import InferenceFailure
 from .errors import ApiError
+from .metrics import KNOWN_METHODS
 from .pool import Overloaded
 from .schemas import Error, Health, ModelInfo, Prediction
 from .settings import ServeSettings
@@ -43,6 +44,14 @@ ERRORS = {status: {"model": Error, "description": text} for status, text in (
     (503, "busy or still loading: retry after the Retry-After header's seconds"),
 )}
 
+# The query parameters POST /v1/predict takes; any other is refused, so that a misspelt one is not ignored.
+PREDICT_PARAMS = ("heatmap",)
+PREDICT_CALL = (f"POST /v1/predict with the film as multipart field '{FIELD}' (or as the body with Content-Type "
+                "application/dicom, image/jpeg or image/png)")
+# What to call instead, for the API's paths; other known paths are named with the methods they take.
+CALLS = {"/v1/predict": PREDICT_CALL, "/v1/model": "GET /v1/model"}
+SHOWN_NAME_CHARS = 40
+
 pages = APIRouter()
 
 
@@ -59,9 +68,11 @@ async def healthz() -> Health:
 
 @pages.get("/readyz", response_model=Health, responses={503: {"model": Error}}, tags=["health"])
 async def readyz(request: Request) -> Health:
-    """Readiness: 200 once the model is loaded and predictions are served; 503 before."""
+    """Readiness: 200 once the model is loaded and the audit log can be written; 503 before, and after a failed
+    audit commit until one succeeds (a probe for the log's write lock runs meanwhile)."""
     service = request.app.state.service
     service.require_ready()
+    service.require_audit()
     return Health(status="ready", model_version=service.model_version)
 
 
@@ -69,6 +80,14 @@ async def readyz(request: Request) -> Health:
 async def metrics(request: Request) -> Response:
     """Prometheus text format: requests by status, latency, predictions by class and risk, refusals by reason."""
     return Response(generate_latest(request.app.state.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# HEAD, for uptime checks and probes that send it, as routes of their own outside /docs (one route with both
+# methods puts one operation id twice into the OpenAPI document); registered after GET, so a 405's Allow from
+# Starlette names GET, and the app's handler adds HEAD for these paths.
+HEAD_ROUTES = {"/": page, "/healthz": healthz, "/readyz": readyz, "/metrics": metrics}
+for _path, _endpoint in HEAD_ROUTES.items():
+    pages.head(_path, include_in_schema=False)(_endpoint)
 
 
 def v1_router(api_keys: bool) -> APIRouter:
@@ -81,6 +100,7 @@ def v1_router(api_keys: bool) -> APIRouter:
     async def predict(request: Request, heatmap: bool = Query(
             False, description="add the Grad-CAM overlay of the predicted class as a PNG data URI")) -> Prediction:
         """Predict pneumonia on one chest radiograph (multipart field `file`, or the raw image as the body)."""
+        refuse_unknown_params(request, PREDICT_PARAMS)
         service = request.app.state.service
         pool = service.require_ready()
         record = request.state.audit
@@ -138,6 +158,28 @@ async def _read_in_time(request: Request, settings: ServeSettings):
     except ClientDisconnect as exc:
         raise ApiError(400, "ClientDisconnected", "the client closed the connection before the upload was "
                                                   "complete; nothing was predicted") from exc
+
+
+def refuse_unknown_params(request: Request, known: tuple[str, ...]) -> None:
+    """Raises ApiError 400 ``BadRequest`` naming the query parameters not in ``known`` (each cut to a few
+    characters: the answer goes into the audit log)."""
+    unknown = [name for name in dict.fromkeys(request.query_params) if name not in known]
+    if unknown:
+        shown = ", ".join(repr(name[:SHOWN_NAME_CHARS]) for name in unknown)
+        raise ApiError(400, "BadRequest", f"unknown query parameter {shown} for {request.method} {request.url.path}; "
+                                          f"it takes {', '.join(known)} (e.g. ?heatmap=true)")
+
+
+def not_found_message() -> str:
+    """A 404's text: what the API's calls are (the unknown path is in the audit row, not repeated here)."""
+    return f"no such path; the API is {PREDICT_CALL}, and GET /v1/model; the page is at /, its docs at /docs"
+
+
+def method_not_allowed_message(method: str, path: str, allowed: list[str]) -> str:
+    """A 405's text: the call to make on ``path`` instead (``path`` is one of the app's, so safe to repeat)."""
+    call = CALLS.get(path) or " or ".join(f"{m} {path}" for m in allowed)
+    shown = method if method in KNOWN_METHODS else "this method"
+    return f"{path} does not take {shown}: use {call}; see /docs"
 
 
 def reason(error: str) -> str:

@@ -22,7 +22,9 @@ class Prediction(BaseModel):
     model_version: str
     threshold: float = Field(description="operating threshold on P(PNEUMONIA)")
     calibrated: bool = Field(description="whether the probabilities are calibrated (temperature; a site's intercept)")
-    view_position: str | None = Field(None, description="DICOM ViewPosition, when the input is DICOM")
+    view_position: str | None = Field(None, description="DICOM ViewPosition when it is a defined term (PA, AP, LL, "
+                                                       "...); 'unrecognised' for any other text, which is never "
+                                                       "echoed; null when absent or not DICOM")
     input_sha256: str = Field(description="SHA-256 of the uploaded image, as the audit log records it")
     heatmap: str | None = Field(None, description="with ?heatmap=true: Grad-CAM overlay of the predicted class, "
                                                   "a PNG data URI")

@@ -29,6 +29,9 @@ class ServeSettings:
             answered 503 with Retry-After. Memory in use is at most about max_queue x max_upload_mb.
         request_timeout_s: an upload not received within this long gets 408, a request whose prediction has
             not finished after this long gets 503.
+        header_timeout_s: a connection that has not sent a request's complete headers this long after it
+            opened (or after the first byte of its next request) is closed, so idle sockets cannot fill the
+            server's connection limit.
         device: ``auto``, ``cpu`` or ``cuda``.
         backend: what runs the model (the engine's ``backend``: ``auto``, ``torch``, ``onnx``,
             ``onnx-int8``); None leaves the engine's default.
@@ -50,6 +53,7 @@ class ServeSettings:
     batch_wait_ms: float = 5.0
     max_queue: int = 32
     request_timeout_s: float = 60.0
+    header_timeout_s: float = 10.0
     device: str = "auto"
     backend: str | None = None
     decode_workers: int = 2
@@ -77,8 +81,9 @@ class ServeSettings:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ValueError(f"batch_wait_ms must be between 0 and 1000, got {self.batch_wait_ms}")
-        if not self.request_timeout_s > 0:
-            raise ValueError(f"request_timeout_s must be above 0, got {self.request_timeout_s}")
+        for name in ("request_timeout_s", "header_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be above 0, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; choose one of auto, cpu, cuda")
         if self.backend is not None and self.backend not in BACKENDS:

@@ -5,7 +5,9 @@ carries patient identifiers, so it is read here into memory only (its size is bo
 ``--max_upload_mb``, which the middleware enforces while the body streams). Accepted:
 ``multipart/form-data`` with one part named ``file`` (what browsers and ``curl -F`` send), or
 the image as the raw body with ``Content-Type: application/dicom``, ``image/jpeg``,
-``image/png`` or ``application/octet-stream`` (what DICOMweb STOW clients and routers send).
+``image/png`` or ``application/octet-stream`` (what scripts, ``curl --data-binary`` and DICOM routers
+configured for a plain HTTP POST send). A DICOMweb STOW-RS client sends ``multipart/related``, which
+is not accepted: such a client needs a STOW-RS endpoint in front that posts each instance here.
 """
 
 from __future__ import annotations
