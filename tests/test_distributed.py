@@ -61,6 +61,35 @@ def test_ddp_resume_continues_from_the_last_epoch(ddp_run):
     assert "resumed from" in (out / "training.log").read_text()
 
 
+def test_ddp_resume_with_only_the_flags_it_needs_continues_rank_0_s_recipe_on_every_rank(ddp_run, tmp_path):
+    """The run's own flags (64 px, width 0.25, batch 16) come from rank 0's checkpoint_last.pth on every rank: rank 1
+    here cannot read the file, as on a node without it (before, each rank built its config from its own disk, and
+    the ranks trained different networks)."""
+    root, out, args, _ = ddp_run
+    resumed = tmp_path / "out"
+    shutil.copytree(out, resumed)
+    wrapper = tmp_path / "rank_1_without_the_file.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        "from pneumoscan import train\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    def unreadable(path, *a, **k):\n"
+        "        raise OSError(f'rank 1 read {path}')\n"
+        "    train.load_checkpoint = unreadable\n"
+        "from pneumoscan.__main__ import main\n"
+        "sys.exit(main())\n")
+    data, cache = args[args.index("--data_dir") + 1], args[args.index("--cache_dir") + 1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([*TORCHRUN, str(wrapper), "train", "--data_dir", data, "--output_dir", str(resumed),
+                           "--cache_dir", cache, "--device", "cpu", "--epochs", "2", "--resume"], cwd=root,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((resumed / "training_results.json").read_text())
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+    assert (results["config"]["image_size"], results["config"]["width"], results["config"]["batch_size"]) == (
+        64, 0.25, 16)
+
+
 def test_ddp_an_error_on_rank_0_stops_every_rank_with_its_message(ddp_run):
     # rank 0 reads checkpoint_last.pth for everyone: when it is missing, the other rank must not wait
     # for it until the process group's 30-minute timeout
@@ -120,14 +149,14 @@ def test_a_rank_that_cannot_write_its_share_stops_the_merge_and_keeps_the_other_
     folder.mkdir()
     for f in smoke_files["NORMAL"][:4]:
         (folder / f.name).symlink_to(f)
-    (tmp_path / ".out.rank1-of-2.jsonl").mkdir()  # rank 1's part file cannot be written
+    (tmp_path / ".out.jsonl.rank1-of-2.part").mkdir()  # rank 1's part file cannot be written
     proc = torchrun("predict", "--image_dir", str(folder), "--model_path", str(trained_model), "--device", "cpu",
                     "--output_path", str(tmp_path / "out.jsonl"), cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     assert "Is a directory" in proc.stderr and "1 of 2 rank(s) could not finish their share" in proc.stderr
     assert "Connection closed by peer" not in proc.stderr  # rank 0 did not try to merge and crash
     assert not (tmp_path / "out.jsonl").exists()
-    assert len((tmp_path / ".out.rank0-of-2.jsonl").read_text().splitlines()) == 2  # rank 0's share is kept
+    assert len((tmp_path / ".out.jsonl.rank0-of-2.part").read_text().splitlines()) == 2  # rank 0's share is kept
 
 
 @pytest.mark.parametrize("where", ["while predicting", "while loading the model"])
@@ -197,7 +226,7 @@ def test_a_sharded_jsonl_run_resumes_with_the_folder_spelled_another_way(tmp_pat
     lines = (tmp_path / "one.jsonl").read_text().splitlines(keepends=True)
     # an interrupted 2-rank run with a relative --image_dir: each rank's part holds its first file only
     for rank in range(2):
-        (tmp_path / f".two.rank{rank}-of-2.jsonl").write_text(lines[rank::2][0])
+        (tmp_path / f".two.jsonl.rank{rank}-of-2.part").write_text(lines[rank::2][0])
     proc = torchrun("predict", "--image_dir", str(folder), *common, "--output_path", str(tmp_path / "two.jsonl"),
                     "--resume", cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -219,7 +248,7 @@ def test_a_sharded_resume_takes_a_single_run_s_output_and_another_process_count_
     lines = (tmp_path / "one.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "two.jsonl").write_text(lines[0])  # a one-process run stopped after its first film,
     for rank in range(3):  # then a 3-process run stopped after one film each
-        (tmp_path / f".two.rank{rank}-of-3.jsonl").write_text(lines[1 + rank])
+        (tmp_path / f".two.jsonl.rank{rank}-of-3.part").write_text(lines[1 + rank])
     proc = torchrun("predict", *common, "--output_path", "two.jsonl", "--resume", cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = (tmp_path / "two.jsonl").read_text().splitlines(keepends=True)

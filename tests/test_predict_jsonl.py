@@ -123,27 +123,46 @@ def test_one_process_resumes_the_part_files_of_an_interrupted_torchrun_run(folde
     out = tmp_path / "r.jsonl"
     out.write_text("".join(lines[:2]))  # an earlier result file, and a 3-process run's parts, each cut short
     for rank in range(3):
-        (tmp_path / f".r.rank{rank}-of-3.jsonl").write_text("".join(lines[2 + rank:8:3]) + '{"image_pa')
+        (tmp_path / f".r.jsonl.rank{rank}-of-3.part").write_text("".join(lines[2 + rank:8:3]) + '{"image_pa')
     gone = tmp_path / "gone.jpeg"  # a film listed in a part then removed from the folder: its line is kept
-    (tmp_path / ".r.rank0-of-3.jsonl").write_text(
-        (tmp_path / ".r.rank0-of-3.jsonl").read_text().rsplit("\n", 1)[0] + "\n"
+    (tmp_path / ".r.jsonl.rank0-of-3.part").write_text(
+        (tmp_path / ".r.jsonl.rank0-of-3.part").read_text().rsplit("\n", 1)[0] + "\n"
         + json.dumps({**json.loads(lines[0]), "image_path": str(gone)}) + "\n")
     assert run(folder, out, trained_model) == 2  # without --resume: refused, nothing touched
-    assert len(list(tmp_path.glob(".r.rank*"))) == 3 and out.read_text() == "".join(lines[:2])
+    assert len(list(tmp_path.glob(".r.jsonl.rank*"))) == 3 and out.read_text() == "".join(lines[:2])
     assert run(folder, out, trained_model, "--resume") == 1  # the folder's broken files
     merged = [json.loads(line)["image_path"] for line in out.read_text().splitlines()]
     listed = [json.loads(line)["image_path"] for line in lines]
     assert merged[:8] == listed[:8]  # the results already there, the parts' in listing order
     assert merged[8] == str(gone) and merged[9:] == listed[8:]  # then the unlisted one; the rest predicted
-    assert list(tmp_path.glob(".r.rank*")) == []
+    assert list(tmp_path.glob(".r.jsonl.rank*")) == []
     assert out.read_text().splitlines(keepends=True)[:8] == lines[:8]  # earlier results kept byte for byte
 
 
 def test_part_files_without_resume_are_refused_not_left_behind(folder, tmp_path, trained_model, capsys):
-    (tmp_path / ".r.rank0-of-2.jsonl").write_text('{"image_path": "x"}\n')
+    (tmp_path / ".r.jsonl.rank0-of-2.part").write_text('{"image_path": "x"}\n')
     assert run(folder, tmp_path / "r.jsonl", trained_model) == 2
     assert "part files of an interrupted run" in capsys.readouterr().err and not (tmp_path / "r.jsonl").exists()
-    assert (tmp_path / ".r.rank0-of-2.jsonl").read_text() == '{"image_path": "x"}\n'
+    assert (tmp_path / ".r.jsonl.rank0-of-2.part").read_text() == '{"image_path": "x"}\n'
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(folder, tmp_path, trained_model, capsys):
+    from pneumoscan.atomic import output_lock
+
+    out = tmp_path / "r.jsonl"
+    (tmp_path / ".r.jsonl.rank0-of-2.part").write_text('{"image_path": "x"}\n')  # the first run's live part
+    with output_lock(out):  # as the first run holds it (another process: the same flock)
+        assert run(folder, out, trained_model, "--resume") == 2
+    assert "another run is writing" in capsys.readouterr().err
+    assert (tmp_path / ".r.jsonl.rank0-of-2.part").exists() and not out.exists()  # its part neither folded nor gone
+    assert not (tmp_path / ".r.jsonl.lock").exists()
+
+
+def test_the_parts_of_a_json_run_are_not_those_of_a_jsonl_run_of_the_same_stem(folder, tmp_path, trained_model):
+    (tmp_path / ".r.json.rank0-of-2.part").write_text('{"image_path": "elsewhere.jpeg"}\n')
+    assert run(folder, tmp_path / "r.jsonl", trained_model, "--resume") == 1
+    assert "elsewhere" not in (tmp_path / "r.jsonl").read_text()  # not taken in
+    assert (tmp_path / ".r.json.rank0-of-2.part").exists()  # nor removed
 
 
 def test_resume_refuses_part_files_of_another_model_and_changes_nothing(folder, tmp_path, trained_model, capsys):
@@ -152,10 +171,10 @@ def test_resume_refuses_part_files_of_another_model_and_changes_nothing(folder, 
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:3]))
     other = {**json.loads(lines[5]), "threshold": 0.99}
-    (tmp_path / ".r.rank1-of-2.jsonl").write_text(json.dumps(other) + "\n")
+    (tmp_path / ".r.jsonl.rank1-of-2.part").write_text(json.dumps(other) + "\n")
     assert run(folder, out, trained_model, "--resume") == 2
     assert "at threshold 0.99" in capsys.readouterr().err
-    assert out.read_text() == "".join(lines[:3]) and (tmp_path / ".r.rank1-of-2.jsonl").exists()
+    assert out.read_text() == "".join(lines[:3]) and (tmp_path / ".r.jsonl.rank1-of-2.part").exists()
 
 
 def test_resume_needs_jsonl(folder, tmp_path, trained_model):

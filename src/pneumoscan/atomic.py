@@ -52,6 +52,36 @@ def _link_or_refuse(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+@contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``path``'s lock file (``.NAME.lock`` beside it) while the block runs: a second run
+    writing the same output is refused instead of folding, replacing or deleting the first one's files.
+
+    Raises:
+        OutputPathError: another process holds the lock.
+    """
+    import fcntl
+
+    from .errors import OutputPathError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputPathError(f"another run is writing {path} now (it holds {lock.name}): wait for it to end, "
+                                  f"or give another --output_path") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # while still held: a later run makes a new one
+    finally:
+        os.close(fd)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:

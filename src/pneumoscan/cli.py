@@ -7,18 +7,19 @@ Each ``*_main(argv)`` parses flags, configures logging once, and returns an exit
 from __future__ import annotations
 
 import argparse
-import glob
+import contextlib
 import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from .atomic import check_writable, refuse_input_suffix, same_file
-from .errors import CheckpointError, DataError, OutputPathError, PneumoscanError
+from .errors import DataError, OutputPathError, PneumoscanError
 from .names import printable
 
 log = logging.getLogger("pneumoscan")
@@ -153,22 +154,6 @@ def _train_parser() -> argparse.ArgumentParser:
 REPLACED_LOG = "training.replaced.log"  # where --overwrite moves the log of the run it replaces
 
 
-def _resumed_config(args) -> dict:
-    """With ``--resume``, the config of the run in ``--output_dir`` (its flags stand for those not given again, so a
-    resumed run goes on with its own recipe); {} without a readable checkpoint_last.pth (training then says why)."""
-    from .checkpoint import load_checkpoint
-    from .config import TrainConfig
-    from .train import LAST_FILE
-
-    if not args.resume:
-        return {}
-    path = Path(args.output_dir or TrainConfig.output_dir) / LAST_FILE
-    try:
-        return dict(load_checkpoint(path).get("config", {})) if path.is_file() else {}
-    except CheckpointError:
-        return {}
-
-
 def train_main(argv: list[str] | None = None) -> int:
     """``pneumoscan train`` / ``train_medical_model.py``."""
     from .config import TrainConfig
@@ -179,8 +164,9 @@ def train_main(argv: list[str] | None = None) -> int:
     args = _train_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("preset", "verbose")}
     try:
-        resumed = _resumed_config(args)
-        cfg = TrainConfig.from_overrides(args.preset, resumed, **overrides)
+        cfg = TrainConfig.from_overrides(args.preset, **overrides)
+        # with --resume, the flags not given again are the continued run's own (train.read_last_checkpoint)
+        given = {k for k, v in overrides.items() if v is not None} | ({"preset"} if args.preset else set())
         if args.cv_fold is not None and not cfg.cv_folds:  # 0 is the default, so the config cannot tell
             raise ValueError(f"--cv_fold {args.cv_fold} needs --cv_folds K (K >= 2)")
         if args.fallback_width and not cfg.max_train_minutes:
@@ -204,7 +190,7 @@ def train_main(argv: list[str] | None = None) -> int:
             run_cv(cfg)
             log.info("cross-validation written to %s (cv_summary.txt, cv_results.json)", cfg.output_dir)
             return EXIT_OK
-        results = run_training(cfg)
+        results = run_training(cfg, given)
     except PneumoscanError as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
@@ -320,19 +306,36 @@ def _predict_jsonl(engine, files: list, args) -> tuple[int, int]:
 
 
 def _part_path(output_path: str, rank: int, world_size: int) -> Path:
+    """Rank ``rank``'s share under torchrun: JSON Lines, named for the whole output name (``out.json`` and
+    ``out.jsonl`` have their own)."""
     out = Path(output_path)
-    return out.with_name(f".{out.stem}.rank{rank}-of-{world_size}.jsonl")
+    return out.with_name(f".{out.name}.rank{rank}-of-{world_size}.part")
 
 
 def _left_parts(output_path: str) -> list[Path]:
     """Part files an earlier run left beside ``output_path``, whatever its number of processes."""
     out = Path(output_path)
-    return sorted(p for p in out.parent.glob(f".{glob.escape(out.stem)}.rank*-of-*.jsonl") if p.is_file())
+    name = re.compile(rf"\.{re.escape(out.name)}\.rank\d+-of-\d+\.part")
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.iterdir() if name.fullmatch(p.name) and p.is_file())
 
 
 def _keys(path) -> tuple[str, str]:
     """The two spellings under which a JSON Lines file may hold ``path``: as listed and resolved."""
     return printable(str(path)), _same_file_key(path)
+
+
+def _drop_json_parts(output_path: str) -> set[str]:
+    """Rank 0, before a ``.json`` run under torchrun: the parts an interrupted run of it left cannot be resumed
+    (a .json document is written only at the end); they are replaced, with a warning. Returns no files done."""
+    parts = _left_parts(output_path)
+    if parts:
+        log.warning("predicting again the files of an interrupted run to %s (a .json run cannot be resumed; a "
+                    ".jsonl one can): its part files %s are replaced", output_path, ", ".join(p.name for p in parts))
+        for part in parts:
+            part.unlink()
+    return set()
 
 
 def _prepare_jsonl_output(output_path: str, files: list, resume: bool, engine) -> set[str]:
@@ -409,8 +412,8 @@ def _predict_sharded(engine, files: list, args, world) -> tuple[int, int]:
 
     jsonl = args.output_path.lower().endswith(".jsonl")
     part = _part_path(args.output_path, world.rank, world.world_size)
-    done = (from_main(lambda: _prepare_jsonl_output(args.output_path, files, args.resume, engine), world)
-            if jsonl else set())
+    done = from_main(lambda: _prepare_jsonl_output(args.output_path, files, args.resume, engine) if jsonl
+                     else _drop_json_parts(args.output_path), world)
     todo = [f for f in files if not done & set(_keys(f))]
     if done:
         log.info("--resume: %d of %d file(s) already in %s; predicting the other %d", len(files) - len(todo),
@@ -419,7 +422,7 @@ def _predict_sharded(engine, files: list, args, world) -> tuple[int, int]:
     log.info("rank %d of %d: %d of the %d file(s)", world.rank, world.world_size, len(shard), len(todo))
     failure = None
     try:
-        part.unlink(missing_ok=True)  # a .json run's part left by an interrupted run (a .jsonl's was merged)
+        part.unlink(missing_ok=True)  # left parts were folded in or dropped above: this one is new (or no file)
         _stream_jsonl(engine, shard, part, False, args.heatmap_dir, progress=world.is_main)
     except (PneumoscanError, ValueError, OSError) as exc:  # every rank must still reach the count below
         failure = exc
@@ -566,10 +569,6 @@ def predict_main(argv: list[str] | None = None) -> int:
 
 
 def _predict(args, world, jsonl: bool) -> int:
-    import torch
-
-    from .inference import MedicalImageInference, list_inputs
-
     if args.image_path is not None:
         try:
             found = Path(args.image_path).is_file()
@@ -580,25 +579,8 @@ def _predict(args, world, jsonl: bool) -> int:
             log.error("image_path %r does not exist or is not a file", args.image_path)
             return EXIT_BAD_INPUT
     try:
-        files = [Path(args.image_path)] if args.image_path else list_inputs(args.image_dir, not args.no_recursive)
-        if not files:
-            raise DataError(f"no .jpg, .jpeg, .png or DICOM files found in {args.image_dir}")
-        if args.output_path:  # before any image is predicted, not after; every rank (each writes beside it)
-            _refuse_writing_over_inputs(args.output_path, files, args.model_path)
-            check_writable(args.output_path)
-        if args.heatmap_dir:
-            check_writable(args.heatmap_dir, "--heatmap_dir", folder=True)
-        device = args.device
-        if world.distributed and device != "cpu" and torch.cuda.is_available():
-            device = f"cuda:{world.local_rank % torch.cuda.device_count()}"  # one GPU per rank
-        engine = MedicalImageInference(args.model_path, device=device, threshold=args.threshold,
-                                       batch_size=args.batch_size, decode_workers=args.decode_workers,
-                                       backend=args.backend, calibration_dir=args.calibration_dir)
-        log.info("predicting %d file(s)", len(files))
-        if world.distributed:
-            _, failed = _predict_sharded(engine, files, args, world)
-        else:
-            _, failed = (_predict_jsonl if jsonl else _predict_document)(engine, files, args)
+        with contextlib.ExitStack() as held:
+            return _predict_files(args, world, jsonl, held)
     except (PneumoscanError, ValueError, OSError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
@@ -606,6 +588,36 @@ def _predict(args, world, jsonl: bool) -> int:
         if jsonl:
             log.error("interrupted; every finished file is in %s: continue with --resume", args.output_path)
         return 130
+
+
+def _predict_files(args, world, jsonl: bool, held: contextlib.ExitStack) -> int:
+    """``_predict``'s work; ``held`` keeps the output's lock (rank 0) until it returns."""
+    import torch
+
+    from .atomic import output_lock
+    from .inference import MedicalImageInference, list_inputs
+
+    files = [Path(args.image_path)] if args.image_path else list_inputs(args.image_dir, not args.no_recursive)
+    if not files:
+        raise DataError(f"no .jpg, .jpeg, .png or DICOM files found in {args.image_dir}")
+    if args.output_path:  # before any image is predicted, not after; every rank (each writes beside it)
+        _refuse_writing_over_inputs(args.output_path, files, args.model_path)
+        check_writable(args.output_path)
+        if world.is_main:  # one run per output: a second would fold, replace or delete the first one's files
+            held.enter_context(output_lock(args.output_path))
+    if args.heatmap_dir:
+        check_writable(args.heatmap_dir, "--heatmap_dir", folder=True)
+    device = args.device
+    if world.distributed and device != "cpu" and torch.cuda.is_available():
+        device = f"cuda:{world.local_rank % torch.cuda.device_count()}"  # one GPU per rank
+    engine = MedicalImageInference(args.model_path, device=device, threshold=args.threshold,
+                                   batch_size=args.batch_size, decode_workers=args.decode_workers,
+                                   backend=args.backend, calibration_dir=args.calibration_dir)
+    log.info("predicting %d file(s)", len(files))
+    if world.distributed:
+        _, failed = _predict_sharded(engine, files, args, world)
+    else:
+        _, failed = (_predict_jsonl if jsonl else _predict_document)(engine, files, args)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
