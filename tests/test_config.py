@@ -146,7 +146,7 @@ def _capture_config(monkeypatch):
 
     seen = {}
 
-    def fake_run_training(cfg):
+    def fake_run_training(cfg, given=None):
         seen["cfg"] = cfg
         return {"model_path": "nowhere"}
 

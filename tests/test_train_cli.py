@@ -164,6 +164,9 @@ def test_a_resumed_run_keeps_its_own_recipe_for_the_flags_not_given_again(traine
     assert (config["preset"], config["augment"], config["loss"], config["mixup"], config["lr"]) == (
         "fast", "light", "weighted_ce", 0.2, 2e-3)  # before: full's strong augmentation and focal loss from epoch 2
     assert config["epochs"] == 2 and len(read_history(out)) == 2
+    first_run = len((out / "training.log").read_text())
+    assert train_main([*argv, "--epochs", "3", "--preset", "full", "--resume"]) == 2  # another recipe: refused
+    assert "cannot --resume with a different preset: 'fast' -> 'full'" in (out / "training.log").read_text()[first_run:]
 
 
 def test_a_cosine_run_resumed_with_other_epochs_is_refused(trained_run, tmp_path, smoke_args):

@@ -7,6 +7,7 @@ and into every checkpoint so that a run can be repeated and a model explained.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from .augment import LEVELS
@@ -151,19 +152,22 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def continued(self, stored: dict, given: Collection[str]) -> TrainConfig:
+        """This config with the values of the run ``--resume`` continues (``stored``: its config) for every field
+        not in ``given`` (the flags given again), the preset included, but ``RESUME_OWN``."""
+        fields = {f.name for f in dataclasses.fields(self)} - set(RESUME_OWN) - set(given)
+        if stored.get("fallback_width") and stored.get("width") == stored["fallback_width"]:
+            fields.discard("width")  # the speed check's choice, not the width asked: --resume keeps it (budget.py)
+        return dataclasses.replace(self, **{k: v for k, v in stored.items() if k in fields})
+
     @classmethod
-    def from_overrides(cls, preset: str | None = "full", resumed: dict | None = None, **overrides) -> TrainConfig:
-        """Defaults, then the preset's values, then (``resumed``: the config of the run ``--resume`` continues) that
-        run's values but ``RESUME_OWN``, then the explicit overrides. ``preset`` None: the resumed run's, or full."""
-        resumed = resumed or {}
-        preset = preset or resumed.get("preset") or "full"
+    def from_overrides(cls, preset: str | None = "full", **overrides) -> TrainConfig:
+        """Defaults, then the preset's values (None: full), then the explicit overrides."""
+        preset = preset or "full"
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         given = {k: v for k, v in overrides.items() if v is not None}
-        fields = {f.name for f in dataclasses.fields(cls)} - set(RESUME_OWN) - {"preset"}
-        if resumed.get("fallback_width") and resumed.get("width") == resumed["fallback_width"]:
-            fields.discard("width")  # the speed check's choice, not the width asked: --resume keeps it (budget.py)
-        values = {**PRESETS[preset], **{k: v for k, v in resumed.items() if k in fields}, **given}
+        values = {**PRESETS[preset], **given}
         if "width" in given and "fallback_width" not in given:  # an explicit --width is kept on any machine
             values["fallback_width"] = 0.0
         return cls(preset=preset, **values)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -49,13 +50,13 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "medical_cnn_model.pth"
 LAST_FILE = "checkpoint_last.pth"
 # Config fields that must not change when resuming a run (flags not given again keep the run's own values,
-# cli._resumed_config). init_from fixes the input normalisation; the restored schedule keeps eval_metric, lr_factor,
+# TrainConfig.continued). init_from fixes the input normalisation; the restored schedule keeps eval_metric, lr_factor,
 # lr_patience and min_lr, the restored optimiser lr and weight_decay; loss, focal_gamma, augment, mixup and
 # batch_size would change the recipe halfway (and the validation loss the best epoch was chosen by).
 _RESUME_FIXED = ("arch", "width", "image_size", "in_channels", "dropout", "seed", "val_fraction", "cv_folds",
                  "cv_fold", "cv_holdout", "patients_csv_sha256", "lr_schedule", "init_from",
                  "intensity", "freeze_blocks", "eval_metric", "lr_factor", "lr_patience", "min_lr", "lr",
-                 "weight_decay", "loss", "focal_gamma", "augment", "mixup", "batch_size")
+                 "weight_decay", "loss", "focal_gamma", "augment", "mixup", "batch_size", "preset")
 
 
 def normalization_stats(images: torch.Tensor, intensity: str = "raw") -> dict[str, float]:
@@ -377,10 +378,10 @@ def refuse_existing_run(out: Path, k_fold: bool = False) -> None:
                     out, MODEL_FILE, LAST_FILE)
 
 
-def read_last_checkpoint(out: Path, cfg: TrainConfig) -> dict:
+def read_last_checkpoint(out: Path, cfg: TrainConfig, given: Collection[str] | None = None) -> dict:
     """``out/checkpoint_last.pth``, the state that ``--resume`` continues from, read before any data is
     prepared and checked against ``cfg``'s fixed flags (all but a width equal to ``--fallback_width``,
-    which the speed check may still choose; ``resume`` checks it).
+    which the speed check may still choose; ``resume`` checks it); with ``given``, ``cfg`` continued from it.
 
     Raises:
         CheckpointError: the file is missing or cannot be read, or was written with other fixed flags.
@@ -389,6 +390,8 @@ def read_last_checkpoint(out: Path, cfg: TrainConfig) -> dict:
     if not last_path.exists():
         raise CheckpointError(f"--resume: no {LAST_FILE} in {out}; start without --resume")
     state = load_checkpoint(last_path)
+    if given is not None:
+        cfg = cfg.continued(state.get("config", {}), given)
     _check_resume(state, cfg, but=("width",) if state.get("config", {}).get("width") == cfg.fallback_width else ())
     return state
 
@@ -559,24 +562,31 @@ def finish(tr: Trainer, splits: DataSplits, progress: Progress, out: Path, scope
     }
 
 
-def run_training(cfg: TrainConfig) -> dict:
+def run_training(cfg: TrainConfig, given: Collection[str] | None = None) -> dict:
     """Train, calibrate and evaluate as ``cfg`` says; returns the results written to JSON (under torchrun,
-    on ranks other than 0, only ``{"config": ...}``, the config as trained: the width may be the fallback's)."""
+    on ranks other than 0, only ``{"config": ...}``, the config as trained: the width may be the fallback's).
+    ``given``: the fields set on the command line; with ``cfg.resume`` the others are the continued run's
+    (``TrainConfig.continued``; None: every field is as meant)."""
     device = resolve_device(cfg.device)
     world = init_world(device.type)
     clean = False
     try:
-        results = _run(cfg, device, world)
+        results = _run(cfg, device, world, given)
         clean = True
         return results
     finally:
         close_world(world, clean)
 
 
-def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
+def _run(cfg: TrainConfig, device: torch.device, world: World, given: Collection[str] | None = None) -> dict:
     started = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # a wrong --resume checkpoint stops the run before data preparation; rank 0 reads the file and sends it on (on
+    # several nodes only rank 0's disk may have it), so every rank continues the same recipe
+    last_state = from_main(lambda: read_last_checkpoint(out, cfg, given), world) if cfg.resume else None
+    if last_state is not None and given is not None:
+        cfg = cfg.continued(last_state.get("config", {}), given)
     torch.manual_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -592,12 +602,10 @@ def _run(cfg: TrainConfig, device: torch.device, world: World) -> dict:
 
     if not cfg.resume and not cfg.overwrite:  # a run's model is never replaced by another run's first epoch
         from_main(lambda: refuse_existing_run(out), world)
-    # a wrong --init_from or --resume checkpoint stops the run before data preparation; rank 0
-    # reads the file and sends it on (on several nodes only rank 0's disk may have it)
+    # a wrong --init_from checkpoint stops the run before data preparation; rank 0 reads the file and sends it on
     init = from_main(lambda: initial_weights(cfg), world) if cfg.init_from else None
     if init is not None:  # stored with the model, so that an ensemble can check whose patients its weights saw
         cfg = replace(cfg, init_split=init.split)
-    last_state = from_main(lambda: read_last_checkpoint(out, cfg), world) if cfg.resume else None
     t_data = time.time()
     # rank 0 decodes and fills the image cache; the other ranks then read it instead of decoding again
     splits = main_first(world, lambda: prepare_data(cfg.data_dir, cfg.image_size, cfg.val_fraction,
