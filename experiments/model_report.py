@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan.calibration import cross_fitted_ece, positive_probability
+from pneumoscan.calibration import cross_fitted_ece, positive_probability, temperature_text
 from pneumoscan.checkpoint import default_model_path, load_checkpoint
 from pneumoscan.cli import configure_logging
 from pneumoscan.data import split_from_config
@@ -59,7 +59,7 @@ def main() -> int:
         "ece_after_cross_fitted": cross_fitted_ece(logits, splits.val.labels, splits.val.patients),
     }
     plot_reliability({f"before (ECE {report['ece_before']:.3f})": reliability_bins(y, raw),
-                      f"after T = {ckpt['temperature']:.2f} (ECE {report['ece_after']:.3f})":
+                      f"after T = {temperature_text(ckpt['temperature'], 2)} (ECE {report['ece_after']:.3f})":
                       reliability_bins(y, cal)}, out / "reliability_diagram.png", title="validation")
     if Path(args.fullres_dir).is_dir():
         engine = MedicalImageInference(path, gate=False)

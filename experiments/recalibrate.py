@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import logging
 
+from pneumoscan.calibration import temperature_text
 from pneumoscan.checkpoint import format_version, load_checkpoint, save_checkpoint
 from pneumoscan.cli import configure_logging
 from pneumoscan.config import TrainConfig
@@ -39,8 +40,8 @@ def main() -> int:
     cfg = TrainConfig(**{**{k: v for k, v in ckpt["config"].items() if k in known}, "data_dir": args.data_dir})
     splits = prepare_data(cfg.data_dir, cfg.image_size, cfg.val_fraction, cfg.min_val_images, cfg.seed)
     final = finalize(Predictor.from_checkpoint(ckpt, "cpu"), splits, cfg)
-    log.info("temperature %s -> %.4f, threshold %s -> %.4f", ckpt.get("temperature"), final["temperature"],
-             ckpt.get("threshold"), final["threshold"])
+    log.info("temperature %s -> %s, threshold %s -> %.4f", ckpt.get("temperature"),
+             temperature_text(final["temperature"], 4), ckpt.get("threshold"), final["threshold"])
     ckpt.pop("calibration_bias", None)  # a temperature alone now: a site's earlier intercept must not stay
     ckpt.update(temperature=final["temperature"], threshold=final["threshold"], ood_gate=final["ood_gate"],
                 metrics=final["metrics_summary"])

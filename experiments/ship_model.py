@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from pneumoscan.calibration import temperature_text
 from pneumoscan.checkpoint import load_checkpoint, save_checkpoint
 from pneumoscan.cli import configure_logging
 
@@ -42,8 +43,8 @@ def main() -> int:
                          f"calibrated by a temperature alone (docs/experiments.md, 'Calibration with an intercept')")
     ckpt["model_version"], ckpt["training_note"] = args.version, args.note
     save_checkpoint(ckpt, args.out)
-    log.info("%s written to %s (threshold %.4f, temperature %.3f)", args.version, args.out, ckpt["threshold"],
-             ckpt["temperature"])
+    log.info("%s written to %s (threshold %.4f, temperature %s)", args.version, args.out, ckpt["threshold"],
+             temperature_text(ckpt["temperature"]))
     return 0
 
 

@@ -217,6 +217,29 @@ def test_lateral_or_population_warning_never_comes_with_low_risk(engine, tmp_pat
     assert result.risk_level == RISK_HIGH
 
 
+def test_the_scope_report_counts_flags_by_reason_and_internal_errors_apart_from_unreadable_films(engine, tmp_path):
+    pytest.importorskip("pydicom")
+    from dicom_files import dicom_bytes
+
+    from pneumoscan.scope_report import format_scope_report, scope_report
+
+    film = np.asarray(_film().resize((512, 420)))
+    paths = []
+    for name, view in (("pa.dcm", "PA"), ("lat.dcm", "LATERAL")):
+        (tmp_path / name).write_bytes(dicom_bytes(tmp_path, film, filename=name, ViewPosition=view))
+        paths.append(tmp_path / name)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a whole image")
+    outcomes = engine.predict_batch([*paths, tmp_path / "broken.png"])
+    # a model output that was not finite: the service's fault, not the film's (before: counted as unreadable)
+    outcomes.append(InferenceFailure(str(tmp_path / "nan.png"), "the model's output is not finite", "InferenceError"))
+    report = scope_report(outcomes, tmp_path)["all"]
+    assert (report["unreadable"], report["internal_errors"], report["answered"]) == (1, 1, 2)
+    assert report["flagged_by_reason"] == {"view (lateral or not frontal)": 1}
+    assert report["refused_or_flagged_rate"] == 0.5  # of the 2 films the checks judged
+    text = format_scope_report(scope_report(outcomes, tmp_path))
+    assert "flagged by reason: view (lateral or not frontal) 1" in text and "internal error" in text
+
+
 @needs_data
 def test_classifier_fitted_on_another_model_is_refused(tmp_path):
     ckpt = load_checkpoint(default_model_path())

@@ -469,6 +469,11 @@ def test_a_new_run_into_a_finished_run_s_folder_is_refused_and_its_model_kept(tr
     log, replaced = (out / "training.log").read_text(), (out / "training.replaced.log").read_text()
     assert log.count("config: ") == 1 and '"seed": 1' in log and "holds a run already" not in log
     assert '"seed": 0' in replaced and "holds a run already" in replaced
+    # attempts that fail before training leave the model in place, and the logs before them too
+    for _ in range(2):
+        assert train_main([*argv, "--overwrite", "--init_from", str(tmp_path / "missing.pth")]) == 2
+    assert (out / "training.replaced.log").read_text().startswith(replaced) and '"seed": 1' in (
+        out / "training.replaced.log").read_text()
 
 
 def test_a_model_left_by_a_run_killed_in_its_first_epoch_does_not_block_a_new_run(trained_run, tmp_path, smoke_args):
@@ -629,3 +634,20 @@ def test_where_the_epochs_fit_the_speed_check_changes_nothing(trained_run, tmp_p
     checked, plain = (load_checkpoint(d / "medical_cnn_model.pth")["model_state"] for d in (out, trained_run.out))
     assert checked.keys() == plain.keys()
     assert all(torch.equal(checked[k], plain[k]) for k in plain)
+
+
+def test_validation_outputs_that_are_not_finite_stop_training_with_a_clear_error(trained_run):
+    """Weights that overflowed while the training loss still looked finite: before, the metrics raised a bare
+    ValueError out of the training loop (a traceback, no results)."""
+    from pneumoscan.data import split_from_config
+    from pneumoscan.errors import TrainingError
+    from pneumoscan.train import build_trainer, validate
+
+    ckpt = load_checkpoint(trained_run.model_path)
+    cfg = TrainConfig(**{**ckpt["config"], "device": "cpu"})
+    splits = split_from_config(ckpt["config"], str(trained_run.data), cfg.image_size, str(trained_run.cache))
+    tr = build_trainer(cfg, splits, torch.device("cpu"))
+    tr.model.load_state_dict({**ckpt["model_state"], "fc2.bias": torch.tensor([0.0, float("inf")])})
+    with pytest.raises(TrainingError, match=f"outputs on {len(splits.val)} of {len(splits.val)} validation films "
+                                            "are not finite.*lower --lr"):
+        validate(tr, splits.val)

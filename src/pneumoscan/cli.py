@@ -154,6 +154,15 @@ def _train_parser() -> argparse.ArgumentParser:
 REPLACED_LOG = "training.replaced.log"  # where --overwrite moves the log of the run it replaces
 
 
+def _keep_replaced_log(log_path: Path) -> None:
+    """--overwrite: the log of the run in the folder is appended to ``REPLACED_LOG`` beside it (never replaced: an
+    attempt that fails before training leaves the old model in place, and its log must stay too), and the new
+    run's log starts empty."""
+    with open(log_path.with_name(REPLACED_LOG), "ab") as kept, open(log_path, "rb") as old:
+        shutil.copyfileobj(old, kept)
+    log_path.unlink()
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """``pneumoscan train`` / ``train_medical_model.py``."""
     from .config import TrainConfig
@@ -181,7 +190,7 @@ def train_main(argv: list[str] | None = None) -> int:
     # under torchrun only rank 0 writes training.log; the other ranks print warnings and errors
     log_path = Path(cfg.output_dir) / "training.log"
     if cfg.overwrite and world.is_main and log_path.is_file() and log_path.stat().st_size:
-        os.replace(log_path, log_path.with_name(REPLACED_LOG))  # the log of the model now there, the old one kept
+        _keep_replaced_log(log_path)
     configure_logging(log_path if world.is_main else None, args.verbose, quiet=not world.is_main)
     try:
         if cfg.cv_folds and args.cv_fold is None:  # every fold, then the out-of-fold report (and ensemble)

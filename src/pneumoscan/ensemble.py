@@ -193,6 +193,8 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
     _check_members_validated_on(configs, splits.val, data_dir, spec.image_size, cache_dir)
     cfg = TrainConfig(target_sensitivity=first.get("target_sensitivity", 0.95))
     final = finalize(Predictor(model, spec), splits, cfg)
+    if final["gate_note"]:
+        log.warning("%s", final["gate_note"])
     payload = ensemble_payload(members, temperature=final["temperature"], threshold=final["threshold"],
                                metrics=final["metrics_summary"],
                                model_version=f"ensemble-{len(members)}x-{Path(path).stem}",

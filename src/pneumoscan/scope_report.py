@@ -65,31 +65,49 @@ def _refused(o) -> bool:
     return isinstance(o, InferenceFailure) and o.error_type == "OutOfScopeError"
 
 
+def _faulty(o) -> bool:
+    """No answer for a reason that is not the input's (a non-finite model output, an internal failure)."""
+    return isinstance(o, InferenceFailure) and o.error_type == "InferenceError"
+
+
 def _unreadable(o) -> bool:
-    return isinstance(o, InferenceFailure) and o.error_type != "OutOfScopeError"
+    return isinstance(o, InferenceFailure) and not _refused(o) and not _faulty(o)
 
 
 def _outcome(o) -> str:
-    """One input's fate in the per-file list: refused (by the scope checks), unreadable, or answered."""
-    return "refused" if _refused(o) else "unreadable" if _unreadable(o) else "answered"
+    """One input's fate in the per-file list: refused (by the scope checks), unreadable, internal error, or
+    answered."""
+    return ("refused" if _refused(o) else "unreadable" if _unreadable(o) else "internal error" if _faulty(o)
+            else "answered")
+
+
+def _flag_reason(warnings: list[str]) -> str | None:
+    """Why an answer carries a warning that keeps it from risk LOW: the view, or the population; None if none."""
+    text = " ".join(warnings).lower()
+    if "lateral" in text or "not frontal" in text:
+        return "view (lateral or not frontal)"
+    return "population (adult?)" if "outside the validated population" in text else None
 
 
 def _counts(outcomes: list) -> dict:
     n = len(outcomes)
     refused = [o for o in outcomes if _refused(o)]
     unreadable = [o for o in outcomes if _unreadable(o)]
+    faulty = [o for o in outcomes if _faulty(o)]
     answered = [o for o in outcomes if isinstance(o, InferenceResult)]
     flagged = [r for r in answered if any(m in w.lower() for w in r.warnings for m in UNVALIDATED_WARNINGS)]
     low_detail = [r for r in answered if has_low_detail_warning(r.warnings)]
     refused_low_detail = [o for o in refused if LOW_DETAIL_NOTE_PREFIX in o.error]
     handled = len(refused) + len(flagged)
-    lo, hi = wilson_interval(handled, n - len(unreadable))
+    judged = n - len(unreadable) - len(faulty)  # the films the checks had a say on
+    lo, hi = wilson_interval(handled, judged)
     return {
-        "inputs": n, "unreadable": len(unreadable), "refused": len(refused),
+        "inputs": n, "unreadable": len(unreadable), "internal_errors": len(faulty), "refused": len(refused),
         "refused_by_reason": dict(Counter(_category(o) for o in refused).most_common()),
         "answered": len(answered), "answered_with_lateral_or_population_warning": len(flagged),
+        "flagged_by_reason": dict(Counter(_flag_reason(r.warnings) for r in flagged).most_common()),
         "answered_with_low_detail_warning": len(low_detail), "refused_with_low_detail_note": len(refused_low_detail),
-        "refused_or_flagged": handled, "refused_or_flagged_rate": handled / max(n - len(unreadable), 1),
+        "refused_or_flagged": handled, "refused_or_flagged_rate": handled / max(judged, 1),
         "refused_or_flagged_ci95": [lo, hi],
         "answered_risk_levels": dict(Counter(r.risk_level for r in answered)),
         "answered_predictions": dict(Counter(r.prediction for r in answered)),
@@ -124,10 +142,14 @@ def format_scope_report(report: dict) -> str:
         flagged, low = c["answered_with_lateral_or_population_warning"], c["answered_low_risk_pneumonia"]
         lines.append(f"{printable(name):<24} {c['inputs']:>6} {c['refused']:>8} {flagged:>8} {c['answered']:>9} "
                      f"{c['refused_or_flagged_rate']:>11.1%} [{lo:.1%}, {hi:.1%}]  {low:>6}")
-    lines.append("refused by reason: " + (", ".join(f"{k} {v}" for k, v in report["all"]["refused_by_reason"].items())
-                                          or "none"))
+    for name, c in rows:
+        refused = ", ".join(f"{k} {v}" for k, v in c["refused_by_reason"].items()) or "none"
+        flagged = ", ".join(f"{k} {v}" for k, v in c["flagged_by_reason"].items()) or "none"
+        lines.append(f"{printable(name)}: refused by reason: {refused}; flagged by reason: {flagged}")
     if report["all"]["unreadable"]:
         lines.append(f"unreadable (not counted): {report['all']['unreadable']}")
+    if report["all"]["internal_errors"]:
+        lines.append(f"no answer, internal error (not counted; see the log): {report['all']['internal_errors']}")
     return "\n".join(lines)
 
 
@@ -154,6 +176,7 @@ def in_use_report(outcomes: list, labels) -> dict:
     wrong_low = Counter(t for o, t in answered if o.prediction != t and o.risk_level == "LOW")
     return {
         "films": len(outcomes), "refused": counts["refused"], "unreadable": counts["unreadable"],
+        "internal_errors": counts["internal_errors"],
         "refused_by_reason": counts["refused_by_reason"],
         "refused_by_class": by_class(_refused), "unreadable_by_class": by_class(_unreadable),
         "answered": len(answered), "answered_by_class": {"NORMAL": len(neg), "PNEUMONIA": len(pos)},
@@ -184,6 +207,7 @@ def format_in_use(r: dict) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in r["refused_by_reason"].items()) or "none"
     wrong, refused, answered = r["wrong_with_low_risk_by_class"], r["refused_by_class"], r["answered_by_class"]
     unreadable = f", unreadable {r['unreadable']}" if r["unreadable"] else ""
+    unreadable += f", no answer (internal error) {r['internal_errors']}" if r.get("internal_errors") else ""
     backend = f", backend {r['backend']}" if r.get("backend") else ""
     return "\n".join([
         f"in use (the whole pipeline, scope checks included{backend}): {r['films']} films, refused {r['refused']} "

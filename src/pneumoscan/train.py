@@ -28,7 +28,7 @@ from .checkpoint import default_model_path, load_checkpoint, model_payload, save
 from .config import TrainConfig
 from .data import SPLIT_KEYS, DataSplits, ImageSet, file_sha256, patients_digest, prepare_data, split_record
 from .distributed import World, all_sum, broadcast, close_world, from_main, init_world, main_first
-from .errors import CheckpointError
+from .errors import CheckpointError, TrainingError
 from .gate import MIN_FIT_FILMS, OutOfScopeGate, small_fit_note
 from .losses import build_loss
 from .metrics import (
@@ -324,6 +324,11 @@ def train_one_epoch(tr: Trainer, data: ImageSet, epoch: int) -> dict:
 def validate(tr: Trainer, data: ImageSet) -> tuple[dict, torch.Tensor]:
     """Validation loss and metrics at 0.5 (uncalibrated), and the logits."""
     logits = tr.predictor.logits(data.images, batch_size=2 * tr.cfg.batch_size)
+    bad = int((~torch.isfinite(logits).all(dim=1)).sum())
+    if bad:  # the weights overflowed (the training loss may still look finite): no metric can be read
+        raise TrainingError(f"the model's outputs on {bad} of {len(data)} validation films are not finite (NaN or "
+                            f"infinity): training diverged; lower --lr (the best epoch so far is in "
+                            f"{MODEL_FILE}, and --resume starts from the last one)")
     loss = float(tr.eval_criterion(logits, data.labels))
     m = binary_metrics(data.labels.numpy(), positive_probability(logits), 0.5)
     return {"loss": loss, **m}, logits
@@ -532,6 +537,8 @@ def finish(tr: Trainer, splits: DataSplits, progress: Progress, out: Path, scope
         log.info("out-of-scope gate of %s kept: its features are unchanged, and %d validation films are too few to "
                  "refit its limit", gate["carried_from"], len(splits.val))
         final["ood_gate"], final["gate_note"] = gate["gate"], None
+    if final["gate_note"]:
+        log.warning("%s", final["gate_note"])
     payload = tr.payload(out, progress.best_epoch, temperature=final["temperature"], threshold=final["threshold"],
                          metrics=final["metrics_summary"], ood_gate=final["ood_gate"])
     if scope is not None and scope["features_digest"] == features_digest(progress.best_state):
@@ -650,9 +657,7 @@ def finalize(predictor: Predictor, splits: DataSplits, cfg: TrainConfig) -> dict
     gate.fit_detail(splits.train.images)
     log.info("out-of-scope gate: feature-distance score limit %.2f (%.1f%% quantile of validation); detail floor "
              "%.3f (training films)", gate.threshold, 100 * gate.quantile, gate.min_detail)
-    gate_note = small_fit_note(len(splits.val))
-    if gate_note:
-        log.warning("%s", gate_note)
+    gate_note = small_fit_note(len(splits.val))  # logged by the caller, which may keep another gate instead
     y = splits.val.labels.numpy()
     if separable(logits, splits.val.labels):
         log.warning("every validation film is on the right side of the model's margin, so a temperature fitted on "
