@@ -336,13 +336,18 @@ def test_a_val_folder_of_one_class_is_pooled_with_train_not_refused(tmp_path, tr
 
 
 def test_an_evaluation_folder_counts_each_film_once(tmp_path, few_images, caplog):
-    from pneumoscan.data import load_labelled_folder
+    from pneumoscan.data import left_out_kind, load_labelled_folder
 
     make_class_dirs(tmp_path / "eval", few_images)
     normal, pneumonia = few_images["NORMAL"], few_images["PNEUMONIA"]
     (tmp_path / "eval" / "NORMAL" / "copy_of_a_normal.jpeg").symlink_to(normal[0])  # counted once
     (tmp_path / "eval" / "NORMAL" / "mislabelled.jpeg").symlink_to(pneumonia[0])  # in both classes: no label
     data, bad = load_labelled_folder(str(tmp_path / "eval"), 32, cache_dir="none")
-    assert bad == [] and len(data) == 7
-    assert data.class_counts() == {"NORMAL": 4, "PNEUMONIA": 3}
-    assert "3 film(s) left out as byte-identical copies" in caplog.text and "carry different labels" in caplog.text
+    assert len(data) == 7 and data.class_counts() == {"NORMAL": 4, "PNEUMONIA": 3}
+    assert "3 film(s) left out as byte-identical copies" in caplog.text and "filed under the other class" in caplog.text
+    # each left-out film is listed with its reason (the JSON's skipped_files), both sides of a conflict named
+    why = {Path(p).name: r for p, r in bad}
+    assert set(why) == {"copy_of_a_normal.jpeg", "mislabelled.jpeg", pneumonia[0].name}
+    assert why["copy_of_a_normal.jpeg"].startswith(f"byte-identical copy of {tmp_path / 'eval' / 'NORMAL'}")
+    assert "mislabelled.jpeg" in why[pneumonia[0].name] and pneumonia[0].name in why["mislabelled.jpeg"]
+    assert {left_out_kind(r) for r in why.values()} == {"duplicate"}

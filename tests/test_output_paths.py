@@ -144,6 +144,13 @@ def test_calibrate_never_replaces_an_existing_file(train_dir, tmp_path, capsys):
     assert "at least 1 bootstrap resample" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["site.jpg", "site.json", "site"])
+def test_a_checkpoint_is_written_only_under_a_checkpoint_name(train_dir, tmp_path, capsys, name):
+    # a 20 MB checkpoint named site.jpg would later be read, in that folder, as a broken film
+    assert calibrate_main(["--data_dir", str(train_dir), "--output_path", str(tmp_path / name)]) == 2
+    assert "give a path ending in .pth" in capsys.readouterr().err and not (tmp_path / name).exists()
+
+
 def test_export_never_writes_over_the_checkpoint_it_exports(tmp_path, capsys):
     pytest.importorskip("onnx")
     from pneumoscan.export import export_main

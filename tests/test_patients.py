@@ -335,6 +335,11 @@ def test_patients_that_look_wrong_are_warned_about(caplog):
     text = caplog.text
     assert "20 of 30 films belong to one patient" in text and "anonymised" in text
     assert "3 DICOM file(s) have no PatientID" in text and text.count("WARNING") == 2
+    assert "share a name" not in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # 0.dcm in both classes: one patient by name, and the warning says so
+        check_patients(none + [Record(Path("/d/PNEUMONIA/0.dcm"), 1, "0")])
+    assert "(2 of them share a name with another" in caplog.text  # it said "each counts as its own patient"
 
 
 def test_a_patient_group_without_a_class_stores_no_value_for_it():

@@ -109,6 +109,12 @@ def test_a_ppv_without_a_single_false_positive_says_its_interval_has_no_width(tm
     assert report["confusion"]["fp"] == 0 and report["metrics"]["ppv_at_prevalence"]["ci_low"] == 1.0
     assert "no false positive among these 3 normal films" in err and "rule of three is 0.000" in err  # 1 - 3/3
     assert "the PPV at 20% would be" in err
+    # and the bound travels with the numbers, in the JSON (the HTML report reads it there)
+    bound = report["zero_count_bounds"]["specificity"]
+    sens = report["metrics"]["sensitivity"]["value"]
+    assert (bound["films"], bound["lower_bound_95"]) == (3, 0.0)  # specificity 0 at the bound: PPV = prevalence * ...
+    assert bound["ppv_at_prevalence_at_bound"] == pytest.approx(0.2 * sens / (0.2 * sens + 0.8))
+    assert report["stored_threshold"] == report["threshold"] and report["threshold_given"] is False
 
 
 def test_prevalence_is_ignored_with_a_warning_in_a_scope_report(tmp_path, train_dir, capsys):

@@ -75,9 +75,12 @@ def check_output_path(inputs: str | os.PathLike | list, output_path: str | os.Pa
 
     Raises:
         DataError: ``output_path`` is an input checkpoint or the shipped model, a folder, its folder is
-            missing or cannot be written, or (``new_file``) it exists already.
+            missing or cannot be written, or (``new_file``) it exists already; a checkpoint (the default
+            ``flag``) not named .pth or .pt (a "site.jpg" checkpoint would later be read as a broken film).
     """
     out = Path(output_path).expanduser()
+    if flag == "--output_path" and out.suffix.lower() not in (".pth", ".pt"):
+        raise DataError(f"{flag} {output_path}: a checkpoint is written there; give a path ending in .pth")
     for source in inputs if isinstance(inputs, list) else [inputs]:
         what = protected_checkpoint(out, source, role)
         if what:

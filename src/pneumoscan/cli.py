@@ -773,10 +773,11 @@ def _warn_on_few_patients(labels, patients, report: dict) -> None:
 def _warn_on_zero_counts(report: dict) -> None:
     """A specificity (or sensitivity) of 1 on these films has a bootstrap interval of no width, which reads as
     certainty: say so, with the rule-of-three 95 % bound (1 - 3/n), and with ``--prevalence`` the PPV (or NPV)
-    at that bound."""
+    at that bound; the bounds go into ``report["zero_count_bounds"]`` too, so the JSON and the HTML carry them."""
     from .metrics import predictive_values
 
     c, m, prev = report["confusion"], report["metrics"], report.get("prevalence")
+    report["zero_count_bounds"] = {}
     sens, spec = m["sensitivity"]["value"], m["specificity"]["value"]
     for errors, n, films, metric, value_name, other in (
             (c["fp"], c["tn"] + c["fp"], "normal", "specificity", "ppv", "false positive"),
@@ -786,12 +787,15 @@ def _warn_on_zero_counts(report: dict) -> None:
         bound = max(0.0, 1.0 - 3.0 / n)
         text = (f"no {other} among these {n} {films} films, so the {metric} of 1 has a bootstrap interval of no "
                 f"width; its 95 % lower bound by the rule of three is {bound:.3f}")
+        record = {"films": n, "lower_bound_95": bound, "rule": "rule of three (1 - 3/n)"}
         if prev is not None:
             at_bound = predictive_values(bound if metric == "sensitivity" else sens,
                                          bound if metric == "specificity" else spec, prev)
-            text += (f", and there the {value_name.upper()} at {100 * prev:g}% would be "
-                     f"{at_bound[0 if value_name == 'ppv' else 1]:.4f} "
+            value = at_bound[0 if value_name == "ppv" else 1]
+            text += (f", and there the {value_name.upper()} at {100 * prev:g}% would be {value:.4f} "
                      f"(not {m[value_name + '_at_prevalence']['value']:.4f})")
+            record[f"{value_name}_at_prevalence_at_bound"] = value
+        report["zero_count_bounds"][metric] = record
         log.warning("%s", text)
 
 
@@ -856,7 +860,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
     report.update({"model_path": args.model_path, "model_version": ckpt.get("model_version"),
-                   "data_dir": args.data_dir,
+                   "data_dir": args.data_dir, "stored_threshold": ckpt.get("threshold", 0.5),
+                   "threshold_given": args.threshold is not None,
                    "skipped_files": [{"path": p, "reason": r} for p, r in bad]})
     _warn_on_zero_counts(report)
     _warn_on_few_patients(data.labels.numpy(), data.patients, report)
@@ -892,7 +897,14 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         if not _written(build_report, report, data.labels.numpy(), prob, data.paths, args.report,
                         heatmap=engine.heatmap_data_uri):
             return EXIT_BAD_INPUT
-    return EXIT_SOME_FAILED if bad else EXIT_OK
+    return _left_out_status(bad)
+
+
+def _left_out_status(bad: list[tuple[str, str]]) -> int:
+    """The exit status of a run that left ``bad`` out: 1 where a file failed, not for copies counted once."""
+    from .data import left_out_kind
+
+    return EXIT_SOME_FAILED if any(left_out_kind(r) != "duplicate" for _, r in bad) else EXIT_OK
 
 
 def _calibrate_parser() -> argparse.ArgumentParser:
@@ -984,8 +996,8 @@ def calibrate_main(argv: list[str] | None = None) -> int:
             return EXIT_SOME_FAILED
         log.info("report written to %s", args.json)
     if bad:
-        log.warning("%d file(s) could not be read and were left out (listed in the report)", len(bad))
-    return EXIT_SOME_FAILED if bad else EXIT_OK
+        log.warning("%d file(s) were left out (unreadable, not frontal or copies; listed in the report)", len(bad))
+    return _left_out_status(bad)
 
 
 # Commands living in their own modules are imported only when run, so that e.g. ``predict``

@@ -377,10 +377,13 @@ def set_patients(records: list[Record], patients_csv: str, folder: Path) -> None
 def check_patients(records: list[Record]) -> None:
     """Warn where the patients look wrong: DICOM files without a PatientID (each its own patient), or one
     patient holding most films (an anonymiser's constant ID?), either of which makes CIs optimistic."""
-    no_id = sum(not is_image_file(r.path) and not r.patient.startswith(("dicom:", "csv:")) for r in records)
+    no_id = [r for r in records if not is_image_file(r.path) and not r.patient.startswith(("dicom:", "csv:"))]
     if no_id:
-        log.warning("%d DICOM file(s) have no PatientID: each counts as its own patient (by file name); if one "
-                    "patient has several films, give --patients CSV", no_id)
+        shared = sum(n for n in collections.Counter(r.patient for r in no_id).values() if n > 1)
+        log.warning("%d DICOM file(s) have no PatientID: each is given a patient by its file name%s; where that is "
+                    "not the patient, give --patients CSV", len(no_id),
+                    f" ({shared} of them share a name with another, e.g. 1.dcm in both classes, and so count as one "
+                    f"patient)" if shared else "")
     if len(records) >= 20:
         top = collections.Counter(r.patient for r in records).most_common(1)[0][1]
         if top > len(records) / 2:
@@ -409,10 +412,12 @@ NOT_FRONTAL = "view (DICOM ViewPosition"  # in the reason of a DICOM film left o
 
 
 def left_out_kind(reason: str) -> str:
-    """Why a labelled film was left out, in a word: ``not frontal`` (a DICOM lateral or oblique view), ``out of
-    scope`` (a DICOM modality other than CR/DX) or ``unreadable``."""
+    """Why a labelled film was left out, in a word: ``not frontal`` (a DICOM lateral or oblique view), ``duplicate``
+    (a byte-identical copy), ``out of scope`` (a DICOM modality other than CR/DX) or ``unreadable``."""
     if NOT_FRONTAL in reason:
         return "not frontal"
+    if reason.startswith(COPY_REASON):
+        return "duplicate"
     return "out of scope" if reason.startswith("out of scope") else "unreadable"
 
 
@@ -488,22 +493,35 @@ def _write_cache(cache_file: Path, cache: dict[str, np.ndarray]) -> None:
         log.warning("could not write image cache %s (%s); continuing without it", cache_file, exc)
 
 
+COPY_REASON = "byte-identical"  # how the reason of a film left out as a copy starts (``left_out_kind``)
+
+
 def dedupe(records: list[Record]) -> tuple[list[Record], int]:
     """Drop byte-identical copies (keep the first); copies with conflicting labels are all dropped."""
-    labels: dict[str, set[int]] = {}
+    kept, dropped = dedupe_records(records)
+    return kept, len(dropped)
+
+
+def dedupe_records(records: list[Record]) -> tuple[list[Record], list[tuple[str, str]]]:
+    """``dedupe``, with each dropped file and why: a copy of the file kept, or one of copies filed under both
+    classes (each of those is named, with the others)."""
+    groups: dict[str, list[Record]] = {}
     for r in records:
-        labels.setdefault(r.sha1, set()).add(r.label)
-    seen: set[str] = set()
-    kept = []
+        groups.setdefault(r.sha1, []).append(r)
+    kept, dropped = [], []
     for r in records:
-        if r.sha1 in seen:
-            continue
-        seen.add(r.sha1)
-        if len(labels[r.sha1]) > 1:
-            log.warning("dropping %s: byte-identical copies carry different labels", r.path)
-            continue
-        kept.append(r)
-    return kept, len(records) - len(kept)
+        group = groups[r.sha1]
+        if len({g.label for g in group}) > 1:
+            others = ", ".join(str(g.path) for g in group if g is not r)
+            dropped.append((str(r.path), f"{COPY_REASON} to {others}, filed under the other class: no label"))
+        elif r is group[0]:
+            kept.append(r)
+        else:
+            dropped.append((str(r.path), f"{COPY_REASON} copy of {group[0].path}: counted once"))
+    for path, why in dropped:
+        if "no label" in why:
+            log.warning("dropping %s: %s", path, why)
+    return kept, dropped
 
 
 def patient_groups(records: list[Record]) -> list[list[int]]:
@@ -779,6 +797,8 @@ def load_labelled_folder(data_dir: str, image_size: int, split: str = "test", ca
     Each film's patient comes from ``patients_csv`` when given (``assign_patients``), else from its
     DICOM PatientID or its Kermany-style file name (``file_patient``).
 
+    Returns the films and those left out with why (unreadable, not frontal, byte-identical copies).
+
     Raises:
         DataError: neither layout is found, the patients CSV does not fit the films, or no usable
             image remains.
@@ -800,10 +820,10 @@ def load_labelled_folder(data_dir: str, image_size: int, split: str = "test", ca
     usable = _usable(records, bad)
     if not usable:
         raise DataError(f"{folder}: none of the {len(records)} images could be decoded")
-    usable, copies = dedupe(usable)  # a film counted twice would narrow the CIs; one in both classes is no label
+    usable, copies = dedupe_records(usable)  # a film counted twice would narrow the CIs; one in both classes: no label
     if copies:
         log.warning("%s: %d film(s) left out as byte-identical copies: a film is counted once, and one filed in both "
-                    "classes not at all", folder, copies)
+                    "classes not at all (each in the left-out list)", folder, len(copies))
     if not usable:
         raise DataError(f"{folder}: every film has a byte-identical copy in the other class folder: no label is left")
-    return to_imageset(usable, decoded, image_size), bad
+    return to_imageset(usable, decoded, image_size), bad + copies
