@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -108,3 +109,78 @@ def test_a_report_that_cannot_be_written_leaves_the_older_one_and_the_json(latin
     assert out.read_text() == "yesterday's report" and not list(tmp_path.glob(".R.tmp*"))
     assert json.loads((tmp_path / "m.json").read_text())["n"] == 7
     assert f"cannot write {out}" in capsys.readouterr().err
+
+
+def test_an_overridden_threshold_is_labelled_given_beside_the_model_s_own(tmp_path):
+    """``pneumoscan evaluate --threshold 0.3``: the operating row is the user's, not the model's; the model's
+    stored threshold gets its own row and is named in the header."""
+    from pneumoscan.metrics import metrics_with_ci
+    from pneumoscan.report import build_report
+
+    y = np.array([1] * 20 + [0] * 20)
+    p = np.concatenate([np.linspace(0.35, 0.95, 20), np.linspace(0.05, 0.6, 20)])
+    rep = {**metrics_with_ci(y, p, 0.3, n_boot=50), "ece_15": 0.0, "model_version": "t", "data_dir": "d",
+           "calibrated": True, "threshold_given": True, "stored_threshold": 0.537667}
+    out = tmp_path / "r.html"
+    build_report(rep, y, p, [f"f{i}.jpeg" for i in range(40)], out)
+    page = out.read_text()
+    assert re.search(r'<tr class="op"><td>0\.3000 \(given\)</td>', page)
+    stored = re.search(r"<tr><td>0\.5377 \(model\)</td><td>([\d.]+)</td><td>([\d.]+)</td>", page)
+    assert stored and float(stored.group(2)) == pytest.approx(float((p[y == 0] < 0.537667).mean()), abs=1e-3)
+    assert "(given with --threshold; the model's own is 0.5377)" in page
+    assert page.count("(model)") == 1  # the 0.3 row is not called the model's
+    rep.pop("threshold_given")  # the model's own threshold: as before
+    build_report(rep, y, p, [f"f{i}.jpeg" for i in range(40)], out)
+    page = out.read_text()
+    assert '<tr class="op"><td>0.3000 (model)</td>' in page and "(given" not in page and "0.5377" not in page
+
+
+@pytest.fixture
+def films_with_left_out(tmp_path, train_dir, make_bad_files) -> Path:
+    """Real films, plus files the loader leaves out: three unreadable ones (one named with HTML and a
+    control character, one with a name that is not UTF-8) and a byte-identical copy of a film."""
+    root = tmp_path / "films"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir(parents=True)
+        for f in sorted((train_dir / cls).glob("*.jpeg"))[:4]:
+            (root / cls / f.name).symlink_to(f)
+    bad = make_bad_files(root / "NORMAL")
+    bad["text"].rename(root / "NORMAL" / "<i>x&\x1b.jpg")
+    bad["empty"].rename(not_utf8(root / "PNEUMONIA", b"vide\xe9.jpg"))
+    first = sorted((train_dir / "NORMAL").glob("*.jpeg"))[0]
+    (root / "NORMAL" / "copy.jpeg").write_bytes(first.read_bytes())
+    return root
+
+
+def test_the_files_left_out_of_the_numbers_are_listed_in_the_report(films_with_left_out, tmp_path, capsys):
+    out, js = tmp_path / "R.html", tmp_path / "m.json"
+    assert evaluate_main(["--data_dir", str(films_with_left_out), "--report", str(out), "--output_path", str(js),
+                          "--model_only", "--n_boot", "20", "--cache_dir", "none"]) == 1  # some left out
+    skipped = json.loads(js.read_text())["skipped_files"]
+    assert len(skipped) == 4
+    page = out.read_text(encoding="utf-8")
+    assert '<h2 id="left-out">Left out of the numbers (4 file(s))</h2>' in page
+    assert "4 file(s) were left out of every number in this report" in page and 'href="#left-out"' in page
+    assert "<tr><td>unreadable</td><td>3</td></tr>" in page and "<tr><td>duplicate</td><td>1</td></tr>" in page
+    assert "&lt;i&gt;x&amp;\\x1b.jpg" in page and "<i>x" not in page and "\x1b" not in page
+    assert "vide\\xe9.jpg" in page and "truncated.jpeg" in page and "copy.jpeg" in page
+    assert all(html.escape(f["reason"]) in page for f in skipped)  # each reason, as the JSON gives it
+
+
+def test_a_report_without_files_left_out_has_no_such_section(report):
+    page = report[0].read_text()
+    assert report[1]["skipped_files"] == [] and "Left out of the numbers" not in page and "left-out" not in page
+
+
+def test_evaluate_with_a_given_threshold_labels_it_given_and_shows_the_model_s_own(train_dir, tmp_path):
+    root = tmp_path / "films"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir(parents=True)
+        for f in sorted((train_dir / cls).glob("*.jpeg"))[:4]:
+            (root / cls / f.name).symlink_to(f)
+    out, js = tmp_path / "R.html", tmp_path / "m.json"
+    assert evaluate_main(["--data_dir", str(root), "--threshold", "0.3", "--report", str(out), "--output_path",
+                          str(js), "--model_only", "--n_boot", "20", "--cache_dir", "none"]) == 0
+    stored = json.loads(js.read_text())["stored_threshold"]
+    page = out.read_text()
+    assert '<tr class="op"><td>0.3000 (given)</td>' in page and f"<tr><td>{stored:.4f} (model)</td>" in page

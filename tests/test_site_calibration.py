@@ -134,8 +134,10 @@ def test_site_checkpoint_keeps_the_weights_and_checks_and_names_the_site(calibra
 def test_warnings_for_a_ranking_too_poor_to_calibrate():
     from pneumoscan.site_calibration import site_warnings
 
-    def record(auroc, sens, spec):
-        return {"target_sensitivity": 0.95, "stored_operating_point_on_site": {"metrics": {"auroc": {"value": auroc}}},
+    def record(auroc, sens, spec, stored_sens=0.5, stored_spec=0.5):
+        stored = {"auroc": {"value": auroc}, "sensitivity": {"value": stored_sens},
+                  "specificity": {"value": stored_spec}}
+        return {"target_sensitivity": 0.95, "stored_operating_point_on_site": {"metrics": stored},
                 "refitted_cross_validated": {"sensitivity": sens, "specificity": spec}}
 
     assert site_warnings(record(0.99, 0.95, 0.9)) == []
@@ -143,17 +145,21 @@ def test_warnings_for_a_ranking_too_poor_to_calibrate():
     assert len(poor) == 2 and "ranks this site's films poorly (AUROC 0.380" in poor[0]
     assert "specificity is 0.000" in poor[1]
     assert "more than 5 points below the target" in site_warnings(record(0.97, 0.85, 0.9))[0]
+    # siteSep: the refit misses pneumonias the stored point catches on these films, at the same specificity
+    lost = site_warnings(record(1.0, 0.979, 1.0, stored_sens=1.0, stored_spec=1.0))
+    assert len(lost) == 1 and "sensitivity 0.979 against the stored point's 1.000" in lost[0]
+    assert "the stored checkpoint does better here" in lost[0]
+    assert site_warnings(record(1.0, 0.96, 0.95, stored_sens=1.0, stored_spec=0.9)) == []  # specificity gained
 
 
-def test_films_the_model_already_separates_keep_the_stored_calibration(real_records, tmp_path):
-    """Validation films the shipped model gets right at its margin give a temperature no finite optimum (it ran to
-    its 0.05 bound: every probability 0 or 1, threshold 0.9997); calibrate keeps the stored one, refits the
-    threshold only and says why."""
-    from pneumoscan.calibration import fit_calibrated_point, separable
-
+@pytest.fixture(scope="module")
+def separated(real_records, tmp_path_factory):
+    """(shipped checkpoint, its predictor, a site of its validation films that it gets all right at its margin):
+    a site like the reviewer's siteSep, where the stored point catches every pneumonia film."""
     ckpt = load_checkpoint(default_model_path())
     pool, _ = dedupe(list(real_records))
     _, val = patient_split(pool, ckpt["config"]["val_fraction"], ckpt["config"]["seed"])
+    tmp_path = tmp_path_factory.mktemp("separated")
     every = tmp_path / "every"
     for label, cls in enumerate(CLASS_NAMES):
         (every / cls).mkdir(parents=True)
@@ -169,6 +175,15 @@ def test_films_the_model_already_separates_keep_the_stored_calibration(real_reco
             (right / CLASS_NAMES[label]).mkdir(parents=True, exist_ok=True)
             (right / CLASS_NAMES[label] / Path(path).name).symlink_to(Path(path).resolve())
     site, _ = load_labelled_folder(str(right), predictor.spec.image_size, cache_dir="none")
+    return ckpt, predictor, site
+
+
+def test_films_the_model_already_separates_keep_the_stored_calibration(separated):
+    """Validation films the shipped model gets right at its margin give a temperature no finite optimum (it ran to
+    its 0.05 bound: every probability 0 or 1, threshold 0.9997); calibrate keeps the stored one and says why."""
+    from pneumoscan.calibration import fit_calibrated_point, separable
+
+    ckpt, predictor, site = separated
     site_logits = predictor.logits(site.images)
     assert separable(site_logits, site.labels)
     assert fit_calibrated_point(site_logits, site.labels, 0.95)[0] == 0.05  # what calibrate used to store
@@ -178,6 +193,79 @@ def test_films_the_model_already_separates_keep_the_stored_calibration(real_reco
     assert all(f["temperature"] == ckpt["temperature"] for f in record["refitted_cross_validated"]["per_fold"])
     assert 0 < out["threshold"] < 0.99
     assert any("no finite optimum" in w for w in record["warnings"])
+
+
+def test_a_refit_never_gives_up_pneumonias_the_stored_point_catches_for_no_specificity(separated, monkeypatch):
+    """The reviewer's siteSep: the stored point catches every film; the highest threshold meeting the target
+    (0.7968 there, against 0.5377) would miss pneumonias at the same specificity. calibrate keeps the stored
+    boundary, in each fold too, and says so; made to refit anyway, it warns."""
+    import pneumoscan.site_calibration as site_calibration
+
+    ckpt, predictor, site = separated
+    cfg = SiteCalibrationConfig(min_per_class=30, n_boot=50)
+    out, record = calibrate_on_site(ckpt, predictor, site, cfg)
+    stored, refit = record["stored_operating_point_on_site"], record["refitted_in_sample"]
+    assert stored["metrics"]["sensitivity"]["value"] == 1.0 and stored["metrics"]["specificity"]["value"] == 1.0
+    assert out["threshold"] == ckpt["threshold"] == record["threshold"]  # the calibration kept: the very number
+    assert refit["metrics"]["sensitivity"]["value"] == 1.0 and refit["metrics"]["specificity"]["value"] == 1.0
+    kept = record["stored_threshold_kept"]
+    assert kept["threshold_for_target"] > ckpt["threshold"]
+    assert kept["at_threshold_for_target"]["pneumonia_caught"] < kept["at_stored_boundary"]["pneumonia_caught"]
+    assert kept["at_threshold_for_target"]["normal_cleared"] == kept["at_stored_boundary"]["normal_cleared"]
+    cv = record["refitted_cross_validated"]
+    assert record["folds_keeping_stored_threshold"] == cv["folds"]
+    assert all(f["threshold"] == ckpt["threshold"] for f in cv["per_fold"])
+    assert cv["sensitivity"] == 1.0 and out["metrics"]["val_sensitivity"] == 1.0
+    assert "the stored decision boundary is kept" in format_site_report(record)
+    assert "calibration and threshold kept" in out["training_note"]
+    assert not any("miss pneumonias the stored point catches" in w for w in record["warnings"])
+
+    # the rule switched off (what calibrate did before): each fold raises its threshold and the estimate loses
+    # pneumonias the stored point catches, for no specificity; that is said in the record, the log and the table
+    monkeypatch.setattr(site_calibration, "_unless_stored_beats_it", lambda y, lg, t, b, thr, old: (thr, False))
+    out, record = calibrate_on_site(ckpt, predictor, site, cfg)
+    assert out["threshold"] > ckpt["threshold"] and record["stored_threshold_kept"] is None
+    assert record["refitted_cross_validated"]["sensitivity"] < 1.0
+    warned = [w for w in record["warnings"] if "miss pneumonias the stored point catches" in w]
+    assert len(warned) == 1 and "for no gain in specificity" in warned[0]
+    assert f"WARNING: {warned[0]}" in format_site_report(record)
+
+
+def test_the_stored_boundary_keeps_its_calls_under_a_refitted_temperature():
+    from pneumoscan.site_calibration import _stored_boundary
+
+    z = torch.linspace(-6, 6, 241)
+    logits = torch.stack([torch.zeros_like(z), z], 1)
+    stored = (0.633, 0.0, 0.5377)
+    old_calls = positive_probability(logits, 0.633) >= 0.5377
+    for t, b in ((1.7, 0.0), (0.4, 0.8), (0.633, 0.0)):
+        assert np.array_equal(positive_probability(logits, t, b) >= _stored_boundary(stored, t, b), old_calls)
+    assert _stored_boundary((None, 0.0, 0.3), 1.0, 0.0) == 0.3
+
+
+def test_calibrating_a_site_checkpoint_again_keeps_the_earlier_site_s_record(calibrated, sites, tmp_path):
+    from pneumoscan.site_calibration import stored_target
+
+    first_path, _, _ = calibrated
+    first = load_checkpoint(first_path)
+    data, _ = load_labelled_folder(str(sites[1]), 224, cache_dir="none")
+    cfg = SiteCalibrationConfig(site="eq2", target_sensitivity=0.9, n_boot=50)
+    second, record = calibrate_on_site(first, Predictor.from_checkpoint(first), data, cfg)
+    out = tmp_path / "second.pth"
+    save_checkpoint(second, out)
+    second = load_checkpoint(out)  # the nested record survives a weights_only load
+    rec = second["site_calibration"]
+    earlier = rec["previous"]["site_calibration"]
+    assert earlier == first["site_calibration"]  # films, patients, date, target, measurements: all of it
+    assert earlier["site"] == "eq-site" and earlier["films"] == sum(PER_HALF.values())
+    assert earlier["stored_operating_point_on_site"] and earlier["refitted_cross_validated"]["per_fold"]
+    assert rec["previous"]["model_version"] == first["model_version"] and rec["previous"]["threshold"] == first[
+        "threshold"]
+    assert "previous.site_calibration" in format_site_report(record) and "site eq-site" in format_site_report(record)
+    # what evaluate and the model info read is the current record and the current point
+    assert stored_target(second) == 0.9 and earlier["target_sensitivity"] == 0.95
+    info = MedicalImageInference(str(out), backend="torch", gate=False).info
+    assert info["model_version"] == first["model_version"] + "+eq2" and info["threshold"] == rec["threshold"]
 
 
 def test_predictions_of_the_site_checkpoint_say_so(calibrated, sites):

@@ -2,7 +2,8 @@
 
 Sections: metrics with CIs, ROC and PR curves, confusion matrix at the operating point,
 reliability diagram with ECE, a threshold table, sensitivity by pneumonia type (from file
-names), and a gallery of the most confident false positives and false negatives.
+names), the files left out of the numbers (when there are any), and a gallery of the most
+confident false positives and false negatives.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import base64
 import html
 import io
 import math
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_text
+from .data import left_out_kind
 from .metrics import binary_metrics, confusion, metric_label, reliability_bins, wilson_interval
 from .names import printable
 from .plots import new_figure
@@ -115,12 +118,36 @@ likely to question.</p>
 <td>{u['wrong_with_low_risk']} ({wrong['NORMAL']} / {wrong['PNEUMONIA']})</td></tr></table>"""
 
 
+def _shown(path: str) -> str:
+    """A file path as the page shows it: undecodable bytes as ``\\xNN`` (``names.printable``), control
+    characters escaped too (a newline or an escape code in a name must not break or restyle the row), then
+    HTML-escaped."""
+    text = "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+                   for ch in printable(str(path)))
+    return html.escape(text)
+
+
+def _left_out_html(skipped: list[dict]) -> str:
+    """The 'left out' section: the files the loader left out of every number (evaluate's ``skipped_files``),
+    counted by kind as the command's output counts them, then each with its path and reason."""
+    counts = Counter(left_out_kind(f["reason"]) for f in skipped)
+    kinds = "".join(f"<tr><td>{html.escape(k)}</td><td>{counts[k]}</td></tr>"
+                    for k in sorted(counts, key=lambda k: (-counts[k], k)))
+    rows = "".join(f"<tr><td>{_shown(f['path'])}</td><td>{_shown(f['reason'])}</td></tr>" for f in skipped)
+    return f"""<h2 id="left-out">Left out of the numbers ({len(skipped)} file(s))</h2>
+<p>These files are in none of the metrics, curves, tables or galleries of this report.</p>
+<table><tr><th>reason</th><th>files</th></tr>{kinds}</table>
+<table class="files"><tr><th>file</th><th>reason</th></tr>{rows}</table>"""
+
+
 def build_report(report: dict, y: np.ndarray, prob: np.ndarray, paths: list[str], out_path: str | Path,
                  heatmap: Callable[[str], str | None] | None = None, gallery_size: int = 6) -> None:
     """Write the HTML report.
 
     Args:
-        report: ``metrics_with_ci`` output plus ``ece_15``, ``model_version``, ``data_dir``, ``calibrated``.
+        report: ``metrics_with_ci`` output plus ``ece_15``, ``model_version``, ``data_dir``, ``calibrated``;
+            optionally ``skipped_files`` (``{"path", "reason"}`` of the files left out of the numbers) and, when
+            the threshold was given rather than the model's, ``threshold_given`` (True) and ``stored_threshold``.
         y, prob: labels (1 = PNEUMONIA) and P(PNEUMONIA) per image, in ``paths`` order.
         heatmap: optional function from an image path to a PNG data URI of its heatmap overlay.
     """
@@ -133,13 +160,21 @@ def build_report(report: dict, y: np.ndarray, prob: np.ndarray, paths: list[str]
         f"<td>[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]</td></tr>"
         for name, m in report["metrics"].items())
     c = confusion(y, p, thr)
+    # --threshold given: the operating point is the user's, and the model's own is shown beside it
+    given = bool(report.get("threshold_given"))
+    stored = report.get("stored_threshold") if given else None
+    exact = {thr} | ({stored} if stored is not None else set())
     thr_rows = ""
-    # the model's own row at its exact threshold (a rounded one could put a film on the other side)
-    for t in sorted({t for t in THRESHOLDS if abs(t - thr) >= 1e-4} | {thr}):
+    # the operating row at its exact threshold (a rounded one could put a film on the other side)
+    for t in sorted({t for t in THRESHOLDS if min(abs(t - e) for e in exact) >= 1e-4} | exact):
         m = binary_metrics(y, p, t)
         mark = ' class="op"' if t == thr else ""
-        thr_rows += (f"<tr{mark}><td>{t:.4f}{' (model)' if mark else ''}</td><td>{_fmt(m['sensitivity'])}</td>"
+        label = (" (given)" if given else " (model)") if t == thr else " (model)" if t == stored else ""
+        thr_rows += (f"<tr{mark}><td>{t:.4f}{label}</td><td>{_fmt(m['sensitivity'])}</td>"
                      f"<td>{_fmt(m['specificity'])}</td><td>{_fmt(m['ppv'])}</td><td>{_fmt(m['npv'])}</td></tr>")
+    op_text = (f"operating threshold {thr:.4f} (given with --threshold"
+               + (f"; the model's own is {stored:.4f}" if stored is not None else "") + ")"
+               if given else f"operating threshold {thr:.4f}")
     sub_rows = ""
     for kind in ("bacterial", "viral"):
         idx = [i for i, path in enumerate(paths) if y[i] == 1 and _subtype(path) == kind]
@@ -163,6 +198,10 @@ def build_report(report: dict, y: np.ndarray, prob: np.ndarray, paths: list[str]
         return f"<h3>{esc(title)} ({len(idx)} shown)</h3><div class='gallery'>{cards or '<p>none</p>'}</div>"
 
     in_use_html = _in_use_html(report["in_use"]) if report.get("in_use") else ""
+    skipped = report.get("skipped_files") or []
+    left_out_html = _left_out_html(skipped) if skipped else ""
+    left_out_note = (f'<p class="warn">{len(skipped)} file(s) were left out of every number in this report: '
+                     f'<a href="#left-out">listed below</a> with the reason.</p>' if skipped else "")
     refused = {r["path"]: r["reason"] for r in (report.get("in_use") or {}).get("refused_files", [])}
     fp_idx = [i for i in np.argsort(-p) if y[i] == 0 and p[i] >= thr][:gallery_size]
     fn_idx = [i for i in np.argsort(p) if y[i] == 1 and p[i] < thr][:gallery_size]
@@ -180,14 +219,16 @@ th{{background:#f0f0f0}} td:first-child{{text-align:left}} tr.op{{background:#ff
 figure img{{width:170px;height:170px;object-fit:contain;background:#000}}
 .noimg{{width:170px;height:170px;background:#eee;display:flex;align-items:center;justify-content:center}}
 .warn{{background:#fdecea;padding:8px;border-left:4px solid #c62828}}
+table.files td{{text-align:left;overflow-wrap:anywhere;max-width:600px}}
 </style></head><body>
 <h1>pneumoscan evaluation report</h1>
 <p class="meta">Model <b>{esc(str(report.get('model_version', '')))}</b>
 on <b>{esc(str(report.get('data_dir', '')))}</b>
 &middot; {report['n']} images ({report['n_positive']} PNEUMONIA, {report['n'] - report['n_positive']} NORMAL{
     f"; {report['patients']} patients" if 'patients' in report else ""})
-&middot; probabilities {cal} &middot; operating threshold {thr:.4f} &middot; generated
+&middot; probabilities {cal} &middot; {op_text} &middot; generated
 {datetime.now().astimezone().isoformat(timespec='seconds')}</p>
+{left_out_note}
 <p class="warn">A screening aid for frontal pediatric chest radiographs, read by a clinician; not a diagnosis.</p>
 <h2>Metrics at the operating threshold</h2>
 <table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{metrics_rows}</table>
@@ -205,6 +246,7 @@ on <b>{esc(str(report.get('data_dir', '')))}</b>
 <th>NPV (these films)</th></tr>{thr_rows}</table>
 <h2>Sensitivity by pneumonia type</h2>{subtype_html}
 {in_use_html}
+{left_out_html}
 <h2>Most confident errors</h2>
 {gallery("False positives: NORMAL films called PNEUMONIA", fp_idx)}
 {gallery("False negatives: PNEUMONIA films called NORMAL", fn_idx)}

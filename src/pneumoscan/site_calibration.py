@@ -10,7 +10,12 @@ Given labelled local films, this module
   on 4 of 5 patient groups and counted on the fifth (``cv.cross_fitted``), the honest number;
 - refits both on all the films and writes a new checkpoint: same weights, same scope checks, the
   new temperature and threshold, a ``model_version`` naming the site, and a ``site_calibration``
-  record (films, patients, date, the previous values, both measurements).
+  record (films, patients, date, the previous values, both measurements; an earlier site's record
+  kept whole under ``previous.site_calibration``).
+
+The new threshold is the highest meeting the target sensitivity, unless the stored decision boundary
+does at least as well on both classes of the site's films and better on one: then that is kept
+(``_unless_stored_beats_it``), in each cross-validation fold as on all the films.
 
 The weights are not touched, so AUROC cannot change; only what a probability and the call mean.
 """
@@ -109,6 +114,42 @@ def _group_point(y: np.ndarray, prob: np.ndarray, pred: np.ndarray, member: np.n
     return point
 
 
+def _counts(y: np.ndarray, called: np.ndarray) -> dict:
+    """Pneumonia films called PNEUMONIA and normal films called NORMAL, of how many."""
+    pos, neg = y == 1, y == 0
+    return {"pneumonia_caught": int((called & pos).sum()), "pneumonia": int(pos.sum()),
+            "normal_cleared": int((~called & neg).sum()), "normal": int(neg.sum())}
+
+
+def _stored_boundary(stored_point: tuple, temperature: float, bias: float) -> float:
+    """The stored threshold as a threshold on P = sigmoid(z / temperature + bias): the same margin z, so the
+    same calls. ``stored_point`` is (temperature or None, bias, threshold)."""
+    old_t, old_b, old_thr = stored_point
+    if (float(old_t or 1.0), float(old_b)) == (float(temperature), float(bias)):
+        return float(old_thr)  # the calibration kept: the very number, not a round trip through the logit
+    margin = (np.log(old_thr / (1.0 - old_thr)) - old_b) * (old_t or 1.0)
+    return float(1.0 / (1.0 + np.exp(-(margin / temperature + bias))))
+
+
+def _unless_stored_beats_it(y: np.ndarray, logits, temperature: float, bias: float, threshold: float,
+                            stored_point: tuple) -> tuple[float, bool]:
+    """``threshold`` (fitted on these films for the target), or the stored decision boundary where that one does
+    at least as well on both classes of these films and better on one; and whether it was kept.
+
+    The highest threshold meeting the target is the best specificity at that sensitivity, but when the stored
+    point already has that specificity it only gives up pneumonias the stored point catches (a site whose films
+    all lie on the right side of the margin, with room above it). The stored point was not fitted on these
+    films, so its counts on them are an honest measure; a refit that cannot beat it on the films it was fitted
+    to is no improvement, and keeping the stored boundary there meets the target too (it catches as many)."""
+    prob = positive_probability(logits, temperature, bias)
+    candidate = _stored_boundary(stored_point, temperature, bias)
+    new, old = _counts(y, prob >= threshold), _counts(y, prob >= candidate)
+    gains = [old[k] - new[k] for k in ("pneumonia_caught", "normal_cleared")]
+    if min(gains) >= 0 and max(gains) > 0:
+        return candidate, True
+    return threshold, False
+
+
 def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
                       cfg: SiteCalibrationConfig) -> tuple[dict, dict]:
     """The site-calibrated checkpoint (a deep copy of ``ckpt``) and the report of what changed.
@@ -132,16 +173,31 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
     # films the model already separates give a temperature no finite optimum: keep the stored calibration
     kept = (float(old_t or 1.0), float(old_b))
     cv_prob, cv_pred, params = cross_fitted(oof, target, intercept=cfg.intercept, if_separable=kept)
-    new_t, new_thr, new_b = fit_calibrated_point(logits, labels, target, cfg.intercept, if_separable=kept)
+    stored_point = (old_t, old_b, old_thr)
+    # the rule that sets the written threshold sets each fold's too, so the estimate describes what is written
+    folds_keeping_threshold = 0
+    for i, (f, t, thr, b) in enumerate(params):
+        fit, held = oof.folds != f, oof.folds == f
+        thr, kept_here = _unless_stored_beats_it(y[fit], logits[fit], t, b, thr, stored_point)
+        folds_keeping_threshold += kept_here
+        cv_pred[held] = cv_prob[held] >= thr
+        params[i] = (f, t, thr, b)
+    new_t, thr_for_target, new_b = fit_calibrated_point(logits, labels, target, cfg.intercept, if_separable=kept)
+    new_thr, threshold_kept = _unless_stored_beats_it(y, logits, new_t, new_b, thr_for_target, stored_point)
     calibration_kept = separable(logits, labels, cfg.intercept)
-    refit = _at(y, positive_probability(logits, new_t, new_b), new_thr, patients, cfg.n_boot)
+    refit_prob = positive_probability(logits, new_t, new_b)
+    refit = _at(y, refit_prob, new_thr, patients, cfg.n_boot)
     record = {
         "site": cfg.site,
         "calibrated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "films": len(y), "patients": len(set(patients)), "class_counts": data.class_counts(),
         "target_sensitivity": target,
         "previous": {"model_version": ckpt.get("model_version", ""), "temperature": old_t, "threshold": old_thr,
-                     "bias": old_b, "metrics": dict(ckpt.get("metrics") or {})},
+                     "bias": old_b, "metrics": dict(ckpt.get("metrics") or {}),
+                     # an earlier site's record whole (films, patients, date, target, measurements, and its own
+                     # previous): calibrating again must not erase the history of the operating point
+                     **({"site_calibration": copy.deepcopy(ckpt["site_calibration"])}
+                        if ckpt.get("site_calibration") else {})},
         "calibration": ("threshold only (the stored calibration kept: the model makes no error on these films at "
                         "its decision margin)") if calibration_kept else
                        "temperature and intercept (logistic)" if cfg.intercept else "temperature",
@@ -149,6 +205,11 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
         "folds_keeping_calibration": sum(separable(logits[oof.folds != f], labels[oof.folds != f], cfg.intercept)
                                          for f, *_ in params),
         "temperature": new_t, "bias": new_b, "threshold": new_thr,
+        "stored_threshold_kept": ({"threshold_for_target": thr_for_target,
+                                   "at_threshold_for_target": _counts(y, refit_prob >= thr_for_target),
+                                   "at_stored_boundary": _counts(y, refit_prob >= new_thr)}
+                                  if threshold_kept else None),
+        "folds_keeping_stored_threshold": folds_keeping_threshold,
         "stored_operating_point_on_site": stored,
         "refitted_cross_validated": {**operating_point(y, cv_prob, cv_pred), "folds": cfg.folds,
                                      "per_fold": [_group_point(y, cv_prob, cv_pred, oof.folds == f, f, t, thr, b)
@@ -169,8 +230,13 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
     # what is shown beside the threshold (the service's model card) must describe *this* threshold
     metrics = {"val_sensitivity": cv["sensitivity"], "val_specificity": cv["specificity"],
                "val_accuracy": cv["accuracy"], "val_auroc": stored["metrics"]["auroc"]["value"]}
-    refitted = ("threshold refitted, calibration kept" if calibration_kept
-                else f"{record['calibration']} and threshold refitted")
+    if threshold_kept:
+        refitted = ("the stored calibration and threshold kept (no refit does better on these films)"
+                    if calibration_kept else
+                    f"{record['calibration']} refitted, the stored decision boundary kept")
+    else:
+        refitted = ("threshold refitted, calibration kept" if calibration_kept
+                    else f"{record['calibration']} and threshold refitted")
     note = (f"{ckpt.get('training_note') or base}; then site-calibrated by pneumoscan calibrate on "
             f"{record['films']} labelled films of {record['patients']} patients of site {cfg.site} "
             f"({record['calibrated_at'][:10]}): {refitted}, weights unchanged; "
@@ -260,7 +326,8 @@ POOR_AUROC = 0.90
 
 def site_warnings(record: dict) -> list[str]:
     """What a user must read before using the site checkpoint: a ranking too poor to calibrate, or a
-    refitted point whose estimate misses the target or gives up specificity."""
+    refitted point whose estimate misses the target, gives up specificity, or misses pneumonias the stored
+    point catches on these films without a gain in specificity."""
     out = []
     auroc = record["stored_operating_point_on_site"]["metrics"]["auroc"]["value"]
     cv = record["refitted_cross_validated"]
@@ -271,14 +338,24 @@ def site_warnings(record: dict) -> list[str]:
         out.append(f"at the refitted threshold the estimated specificity is {cv['specificity']:.3f}: most normal "
                    f"films would be called PNEUMONIA")
     if record.get("calibration_kept"):
+        threshold = ("so is the stored threshold (a refit does worse on these films)"
+                     if record.get("stored_threshold_kept") else "only the threshold refitted")
         out.append("the model makes no error on these films at its decision margin, so a temperature fitted on them "
                    "has no finite optimum (it would turn every probability into 0 or 1): the stored calibration is "
-                   "kept and only the threshold refitted; films the model gets wrong are what calibration is "
-                   "learnt from, so add labelled films (the harder ones too) to refit it")
+                   f"kept and {threshold}; films the model gets wrong are what calibration is learnt from, so add "
+                   "labelled films (the harder ones too) to refit it")
     elif record.get("folds_keeping_calibration"):
         out.append(f"in {record['folds_keeping_calibration']} of the cross-validation folds the other folds' films "
                    f"were all on the right side of the model's margin, so those folds kept the stored calibration: "
                    f"the estimate rests on few informative films; add labelled films")
+    stored = record["stored_operating_point_on_site"]["metrics"]
+    if "sensitivity" in stored and "specificity" in stored:
+        s_sens, s_spec = stored["sensitivity"]["value"], stored["specificity"]["value"]
+        if cv["sensitivity"] < s_sens and cv["specificity"] <= s_spec:
+            out.append(f"on new films of this site the refitted point is estimated to miss pneumonias the stored "
+                       f"point catches on these films, for no gain in specificity (sensitivity {cv['sensitivity']:.3f} "
+                       f"against the stored point's {s_sens:.3f}, specificity {cv['specificity']:.3f} against "
+                       f"{s_spec:.3f}): the stored checkpoint does better here; keep using it, or add labelled films")
     if cv["sensitivity"] < record["target_sensitivity"] - 0.05:
         out.append(f"the estimated sensitivity on new films of this site ({cv['sensitivity']:.3f}) is more than 5 "
                    f"points below the target {record['target_sensitivity']:.2f}: add labelled films")
@@ -323,6 +400,32 @@ def _caution(alone: dict | None, scope_classifier: bool = True) -> str:
             "catches " + ", ".join(parts) + tail)
 
 
+def _threshold_kept_lines(record: dict) -> list[str]:
+    kept, folds = record.get("stored_threshold_kept"), record.get("folds_keeping_stored_threshold", 0)
+    lines = []
+    if kept:
+        at, new = kept["at_stored_boundary"], kept["at_threshold_for_target"]
+        lines.append(
+            f"threshold: the stored decision boundary is kept ({record['threshold']:.4f} on the written "
+            f"probabilities): on these films it catches {at['pneumonia_caught']} of {at['pneumonia']} pneumonia "
+            f"films and clears {at['normal_cleared']} of {at['normal']} normal ones, the highest threshold meeting "
+            f"the target ({kept['threshold_for_target']:.4f}) {new['pneumonia_caught']} and {new['normal_cleared']}: "
+            f"a refit would give up films of one class and gain none of the other")
+    if folds:
+        lines.append(f"in {folds} of the {record['refitted_cross_validated']['folds']} cross-validation folds the "
+                     f"stored boundary was kept the same way")
+    return lines
+
+
+def _history_lines(previous: dict) -> list[str]:
+    earlier = previous.get("site_calibration")
+    if not earlier:
+        return []
+    return [f"the checkpoint calibrated here was itself calibrated for site {earlier['site']} "
+            f"({earlier['calibrated_at'][:10]}, {earlier['films']} films of {earlier['patients']} patients); that "
+            f"record is kept whole under previous.site_calibration"]
+
+
 def format_site_report(record: dict) -> str:
     """The before/after table ``pneumoscan calibrate`` prints."""
     s, cv = record["stored_operating_point_on_site"], record["refitted_cross_validated"]
@@ -358,6 +461,8 @@ def format_site_report(record: dict) -> str:
         "",
         "In brackets for the refitted point: the lowest and highest of the patient groups, a guide to how much it "
         "can move on the next films.",
+        *_threshold_kept_lines(record),
+        *_history_lines(prev),
         *(_gate_line(record["gate"]) if "gate" in record else []),
         *[f"WARNING: {w}" for w in record.get("warnings", [])],
         "The weights are unchanged, so AUROC is unchanged "
