@@ -273,9 +273,11 @@ def test_evaluate_shows_and_writes_names_that_are_not_utf8(odd_names, tmp_path, 
     assert evaluate_main(["--data_dir", str(odd_names[0]), "--output_path", str(out), "--model_only",
                           "--n_boot", "20"]) == 1  # a film left out
     said = capsys.readouterr().out
-    assert "left out: 1 file(s), in none of the numbers above (1 unreadable: broken\\xe9.jpeg;" in said
+    assert ("left out: 2 file(s), in none of the numbers above (1 duplicate, 1 unreadable: broken\\xe9.jpeg, "
+            "caf\\xe9.jpeg;") in said  # the copy counted once is listed too
     skipped = json.loads(assert_printable_json(out))["skipped_files"]
-    assert [s["path"] for s in skipped] == [str(odd_names[0] / "NORMAL" / "broken\\xe9.jpeg")]
+    assert [s["path"] for s in skipped] == [str(odd_names[0] / "NORMAL" / name)
+                                            for name in ("broken\\xe9.jpeg", "caf\\xe9.jpeg")]
 
 
 def test_the_scope_report_shows_and_writes_folder_names_that_are_not_utf8(odd_names, tmp_path, capsys):
