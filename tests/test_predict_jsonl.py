@@ -158,6 +158,20 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(fol
     assert not (tmp_path / ".r.jsonl.lock").exists()
 
 
+def test_an_output_on_a_file_system_without_locks_is_still_written(folder, tmp_path, trained_model, monkeypatch,
+                                                                    capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):  # what flock says on a network share without lock support
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert run(folder, tmp_path / "r.jsonl", trained_model) == 1  # the folder's broken files; the rest written
+    assert len(read_lines(tmp_path / "r.jsonl")) == 15
+    assert "cannot be locked (No locks available)" in capsys.readouterr().err
+
+
 def test_the_parts_of_a_json_run_are_not_those_of_a_jsonl_run_of_the_same_stem(folder, tmp_path, trained_model):
     (tmp_path / ".r.json.rank0-of-2.part").write_text('{"image_path": "elsewhere.jpeg"}\n')
     assert run(folder, tmp_path / "r.jsonl", trained_model, "--resume") == 1

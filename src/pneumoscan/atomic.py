@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -74,6 +77,9 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
         except BlockingIOError:
             raise OutputPathError(f"another run is writing {path} now (it holds {lock.name}): wait for it to end, "
                                   f"or give another --output_path") from None
+        except OSError as exc:  # a file system without locks (some network shares): run, but say it
+            log.warning("%s cannot be locked (%s): a second run writing %s at the same time would not be "
+                        "stopped", lock, exc.strerror or exc, path)
         try:
             yield
         finally:
