@@ -32,7 +32,7 @@ from .calibration import fit_calibrated_point, fit_operating_point, positive_pro
 from .checkpoint import input_spec, load_checkpoint
 from .config import TrainConfig
 from .data import ImageSet, check_validated_on, split_from_config
-from .distributed import env_world
+from .distributed import close_world, env_world, from_main, in_group, init_world
 from .errors import CheckpointError
 from .metrics import auroc, expected_calibration_error, metrics_with_ci
 from .predict import Predictor
@@ -66,30 +66,50 @@ def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | No
     Raises:
         CheckpointError: a finished fold was trained with other settings than ``cfg``.
     """
+    from .predict import resolve_device
     from .train import LAST_FILE, MODEL_FILE, pin_patients_csv, run_training
 
     out = Path(root or cfg.output_dir)
     folds = list(range(cfg.cv_folds)) if only is None else only
     cfg = pin_patients_csv(cfg)  # as each fold's run pins it: a finished fold is checked on it
     widths = tuple(w for w in (cfg.width, cfg.fallback_width) if w)
-    for fold in folds:
-        run_dir = fold_dir(out, fold)
-        if (run_dir / "training_results.json").exists() and not cfg.overwrite:
-            trained = json.loads((run_dir / "training_results.json").read_text())["config"]
-            _check_finished_fold(trained, dataclasses.replace(cfg, cv_fold=fold), run_dir, widths)
-            # the same folder, but films added or removed since: refused now, before the other folds train
-            val = split_from_config(trained, cfg.data_dir, trained["image_size"], cfg.cache_dir).val
-            check_validated_on(trained, val, f"{run_dir} (fold {fold})", cfg.data_dir, _REUSE_FIX)
-            log.info("fold %d of %d: finished earlier (%s), skipped", fold, cfg.cv_folds, run_dir)
-        else:  # with --overwrite every fold trains anew
-            resume = (run_dir / LAST_FILE).exists() and not cfg.overwrite
-            log.info("fold %d of %d%s", fold, cfg.cv_folds, " (resumed)" if resume else "")
-            trained = run_training(dataclasses.replace(cfg, cv_fold=fold, output_dir=str(run_dir),
-                                                       resume=resume))["config"]
-        if cfg.fallback_width:  # the first fold's speed check decides the width of every fold
-            if trained["width"] != cfg.width:
-                log.info("the other folds train at width %s too, the width fold %d trained at", trained["width"], fold)
-            cfg = dataclasses.replace(cfg, width=trained["width"], fallback_width=0.0)
+    # under torchrun one process group serves every fold: a group left and joined again between folds hung the
+    # ranks in the next fold's first collective (seen in the test suite); rank 0 decides what each fold needs
+    owned = not in_group()
+    world = init_world(resolve_device(cfg.device).type)
+    clean = False
+    try:
+        for fold in folds:
+            run_dir = fold_dir(out, fold)
+
+            def finished_earlier(run_dir=run_dir, fold=fold) -> dict | None:
+                if not (run_dir / "training_results.json").exists() or cfg.overwrite:
+                    return None  # with --overwrite every fold trains anew
+                trained = json.loads((run_dir / "training_results.json").read_text())["config"]
+                _check_finished_fold(trained, dataclasses.replace(cfg, cv_fold=fold), run_dir, widths)
+                # the same folder, but films added or removed since: refused now, before the other folds train
+                val = split_from_config(trained, cfg.data_dir, trained["image_size"], cfg.cache_dir).val
+                check_validated_on(trained, val, f"{run_dir} (fold {fold})", cfg.data_dir, _REUSE_FIX)
+                return trained
+
+            trained = from_main(finished_earlier, world)
+            if trained is not None:
+                log.info("fold %d of %d: finished earlier (%s), skipped", fold, cfg.cv_folds, run_dir)
+            else:
+                resume = from_main(lambda run_dir=run_dir: (run_dir / LAST_FILE).exists() and not cfg.overwrite,
+                                   world)
+                log.info("fold %d of %d%s", fold, cfg.cv_folds, " (resumed)" if resume else "")
+                trained = run_training(dataclasses.replace(cfg, cv_fold=fold, output_dir=str(run_dir),
+                                                           resume=resume))["config"]
+            if cfg.fallback_width:  # the first fold's speed check decides the width of every fold
+                if trained["width"] != cfg.width:
+                    log.info("the other folds train at width %s too, the width fold %d trained at", trained["width"],
+                             fold)
+                cfg = dataclasses.replace(cfg, width=trained["width"], fallback_width=0.0)
+        clean = True
+    finally:
+        if owned:  # after the last fold, before rank 0 alone scores them (the others are done then)
+            close_world(world, clean)
     return [fold_dir(out, f) / MODEL_FILE for f in folds]
 
 

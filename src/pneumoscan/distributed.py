@@ -55,6 +55,11 @@ def env_world() -> World:
     return World(rank, world_size, local_rank)
 
 
+def in_group() -> bool:
+    """Whether this process has joined a process group already (a k-fold run holds one for all its folds)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def init_world(device_type: str = "cpu") -> World:
     """Join the run's process group when started by torchrun (NCCL for CUDA, else gloo); else a world of one."""
     world = env_world()
