@@ -267,8 +267,8 @@ def _stream_jsonl(engine, files: list, path: str | Path, resume: bool, heatmap_d
     predicted = failed = 0
     with JsonlWriter(path, resume=resume) as writer:
         _check_made_with(path, writer.made_with, engine)
-        done = writer.done | {_same_file_key(p) for p in writer.done}
-        todo = [f for f in files if printable(str(f)) not in done and _same_file_key(f) not in done]
+        done = _done_keys(writer.done)
+        todo = [f for f in files if not done & set(_keys(f))]
         if writer.done:
             log.info("--resume: %d of %d file(s) already in %s; predicting the other %d",
                      len(files) - len(todo), len(files), path, len(todo))
@@ -335,6 +335,11 @@ def _keys(path) -> tuple[str, str]:
     return printable(str(path)), _same_file_key(path)
 
 
+def _done_keys(paths: set[str]) -> set[str]:
+    """The ``image_path`` values a JSON Lines file holds, with their resolved spellings (``_keys``)."""
+    return paths | {_same_file_key(p) for p in paths}
+
+
 def _drop_json_parts(output_path: str) -> set[str]:
     """Rank 0, before a ``.json`` run under torchrun: the parts an interrupted run of it left cannot be resumed
     (a .json document is written only at the end); they are replaced, with a warning. Returns no files done."""
@@ -361,7 +366,7 @@ def _prepare_jsonl_output(output_path: str, files: list, resume: bool, engine) -
         DataError: a damaged output or part file, or results of another model or threshold.
     """
     from .atomic import atomic_path
-    from .results import JsonlWriter, iter_jsonl
+    from .results import JsonlWriter, iter_jsonl, made_with
 
     out, parts = Path(output_path), _left_parts(output_path)
     if not resume:
@@ -376,9 +381,9 @@ def _prepare_jsonl_output(output_path: str, files: list, resume: bool, engine) -
     if out.exists():
         with JsonlWriter(out, resume=True) as writer:  # drops a last line cut by a kill, checks the rest
             _check_made_with(output_path, writer.made_with, engine)
-            done = writer.done | {_same_file_key(p) for p in writer.done}
+            done = _done_keys(writer.done)
     if parts:
-        made_with: set[tuple] = set()
+        pairs: set[tuple] = set()
         entries: list[tuple[bytes, set[str]]] = []  # (line, its file's keys) of every part line not yet in out
         for part in parts:
             for line, obj in iter_jsonl(part):
@@ -386,9 +391,9 @@ def _prepare_jsonl_output(output_path: str, files: list, resume: bool, engine) -
                 if not keys & done:
                     entries.append((line, keys))
                     done |= keys
-                if obj.get("model_version") is not None or obj.get("threshold") is not None:
-                    made_with.add((obj.get("model_version"), obj.get("threshold")))
-        _check_made_with(", ".join(str(p) for p in parts), made_with, engine)
+                if (pair := made_with(obj)) is not None:
+                    pairs.add(pair)
+        _check_made_with(", ".join(str(p) for p in parts), pairs, engine)
         index = {key: i for i, (_, keys) in enumerate(entries) for key in keys}
         order = list(dict.fromkeys(i for f in files for key in _keys(f) if (i := index.get(key)) is not None))
         listed = set(order)

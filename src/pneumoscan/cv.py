@@ -32,7 +32,7 @@ from .calibration import fit_calibrated_point, fit_operating_point, positive_pro
 from .checkpoint import input_spec, load_checkpoint
 from .config import TrainConfig
 from .data import ImageSet, check_validated_on, split_from_config
-from .distributed import close_world, env_world, from_main, in_group, init_world
+from .distributed import env_world, from_main, joined_world
 from .errors import CheckpointError
 from .metrics import auroc, expected_calibration_error, metrics_with_ci
 from .predict import Predictor
@@ -74,11 +74,9 @@ def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | No
     cfg = pin_patients_csv(cfg)  # as each fold's run pins it: a finished fold is checked on it
     widths = tuple(w for w in (cfg.width, cfg.fallback_width) if w)
     # under torchrun one process group serves every fold: a group left and joined again between folds hung the
-    # ranks in the next fold's first collective (seen in the test suite); rank 0 decides what each fold needs
-    owned = not in_group()
-    world = init_world(resolve_device(cfg.device).type)
-    clean = False
-    try:
+    # ranks in the next fold's first collective (seen in the test suite); rank 0 decides what each fold needs.
+    # It is left after the last fold, before rank 0 alone scores them (the others are done then).
+    with joined_world(resolve_device(cfg.device).type) as world:
         for fold in folds:
             run_dir = fold_dir(out, fold)
 
@@ -106,10 +104,6 @@ def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | No
                     log.info("the other folds train at width %s too, the width fold %d trained at", trained["width"],
                              fold)
                 cfg = dataclasses.replace(cfg, width=trained["width"], fallback_width=0.0)
-        clean = True
-    finally:
-        if owned:  # after the last fold, before rank 0 alone scores them (the others are done then)
-            close_world(world, clean)
     return [fold_dir(out, f) / MODEL_FILE for f in folds]
 
 

@@ -11,6 +11,8 @@ import gc
 import logging
 import os
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +74,22 @@ def init_world(device_type: str = "cpu") -> World:
         dist.init_process_group(backend=backend)
     log.debug("rank %d of %d joined the %s process group", world.rank, world.world_size, backend)
     return World(world.rank, world.world_size, world.local_rank, backend)
+
+
+@contextmanager
+def joined_world(device_type: str = "cpu") -> Iterator[World]:
+    """The process group for the work in the block (``init_world``), left when it ends (``close_world``: after a
+    barrier if the block finished, without one if it raised), unless this process had joined one already: a
+    k-fold run holds one for all its folds, since leaving it and joining again between folds hung the ranks."""
+    owned = not in_group()
+    world = init_world(device_type)
+    clean = False
+    try:
+        yield world
+        clean = True
+    finally:
+        if owned:
+            close_world(world, clean)
 
 
 def close_world(world: World, clean: bool = True) -> None:

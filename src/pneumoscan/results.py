@@ -92,18 +92,25 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[bytes, dict]]:
             yield line, obj
 
 
+def made_with(obj: dict) -> tuple | None:
+    """The (model_version, threshold) a result line was made with, or None for a line that names neither."""
+    if obj.get("model_version") is None and obj.get("threshold") is None:
+        return None
+    return obj.get("model_version"), obj.get("threshold")
+
+
 def _scan_jsonl(path: str | os.PathLike) -> tuple[set[str], int, set[tuple]]:
     """``scan_jsonl``, and the (model_version, threshold) pairs its results were made with."""
     done: set[str] = set()
-    made_with: set[tuple] = set()
+    pairs: set[tuple] = set()
     good = 0
     for line, obj in iter_jsonl(path):
         if obj.get("image_path") is not None:
             done.add(str(obj["image_path"]))
-        if obj.get("model_version") is not None or obj.get("threshold") is not None:
-            made_with.add((obj.get("model_version"), obj.get("threshold")))
+        if (pair := made_with(obj)) is not None:
+            pairs.add(pair)
         good += len(line)
-    return done, good, made_with
+    return done, good, pairs
 
 
 class JsonlWriter:

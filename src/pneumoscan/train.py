@@ -27,7 +27,7 @@ from .calibration import cross_fitted_ece, fit_calibrated_point, positive_probab
 from .checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint, versions
 from .config import TrainConfig
 from .data import SPLIT_KEYS, DataSplits, ImageSet, file_sha256, patients_digest, prepare_data, split_record
-from .distributed import World, all_sum, broadcast, close_world, from_main, in_group, init_world, main_first
+from .distributed import World, all_sum, broadcast, from_main, joined_world, main_first
 from .errors import CheckpointError, TrainingError
 from .gate import MIN_FIT_FILMS, OutOfScopeGate, small_fit_note
 from .losses import build_loss
@@ -575,16 +575,8 @@ def run_training(cfg: TrainConfig, given: Collection[str] | None = None) -> dict
     ``given``: the fields set on the command line; with ``cfg.resume`` the others are the continued run's
     (``TrainConfig.continued``; None: every field is as meant)."""
     device = resolve_device(cfg.device)
-    owned = not in_group()  # a k-fold run's folds share its group: leaving it and joining again could hang
-    world = init_world(device.type)
-    clean = False
-    try:
-        results = _run(cfg, device, world, given)
-        clean = True
-        return results
-    finally:
-        if owned:
-            close_world(world, clean)
+    with joined_world(device.type) as world:
+        return _run(cfg, device, world, given)
 
 
 def _run(cfg: TrainConfig, device: torch.device, world: World, given: Collection[str] | None = None) -> dict:
