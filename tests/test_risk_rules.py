@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from pneumoscan.inference import RISK_HIGH, RISK_LOW, RISK_MEDIUM, normalized_entropy, risk_level
+from pneumoscan.inference import (
+    RISK_HIGH,
+    RISK_LOW,
+    RISK_MEDIUM,
+    normalized_entropy,
+    risk_level,
+    unvalidated_kind,
+)
+from pneumoscan.scope_report import _flag_reason
 
 EPS = 1e-9
 
@@ -75,3 +83,21 @@ def test_two_class_results_reach_every_risk_level():
 def test_a_certain_answer_has_uncertainty_zero_not_minus_zero():
     u = normalized_entropy([1.0, 0.0])
     assert u == 0.0 and math.copysign(1.0, u) == 1.0  # JSON wrote -0.0
+
+
+@pytest.mark.parametrize(("warnings", "kind"), [
+    ([], None),
+    (["low detail: 40 % of the training films' fine detail"], None),
+    (["looks like a lateral view; the model is validated on frontal films"], "view"),
+    (["Projection LL: not frontal"], "view"),
+    (["looks like an adult's film: outside the validated population (children aged 1-5)"], "population"),
+    (["outside the validated population", "looks like a LATERAL view"], "view"),
+    # a marker is read inside one warning, never across two joined ones
+    (["the film is not", "frontal-ish"], None),
+])
+def test_unvalidated_kind_reads_each_warning(warnings, kind):
+    """The kind that forces risk HIGH (inference) is the one the scope report counts it under."""
+    assert unvalidated_kind(warnings) == kind
+    assert (_flag_reason(warnings) is None) == (kind is None)
+    if kind:
+        assert _flag_reason(warnings).startswith(kind)

@@ -37,7 +37,18 @@ log = logging.getLogger(__name__)
 RISK_LOW, RISK_MEDIUM, RISK_HIGH = "LOW", "MEDIUM", "HIGH"
 # A result carrying one of these warnings was made outside what the model is validated on: its
 # confidence says nothing about how right it is, so its risk level is HIGH, never LOW (docs/scope.md).
-UNVALIDATED_WARNINGS = ("lateral", "not frontal", "outside the validated population")
+VIEW_WARNINGS = ("lateral", "not frontal")
+POPULATION_WARNINGS = ("outside the validated population",)
+UNVALIDATED_WARNINGS = VIEW_WARNINGS + POPULATION_WARNINGS
+
+
+def unvalidated_kind(warnings: list) -> str | None:
+    """Which of ``UNVALIDATED_WARNINGS`` an answer carries: "view" (checked first), "population", or None."""
+    texts = [str(w).lower() for w in warnings]
+    for kind, markers in (("view", VIEW_WARNINGS), ("population", POPULATION_WARNINGS)):
+        if any(marker in text for text in texts for marker in markers):
+            return kind
+    return None
 # An answered film whose fine detail is below the training films' (``OutOfScopeGate.low_detail``); it keeps the
 # answer from risk LOW (MEDIUM instead) but forces nothing more: on validation films taken down to 25 %, AUROC
 # held (docs/gate.md, "Detail check").
@@ -308,7 +319,7 @@ class MedicalImageInference:
         if self.temperature is None:
             warnings.append("uncalibrated model: probabilities are raw softmax outputs")
         level = risk_level(confidence, uncertainty)
-        if any(marker in w.lower() for w in warnings for marker in UNVALIDATED_WARNINGS):
+        if unvalidated_kind(warnings):
             level = RISK_HIGH
         elif level == RISK_LOW and has_low_detail_warning(warnings):
             level = RISK_MEDIUM  # a downscaled or blurred copy: never "very confident" (docs/gate.md)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from .inference import (
     LOW_DETAIL_NOTE_PREFIX,
-    UNVALIDATED_WARNINGS,
     InferenceFailure,
     InferenceResult,
     has_low_detail_warning,
+    unvalidated_kind,
 )
 from .metrics import wilson_interval
 from .names import printable
@@ -81,12 +81,12 @@ def _outcome(o) -> str:
             else "answered")
 
 
+_FLAG_REASONS = {"view": "view (lateral or not frontal)", "population": "population (adult?)"}
+
+
 def _flag_reason(warnings: list[str]) -> str | None:
     """Why an answer carries a warning that keeps it from risk LOW: the view, or the population; None if none."""
-    text = " ".join(warnings).lower()
-    if "lateral" in text or "not frontal" in text:
-        return "view (lateral or not frontal)"
-    return "population (adult?)" if "outside the validated population" in text else None
+    return _FLAG_REASONS.get(unvalidated_kind(warnings))
 
 
 def _counts(outcomes: list) -> dict:
@@ -95,7 +95,7 @@ def _counts(outcomes: list) -> dict:
     unreadable = [o for o in outcomes if _unreadable(o)]
     faulty = [o for o in outcomes if _faulty(o)]
     answered = [o for o in outcomes if isinstance(o, InferenceResult)]
-    flagged = [r for r in answered if any(m in w.lower() for w in r.warnings for m in UNVALIDATED_WARNINGS)]
+    flagged = [r for r in answered if unvalidated_kind(r.warnings)]
     low_detail = [r for r in answered if has_low_detail_warning(r.warnings)]
     refused_low_detail = [o for o in refused if LOW_DETAIL_NOTE_PREFIX in o.error]
     handled = len(refused) + len(flagged)
