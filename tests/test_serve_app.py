@@ -460,3 +460,65 @@ def test_an_api_key_that_an_http_header_cannot_carry_is_refused_at_start_up(tmp_
     with pytest.raises(ValueError, match=":2: key holds a character that is not printable ASCII") as caught:
         ApiKeys.from_file(path)
     assert key not in str(caught.value)
+
+
+def test_readiness_is_503_while_the_audit_log_s_disk_is_nearly_full_yet_answers_go_on(tmp_path, caplog):
+    """The free space is read for real (statvfs): a minimum above what the disk has makes it "nearly full"."""
+    import shutil
+
+    wanted_mb = shutil.disk_usage(tmp_path).free / 2**20 + 1024
+    client = TestClient(create_app(settings(tmp_path, audit_min_free_mb=wanted_mb), lambda _: StubEngine()))
+    client.__enter__()
+    try:
+        wait_until(lambda: client.app.state.service.ready)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["error_type"] == "AuditError", ready.text
+        assert "nearly full" in ready.json()["error"] and str(tmp_path) in ready.json()["error"]
+        assert "--audit_min_free_mb" in ready.json()["error"] and int(ready.headers["Retry-After"]) >= 1
+        assert post(client).status_code == 200  # rows can still be written: answers are not refused
+        assert "nearly full" in caplog.text  # said at start-up too
+    finally:
+        client.__exit__(None, None, None)
+    unchecked = ready_client(create_app(settings(tmp_path, audit_min_free_mb=0), lambda _: StubEngine()))
+    unchecked.__exit__(None, None, None)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB file system (tmpfs), where the system lets this process mount one; else the test is skipped."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (not root, or no mount in this container)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_keeps_the_service_unready_after_the_probe(small_disk):
+    """On a full disk an empty probe transaction succeeds; readiness must not come back while rows fail."""
+    s = ServeSettings(audit_db=str(small_disk / "audit.sqlite3"), audit_min_free_mb=1)
+    client = ready_client(create_app(s, lambda _: StubEngine()))
+    try:
+        with open(small_disk / "filler", "wb") as filler:  # what else on the disk took its space
+            try:
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+            except OSError:
+                pass
+        answers = [post(client) for _ in range(5)]  # some rows may still fit in pages SQLite holds
+        assert answers[-1].status_code == 503 and answers[-1].json()["error_type"] == "AuditError"
+        for _ in range(3):  # probes run meanwhile, and find the write lock free
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["error_type"] == "AuditError", ready.text
+            time.sleep(0.2)
+        (small_disk / "filler").unlink()
+        wait_until(lambda: client.get("/readyz").status_code == 200)
+        assert post(client).status_code == 200
+    finally:
+        client.__exit__(None, None, None)

@@ -80,12 +80,19 @@ class Service:
 
     def require_audit(self) -> None:
         """Nothing while the audit log can be written; after a failed commit, until a commit succeeds again,
-        ApiError 503 ``AuditError`` (and a probe of the log, so that readiness comes back without traffic)."""
-        failure = self.audit.failure if self.audit is not None else None
+        ApiError 503 ``AuditError`` (and a probe of the log, so that readiness comes back without traffic);
+        also while its disk has less free space than ``audit_min_free_mb`` (``AuditLog.space_problem``)."""
+        if self.audit is None:
+            return
+        failure = self.audit.failure
         if failure is not None:
             self.audit.probe()
             raise ApiError(503, "AuditError", f"{failure}; predictions are refused until it can be written again",
                            {"Retry-After": str(AUDIT_RETRY_AFTER_S)})
+        space = self.audit.space_problem()
+        if space is not None:
+            raise ApiError(503, "AuditError", f"{space}; not ready, though predictions are answered while rows "
+                           "can still be written", {"Retry-After": str(AUDIT_RETRY_AFTER_S)})
 
     def load(self) -> None:
         """Load one engine per worker and start the pool (runs in a thread). Any failure, also after the
@@ -147,8 +154,10 @@ def create_app(settings: ServeSettings, engine_factory: Callable[[ServeSettings]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service.audit = AuditLog(settings.audit_db)
+        service.audit = AuditLog(settings.audit_db, int(settings.audit_min_free_mb * 2**20))
         log.info("audit log: %s", service.audit.path.resolve())
+        if (space := service.audit.space_problem()) is not None:
+            log.warning("%s: /readyz answers 503 until then", space)
         loading = asyncio.create_task(asyncio.to_thread(service.load))
         try:
             yield

@@ -11,7 +11,9 @@ The database is in WAL mode with ``synchronous=FULL``: a committed row survives 
 being killed and a power cut. One writer thread owns the connection and commits whatever rows
 are waiting in one transaction (group commit), so concurrent requests share an fsync. After a
 failed commit ``AuditLog.failure`` says why until a commit, or a ``probe`` for the write lock, succeeds
-(the service is not ready meanwhile).
+(the service is not ready meanwhile). ``space_problem`` says when the file system holding the log has less
+free space than asked: an empty probe transaction succeeds on a full disk, so this is what keeps readiness
+from coming back while the next row still could not be written.
 
 The schema version is SQLite's ``PRAGMA user_version``; ``MIGRATIONS[i]`` takes a database
 from version i to i + 1, and opening a database applies the missing ones in a transaction. A
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -160,8 +163,9 @@ class AuditLog:
         AuditError: see ``connect``.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, min_free_bytes: int = 0) -> None:
         self.path = Path(path)
+        self.min_free_bytes = min_free_bytes
         self.failure: str | None = None
         self._conn = connect(self.path)
         self._queue: queue.SimpleQueue[tuple[object, Future] | None] = queue.SimpleQueue()
@@ -183,6 +187,22 @@ class AuditLog:
         future: Future = Future()
         future.add_done_callback(lambda _: self._probing.release())
         self._queue.put((_PROBE, future))
+
+    def space_problem(self) -> str | None:
+        """Why the log's file system is too full (less free than ``min_free_bytes``), or None: enough, no
+        minimum asked, or the free space cannot be read (the commits will tell)."""
+        if self.min_free_bytes <= 0:
+            return None
+        folder = self.path.resolve().parent
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return None
+        if free >= self.min_free_bytes:
+            return None
+        return (f"the audit log's disk is nearly full: {free / 2**20:.1f} MiB free in {folder} (at least "
+                f"{self.min_free_bytes / 2**20:g} MiB wanted, --audit_min_free_mb); free space there or move the "
+                f"log (--audit_db)")
 
     def close(self) -> None:
         """Commit what is queued, stop the writer and close the database."""

@@ -32,6 +32,9 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_path", type=user_path, help="checkpoint from pneumoscan train (default: the shipped model)")
     p.add_argument("--audit_db", type=user_path, default=d.audit_db,
                    help=f"SQLite audit log (default ./{DEFAULT_AUDIT_DB})")
+    p.add_argument("--audit_min_free_mb", type=float, default=d.audit_min_free_mb,
+                   help="/readyz is 503 while the audit log's disk has less free space than this, in MiB "
+                        "(0: no check; default %(default)g)")
     p.add_argument("--api_key_file", type=user_path,
                    help="require 'Authorization: Bearer <key>' on /v1 with a key from this file "
                    "(one '<key id> <key>' per line)")

@@ -18,6 +18,8 @@ class ServeSettings:
         port: TCP port.
         model_path: a checkpoint from ``pneumoscan train``; None uses the shipped model.
         audit_db: the SQLite audit log (created, or migrated, at start-up).
+        audit_min_free_mb: ``/readyz`` answers 503 while the audit log's file system has less free space than
+            this (MiB), so that a load balancer moves traffic away before a full disk stops every answer.
         api_key_file: when set, every ``/v1/*`` call needs ``Authorization: Bearer <key>`` (see ``auth``).
         max_upload_mb: request bodies above this many MiB are refused with 413 while streaming.
         workers: inference workers; each holds its own copy of the model (the engine is not
@@ -46,6 +48,7 @@ class ServeSettings:
     port: int = 8000
     model_path: str | None = None
     audit_db: str = DEFAULT_AUDIT_DB
+    audit_min_free_mb: float = 64.0
     api_key_file: str | None = None
     max_upload_mb: float = 50.0
     workers: int = 1
@@ -71,6 +74,8 @@ class ServeSettings:
             raise ValueError("audit_db must name a SQLite file, e.g. pneumoscan_audit.sqlite3")
         if Path(self.audit_db).is_dir():
             raise ValueError(f"audit_db {self.audit_db!r} is a folder; give a file name inside it")
+        if not 0 <= self.audit_min_free_mb <= 1024 * 1024:
+            raise ValueError(f"audit_min_free_mb must be between 0 and 1048576 (1 TiB), got {self.audit_min_free_mb}")
         if self.api_key_file is not None and not Path(self.api_key_file).is_file():
             raise ValueError(f"api_key_file {self.api_key_file!r} does not exist or is not a file")
         if not 0 < self.max_upload_mb <= 1024:
