@@ -383,10 +383,12 @@ def refuse_existing_run(out: Path, k_fold: bool = False) -> None:
                     out, MODEL_FILE, LAST_FILE)
 
 
-def read_last_checkpoint(out: Path, cfg: TrainConfig, given: Collection[str] | None = None) -> dict:
+def read_last_checkpoint(out: Path, cfg: TrainConfig,
+                         given: Collection[str] | None = None) -> tuple[dict, TrainConfig]:
     """``out/checkpoint_last.pth``, the state that ``--resume`` continues from, read before any data is
-    prepared and checked against ``cfg``'s fixed flags (all but a width equal to ``--fallback_width``,
-    which the speed check may still choose; ``resume`` checks it); with ``given``, ``cfg`` continued from it.
+    prepared, and the config to continue with: ``cfg``, with ``given`` continued from the state's
+    (``TrainConfig.continued``), checked against its fixed flags (all but a width equal to
+    ``--fallback_width``, which the speed check may still choose; ``resume`` checks it).
 
     Raises:
         CheckpointError: the file is missing or cannot be read, or was written with other fixed flags.
@@ -398,7 +400,7 @@ def read_last_checkpoint(out: Path, cfg: TrainConfig, given: Collection[str] | N
     if given is not None:
         cfg = cfg.continued(state.get("config", {}), given)
     _check_resume(state, cfg, but=("width",) if state.get("config", {}).get("width") == cfg.fallback_width else ())
-    return state
+    return state, cfg
 
 
 def resume(tr: Trainer, out: Path, state: dict) -> Progress:
@@ -585,9 +587,9 @@ def _run(cfg: TrainConfig, device: torch.device, world: World, given: Collection
     out.mkdir(parents=True, exist_ok=True)
     # a wrong --resume checkpoint stops the run before data preparation; rank 0 reads the file and sends it on (on
     # several nodes only rank 0's disk may have it), so every rank continues the same recipe
-    last_state = from_main(lambda: read_last_checkpoint(out, cfg, given), world) if cfg.resume else None
-    if last_state is not None and given is not None:
-        cfg = cfg.continued(last_state.get("config", {}), given)
+    last_state = None
+    if cfg.resume:
+        last_state, cfg = from_main(lambda: read_last_checkpoint(out, cfg, given), world)
     torch.manual_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
