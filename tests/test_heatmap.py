@@ -159,6 +159,19 @@ def test_grad_cam_rejects_misuse(case, match):
     assert not model.features[-1].pool._forward_pre_hooks
 
 
+@pytest.mark.parametrize("submodule", ["features.3.bn2", "dropout"])
+def test_grad_cam_refuses_a_model_with_one_module_in_training_mode(ckpt, pneumonia_x, submodule):
+    """model.eval() then one module's .train() (MC dropout, a half-frozen fine-tune): the forward pass would
+    update a BatchNorm's running statistics, changing every later prediction, or drop units at random."""
+    model = model_from_checkpoint(ckpt)
+    model.get_submodule(submodule).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"{submodule} is in training mode"):
+        grad_cam(model, pneumonia_x)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not model.features[-1].pool._forward_pre_hooks
+
+
 def _mass(where: str) -> np.ndarray:
     cam = np.zeros((100, 100), dtype=np.float32)
     if where == "centre":

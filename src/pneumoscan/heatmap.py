@@ -56,13 +56,18 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target_class: int = 1,
 
     Raises:
         ValueError: ``x`` is not a single image, ``target_class`` is not a class of the
-            model, or the model is in training mode.
+            model, or the model or any of its modules is in training mode.
     """
     if x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f"grad_cam takes one image of shape (1, C, H, W), got {tuple(x.shape)}")
-    if model.training:
-        raise ValueError("grad_cam needs the model in eval mode (dropout and batch statistics would "
-                         "change the map); call model.eval() first")
+    # Every module, not only the top one: a BatchNorm left in training mode (model.eval() then
+    # block.train(), or dropout switched on for MC sampling) would update its running statistics
+    # in this forward pass, changing the model for every later prediction, and make the map random.
+    training = [name or "the model" for name, module in model.named_modules() if module.training]
+    if training:
+        raise ValueError(f"grad_cam needs the model in eval mode (dropout and batch statistics would "
+                         f"change the map and the model); {', '.join(training[:3])} "
+                         f"{'is' if len(training) == 1 else 'are'} in training mode; call model.eval() first")
     activation: list[torch.Tensor] = []
 
     def as_leaf(t: torch.Tensor) -> torch.Tensor:
