@@ -184,3 +184,29 @@ def test_evaluate_with_a_given_threshold_labels_it_given_and_shows_the_model_s_o
     stored = json.loads(js.read_text())["stored_threshold"]
     page = out.read_text()
     assert '<tr class="op"><td>0.3000 (given)</td>' in page and f"<tr><td>{stored:.4f} (model)</td>" in page
+
+
+def test_a_bootstrap_interval_of_no_width_shows_the_json_s_rule_of_three_bound(train_dir, tmp_path):
+    """A specificity (sensitivity) of 1 with no false positive (negative) gets [1, 1] from the bootstrap, which
+    reads as certainty: the report gives the rule-of-three bound that the JSON's zero_count_bounds and the
+    command's warning give, and the PPV (NPV) at the prevalence there."""
+    root = tmp_path / "films"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir(parents=True)
+        for f in sorted((train_dir / cls).glob("*.jpeg"))[:4]:
+            (root / cls / f.name).symlink_to(f)
+    out, js = tmp_path / "R.html", tmp_path / "m.json"
+    assert evaluate_main(["--data_dir", str(root), "--report", str(out), "--output_path", str(js), "--prevalence",
+                          "0.2", "--model_only", "--n_boot", "20", "--cache_dir", "none"]) == 0
+    bounds = json.loads(js.read_text())["zero_count_bounds"]
+    assert bounds, "these 8 films are all called right by the shipped model"
+    page = out.read_text()
+    for metric, b in bounds.items():
+        row = re.search(rf"<tr><td>{metric}</td><td>[\d.]+</td><td>\[1\.0+, 1\.0+\]; rule of three: &ge; ([\d.]+)</td>",
+                        page)
+        assert row and float(row.group(1)) == pytest.approx(b["lower_bound_95"], abs=5e-4), metric
+        value = "ppv" if metric == "specificity" else "npv"
+        at = re.search(rf"<tr><td>{value} at 20%</td>.*?; ([\d.]+) at the {metric}'s rule-of-three bound</td>", page)
+        assert at and float(at.group(1)) == pytest.approx(b[f"{value}_at_prevalence_at_bound"], abs=5e-4), value
+        films = "NORMAL" if metric == "specificity" else "PNEUMONIA"
+        assert f"among these {b['films']} {films} films: the {metric} of 1 has a bootstrap interval of no width" in page

@@ -118,6 +118,33 @@ likely to question.</p>
 <td>{u['wrong_with_low_risk']} ({wrong['NORMAL']} / {wrong['PNEUMONIA']})</td></tr></table>"""
 
 
+# evaluate's zero_count_bounds: the metric of 1 a count of zero errors gives, the films it counts, the error
+ZERO_COUNT = {"specificity": ("false positive", "NORMAL", "ppv"), "sensitivity": ("false negative", "PNEUMONIA", "npv")}
+
+
+def _bound_note(name: str, bounds: dict) -> str:
+    """What the CI cell of metric ``name`` adds when a zero count made its bootstrap interval of no width: the
+    rule-of-three lower bound (a specificity or sensitivity of 1), or the PPV or NPV at that bound."""
+    if name in bounds:
+        return f"; rule of three: &ge; {_fmt(bounds[name]['lower_bound_95'])}"
+    for metric, b in bounds.items():
+        key = f"{name}_at_bound"
+        if name == f"{ZERO_COUNT[metric][2]}_at_prevalence" and key in b:
+            return f"; {_fmt(b[key])} at the {metric}'s rule-of-three bound"
+    return ""
+
+
+def _bounds_html(bounds: dict) -> str:
+    """A warning under the metrics table for each metric of 1 whose bootstrap interval has no width, which reads
+    as certainty: the films it rests on and its rule-of-three 95 % lower bound (1 - 3/n), as in the JSON."""
+    lines = "".join(
+        f"<li>No {ZERO_COUNT[metric][0]} among these {b['films']} {ZERO_COUNT[metric][1]} films: the {metric} of 1 "
+        f"has a bootstrap interval of no width; its 95 % lower bound by the {html.escape(b['rule'])} is "
+        f"<b>{_fmt(b['lower_bound_95'])}</b>.</li>"
+        for metric, b in bounds.items() if metric in ZERO_COUNT)
+    return f'<div class="warn"><ul>{lines}</ul></div>' if lines else ""
+
+
 def _shown(path: str) -> str:
     """A file path as the page shows it: undecodable bytes as ``\\xNN`` (``names.printable``), control
     characters escaped too (a newline or an escape code in a name must not break or restyle the row), then
@@ -155,9 +182,10 @@ def build_report(report: dict, y: np.ndarray, prob: np.ndarray, paths: list[str]
     p = np.asarray(prob, dtype=np.float64)
     thr = report["threshold"]
     esc = html.escape
+    bounds = report.get("zero_count_bounds") or {}
     metrics_rows = "".join(
         f"<tr><td>{esc(metric_label(name, report))}</td><td>{_fmt(m['value'])}</td>"
-        f"<td>[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]</td></tr>"
+        f"<td>[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]{_bound_note(name, bounds)}</td></tr>"
         for name, m in report["metrics"].items())
     c = confusion(y, p, thr)
     # --threshold given: the operating point is the user's, and the model's own is shown beside it
@@ -233,6 +261,7 @@ on <b>{esc(str(report.get('data_dir', '')))}</b>
 <h2>Metrics at the operating threshold</h2>
 <table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{metrics_rows}</table>
 <p class="meta">CIs: {esc(report.get('ci_method', ''))}.</p>
+{_bounds_html(bounds)}
 <h2>ROC and precision-recall curves</h2><img src="{_curves(y, p, thr, report['metrics']['auroc']['value'])}"
  alt="ROC and PR curves">
 <h2>Confusion matrix (threshold {thr:.4f})</h2>
