@@ -210,3 +210,26 @@ def test_a_bootstrap_interval_of_no_width_shows_the_json_s_rule_of_three_bound(t
         assert at and float(at.group(1)) == pytest.approx(b[f"{value}_at_prevalence_at_bound"], abs=5e-4), value
         films = "NORMAL" if metric == "specificity" else "PNEUMONIA"
         assert f"among these {b['films']} {films} films: the {metric} of 1 has a bootstrap interval of no width" in page
+
+
+def test_numbers_are_not_rounded_onto_the_other_side_of_a_target_or_the_threshold(tmp_path):
+    """The metrics table as the command prints them (4 decimals): 189/199 = 0.9497 must not read 0.950 beside a
+    0.95 target. A false negative just under the threshold must not read as at or above it in the gallery."""
+    from pneumoscan.metrics import metrics_with_ci
+    from pneumoscan.report import build_report
+
+    thr = 0.537667
+    y = np.array([1] * 199 + [0] * 40)
+    p = np.concatenate([np.full(189, 0.9), [0.53766, 0.53702], np.full(8, 0.2), np.full(40, 0.1)])
+    rep = {**metrics_with_ci(y, p, thr, n_boot=20), "ece_15": 0.0, "model_version": "t", "data_dir": "d",
+           "calibrated": True}
+    out = tmp_path / "r.html"
+    build_report(rep, y, p, [f"f{i}.jpeg" for i in range(len(y))], out, gallery_size=10)
+    page = out.read_text()
+    sens = re.search(r"<tr><td>sensitivity</td><td>([\d.]+)</td>", page)
+    assert sens and float(sens.group(1)) < 0.95 and float(sens.group(1)) == pytest.approx(189 / 199, abs=5e-5)
+    shown_thr = float(re.search(r"operating threshold ([\d.]+)", page).group(1))
+    captions = dict(re.findall(r"<figcaption>(f\d+)\.jpeg<br>P\(PNEUMONIA\) = ([\d.]+)", page))
+    assert set(captions) == {f"f{i}" for i in range(189, 199)}  # the 10 false negatives
+    assert float(captions["f190"]) == pytest.approx(0.53702, abs=5e-5) and float(captions["f190"]) < shown_thr
+    assert "<figcaption>f189.jpeg<br>P(PNEUMONIA) = 0.53766 (threshold 0.53767)" in page
