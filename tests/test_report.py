@@ -233,3 +233,54 @@ def test_numbers_are_not_rounded_onto_the_other_side_of_a_target_or_the_threshol
     assert set(captions) == {f"f{i}" for i in range(189, 199)}  # the 10 false negatives
     assert float(captions["f190"]) == pytest.approx(0.53702, abs=5e-5) and float(captions["f190"]) < shown_thr
     assert "<figcaption>f189.jpeg<br>P(PNEUMONIA) = 0.53766 (threshold 0.53767)" in page
+
+
+def test_gallery_names_from_the_data_are_escaped_and_each_heatmap_says_what_it_shows(train_dir, tmp_path):
+    """Real films under names a data set can hold (markup, a quote that would end an attribute, an escape code):
+    shown as text, never as markup; each overlay's alt text names its film and the class its heat explains, and
+    each gallery says how many of its errors it shows."""
+    from html.parser import HTMLParser
+
+    from pneumoscan.inference import MedicalImageInference
+    from pneumoscan.metrics import metrics_with_ci
+    from pneumoscan.report import build_report
+
+    names = ["<script>alert(1).jpeg", "<img src=x onerror=alert(1)>.jpeg", 'x" onerror="alert(2)\x1b.jpeg',
+             "plain.jpeg", "p1.jpeg", "p2.jpeg"]
+    films = sorted((train_dir / "NORMAL").glob("*.jpeg"))[:4] + sorted((train_dir / "PNEUMONIA").glob("*.jpeg"))[:2]
+    for name, film in zip(names, films):
+        (tmp_path / name).symlink_to(film)
+    y = np.array([0, 0, 0, 0, 1, 1])
+    p = np.array([0.97, 0.96, 0.95, 0.2, 0.9, 0.1])  # the odd names are the false positives; p2 the false negative
+    rep = {**metrics_with_ci(y, p, 0.5, n_boot=20), "ece_15": 0.0, "model_version": "t", "data_dir": str(tmp_path),
+           "calibrated": True}
+    engine = MedicalImageInference(gate=False, backend="torch")
+    out = tmp_path / "r.html"
+    build_report(rep, y, p, [str(tmp_path / n) for n in names], out, heatmap=engine.heatmap_data_uri, gallery_size=2)
+    page = out.read_text()
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.imgs, self.scripts = [], 0
+
+        def handle_starttag(self, tag, attrs):
+            self.scripts += tag == "script"
+            if tag == "img":
+                self.imgs.append(dict(attrs))
+
+    tags = Tags()
+    tags.feed(page)
+    assert tags.scripts == 0 and "\x1b" not in page
+    assert all(set(a) == {"src", "alt"} for a in tags.imgs), "a file name added an attribute"
+    alts = [a["alt"] for a in tags.imgs if a["src"].startswith("data:image/png;base64,")][2:]  # after the figures
+    assert alts == [f"Grad-CAM heatmap of the evidence for PNEUMONIA on {n}" for n in
+                    ("<script>alert(1).jpeg", "<img src=x onerror=alert(1)>.jpeg", "p2.jpeg")]
+    assert "&lt;script&gt;alert(1).jpeg<br>" in page and "&lt;img src=x onerror=alert(1)&gt;.jpeg<br>" in page
+    assert "NORMAL films called PNEUMONIA (2 of 3 shown)" in page and "called NORMAL (1 of 1 shown)" in page
+    build_report(rep, y, p, [str(tmp_path / n) for n in names], out, heatmap=engine.heatmap_data_uri)
+    tags = Tags()
+    tags.feed(out.read_text())
+    assert 'Grad-CAM heatmap of the evidence for PNEUMONIA on x" onerror="alert(2)\\x1b.jpeg' in (
+        a["alt"] for a in tags.imgs)
+    assert all(set(a) == {"src", "alt"} for a in tags.imgs)

@@ -189,7 +189,8 @@ def build_report(report: dict, y: np.ndarray, prob: np.ndarray, paths: list[str]
             optionally ``skipped_files`` (``{"path", "reason"}`` of the files left out of the numbers) and, when
             the threshold was given rather than the model's, ``threshold_given`` (True) and ``stored_threshold``.
         y, prob: labels (1 = PNEUMONIA) and P(PNEUMONIA) per image, in ``paths`` order.
-        heatmap: optional function from an image path to a PNG data URI of its heatmap overlay.
+        heatmap: optional function from an image path to a PNG data URI of its Grad-CAM overlay for PNEUMONIA
+            (the report says so), or None where there is none.
     """
     y = np.asarray(y).astype(int)
     p = np.asarray(prob, dtype=np.float64)
@@ -228,15 +229,18 @@ def build_report(report: dict, y: np.ndarray, prob: np.ndarray, paths: list[str]
                     f"{sub_rows}</table>" if sub_rows else
                     "<p>No file names mark bacterial or viral pneumonia in this data set.</p>")
 
-    def gallery(title: str, idx: list[int]) -> str:
+    def gallery(title: str, idx: list[int], total: int) -> str:
         cards = ""
         for i in idx:
+            name = _shown(Path(paths[i]).name)  # control characters too: the name is in an attribute and a caption
             src = heatmap(paths[i]) if heatmap else None
-            img = f'<img src="{src}" alt="heatmap">' if src else "<div class='noimg'>no heatmap</div>"
-            note = f"<br><b>refused in use</b> ({esc(refused[paths[i]])})" if paths[i] in refused else ""
-            cards += (f"<figure>{img}<figcaption>{esc(Path(paths[i]).name)}<br>"
+            img = (f'<img src="{src}" alt="Grad-CAM heatmap of the evidence for PNEUMONIA on {name}">' if src else
+                   "<div class='noimg'>no heatmap</div>")
+            note = f"<br><b>refused in use</b> ({_shown(refused[paths[i]])})" if paths[i] in refused else ""
+            cards += (f"<figure>{img}<figcaption>{name}<br>"
                       f"P(PNEUMONIA) = {_p_beside(p[i], thr)}{note}</figcaption></figure>")
-        return f"<h3>{esc(title)} ({len(idx)} shown)</h3><div class='gallery'>{cards or '<p>none</p>'}</div>"
+        return (f"<h3>{esc(title)} ({len(idx)} of {total} shown)</h3>"
+                f"<div class='gallery'>{cards or '<p>none</p>'}</div>")
 
     in_use_html = _in_use_html(report["in_use"]) if report.get("in_use") else ""
     skipped = report.get("skipped_files") or []
@@ -278,9 +282,10 @@ on <b>{esc(str(report.get('data_dir', '')))}</b>
 <h2>ROC and precision-recall curves</h2><img src="{_curves(y, p, thr, report['metrics']['auroc']['value'])}"
  alt="ROC and PR curves">
 <h2>Confusion matrix (threshold {thr:.4f})</h2>
-<table class="cm"><tr><th></th><th>predicted PNEUMONIA</th><th>predicted NORMAL</th></tr>
-<tr><th>PNEUMONIA</th><td>TP {c['tp']}</td><td>FN {c['fn']}</td></tr>
-<tr><th>NORMAL</th><td>FP {c['fp']}</td><td>TN {c['tn']}</td></tr></table>
+<table class="cm"><tr><th scope="col">true class</th><th scope="col">predicted PNEUMONIA</th>
+<th scope="col">predicted NORMAL</th></tr>
+<tr><th scope="row">PNEUMONIA</th><td>TP {c['tp']}</td><td>FN {c['fn']}</td></tr>
+<tr><th scope="row">NORMAL</th><td>FP {c['fp']}</td><td>TN {c['tn']}</td></tr></table>
 <h2>Calibration</h2><img src="{_reliability(y, p, report['ece_15'])}" alt="reliability diagram">
 <p>Expected calibration error (15 bins): <b>{report['ece_15']:.4f}</b>.</p>
 <h2>Threshold table</h2>
@@ -290,8 +295,9 @@ on <b>{esc(str(report.get('data_dir', '')))}</b>
 {in_use_html}
 {left_out_html}
 <h2>Most confident errors</h2>
-{gallery("False positives: NORMAL films called PNEUMONIA", fp_idx)}
-{gallery("False negatives: PNEUMONIA films called NORMAL", fn_idx)}
+{"<p>Each heatmap is the Grad-CAM of the evidence for PNEUMONIA (red: most), in both galleries.</p>" if heatmap else ""}
+{gallery("False positives: NORMAL films called PNEUMONIA", fp_idx, c["fp"])}
+{gallery("False negatives: PNEUMONIA films called NORMAL", fn_idx, c["fn"])}
 </body></html>
 """
     write_text(out_path, printable(page))  # atomic: a report that fails half-way leaves the earlier one whole
