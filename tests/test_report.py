@@ -284,3 +284,26 @@ def test_gallery_names_from_the_data_are_escaped_and_each_heatmap_says_what_it_s
     assert 'Grad-CAM heatmap of the evidence for PNEUMONIA on x" onerror="alert(2)\\x1b.jpeg' in (
         a["alt"] for a in tags.imgs)
     assert all(set(a) == {"src", "alt"} for a in tags.imgs)
+
+
+def test_a_report_on_films_of_one_class_says_what_is_not_defined_and_draws_no_curves(train_dir, tmp_path):
+    """Every PNEUMONIA file unreadable, so only NORMAL films are counted: the AUROC and the sensitivity do not
+    exist (not 0, not 'nan'), and no ROC curve is drawn from zero counts (a flat line at sensitivity 0 beside a
+    model that called every normal film right)."""
+    root = tmp_path / "films"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir(parents=True)
+    for f in sorted((train_dir / "NORMAL").glob("*.jpeg"))[:6]:
+        (root / "NORMAL" / f.name).symlink_to(f)
+    (root / "PNEUMONIA" / "bad.jpg").write_text("not an image")
+    out, js = tmp_path / "R.html", tmp_path / "m.json"
+    assert evaluate_main(["--data_dir", str(root), "--report", str(out), "--output_path", str(js), "--model_only",
+                          "--n_boot", "20", "--cache_dir", "none"]) == 1  # one file left out
+    assert json.loads(js.read_text())["n_positive"] == 0
+    page = out.read_text()
+    assert "<tr><td>auroc</td><td>not defined</td><td>not defined</td></tr>" in page
+    assert "<tr><td>sensitivity</td><td>not defined</td><td>not defined</td></tr>" in page
+    assert "Not defined on these films: sensitivity, ppv, f1, auroc (there is no PNEUMONIA film)" in page
+    assert not re.search(r"\bnan\b", re.sub(r"data:image/png;base64,[\w+/=]+", "", page), re.IGNORECASE)
+    assert "Not drawn: these films hold no PNEUMONIA film" in page
+    assert page.count("data:image/png;base64,") == 1  # the reliability diagram only

@@ -88,7 +88,13 @@ def _reliability(y: np.ndarray, p: np.ndarray, ece: float) -> str:
 def _fmt(v: float) -> str:
     """A metric as the command's table prints it (4 decimals): at 3, a sensitivity of 189/199 = 0.9497 read
     0.950, meeting a 0.95 target it misses."""
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+    return "not defined" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def _ci(m: dict) -> str:
+    """A metric's CI cell: [low, high], or "not defined" once where neither bound is."""
+    low, high = _fmt(m["ci_low"]), _fmt(m["ci_high"])
+    return "not defined" if low == high == "not defined" else f"[{low}, {high}]"
 
 
 def _p_beside(p: float, threshold: float) -> str:
@@ -199,7 +205,7 @@ def build_report(report: dict, y: np.ndarray, prob: np.ndarray, paths: list[str]
     bounds = report.get("zero_count_bounds") or {}
     metrics_rows = "".join(
         f"<tr><td>{esc(metric_label(name, report))}</td><td>{_fmt(m['value'])}</td>"
-        f"<td>[{_fmt(m['ci_low'])}, {_fmt(m['ci_high'])}]{_bound_note(name, bounds)}</td></tr>"
+        f"<td>{_ci(m)}{_bound_note(name, bounds)}</td></tr>"
         for name, m in report["metrics"].items())
     c = confusion(y, p, thr)
     # --threshold given: the operating point is the user's, and the model's own is shown beside it
@@ -250,6 +256,19 @@ def build_report(report: dict, y: np.ndarray, prob: np.ndarray, paths: list[str]
     refused = {r["path"]: r["reason"] for r in (report.get("in_use") or {}).get("refused_files", [])}
     fp_idx = [i for i in np.argsort(-p) if y[i] == 0 and p[i] >= thr][:gallery_size]
     fn_idx = [i for i in np.argsort(p) if y[i] == 1 and p[i] < thr][:gallery_size]
+    # One class only (the other's films all left out, say): the curves would be drawn from zero counts (a flat
+    # ROC at sensitivity 0 for a model that called every normal film right) and the AUROC does not exist.
+    missing = [name for name, count in (("PNEUMONIA", int(y.sum())), ("NORMAL", int((y == 0).sum()))) if not count]
+    undefined = [metric_label(name, report) for name, m in report["metrics"].items()
+                 if _fmt(m["value"]) == "not defined"]
+    why = f"there is no {' or '.join(missing)} film" if missing else "no film is in the count each one divides by"
+    undefined_html = (f'<p class="warn">Not defined on these films: {esc(", ".join(undefined))} ({why}).</p>'
+                      if undefined else "")
+    auroc = report["metrics"]["auroc"]["value"]
+    curves_html = (f'<p class="warn">Not drawn: these films hold no {" or ".join(missing)} film, and the ROC and '
+                   f'precision-recall curves (and the AUROC) need films of both classes.</p>' if missing else
+                   f'<img src="{_curves(y, p, thr, auroc)}" alt="ROC and precision-recall curves, AUROC '
+                   f'{_fmt(auroc)}, with the operating point at threshold {thr:.4f}">')
     cal = ("uncalibrated" if not report.get("calibrated") else "calibrated (temperature and intercept, a site's)"
            if report.get("calibration_bias") else "calibrated (temperature scaling)")
     page = f"""<!DOCTYPE html>
@@ -278,9 +297,9 @@ on <b>{esc(str(report.get('data_dir', '')))}</b>
 <h2>Metrics at the operating threshold</h2>
 <table><tr><th>metric</th><th>value</th><th>95% CI</th></tr>{metrics_rows}</table>
 <p class="meta">CIs: {esc(report.get('ci_method', ''))}.</p>
+{undefined_html}
 {_bounds_html(bounds)}
-<h2>ROC and precision-recall curves</h2><img src="{_curves(y, p, thr, report['metrics']['auroc']['value'])}"
- alt="ROC and PR curves">
+<h2>ROC and precision-recall curves</h2>{curves_html}
 <h2>Confusion matrix (threshold {thr:.4f})</h2>
 <table class="cm"><tr><th scope="col">true class</th><th scope="col">predicted PNEUMONIA</th>
 <th scope="col">predicted NORMAL</th></tr>
