@@ -148,7 +148,7 @@ def _bound_note(name: str, bounds: dict) -> str:
         return f"; rule of three: &ge; {_fmt(bounds[name]['lower_bound_95'])}"
     for metric, b in bounds.items():
         key = f"{name}_at_bound"
-        if name == f"{ZERO_COUNT[metric][2]}_at_prevalence" and key in b:
+        if metric in ZERO_COUNT and name == f"{ZERO_COUNT[metric][2]}_at_prevalence" and key in b:
             return f"; {_fmt(b[key])} at the {metric}'s rule-of-three bound"
     return ""
 
