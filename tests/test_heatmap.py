@@ -67,12 +67,18 @@ def test_grad_cam_on_real_film_is_a_unit_map_at_input_resolution(cam_pneumonia, 
     assert cam_pneumonia.max() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("context", ["grad", "inference_mode"])
+CONTEXTS = {"grad": contextlib.nullcontext, "inference_mode": torch.inference_mode,
+            "bfloat16_autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}  # as Predictor runs on CUDA
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
 def test_grad_cam_leaves_model_unchanged_under_any_grad_mode(model, pneumonia_x, cam_pneumonia, context):
+    """Inside a caller's inference_mode or autocast too: the same fp32 map, and nothing left on the model."""
     with torch.no_grad():
         before = model(pneumonia_x)
-    with torch.inference_mode() if context == "inference_mode" else contextlib.nullcontext():
+    with CONTEXTS[context]():
         cam = grad_cam(model, pneumonia_x)
+    assert cam.dtype == np.float32
     np.testing.assert_allclose(cam, cam_pneumonia, atol=1e-5)
     for name, module in model.named_modules():
         for attr in HOOK_DICTS:

@@ -44,7 +44,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target_class: int = 1,
     Args:
         model: a ``MedicalCNN`` (or any network with ``features[-1].pool`` when ``layer`` is None),
             or an ``Ensemble`` of them (the members' maps for the averaged logits are summed), in eval
-            mode; it is left as it was: no hooks, gradients or mode changes remain.
+            mode; it is left as it was: no hooks, gradients or mode changes remain. A caller's no_grad,
+            inference_mode or autocast does not change the map (it is computed in float32).
         x: the normalised model input, shape (1, C, H, W), any memory format.
         target_class: the class whose log-odds are explained, 1 = PNEUMONIA (default), 0 = NORMAL.
         layer: take the map from this module's output instead of the default (the last
@@ -84,8 +85,10 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target_class: int = 1,
         handles = [net.features[-1].pool.register_forward_pre_hook(lambda _m, args: (as_leaf(args[0]),))
                    for net in nets]
     try:
-        # inference_mode(False) and clone() let this run inside a caller's no_grad/inference_mode.
-        with torch.inference_mode(False), torch.enable_grad():
+        # inference_mode(False) and clone() let this run inside a caller's no_grad/inference_mode; autocast off:
+        # the map of the fp32 model the threshold was fitted with (in a caller's bfloat16 autocast the map came
+        # back bfloat16, which numpy cannot take).
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             logits = model(x.detach().clone())
             if not 0 <= target_class < logits.shape[1]:
                 raise ValueError(f"target_class must be one of 0..{logits.shape[1] - 1}, got {target_class}")
@@ -98,7 +101,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target_class: int = 1,
     finally:
         for handle in handles:
             handle.remove()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         cam = sum((g.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1, keepdim=True)
                   for g, a in zip(grads, activation))
         cam = torch.relu(cam)
