@@ -3,6 +3,8 @@ int8 backend predicts the shipped model's labels; ``pneumoscan export`` writes o
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import subprocess
 import sys
 
@@ -11,10 +13,11 @@ import pytest
 import torch
 from shipped import SHIPPED_VERSION
 
-from pneumoscan.backends import BACKENDS, OnnxPredictor, make_predictor
+from pneumoscan.backends import BACKENDS, OnnxPredictor, int8_model_path, make_predictor
 from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint
 from pneumoscan.errors import DataError
 from pneumoscan.export import (
+    INT8_RECIPE,
     OnnxUnavailableError,
     calibration_ranges,
     export_main,
@@ -96,13 +99,65 @@ def test_metadata_is_stored_and_parsed_back(shipped, shipped_onnx, tiny, tmp_pat
     assert meta["input_spec"] == InputSpec.from_dict(shipped["input_spec"])
     assert meta["temperature"] == shipped["temperature"] and meta["threshold"] == shipped["threshold"]
     assert meta["class_names"] == ["NORMAL", "PNEUMONIA"] and meta["model_version"] == SHIPPED_VERSION
-    assert meta["checkpoint_sha256"] == weights_digest(shipped)
+    assert meta["weights_sha256"] == weights_digest(shipped)
     assert meta["ood_gate"]["present"] and meta["ood_gate"]["layers"] == [1, 2, 3, 4]
     assert meta["ood_gate"]["fitted_on"] == "validation radiographs"
     assert meta["ood_gate"]["threshold"] == shipped["ood_gate"]["threshold"]
     assert "checkpoint" in meta["ood_gate"]["note"]
     tiny_meta = read_metadata(export_onnx(tiny, tmp_path / "tiny.onnx"))
     assert tiny_meta["ood_gate"] == {"present": False} and tiny_meta["temperature"] == 0.7
+
+
+def test_a_site_export_names_its_own_checkpoint_file_beside_the_shared_weights(tiny, tmp_path):
+    """A recalibrated checkpoint keeps the weights: their digest is the same, so it is called weights_sha256, and
+    the .pth's own sha256 tells the two exports apart (format 1 called the weights digest checkpoint_sha256)."""
+    onnx = pytest.importorskip("onnx")
+    base, site = tmp_path / "base.pth", tmp_path / "site.pth"
+    save_checkpoint(tiny, base)
+    save_checkpoint({**tiny, "temperature": 1.3, "threshold": 0.35, "model_version": "tiny-test+site"}, site)
+    metas = {}
+    for src in (base, site):
+        out = tmp_path / f"{src.stem}.onnx"
+        assert export_main(["--format", "onnx", "--model_path", str(src), "--output_path", str(out)]) == 0
+        assert "checkpoint_sha256" not in {p.key for p in onnx.load(str(out)).metadata_props}
+        metas[src.stem] = read_metadata(out)
+        assert metas[src.stem]["checkpoint_file_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert metas["base"]["weights_sha256"] == metas["site"]["weights_sha256"] == weights_digest(tiny)
+    assert metas["base"]["checkpoint_file_sha256"] != metas["site"]["checkpoint_file_sha256"]
+    assert (metas["site"]["temperature"], metas["site"]["threshold"]) == (1.3, 0.35)
+    assert metas["site"]["model_version"] == "tiny-test+site" and metas["site"]["format"] == "pneumoscan-onnx-2"
+    assert read_metadata(onnx_model(tiny))["checkpoint_file_sha256"] is None  # not from a file: not claimed
+
+
+def _as_format_1(model):
+    """``model`` with the metadata an earlier pneumoscan wrote: format 1, the weights digest as checkpoint_sha256."""
+    import onnx
+
+    props = {p.key: p.value for p in model.metadata_props}
+    props["pneumoscan.format"] = "pneumoscan-onnx-1"
+    props["checkpoint_sha256"] = props.pop("weights_sha256")
+    props.pop("checkpoint_file_sha256", None)
+    onnx.helper.set_model_props(model, props)
+    return model
+
+
+def test_a_format_1_int8_cache_file_is_still_read(tiny, tmp_path, caplog):
+    import onnx
+
+    cache = tmp_path / "cache"
+    old = cache / f"{weights_digest(tiny)[:24]}-{INT8_RECIPE}.onnx"
+    old.parent.mkdir()
+    model = _as_format_1(onnx_model(tiny))
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, "int8_recipe": INT8_RECIPE})
+    onnx.save_model(model, str(old))
+    before = old.read_bytes()
+    meta = read_metadata(old)
+    assert (meta["format"], meta["weights_sha256"], meta["checkpoint_file_sha256"]) == (
+        "pneumoscan-onnx-1", weights_digest(tiny), None)
+    # tiny carries no int8 calibration: anything but a cache hit would raise DataError
+    with caplog.at_level(logging.WARNING, logger="pneumoscan"):
+        assert int8_model_path(tiny, cache_dir=cache) == old
+    assert old.read_bytes() == before and not caplog.records
 
 
 def test_make_predictor_has_the_predictor_interface(tiny, train_dir):
@@ -126,7 +181,7 @@ def test_int8_shipped_model_keeps_labels_on_real_films(shipped, shipped_onnx, tr
     """A quantised copy of the shipped model, calibrated on films other than those it is checked on."""
     ranges = calibration_ranges(shipped_onnx, real_images(train_dir, 224, 4, skip=50))
     path = quantize_int8(shipped_onnx, ranges, tmp_path / "int8.onnx")
-    assert read_metadata(path)["checkpoint_sha256"] == weights_digest(shipped)
+    assert read_metadata(path)["weights_sha256"] == weights_digest(shipped)
     images = real_images(train_dir, 224, 4)
     torch_p = Predictor.from_checkpoint(shipped)
     int8_p = OnnxPredictor(path, shipped)

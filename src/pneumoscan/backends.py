@@ -136,7 +136,7 @@ def int8_model_path(ckpt: dict, calibration_dir: str | os.PathLike | None = None
         except (ValueError, OSError) as exc:
             log.warning("rebuilding unreadable cached int8 model %s (%s)", path, exc)
         else:
-            if meta["checkpoint_sha256"] == digest and meta["int8_recipe"] == INT8_RECIPE:
+            if meta["weights_sha256"] == digest and meta["int8_recipe"] == INT8_RECIPE:
                 log.info("int8 model from cache %s", path)
                 return path
             log.warning("rebuilding cached int8 model %s: it belongs to other weights", path)

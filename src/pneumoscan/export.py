@@ -13,9 +13,12 @@ needs only the stretch resize of ``InputSpec.pixels``:
   over space (``MedicalCNN.forward_with_features``), what the out-of-scope gate scores.
 
 The graph's ``metadata_props`` carry what a prediction needs besides the graph: the input spec,
-temperature and calibration bias, operating threshold, class names, model version, a digest of the checkpoint's
-weights, and whether the checkpoint has an out-of-scope gate (its statistics stay in the
-checkpoint: a gated prediction needs pneumoscan and the .pth). ``read_metadata`` parses them back.
+temperature and calibration bias, operating threshold, class names, model version, whether the checkpoint has
+an out-of-scope gate (its statistics stay in the checkpoint: a gated prediction needs pneumoscan and the .pth),
+and two digests: ``weights_sha256`` (``weights_digest``: the network alone, the same for a site checkpoint as for
+the model it recalibrated) and, when exported from a file, ``checkpoint_file_sha256`` (``sha256sum`` of that
+.pth, which tells a site's export from the shipped one). ``read_metadata`` parses them back; format 1 files,
+whose weights digest was misleadingly called ``checkpoint_sha256``, are read too.
 
 onnx and onnxruntime are imported only here, lazily, so ``import pneumoscan`` never needs them.
 """
@@ -45,7 +48,10 @@ log = logging.getLogger(__name__)
 GRAPH_INPUT = "pixels"
 LOGITS = "logits"
 OPSET = 17
-METADATA_FORMAT = "pneumoscan-onnx-1"
+METADATA_FORMAT = "pneumoscan-onnx-2"
+# format 1 called the weights digest ``checkpoint_sha256``; a format 1 reader refuses format 2 (and so rebuilds
+# a cached int8 model) instead of taking the key for what its name says
+READABLE_METADATA_FORMATS = ("pneumoscan-onnx-1", METADATA_FORMAT)
 # Changing how the int8 model is made changes this, so cached int8 models are rebuilt.
 INT8_RECIPE = "qdq-u8s8-perchannel-minmax-fp32stem-v2"
 CALIBRATION_IMAGES = 256
@@ -101,8 +107,18 @@ class _PixelsToOutputs(torch.nn.Module):
         return (logits, *pooled)
 
 
-def onnx_model(ckpt: dict, opset: int = OPSET):
-    """The checkpoint's model as an in-memory ``onnx.ModelProto`` with dynamic batch and metadata.
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (what ``sha256sum`` prints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def onnx_model(ckpt: dict, opset: int = OPSET, checkpoint_path: str | os.PathLike | None = None):
+    """The checkpoint's model as an in-memory ``onnx.ModelProto`` with dynamic batch and metadata;
+    ``checkpoint_path``, the file ``ckpt`` was loaded from, adds its ``checkpoint_file_sha256``.
 
     Raises:
         OnnxUnavailableError: onnx is not installed.
@@ -124,7 +140,10 @@ def onnx_model(ckpt: dict, opset: int = OPSET):
     model = onnx.load_from_string(buf.getvalue())
     model.doc_string = (f"pneumoscan {ckpt.get('arch', 'model')}: uint8 {GRAPH_INPUT} (N, {spec.image_size}, "
                         f"{spec.image_size}) -> {LOGITS} (N, 2) and pooled block features")
-    onnx.helper.set_model_props(model, _metadata(ckpt))
+    props = _metadata(ckpt)
+    if checkpoint_path is not None:
+        props["checkpoint_file_sha256"] = file_sha256(checkpoint_path)
+    onnx.helper.set_model_props(model, props)
     return model
 
 
@@ -145,7 +164,7 @@ def _metadata(ckpt: dict) -> dict[str, str]:
         "threshold": json.dumps(float(ckpt.get("threshold", 0.5))),
         "class_names": json.dumps(list(ckpt.get("class_names", []))),
         "model_version": str(ckpt.get("model_version") or ""),
-        "checkpoint_sha256": weights_digest(ckpt),
+        "weights_sha256": weights_digest(ckpt),
         "ood_gate": json.dumps(gate_note),
         "outputs": json.dumps([LOGITS, *feature_outputs(ckpt)]),
     }
@@ -154,6 +173,9 @@ def _metadata(ckpt: dict) -> dict[str, str]:
 def read_metadata(model) -> dict:
     """The pneumoscan metadata of an ONNX model (``ModelProto`` or path), JSON fields decoded.
 
+    ``weights_sha256`` is ``weights_digest`` of the exported checkpoint (format 1's ``checkpoint_sha256``);
+    ``checkpoint_file_sha256`` the exported file's sha256, or None (not exported from a file, or format 1).
+
     Raises:
         ValueError: the model carries no pneumoscan metadata (not written by ``export_onnx``).
     """
@@ -161,12 +183,18 @@ def read_metadata(model) -> dict:
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
     props = {p.key: p.value for p in model.metadata_props}
-    if props.get("pneumoscan.format") != METADATA_FORMAT:
-        raise ValueError(f"ONNX model has no {METADATA_FORMAT} metadata; export it with pneumoscan export")
+    version = props.get("pneumoscan.format")
+    if version not in READABLE_METADATA_FORMATS:
+        raise ValueError(f"ONNX model has no {METADATA_FORMAT} metadata"
+                         f"{f' (it has {version!r}: upgrade pneumoscan)' if version else ''}; "
+                         f"export it with pneumoscan export")
     out = {k: json.loads(props[k]) for k in ("input_spec", "temperature", "threshold", "class_names", "ood_gate",
                                              "outputs")}
     out["calibration_bias"] = json.loads(props.get("calibration_bias", "0.0"))  # absent in older exports: 0
-    out.update({k: props[k] for k in ("model_version", "checkpoint_sha256")})
+    out["model_version"] = props["model_version"]
+    out["weights_sha256"] = props["weights_sha256" if version == METADATA_FORMAT else "checkpoint_sha256"]
+    out["checkpoint_file_sha256"] = props.get("checkpoint_file_sha256")
+    out["format"] = version
     out["int8_recipe"] = props.get("int8_recipe")
     out["input_spec"] = InputSpec.from_dict(out["input_spec"])
     return out
@@ -397,7 +425,7 @@ def export_main(argv: list[str] | None = None) -> int:
         refuse_input_suffix(out, "--output_path", ".onnx", allowed=(".onnx",))
         check_writable(out)
         ckpt = load_checkpoint(model_path)
-        model = onnx_model(ckpt)
+        model = onnx_model(ckpt, checkpoint_path=model_path)
         if args.quantize:
             quantize_int8(model, int8_ranges(ckpt, model, args.calibration_dir, args.calibration_images), out)
         else:
