@@ -15,7 +15,7 @@ from shipped import SHIPPED_VERSION
 
 from pneumoscan.backends import BACKENDS, OnnxPredictor, int8_model_path, make_predictor
 from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint
-from pneumoscan.errors import DataError
+from pneumoscan.errors import CheckpointError, DataError
 from pneumoscan.export import (
     INT8_RECIPE,
     OnnxUnavailableError,
@@ -46,6 +46,13 @@ def tiny() -> dict:
     return model_payload(model_from_kwargs(kw), arch="medical_cnn", model_kw=kw,
                          spec=InputSpec(TINY_SIZE, 0.48, 0.24, 3), config={}, temperature=0.7, threshold=0.6,
                          model_version="tiny-test")
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tiny, train_dir) -> dict:
+    """``tiny`` carrying its int8 calibration (as the shipped model does): its int8 graph builds without data."""
+    ranges = calibration_ranges(onnx_model(tiny), real_images(train_dir, TINY_SIZE, 4, skip=50))
+    return {**tiny, "int8_calibration": {"recipe": INT8_RECIPE, "images": 8, "ranges": ranges}}
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +165,38 @@ def test_a_format_1_int8_cache_file_is_still_read(tiny, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pneumoscan"):
         assert int8_model_path(tiny, cache_dir=cache) == old
     assert old.read_bytes() == before and not caplog.records
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_onnx", "no_metadata_keys"])
+def test_a_damaged_int8_cache_file_is_rebuilt(damage, tiny_int8, train_dir, tmp_path, caplog):
+    import onnx
+
+    cache = tmp_path / "cache"
+    images = real_images(train_dir, TINY_SIZE, 1)
+    expected = make_predictor(tiny_int8, "cpu", "onnx-int8", cache_dir=cache).logits(images)
+    (cached,) = cache.iterdir()
+    if damage == "truncated":  # e.g. a disk that filled up under another tool, or a copy cut short
+        cached.write_bytes(cached.read_bytes()[:1000])
+    elif damage == "not_onnx":
+        cached.write_text("not an ONNX model")
+    else:
+        model = onnx.load(str(cached))
+        props = {p.key: p.value for p in model.metadata_props}
+        del props["input_spec"]
+        onnx.helper.set_model_props(model, props)
+        onnx.save_model(model, str(cached))
+    with caplog.at_level(logging.WARNING, logger="pneumoscan"):
+        again = make_predictor(tiny_int8, "cpu", "onnx-int8", cache_dir=cache)
+    assert f"rebuilding unreadable cached int8 model {cached}" in caplog.text
+    torch.testing.assert_close(again.logits(images), expected, rtol=0, atol=0)
+    assert read_metadata(cached)["weights_sha256"] == weights_digest(tiny_int8)
+
+
+def test_reading_a_file_that_is_not_onnx_says_so(tmp_path, real_jpeg):
+    film = tmp_path / "x.onnx"  # a film saved under the model's name
+    film.write_bytes(real_jpeg.read_bytes())
+    with pytest.raises(CheckpointError, match=r"x.onnx is not a readable ONNX model \(truncated, corrupt"):
+        read_metadata(film)
 
 
 def test_make_predictor_has_the_predictor_interface(tiny, train_dir):

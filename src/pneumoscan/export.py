@@ -40,7 +40,7 @@ import torch
 
 from .atomic import atomic_path, check_writable, refuse_input_suffix
 from .checkpoint import default_model_path, input_spec, load_checkpoint, model_from_checkpoint, protected_checkpoint
-from .errors import DataError, OutputPathError, PneumoscanError
+from .errors import CheckpointError, DataError, OutputPathError, PneumoscanError
 from .predict import InputSpec, calibration_bias
 
 log = logging.getLogger(__name__)
@@ -178,25 +178,39 @@ def read_metadata(model) -> dict:
 
     Raises:
         ValueError: the model carries no pneumoscan metadata (not written by ``export_onnx``).
+        CheckpointError (a ValueError): the file is not a readable ONNX model (truncated, corrupt, another
+            format), or its pneumoscan metadata is incomplete or damaged.
+        OSError: the file cannot be read.
     """
     onnx = require("onnx")
+    from google.protobuf.message import DecodeError  # onnx's own dependency
+
+    where = "ONNX model" if isinstance(model, onnx.ModelProto) else str(model)
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
+        try:
+            model = onnx.load(str(model), load_external_data=False)
+        except DecodeError as exc:
+            raise CheckpointError(f"{where} is not a readable ONNX model (truncated, corrupt, or not ONNX: {exc}); "
+                                  f"export it again with pneumoscan export") from exc
     props = {p.key: p.value for p in model.metadata_props}
     version = props.get("pneumoscan.format")
     if version not in READABLE_METADATA_FORMATS:
-        raise ValueError(f"ONNX model has no {METADATA_FORMAT} metadata"
+        raise ValueError(f"{where} has no {METADATA_FORMAT} metadata"
                          f"{f' (it has {version!r}: upgrade pneumoscan)' if version else ''}; "
                          f"export it with pneumoscan export")
-    out = {k: json.loads(props[k]) for k in ("input_spec", "temperature", "threshold", "class_names", "ood_gate",
-                                             "outputs")}
-    out["calibration_bias"] = json.loads(props.get("calibration_bias", "0.0"))  # absent in older exports: 0
-    out["model_version"] = props["model_version"]
-    out["weights_sha256"] = props["weights_sha256" if version == METADATA_FORMAT else "checkpoint_sha256"]
+    try:
+        out = {k: json.loads(props[k]) for k in ("input_spec", "temperature", "threshold", "class_names",
+                                                 "ood_gate", "outputs")}
+        out["calibration_bias"] = json.loads(props.get("calibration_bias", "0.0"))  # absent in older exports: 0
+        out["model_version"] = props["model_version"]
+        out["weights_sha256"] = props["weights_sha256" if version == METADATA_FORMAT else "checkpoint_sha256"]
+        out["input_spec"] = InputSpec.from_dict(out["input_spec"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: its {version} metadata is incomplete or damaged ({type(exc).__name__}: "
+                              f"{exc}); export it again with pneumoscan export") from exc
     out["checkpoint_file_sha256"] = props.get("checkpoint_file_sha256")
     out["format"] = version
     out["int8_recipe"] = props.get("int8_recipe")
-    out["input_spec"] = InputSpec.from_dict(out["input_spec"])
     return out
 
 
