@@ -366,3 +366,33 @@ def test_evaluate_reads_and_writes_tilde_paths_at_home(two_films, train_dir, hom
     assert evaluate_main(["--data_dir=~/labelled", "--output_path=~/m.json", "--report=~/R.html", "--model_only",
                           "--n_boot", "20"]) == 0
     assert json.loads((home / "m.json").read_text())["n"] == 4 and (home / "R.html").stat().st_size > 0
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_an_output_name_near_the_file_name_limit_is_written(two_films, tmp_path, suffix, capsys):
+    """The hidden files beside it (temporary file, lock) get a shortened stem; they used to be too long to create."""
+    out = tmp_path / ("é" * 60 + "r" * (250 - 120 - len(suffix)) + suffix)  # 250 bytes: a valid name
+    assert len(os.fsencode(out.name)) == 250
+    assert predict_main(["--image_dir", str(two_films), "--output_path", str(out), "--backend", "torch"]) == 0
+    text = out.read_text()
+    assert (len(json.loads(text)["results"]) if suffix == ".json" else len(text.splitlines())) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary or lock file left
+
+
+def test_an_output_name_longer_than_a_file_name_can_be_is_refused_before_predicting(two_films, tmp_path, capsys):
+    out = tmp_path / ("r" * 256 + ".json")
+    assert predict_main(["--image_dir", str(two_films), "--output_path", str(out), "--backend", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert "261 bytes long" in err and "give a shorter one" in err and "Traceback" not in err
+
+
+def test_short_names_fit_keep_their_start_and_stay_apart():
+    from pneumoscan.atomic import NAME_MAX, SIBLING_RESERVE, short_name
+
+    assert short_name("results.jsonl") == "results.jsonl"
+    a, b = "x" * 240 + "a.jsonl", "x" * 240 + "b.jsonl"
+    for name in (a, b, "ü" * 120, "é" * 95 + "\udce9"):  # multi-byte characters, a byte that is not UTF-8
+        short = short_name(name)
+        assert len(os.fsencode(short)) + SIBLING_RESERVE <= NAME_MAX and short == short_name(name)
+        assert short.startswith(name[:50])
+    assert short_name(a) != short_name(b)

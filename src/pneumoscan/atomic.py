@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -11,6 +12,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, XFS, APFS, NTFS: 255 characters)
+SIBLING_RESERVE = 64  # bytes of a name left for what a hidden sibling adds (".", ".tmpPID-TID", ".rankR-of-N.part")
+
+
+def short_name(name: str, reserve: int = SIBLING_RESERVE) -> str:
+    """``name``, or where it leaves fewer than ``reserve`` bytes of a file name free, its start and a digest of all
+    of it: the stem of the hidden files made beside an output (temporary file, lock, part files), which would
+    otherwise be too long to create (ENAMETOOLONG) for an output name near the limit. One name gives one stem."""
+    raw = os.fsencode(name)
+    if len(raw) + reserve <= NAME_MAX:
+        return name
+    digest = "~" + hashlib.sha256(raw).hexdigest()[:16]
+    room = max(NAME_MAX - reserve - len(digest), 0)
+    return os.fsdecode(raw[:room]).encode("utf-8", "ignore").decode("utf-8", "ignore") + digest
 
 
 @contextmanager
@@ -25,7 +41,8 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, exclusive: bool 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}-{threading.get_native_id()}{path.suffix}")
+    stem = short_name(path.stem, SIBLING_RESERVE + len(os.fsencode(path.suffix)))
+    tmp = path.with_name(f".{stem}.tmp{os.getpid()}-{threading.get_native_id()}{path.suffix}")
     try:
         yield tmp
         if durable:
@@ -69,7 +86,7 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(f".{path.name}.lock")
+    lock = path.with_name(f".{short_name(path.name)}.lock")
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -130,6 +147,9 @@ def check_writable(path: str | os.PathLike, flag: str = "--output_path", folder:
     from .errors import OutputPathError
 
     out = Path(path).expanduser()
+    if len(os.fsencode(out.name)) > NAME_MAX:
+        raise OutputPathError(f"{flag}: the name {out.name[:40]}... is {len(os.fsencode(out.name))} bytes long, "
+                              f"more than a file name can be ({NAME_MAX}); give a shorter one (nothing was done yet)")
     if not folder and out.is_dir():
         raise OutputPathError(f"{flag} {path} is a folder; give a file name in it")
     if folder and out.exists() and not out.is_dir():

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .atomic import check_writable, refuse_input_suffix, same_file
+from .atomic import check_writable, refuse_input_suffix, same_file, short_name
 from .errors import DataError, OutputPathError, PneumoscanError
 from .names import printable
 
@@ -318,13 +318,13 @@ def _part_path(output_path: str, rank: int, world_size: int) -> Path:
     """Rank ``rank``'s share under torchrun: JSON Lines, named for the whole output name (``out.json`` and
     ``out.jsonl`` have their own)."""
     out = Path(output_path)
-    return out.with_name(f".{out.name}.rank{rank}-of-{world_size}.part")
+    return out.with_name(f".{short_name(out.name)}.rank{rank}-of-{world_size}.part")
 
 
 def _left_parts(output_path: str) -> list[Path]:
     """Part files an earlier run left beside ``output_path``, whatever its number of processes."""
     out = Path(output_path)
-    name = re.compile(rf"\.{re.escape(out.name)}\.rank\d+-of-\d+\.part")
+    name = re.compile(rf"\.{re.escape(short_name(out.name))}\.rank\d+-of-\d+\.part")
     if not out.parent.is_dir():
         return []
     return sorted(p for p in out.parent.iterdir() if name.fullmatch(p.name) and p.is_file())
@@ -615,8 +615,8 @@ def _predict_files(args, world, jsonl: bool, held: contextlib.ExitStack) -> int:
     if not files:
         raise DataError(f"no .jpg, .jpeg, .png or DICOM files found in {args.image_dir}")
     if args.output_path:  # before any image is predicted, not after; every rank (each writes beside it)
+        check_writable(args.output_path)  # first: a name too long to look up is said so, not as an OSError
         _refuse_writing_over_inputs(args.output_path, files, args.model_path)
-        check_writable(args.output_path)
         if world.is_main:  # one run per output: a second would fold, replace or delete the first one's files
             held.enter_context(output_lock(args.output_path))
     if args.heatmap_dir:
