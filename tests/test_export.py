@@ -13,7 +13,7 @@ import pytest
 import torch
 from shipped import SHIPPED_VERSION
 
-from pneumoscan.backends import BACKENDS, OnnxPredictor, int8_model_path, make_predictor
+from pneumoscan.backends import BACKENDS, OnnxPredictor, int8_model, make_predictor
 from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint
 from pneumoscan.errors import CheckpointError, DataError
 from pneumoscan.export import (
@@ -163,7 +163,7 @@ def test_a_format_1_int8_cache_file_is_still_read(tiny, tmp_path, caplog):
         "pneumoscan-onnx-1", weights_digest(tiny), None)
     # tiny carries no int8 calibration: anything but a cache hit would raise DataError
     with caplog.at_level(logging.WARNING, logger="pneumoscan"):
-        assert int8_model_path(tiny, cache_dir=cache) == old
+        assert int8_model(tiny, cache_dir=cache) == old
     assert old.read_bytes() == before and not caplog.records
 
 
@@ -190,6 +190,19 @@ def test_a_damaged_int8_cache_file_is_rebuilt(damage, tiny_int8, train_dir, tmp_
     assert f"rebuilding unreadable cached int8 model {cached}" in caplog.text
     torch.testing.assert_close(again.logits(images), expected, rtol=0, atol=0)
     assert read_metadata(cached)["weights_sha256"] == weights_digest(tiny_int8)
+
+
+def test_an_int8_cache_that_cannot_be_written_builds_in_memory(tiny_int8, train_dir, tmp_path, caplog):
+    """A read-only home (containers) or a full disk must not stop predict's default backend."""
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    images = real_images(train_dir, TINY_SIZE, 1)
+    with caplog.at_level(logging.WARNING, logger="pneumoscan"):
+        engine = make_predictor(tiny_int8, "cpu", "onnx-int8", cache_dir=blocker / "onnx")
+    assert f"cannot cache the int8 model in {blocker / 'onnx'}" in caplog.text and "XDG_CACHE_HOME" in caplog.text
+    cached = make_predictor(tiny_int8, "cpu", "onnx-int8", cache_dir=tmp_path / "ok")
+    torch.testing.assert_close(engine.logits(images), cached.logits(images), rtol=0, atol=0)
+    assert blocker.read_text().startswith("a file") and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "ok"]
 
 
 def test_reading_a_file_that_is_not_onnx_says_so(tmp_path, real_jpeg):

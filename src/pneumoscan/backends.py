@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .calibration import calibrated_probs
 from .checkpoint import input_spec
 from .errors import DataError
@@ -121,9 +123,12 @@ def default_onnx_cache() -> Path:
     return default_cache_dir() / "onnx"
 
 
-def int8_model_path(ckpt: dict, calibration_dir: str | os.PathLike | None = None,
-                    cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cached int8 model of ``ckpt``, quantised now (calibrated on ``calibration_dir``) if not cached yet.
+def int8_model(ckpt: dict, calibration_dir: str | os.PathLike | None = None,
+               cache_dir: str | os.PathLike | None = None) -> Path | bytes:
+    """The cached int8 model file of ``ckpt``, quantised now (calibrated on ``calibration_dir``) if not cached yet.
+
+    Where the cache cannot be written (a read-only home in a container, a full disk), the model just
+    built is returned as bytes, with a warning: it is used for this run and built again at the next start.
 
     Raises:
         DataError: the int8 model is not cached and no ``calibration_dir`` is given.
@@ -146,7 +151,18 @@ def int8_model_path(ckpt: dict, calibration_dir: str | os.PathLike | None = None
                         "data set root holding train/), or use the onnx backend")
     log.info("quantising the model to int8 (once; cached in %s)", path.parent)
     model = onnx_model(ckpt)
-    return quantize_int8(model, int8_ranges(ckpt, model, calibration_dir), path)
+    ranges = int8_ranges(ckpt, model, calibration_dir)
+    with tempfile.TemporaryDirectory() as work:  # built apart, so that a cache that cannot be written costs no rebuild
+        data = quantize_int8(model, ranges, Path(work) / path.name).read_bytes()
+    try:
+        with atomic_path(path, durable=True) as tmp:
+            tmp.write_bytes(data)
+    except OSError as exc:
+        log.warning("cannot cache the int8 model in %s (%s): it is used from memory for this run and built again "
+                    "at every start; set XDG_CACHE_HOME to a folder you can write to", path.parent,
+                    exc.strerror or exc)
+        return data
+    return path
 
 
 def resolve_backend(ckpt: dict, device: torch.device | str, backend: str) -> str:
@@ -208,4 +224,4 @@ def make_predictor(ckpt: dict, device: torch.device | str = "cpu", backend: str 
         raise ValueError(f"the {backend} backend runs on cpu or cuda, not {device.type}")
     if backend == "onnx":
         return OnnxPredictor(onnx_model(ckpt).SerializeToString(), ckpt, num_threads, providers)
-    return OnnxPredictor(int8_model_path(ckpt, calibration_dir, cache_dir), ckpt, num_threads, providers)
+    return OnnxPredictor(int8_model(ckpt, calibration_dir, cache_dir), ckpt, num_threads, providers)
