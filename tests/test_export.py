@@ -26,6 +26,7 @@ from pneumoscan.export import (
     quantize_int8,
     read_metadata,
     require,
+    save_onnx,
     stored_ranges,
     weights_digest,
 )
@@ -272,6 +273,10 @@ def test_export_cli_writes_a_model(tiny, tmp_path):
     ("unwritable", "cannot write"),
     ("folder", "is a folder"),
     ("int8_without_data", "carries no int8 calibration: pass --calibration_dir"),
+    ("not_onnx", "does not end in .onnx; name the ONNX model file so (e.g. m.onnx)"),
+    ("no_suffix", "does not end in .onnx"),
+    ("calibration_without_int8", "calibrate an int8 model: add --quantize int8"),
+    ("images_without_int8", "calibrate an int8 model: add --quantize int8"),
 ])
 def test_export_cli_refuses_bad_input(case, message, tiny, tmp_path, capsys):
     model_path = tmp_path / "tiny.pth"
@@ -282,13 +287,33 @@ def test_export_cli_refuses_bad_input(case, message, tiny, tmp_path, capsys):
             "model": ["--model_path", str(tmp_path / "missing.pth")],
             "unwritable": ["--output_path", str(blocker / "model.onnx")],
             "folder": ["--output_path", str(tmp_path)],
-            "int8_without_data": ["--quantize", "int8"]}[case]
+            "int8_without_data": ["--quantize", "int8"],
+            "not_onnx": ["--output_path", str(tmp_path / "m.txt")],
+            "no_suffix": ["--output_path", str(tmp_path / "m")],
+            "calibration_without_int8": ["--calibration_dir", str(tmp_path)],
+            "images_without_int8": ["--calibration_images", "64"]}[case]
     base = {"--format": "onnx", "--model_path": str(model_path), "--output_path": str(tmp_path / "m.onnx")}
     for flag, value in zip(argv[::2], argv[1::2]):
         base[flag] = value
     assert export_main([x for kv in base.items() for x in kv]) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "m.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "tiny.pth"]  # nothing written, no temporary
+
+
+def test_export_cli_replaces_an_existing_file_only_with_overwrite(tiny, tmp_path, capsys):
+    model_path, out = tmp_path / "tiny.pth", tmp_path / "deployed.onnx"
+    save_checkpoint(tiny, model_path)
+    out.write_bytes(b"the model in production")
+    argv = ["--format", "onnx", "--model_path", str(model_path), "--output_path", str(out)]
+    assert export_main(argv) == 2
+    assert "exists already; give a new file name, or --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"the model in production"
+    assert export_main([*argv, "--overwrite"]) == 0
+    assert read_metadata(out)["model_version"] == "tiny-test"
+    with pytest.raises(FileExistsError):  # what the command does without --overwrite: a file made meanwhile stays
+        save_onnx(onnx_model(tiny), out, exclusive=True)
+    assert read_metadata(out)["model_version"] == "tiny-test"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deployed.onnx", "tiny.pth"]
 
 
 def test_missing_onnxruntime_says_how_to_install(monkeypatch):

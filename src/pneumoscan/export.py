@@ -214,11 +214,12 @@ def read_metadata(model) -> dict:
     return out
 
 
-def save_onnx(model, path: str | os.PathLike) -> Path:
-    """Write an ``onnx.ModelProto`` to ``path`` atomically (one self-contained file)."""
+def save_onnx(model, path: str | os.PathLike, exclusive: bool = False) -> Path:
+    """Write an ``onnx.ModelProto`` to ``path`` atomically (one self-contained file); with ``exclusive`` an
+    existing ``path`` is never replaced (``FileExistsError``)."""
     onnx = require("onnx")
     path = Path(path)
-    with atomic_path(path, durable=True) as tmp:
+    with atomic_path(path, durable=True, exclusive=exclusive) as tmp:
         onnx.save_model(model, str(tmp))
     return path
 
@@ -335,7 +336,7 @@ def int8_ranges(ckpt: dict, model, calibration_dir: str | os.PathLike | None,
     return ranges
 
 
-def quantize_int8(model, ranges: dict[str, list[float]], path: str | os.PathLike) -> Path:
+def quantize_int8(model, ranges: dict[str, list[float]], path: str | os.PathLike, exclusive: bool = False) -> Path:
     """Static int8 quantisation of a float32 graph from ``onnx_model`` with activation ``ranges``
     (from ``calibration_ranges``).
 
@@ -346,9 +347,11 @@ def quantize_int8(model, ranges: dict[str, list[float]], path: str | os.PathLike
     error at no measured speed cost) and the small classifier head (Gemm; int8 there moved logits
     by up to 0.3 instead of 0.04). The ranges are passed as onnxruntime's per-tensor overrides,
     which take precedence over its own calibration (run here on one blank image only because the
-    API requires a reader). Writes to ``path`` atomically and returns it.
+    API requires a reader). Writes to ``path`` atomically and returns it; with ``exclusive`` an existing
+    ``path`` is never replaced.
 
     Raises:
+        FileExistsError: ``exclusive`` and ``path`` exists.
         OnnxUnavailableError: onnx or onnxruntime is missing.
         ValueError: the ranges do not cover the graph's activations (made for another graph).
     """
@@ -360,7 +363,7 @@ def quantize_int8(model, ranges: dict[str, list[float]], path: str | os.PathLike
     # the same form onnxruntime's calibrator returns (float32 arrays of shape (1,)), so the result is identical
     overrides = {name: [{"rmin": np.array([lo], dtype=np.float32), "rmax": np.array([hi], dtype=np.float32)}]
                  for name, (lo, hi) in ranges.items()}
-    with tempfile.TemporaryDirectory() as work, atomic_path(path, durable=True) as tmp:
+    with tempfile.TemporaryDirectory() as work, atomic_path(path, durable=True, exclusive=exclusive) as tmp:
         prepared, stem = _prepare(model, Path(work))
         needed = _activation_names(onnx.load(str(prepared)))
         missing = sorted(needed - set(ranges))
@@ -398,7 +401,10 @@ def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pneumoscan export",
                                 description="Export a pneumoscan model for another runtime (ONNX).")
     p.add_argument("--format", required=True, help="onnx (the only format so far)")
-    p.add_argument("--output_path", type=user_path, required=True, help="the .onnx file to write")
+    p.add_argument("--output_path", type=user_path, required=True,
+                   help="the .onnx file to write (an existing file only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output_path (atomically: a failed export leaves it as it was)")
     p.add_argument("--model_path", type=user_path, help="checkpoint from pneumoscan train (default: the shipped model)")
     p.add_argument("--quantize", choices=("int8",), help="int8: static quantisation, calibrated on training images")
     p.add_argument("--calibration_dir", type=user_path,
@@ -419,6 +425,10 @@ def export_main(argv: list[str] | None = None) -> int:
     if args.format.lower() != "onnx":
         log.error("unknown export format %r; the only format is onnx", args.format)
         return EXIT_BAD_INPUT
+    if not args.quantize and (args.calibration_dir or args.calibration_images != CALIBRATION_IMAGES):
+        log.error("--calibration_dir and --calibration_images calibrate an int8 model: add --quantize int8, or "
+                  "drop them for the float32 model")
+        return EXIT_BAD_INPUT
     if args.calibration_dir and not Path(args.calibration_dir).is_dir():
         log.error("calibration_dir %r does not exist or is not a folder; pass the data set root the model was "
                   "trained on (holds train/)", args.calibration_dir)
@@ -437,16 +447,28 @@ def export_main(argv: list[str] | None = None) -> int:
             raise OutputPathError(f"--output_path {out} is {what}; write the ONNX model to a new file "
                                   f"(e.g. model.onnx)")
         refuse_input_suffix(out, "--output_path", ".onnx", allowed=(".onnx",))
+        if out.suffix.lower() != ".onnx":
+            raise OutputPathError(f"--output_path {out} does not end in .onnx; name the ONNX model file so "
+                                  f"(e.g. {out.with_suffix('.onnx').name})")
+        if out.exists() and not args.overwrite:
+            raise OutputPathError(f"--output_path {out} exists already; give a new file name, or --overwrite to "
+                                  f"replace it")
         check_writable(out)
         ckpt = load_checkpoint(model_path)
         model = onnx_model(ckpt, checkpoint_path=model_path)
+        exclusive = not args.overwrite  # no race: a file made meanwhile is not replaced either
         if args.quantize:
-            quantize_int8(model, int8_ranges(ckpt, model, args.calibration_dir, args.calibration_images), out)
+            quantize_int8(model, int8_ranges(ckpt, model, args.calibration_dir, args.calibration_images), out,
+                          exclusive=exclusive)
         else:
-            save_onnx(model, out)
+            save_onnx(model, out, exclusive=exclusive)
             log.info("wrote float32 ONNX model to %s", out)
     except (PneumoscanError, ValueError) as exc:
         log.error("%s", exc)
+        return EXIT_BAD_INPUT
+    except FileExistsError:
+        log.error("--output_path %s was made by something else while exporting; it was left as it is: give a new "
+                  "file name, or --overwrite to replace it", out)
         return EXIT_BAD_INPUT
     except OSError as exc:
         log.error("cannot write %s: %s; choose a writable --output_path", out, exc.strerror or exc)
