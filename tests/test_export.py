@@ -4,6 +4,7 @@ int8 backend predicts the shipped model's labels; ``pneumoscan export`` writes o
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from shipped import SHIPPED_VERSION
 
 from pneumoscan.backends import BACKENDS, OnnxPredictor, int8_model, make_predictor
 from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint
+from pneumoscan.cli import predict_main
 from pneumoscan.errors import CheckpointError, DataError
 from pneumoscan.export import (
     INT8_RECIPE,
@@ -314,6 +316,22 @@ def test_export_cli_replaces_an_existing_file_only_with_overwrite(tiny, tmp_path
         save_onnx(onnx_model(tiny), out, exclusive=True)
     assert read_metadata(out)["model_version"] == "tiny-test"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deployed.onnx", "tiny.pth"]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "onnx"])
+def test_predict_says_when_calibration_dir_is_not_used(backend, tiny, train_dir, real_jpeg, tmp_path, capsys):
+    """tiny carries no int8 calibration, so auto runs torch: the data given to calibrate int8 is not used."""
+    model_path = tmp_path / "tiny.pth"
+    save_checkpoint(tiny, model_path)
+    out = tmp_path / "r.json"
+    assert predict_main(["--image_path", str(real_jpeg), "--model_path", str(model_path), "--backend", backend,
+                         "--calibration_dir", str(train_dir.parent), "--output_path", str(out)]) == 0
+    expected = "torch" if backend == "auto" else backend
+    assert json.loads(out.read_text())["results"][0]["backend"] == expected
+    err = capsys.readouterr().err
+    assert f"--calibration_dir is not used: it calibrates the onnx-int8 backend's int8 model, and this run uses " \
+           f"the {expected} backend" in err
+    assert ("give --backend onnx-int8" in err) == (backend == "auto")
 
 
 def test_missing_onnxruntime_says_how_to_install(monkeypatch):

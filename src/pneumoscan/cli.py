@@ -627,6 +627,11 @@ def _predict_files(args, world, jsonl: bool, held: contextlib.ExitStack) -> int:
     engine = MedicalImageInference(args.model_path, device=device, threshold=args.threshold,
                                    batch_size=args.batch_size, decode_workers=args.decode_workers,
                                    backend=args.backend, calibration_dir=args.calibration_dir)
+    if args.calibration_dir and engine.backend != "onnx-int8":
+        log.warning("--calibration_dir is not used: it calibrates the onnx-int8 backend's int8 model, and this run "
+                    "uses the %s backend%s", engine.backend,
+                    " (what --backend auto chose for this model and device); give --backend onnx-int8 to build the "
+                    "int8 model" if args.backend == "auto" else "")
     log.info("predicting %d file(s)", len(files))
     if world.distributed:
         _, failed = _predict_sharded(engine, files, args, world)
