@@ -14,7 +14,7 @@ import pytest
 import torch
 from shipped import SHIPPED_VERSION
 
-from pneumoscan.backends import BACKENDS, OnnxPredictor, int8_model, make_predictor
+from pneumoscan.backends import BACKENDS, OnnxPredictor, int8_model, make_predictor, onnx_providers
 from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint
 from pneumoscan.cli import predict_main
 from pneumoscan.errors import CheckpointError, DataError
@@ -230,6 +230,19 @@ def test_make_predictor_has_the_predictor_interface(tiny, train_dir):
     with pytest.raises(ValueError, match="runs on the CPU"):
         make_predictor(tiny, torch.device("cuda"), "onnx-int8")
     assert BACKENDS == ("torch", "onnx", "onnx-int8")
+
+
+def test_the_onnx_backend_on_cuda_runs_on_the_gpu_asked_for(tiny, train_dir):
+    """Under torchrun each rank asks for cuda:<local rank>; ONNX Runtime's CUDA provider without a device_id
+    put them all on GPU 0. The CUDA provider needs onnxruntime-gpu, so a CPU session checks the same path."""
+    assert onnx_providers(torch.device("cuda", 3)) == [("CUDAExecutionProvider", {"device_id": 3}),
+                                                       "CPUExecutionProvider"]
+    assert onnx_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
+    engine = OnnxPredictor(onnx_model(tiny).SerializeToString(), tiny, providers=[("CPUExecutionProvider", {})])
+    assert engine.device == torch.device("cpu")
+    images = real_images(train_dir, TINY_SIZE, 1)
+    torch.testing.assert_close(engine.logits(images), Predictor.from_checkpoint(tiny).logits(images), rtol=0,
+                               atol=1e-4)
 
 
 def test_int8_shipped_model_keeps_labels_on_real_films(shipped, shipped_onnx, train_dir, tmp_path):

@@ -58,7 +58,8 @@ class OnnxPredictor:
         model: the ONNX model, as serialised bytes or a file path.
         ckpt: the checkpoint it was exported from (input spec, temperature; the torch model for Grad-CAM).
         num_threads: ONNX Runtime intra-op threads (default: torch's thread count).
-        providers: ONNX Runtime execution providers (default: the CPU).
+        providers: ONNX Runtime execution providers, names or (name, options) pairs (default: the CPU);
+            ``onnx_providers`` makes them for a device.
     """
 
     def __init__(self, model: bytes | str | os.PathLike, ckpt: dict, num_threads: int | None = None,
@@ -74,7 +75,9 @@ class OnnxPredictor:
         self.spec: InputSpec = input_spec(ckpt)
         self.temperature: float | None = ckpt.get("temperature")
         self.bias = calibration_bias(ckpt)
-        self.device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
+        first, options = (providers[0], {}) if isinstance(providers[0], str) else providers[0]
+        self.device = (torch.device("cuda", int(options.get("device_id", 0))) if first == "CUDAExecutionProvider"
+                       else torch.device("cpu"))
         self._ckpt = ckpt
         self._features = feature_outputs(ckpt)
         self._torch: Predictor | None = None
@@ -114,6 +117,15 @@ class OnnxPredictor:
     def gradcam(self, pixels: np.ndarray | torch.Tensor, target_class: int = 1) -> np.ndarray:
         """Grad-CAM of ``target_class`` for one uint8 (S, S) image, from the torch model."""
         return self._torch_predictor().gradcam(pixels, target_class)
+
+
+def onnx_providers(device: torch.device) -> list:
+    """ONNX Runtime's execution providers for ``device``: on CUDA the device's own GPU (``device_id``; without
+    it every torchrun rank ran on GPU 0), the CPU behind it for what CUDA lacks; else the CPU."""
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return [("CUDAExecutionProvider", {"device_id": int(index)}), "CPUExecutionProvider"]
 
 
 def default_onnx_cache() -> Path:
@@ -212,16 +224,15 @@ def make_predictor(ckpt: dict, device: torch.device | str = "cpu", backend: str 
         device = torch.device("cpu") if device == "auto" and backend != "torch" else resolve_device(device)
     if backend == "torch":
         return Predictor.from_checkpoint(ckpt, device)
-    providers = ["CPUExecutionProvider"]
     if device.type == "cuda":
         if backend == "onnx-int8":
             raise ValueError("the onnx-int8 backend runs on the CPU; use --device cpu, or --backend torch on CUDA")
         if "CUDAExecutionProvider" not in require("onnxruntime").get_available_providers():
             raise ValueError("the onnx backend on CUDA needs onnxruntime-gpu; use --device cpu, or --backend torch "
                              "on CUDA")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     elif device.type != "cpu":
         raise ValueError(f"the {backend} backend runs on cpu or cuda, not {device.type}")
+    providers = onnx_providers(device)
     if backend == "onnx":
         return OnnxPredictor(onnx_model(ckpt).SerializeToString(), ckpt, num_threads, providers)
     return OnnxPredictor(int8_model(ckpt, calibration_dir, cache_dir), ckpt, num_threads, providers)
