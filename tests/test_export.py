@@ -114,8 +114,26 @@ def test_metadata_is_stored_and_parsed_back(shipped, shipped_onnx, tiny, tmp_pat
     assert meta["ood_gate"]["fitted_on"] == "validation radiographs"
     assert meta["ood_gate"]["threshold"] == shipped["ood_gate"]["threshold"]
     assert "checkpoint" in meta["ood_gate"]["note"]
+    scope = meta["scope_classifier"]
+    assert scope["present"] and {"lateral", "adult_frontal"} <= set(scope["classes"])
+    assert meta["scope_classifier"]["threshold"] == shipped["scope_classifier"]["threshold"]
+    assert "graph alone answers them all" in meta["scope_classifier"]["note"]
     tiny_meta = read_metadata(export_onnx(tiny, tmp_path / "tiny.onnx"))
-    assert tiny_meta["ood_gate"] == {"present": False} and tiny_meta["temperature"] == 0.7
+    assert tiny_meta["ood_gate"] == tiny_meta["scope_classifier"] == {"present": False}
+    assert tiny_meta["temperature"] == 0.7
+    assert read_metadata(_as_format_1(onnx_model(tiny)))["scope_classifier"] is None  # not said then: unknown
+
+
+def test_exporting_a_checkpoint_with_scope_checks_warns_that_the_graph_has_none(tmp_path, tiny, capsys):
+    out = tmp_path / "shipped.onnx"
+    assert export_main(["--format", "onnx", "--output_path", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "the ONNX graph answers every input: this checkpoint's out-of-scope gate and scope classifier" in err
+    model_path = tmp_path / "tiny.pth"
+    save_checkpoint(tiny, model_path)
+    assert export_main(["--format", "onnx", "--model_path", str(model_path), "--output_path",
+                        str(tmp_path / "tiny.onnx")]) == 0
+    assert "answers every input" not in capsys.readouterr().err  # nothing to leave behind
 
 
 def test_a_site_export_names_its_own_checkpoint_file_beside_the_shared_weights(tiny, tmp_path):
@@ -146,7 +164,8 @@ def _as_format_1(model):
     props = {p.key: p.value for p in model.metadata_props}
     props["pneumoscan.format"] = "pneumoscan-onnx-1"
     props["checkpoint_sha256"] = props.pop("weights_sha256")
-    props.pop("checkpoint_file_sha256", None)
+    for new_in_format_2 in ("checkpoint_file_sha256", "scope_classifier"):
+        props.pop(new_in_format_2, None)
     onnx.helper.set_model_props(model, props)
     return model
 

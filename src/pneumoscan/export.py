@@ -14,7 +14,9 @@ needs only the stretch resize of ``InputSpec.pixels``:
 
 The graph's ``metadata_props`` carry what a prediction needs besides the graph: the input spec,
 temperature and calibration bias, operating threshold, class names, model version, whether the checkpoint has
-an out-of-scope gate (its statistics stay in the checkpoint: a gated prediction needs pneumoscan and the .pth),
+an out-of-scope gate and a scope classifier (their statistics and weights stay in the checkpoint: the graph
+alone answers every input, lateral views, adult films and non-radiographs included; a prediction with the scope
+checks needs pneumoscan and the .pth),
 and two digests: ``weights_sha256`` (``weights_digest``: the network alone, the same for a site checkpoint as for
 the model it recalibrated) and, when exported from a file, ``checkpoint_file_sha256`` (``sha256sum`` of that
 .pth, which tells a site's export from the shipped one). ``read_metadata`` parses them back; format 1 files,
@@ -156,6 +158,13 @@ def _metadata(ckpt: dict) -> dict[str, str]:
                   "note": "the gate's statistics are in the pneumoscan checkpoint (.pth): load it with "
                           "pneumoscan.checkpoint.load_checkpoint and score the features_* outputs with "
                           "pneumoscan.gate.OutOfScopeGate"} if gate else {"present": False})
+    scope = ckpt.get("scope_classifier")
+    scope_note = ({"present": True, "kind": scope.get("kind"), "classes": list(scope.get("classes", [])),
+                   "threshold": scope.get("threshold"),
+                   "note": "the scope classifier (what refuses lateral views, adult films, other body parts, altered "
+                           "films and non-radiographs) is in the pneumoscan checkpoint (.pth): "
+                           "pneumoscan.scope.ScopeClassifier scores the features_* outputs; the graph alone answers "
+                           "them all"} if scope else {"present": False})
     return {
         "pneumoscan.format": METADATA_FORMAT,
         "input_spec": json.dumps(ckpt["input_spec"]),
@@ -166,6 +175,7 @@ def _metadata(ckpt: dict) -> dict[str, str]:
         "model_version": str(ckpt.get("model_version") or ""),
         "weights_sha256": weights_digest(ckpt),
         "ood_gate": json.dumps(gate_note),
+        "scope_classifier": json.dumps(scope_note),
         "outputs": json.dumps([LOGITS, *feature_outputs(ckpt)]),
     }
 
@@ -174,7 +184,8 @@ def read_metadata(model) -> dict:
     """The pneumoscan metadata of an ONNX model (``ModelProto`` or path), JSON fields decoded.
 
     ``weights_sha256`` is ``weights_digest`` of the exported checkpoint (format 1's ``checkpoint_sha256``);
-    ``checkpoint_file_sha256`` the exported file's sha256, or None (not exported from a file, or format 1).
+    ``checkpoint_file_sha256`` the exported file's sha256, or None (not exported from a file, or format 1);
+    ``scope_classifier`` whether the checkpoint has one ({"present": ...}; None in format 1).
 
     Raises:
         ValueError: the model carries no pneumoscan metadata (not written by ``export_onnx``).
@@ -208,6 +219,10 @@ def read_metadata(model) -> dict:
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: its {version} metadata is incomplete or damaged ({type(exc).__name__}: "
                               f"{exc}); export it again with pneumoscan export") from exc
+    try:  # format 1 did not say whether the checkpoint has one: None
+        out["scope_classifier"] = json.loads(props["scope_classifier"]) if "scope_classifier" in props else None
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: its scope_classifier metadata is damaged ({exc}); export it again") from exc
     out["checkpoint_file_sha256"] = props.get("checkpoint_file_sha256")
     out["format"] = version
     out["int8_recipe"] = props.get("int8_recipe")
@@ -456,6 +471,13 @@ def export_main(argv: list[str] | None = None) -> int:
         check_writable(out)
         ckpt = load_checkpoint(model_path)
         model = onnx_model(ckpt, checkpoint_path=model_path)
+        checks = [what for what, key in (("out-of-scope gate", "ood_gate"), ("scope classifier", "scope_classifier"))
+                  if ckpt.get(key)]
+        if checks:
+            log.warning("the ONNX graph answers every input: this checkpoint's %s (what refuses non-radiographs, "
+                        "lateral views, adult films...) stay in %s, named in the graph's metadata; a deployment of "
+                        "the .onnx alone must run them or take only frontal paediatric chest films",
+                        " and ".join(checks), model_path)
         exclusive = not args.overwrite  # no race: a file made meanwhile is not replaced either
         if args.quantize:
             quantize_int8(model, int8_ranges(ckpt, model, args.calibration_dir, args.calibration_images), out,
