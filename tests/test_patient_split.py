@@ -172,3 +172,17 @@ def test_kfold_refuses_k_below_two_or_above_the_number_of_patients():
         patient_folds(records, 1, seed=0)
     with pytest.raises(DataError, match="3 patient group"):
         patient_folds(records, 4, seed=0)
+
+
+@pytest.mark.parametrize("n_normal, k, fix", [(3, 5, "at most 3"), (1, 2, "add patients")])
+def test_kfold_refuses_a_class_with_fewer_patients_than_folds(n_normal, k, fix):
+    """Fewer NORMAL patients than folds left some folds without a normal film: the deal went through and the run
+    failed only when such a fold came to train (after the others had), with a hint to lower --val_fraction."""
+    records = [_rec(f"IM-{i:04d}-0001.jpeg", 0, f"n{i}") for i in range(n_normal)]
+    records += [_rec(f"person{i}_virus_1.jpeg", 1, f"p{i}") for i in range(40)]
+    with pytest.raises(DataError, match=rf"{n_normal} NORMAL patient group\(s\) cannot give each of {k} folds.*{fix}"):
+        patient_folds(records, k, seed=0)
+    enough = patient_folds(records, n_normal, seed=0) if n_normal >= 2 else None
+    if enough is not None:  # as many folds as normal patients: every fold validates on both classes
+        for f in range(n_normal):
+            assert {r.label for r, g in zip(records, enough) if g == f} == {0, 1}

@@ -576,17 +576,29 @@ def patient_folds(records: list[Record], k: int, seed: int) -> list[int]:
     Groups (a patient, and byte-identical files) never straddle folds; within each class the
     groups are shuffled and dealt to the fold that holds the fewest images of that class so far,
     so every fold gets about 1/k of each class.
+
+    Raises:
+        ValueError: k < 2.
+        DataError: fewer than k patient groups, or fewer than k of one class: a fold would validate on one
+            class (no sensitivity, specificity or AUROC), found only when that fold came to train.
     """
     if k < 2:
         raise ValueError(f"k-fold cross-validation needs k >= 2, got {k}")
     groups = patient_groups(records)
     if len(groups) < k:
         raise DataError(f"{len(groups)} patient group(s) cannot fill {k} folds; lower --cv_folds")
+    by_class = [[g for g in groups if np.bincount([records[i].label for i in g],
+                                                  minlength=len(CLASS_NAMES)).argmax() == label]
+                for label in range(len(CLASS_NAMES))]
+    short = [f"{len(own)} {CLASS_NAMES[label]}" for label, own in enumerate(by_class) if len(own) < k]
+    if short:
+        fewest = min(len(own) for own in by_class)
+        fix = f"lower --cv_folds to at most {fewest}, or add patients" if fewest >= 2 else "add patients"
+        raise DataError(f"{' and '.join(short)} patient group(s) cannot give each of {k} folds films of both "
+                        f"classes; {fix}")
     rng = random.Random(seed)
     fold_of = [0] * len(records)
-    for label in range(len(CLASS_NAMES)):
-        own = [g for g in groups if np.bincount([records[i].label for i in g],
-                                                minlength=len(CLASS_NAMES)).argmax() == label]
+    for own in by_class:
         rng.shuffle(own)
         own.sort(key=len, reverse=True)  # big groups first, so that the greedy deal stays balanced
         sizes = [0] * k
