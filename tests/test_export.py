@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 import subprocess
 import sys
 
@@ -364,6 +365,27 @@ def test_predict_says_when_calibration_dir_is_not_used(backend, tiny, train_dir,
     assert f"--calibration_dir is not used: it calibrates the onnx-int8 backend's int8 model, and this run uses " \
            f"the {expected} backend" in err
     assert ("give --backend onnx-int8" in err) == (backend == "auto")
+
+
+def test_an_interrupted_int8_export_leaves_nothing_behind(train_dir, make_dataset, tmp_path):
+    """Ctrl-C while the int8 model is calibrated: exit 130 with a line saying so, no traceback, no file."""
+    files = {cls: sorted((train_dir / cls).glob("*.jpeg"))[:40] for cls in ("NORMAL", "PNEUMONIA")}
+    data = make_dataset(tmp_path / "data", files)
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "pneumoscan", "export", "--format", "onnx", "--quantize", "int8",
+                             "--calibration_dir", str(data), "--output_path", str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # interrupted once the calibration has started
+        seen.append(line)
+        if "calibrating on" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    err = "".join(seen) + proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, err
+    assert "interrupted; nothing was written" in err and "Traceback" not in err
+    assert not out.exists() and list(out.parent.iterdir()) == []
 
 
 def test_missing_onnxruntime_says_how_to_install(monkeypatch):

@@ -432,7 +432,7 @@ def _export_parser() -> argparse.ArgumentParser:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    """``pneumoscan export``: 0 written, 2 bad usage or input (the log says what to change)."""
+    """``pneumoscan export``: 0 written, 2 bad usage or input (the log says what to change), 130 interrupted."""
     from .cli import EXIT_BAD_INPUT, EXIT_OK, configure_logging
 
     args = _export_parser().parse_args(argv)
@@ -495,4 +495,7 @@ def export_main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.error("cannot write %s: %s; choose a writable --output_path", out, exc.strerror or exc)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        log.error("interrupted; nothing was written (%s is as it was)", out)
+        return 130
     return EXIT_OK
