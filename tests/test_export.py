@@ -15,7 +15,14 @@ import pytest
 import torch
 from shipped import SHIPPED_VERSION
 
-from pneumoscan.backends import BACKENDS, OnnxPredictor, int8_model, make_predictor, onnx_providers
+from pneumoscan.backends import (
+    BACKENDS,
+    OnnxPredictor,
+    int8_model,
+    make_predictor,
+    onnx_providers,
+    resolve_backend,
+)
 from pneumoscan.checkpoint import default_model_path, load_checkpoint, model_payload, save_checkpoint
 from pneumoscan.cli import predict_main
 from pneumoscan.errors import CheckpointError, DataError
@@ -386,6 +393,27 @@ def test_an_interrupted_int8_export_leaves_nothing_behind(train_dir, make_datase
     assert proc.wait(timeout=60) == 130, err
     assert "interrupted; nothing was written" in err and "Traceback" not in err
     assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_an_int8_calibration_of_another_recipe_is_named_not_called_missing(tiny_int8, tmp_path, capsys, caplog):
+    """A checkpoint calibrated by an earlier pneumoscan: auto ran int8 then and runs torch now, so it says why."""
+    old = {**tiny_int8, "int8_calibration": {**tiny_int8["int8_calibration"], "recipe": "qdq-u8s8-older-v1"}}
+    with caplog.at_level(logging.WARNING, logger="pneumoscan"):
+        assert resolve_backend(old, "cpu", "auto") == "torch"
+    assert "not onnx-int8: its int8 calibration was made for the recipe 'qdq-u8s8-older-v1'" in caplog.text
+    assert "experiments/int8_calibrate.py" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pneumoscan"):
+        assert resolve_backend(tiny_int8, "cpu", "auto") == "onnx-int8"
+        assert resolve_backend({**tiny_int8, "int8_calibration": None}, "cpu", "auto") == "torch"
+    assert not caplog.records  # current, or none at all (documented): nothing to say
+    with pytest.raises(DataError, match="made for the recipe 'qdq-u8s8-older-v1'.*pass calibration_dir"):
+        make_predictor(old, "cpu", "onnx-int8", cache_dir=tmp_path / "cache")
+    model_path = tmp_path / "old.pth"
+    save_checkpoint(old, model_path)
+    assert export_main(["--format", "onnx", "--quantize", "int8", "--model_path", str(model_path),
+                        "--output_path", str(tmp_path / "m.onnx")]) == 2
+    assert "made for the recipe 'qdq-u8s8-older-v1'" in capsys.readouterr().err
 
 
 def test_missing_onnxruntime_says_how_to_install(monkeypatch):

@@ -41,6 +41,7 @@ from .export import (
     quantize_int8,
     read_metadata,
     require,
+    stale_calibration,
     stored_ranges,
     weights_digest,
 )
@@ -158,9 +159,10 @@ def int8_model(ckpt: dict, calibration_dir: str | os.PathLike | None = None,
                 return path
             log.warning("rebuilding cached int8 model %s: it belongs to other weights", path)
     if calibration_dir is None and stored_ranges(ckpt) is None:
-        raise DataError("the onnx-int8 backend calibrates its int8 model once on the training images of the "
-                        "data set the model was trained on: pass calibration_dir (--calibration_dir DIR, the "
-                        "data set root holding train/), or use the onnx backend")
+        stale = stale_calibration(ckpt)
+        raise DataError(f"the onnx-int8 backend calibrates its int8 model once on the training images of the "
+                        f"data set the model was trained on{f' ({stale})' if stale else ''}: pass calibration_dir "
+                        f"(--calibration_dir DIR, the data set root holding train/), or use the onnx backend")
     log.info("quantising the model to int8 (once; cached in %s)", path.parent)
     model = onnx_model(ckpt)
     ranges = int8_ranges(ckpt, model, calibration_dir)
@@ -185,6 +187,9 @@ def resolve_backend(ckpt: dict, device: torch.device | str, backend: str) -> str
         return backend
     device = torch.device(device) if not isinstance(device, str) else resolve_device(device)
     if device.type != "cpu" or stored_ranges(ckpt) is None:
+        stale = stale_calibration(ckpt) if device.type == "cpu" else ""
+        if stale:  # it did run int8 with the pneumoscan that calibrated it: say why it does not now
+            log.warning("predicting with the torch backend, not onnx-int8: %s", stale)
         return "torch"
     try:
         require("onnxruntime")

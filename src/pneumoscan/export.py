@@ -335,6 +335,16 @@ def stored_ranges(ckpt: dict) -> dict[str, list[float]] | None:
     return stored.get("ranges") if stored.get("recipe") == INT8_RECIPE else None
 
 
+def stale_calibration(ckpt: dict) -> str:
+    """Why a checkpoint's stored int8 calibration cannot be used (made for another recipe), or ''."""
+    stored = ckpt.get("int8_calibration") or {}
+    if not stored or stored.get("recipe") == INT8_RECIPE:
+        return ""
+    return (f"its int8 calibration was made for the recipe {stored.get('recipe')!r}, this pneumoscan quantises "
+            f"with {INT8_RECIPE!r} (store it again: python experiments/int8_calibrate.py --model_path M "
+            f"--data_dir DATA)")
+
+
 def int8_ranges(ckpt: dict, model, calibration_dir: str | os.PathLike | None,
                 n: int = CALIBRATION_IMAGES) -> dict[str, list[float]]:
     """Ranges calibrated on ``calibration_dir``'s training images when given, else the checkpoint's own.
@@ -346,8 +356,9 @@ def int8_ranges(ckpt: dict, model, calibration_dir: str | os.PathLike | None,
         return calibration_ranges(model, calibration_images(ckpt, calibration_dir, n))
     ranges = stored_ranges(ckpt)
     if ranges is None:
-        raise DataError("this checkpoint carries no int8 calibration: pass --calibration_dir, the data set root "
-                        "it was trained on (holds train/), to calibrate on its training images")
+        why = stale_calibration(ckpt) or "this checkpoint carries no int8 calibration"
+        raise DataError(f"{why}: pass --calibration_dir, the data set root it was trained on (holds train/), to "
+                        f"calibrate on its training images")
     return ranges
 
 
