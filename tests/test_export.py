@@ -342,6 +342,21 @@ def test_export_cli_refuses_bad_input(case, message, tiny, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "tiny.pth"]  # nothing written, no temporary
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"stem": "conv7"}, "unexpected keyword argument 'stem'"),  # an option of another pneumoscan version
+    ({"widths": None}, "TypeError"),
+    ({"ensemble": [{"in_channels": 3}], "norms": []}, "one (mean, std) per member"),
+])
+def test_export_of_an_architecture_this_pneumoscan_cannot_build_says_so(change, message, tiny, tmp_path, capsys):
+    model_path = tmp_path / "other.pth"
+    save_checkpoint({**tiny, "model_kwargs": {**tiny["model_kwargs"], **change}}, model_path)
+    assert export_main(["--format", "onnx", "--model_path", str(model_path), "--output_path",
+                        str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "architecture ('medical_cnn') cannot be built from its model_kwargs" in err and message in err
+    assert "another pneumoscan version, or is damaged" in err and not (tmp_path / "m.onnx").exists()
+
+
 def test_export_cli_replaces_an_existing_file_only_with_overwrite(tiny, tmp_path, capsys):
     model_path, out = tmp_path / "tiny.pth", tmp_path / "deployed.onnx"
     save_checkpoint(tiny, model_path)

@@ -240,9 +240,15 @@ def model_from_checkpoint(ckpt: dict) -> MedicalCNN:
     """The network a checkpoint describes, with its weights, in eval mode.
 
     Raises:
-        CheckpointError: the weights do not fit the described architecture.
+        CheckpointError: the described architecture cannot be built (arguments of another pneumoscan version,
+            or damaged), or the weights do not fit it.
     """
-    model = model_from_kwargs(ckpt["model_kwargs"])
+    try:
+        model = model_from_kwargs(ckpt["model_kwargs"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint's architecture ({ckpt.get('arch')!r}) cannot be built from its "
+                              f"model_kwargs ({type(exc).__name__}: {exc}): it was written by another pneumoscan "
+                              f"version, or is damaged") from exc
     try:
         model.load_state_dict(ckpt["model_state"])
     except RuntimeError as exc:
