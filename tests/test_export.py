@@ -242,6 +242,29 @@ def test_reading_a_file_that_is_not_onnx_says_so(tmp_path, real_jpeg):
         read_metadata(film)
 
 
+def test_the_onnx_file_and_its_metadata_alone_give_pneumoscans_answers(shipped, fullres_dir, tmp_path):
+    """What another runtime does with an export of a site checkpoint (its own temperature, intercept and threshold):
+    stretch-resize, run the graph, apply the documented formula with the metadata. Same P(PNEUMONIA), same call."""
+    from pneumoscan.inference import MedicalImageInference
+
+    site = tmp_path / "site.pth"
+    save_checkpoint({**shipped, "temperature": 0.9, "calibration_bias": 0.4, "threshold": 0.6,
+                     "model_version": "pneumoscan-v2.1+site"}, site)
+    out = tmp_path / "site.onnx"
+    assert export_main(["--format", "onnx", "--model_path", str(site), "--output_path", str(out)]) == 0
+    meta = read_metadata(out)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    films = [f for cls in ("NORMAL", "PNEUMONIA") for f in sorted((fullres_dir / cls).glob("*.jpeg"))[:3]]
+    pixels = np.stack([load_image(f, meta["input_spec"].image_size) for f in films])
+    (logits,) = session.run(["logits"], {"pixels": pixels})
+    p_onnx = 1 / (1 + np.exp(-((logits[:, 1] - logits[:, 0]) / meta["temperature"] + meta["calibration_bias"])))
+    engine = MedicalImageInference(site, device="cpu", backend="torch", gate=False)
+    answers = [engine.predict_image(f) for f in films]
+    np.testing.assert_allclose(p_onnx, [a.probabilities["PNEUMONIA"] for a in answers], rtol=0, atol=1e-5)
+    assert [("PNEUMONIA" if p >= meta["threshold"] else "NORMAL") for p in p_onnx] == [a.prediction for a in answers]
+    assert {a.model_version for a in answers} == {meta["model_version"]} and meta["threshold"] == engine.threshold
+
+
 def test_make_predictor_has_the_predictor_interface(tiny, train_dir):
     images = real_images(train_dir, TINY_SIZE, 1)
     reference = make_predictor(tiny, "cpu", "torch")
