@@ -8,7 +8,8 @@ needs only the stretch resize of ``InputSpec.pixels``:
   and the replication to the model's channels happen inside the graph, traced from
   ``InputSpec.to_tensor``;
 - output ``logits``: float32 (N, 2), uncalibrated; P(PNEUMONIA) = sigmoid((logits[1] - logits[0]) / temperature
-  + calibration_bias) (the bias is 0 except for ``pneumoscan calibrate --intercept``);
+  + calibration_bias) (the bias is 0 except for ``pneumoscan calibrate --intercept``; a temperature of null
+  is a model left uncalibrated: 1), called PNEUMONIA when it is at least ``threshold``;
 - outputs ``features_0`` .. ``features_4``: float32 (N, C_i), each conv block's output averaged
   over space (``MedicalCNN.forward_with_features``), what the out-of-scope gate scores.
 
