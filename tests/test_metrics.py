@@ -229,3 +229,82 @@ def test_the_ece_of_no_films_is_nan_not_a_crash():
     from pneumoscan.metrics import expected_calibration_error
 
     assert np.isnan(expected_calibration_error(np.array([]), np.array([])))
+
+
+def _binary_logits(z: np.ndarray):
+    import torch
+
+    return torch.tensor(np.stack([np.zeros(len(z)), z], 1))
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 10.0])
+def test_temperature_and_logistic_calibration_match_sklearn(scale):
+    """Temperature scaling is a logistic regression on the margin z1 - z0 without an intercept (T = 1 / coef);
+    the logistic calibration is the same with one. LBFGS's default tolerances stopped 2e-4 (relative) short."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from pneumoscan.calibration import fit_logistic, fit_temperature
+
+    rng = np.random.default_rng(int(scale * 10))
+    y = rng.integers(0, 2, 400)
+    z = (rng.normal(size=400) + 1.5 * (2 * y - 1) + 0.4) * scale
+    labels = torch.tensor(y)
+    plain = LogisticRegression(fit_intercept=False, C=1e12, tol=1e-12, max_iter=10_000).fit(z[:, None], y)
+    assert fit_temperature(_binary_logits(z), labels) == pytest.approx(1 / plain.coef_[0, 0], rel=1e-6)
+    full = LogisticRegression(C=1e12, tol=1e-12, max_iter=10_000).fit(z[:, None], y)
+    t, b = fit_logistic(_binary_logits(z), labels)
+    assert t == pytest.approx(1 / full.coef_[0, 0], rel=1e-6) and b == pytest.approx(full.intercept_[0], abs=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_calibration_is_not_fitted_on_logits_that_are_not_finite(bad):
+    """Before, a NaN or infinite logit gave a NaN temperature, silently, and every probability after it NaN."""
+    import torch
+
+    from pneumoscan.calibration import fit_logistic, fit_temperature
+
+    z = np.array([-2.0, -1.0, 0.5, 1.0, bad, 2.0])
+    labels = torch.tensor([0, 0, 1, 0, 1, 1])
+    for fit in (fit_temperature, fit_logistic):
+        with pytest.raises(ValueError, match="1 of 6 films have NaN or infinite logits"):
+            fit(_binary_logits(z), labels)
+
+
+@pytest.mark.parametrize("case, bound", [("uninformative", 20.0), ("reversed", 20.0), ("separated", 0.05)])
+def test_a_temperature_clamped_to_its_bounds_says_so(case, bound, caplog):
+    """A temperature that ran to a bound is no optimum of the likelihood; it was clamped without a word."""
+    import torch
+
+    from pneumoscan.calibration import fit_temperature
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    z = {"uninformative": rng.normal(0, 50, 200), "reversed": -(rng.normal(size=200) + 2 * (2 * y - 1)),
+         "separated": (2 * y - 1) * rng.uniform(0.5, 3, 200)}[case]
+    assert fit_temperature(_binary_logits(z), torch.tensor(y)) == bound
+    assert f"outside [0.05, 20] and was set to {bound:g}" in caplog.text
+    caplog.clear()
+    fit_temperature(_binary_logits(rng.normal(size=200) + 2 * (2 * y - 1)), torch.tensor(y))
+    assert "outside" not in caplog.text  # a temperature within the bounds: no warning
+
+
+def test_a_logistic_calibration_at_its_temperature_bound_refits_the_intercept(caplog):
+    """Uninformative margins far from 0: the slope runs towards 0 (T to infinity) and the intercept to the log-odds
+    of the share of pneumonia. T was clamped to 20 and the intercept kept, so every probability was shifted by
+    z / 20 (about 2.5 logits here): mean P(PNEUMONIA) 0.9 for a share of 0.27. Now the intercept is fitted for
+    T = 20, as a one-parameter fit (scipy) finds it."""
+    import torch
+    from scipy.optimize import minimize_scalar
+
+    from pneumoscan.calibration import fit_logistic, positive_probability
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(300) < 0.3).astype(int)
+    z = 50 + rng.normal(0, 50, 300)
+    logits = _binary_logits(z)
+    t, b = fit_logistic(logits, torch.tensor(y))
+    assert t == 20.0 and "logistic calibration: the fitted temperature" in caplog.text
+    best = minimize_scalar(lambda c: np.mean(np.logaddexp(0, z / t + c) - y * (z / t + c))).x
+    assert b == pytest.approx(best, abs=1e-3)
+    assert positive_probability(logits, t, b).mean() == pytest.approx(y.mean(), abs=0.01)

@@ -9,17 +9,72 @@ where films differ from the ones it was fitted on its errors become confident on
 
 from __future__ import annotations
 
+import logging
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+# LBFGS's defaults stop while the loss still moves by 1e-9, which left the temperature 2e-4 (relative) from the
+# optimum scikit-learn finds; a one- or two-parameter fit reaches it in a few more steps
+_TOLERANCES = {"tolerance_grad": 1e-12, "tolerance_change": 1e-15}
+
+
+def _finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` as float64, refused if any is NaN or infinite: the fit would return a NaN temperature, which
+    every probability after it would inherit.
+
+    Raises:
+        ValueError: a logit is not finite.
+    """
+    z = logits.detach().double()
+    bad = int((~torch.isfinite(z)).any(dim=1).sum())
+    if bad:
+        raise ValueError(f"{bad} of {len(z)} films have NaN or infinite logits (a faulty model or backend): no "
+                         f"calibration can be fitted on them")
+    return z
+
+
+def _within_bounds(t: float, what: str) -> tuple[float, bool]:
+    """The fitted temperature ``t`` clamped to ``TEMPERATURE_BOUNDS``, and whether it had to be, with a warning
+    that says what a temperature at a bound means (it is no optimum of the films' likelihood).
+
+    Raises:
+        TrainingError: the fit diverged (``t`` is not finite).
+    """
+    if not math.isfinite(t):
+        raise TrainingError(f"the {what} fit diverged (temperature {t}); the logits it was given are unusable")
+    lo, hi = TEMPERATURE_BOUNDS
+    if lo <= t <= hi:
+        return t, False
+    bound = lo if t < lo else hi
+    why = ("the model all but separates these films, so the likelihood has no finite optimum and the calibrated "
+           "probabilities are all close to 0 or 1" if t < lo else
+           "the logits carry almost no information about these films' labels (or rank them the wrong way round), "
+           "so the calibrated probabilities hardly differ from film to film")
+    log.warning("%s: the fitted temperature %.4g is outside [%g, %g] and was set to %g: %s; fit it on more, or "
+                "other, films", what, t, lo, hi, bound, why)
+    return bound, True
+
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
-    """The temperature T > 0 that minimises the NLL of ``softmax(logits / T)`` on held-out data."""
-    logits = logits.detach().double()
+    """The temperature T > 0 that minimises the NLL of ``softmax(logits / T)`` on held-out data, within
+    ``TEMPERATURE_BOUNDS`` (a warning says when it had to be clamped there).
+
+    Raises:
+        ValueError: a logit is NaN or infinite.
+        TrainingError: the fit diverged.
+    """
+    logits = _finite_logits(logits)
     labels = labels.detach().long()
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe", **_TOLERANCES)
 
     def closure():
         opt.zero_grad()
@@ -28,8 +83,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
         return loss
 
     opt.step(closure)
-    t = float(log_t.detach().exp())
-    return min(max(t, 0.05), 20.0)
+    return _within_bounds(float(log_t.detach().exp()), "temperature scaling")[0]
 
 
 def calibrated_probs(logits: torch.Tensor, temperature: float | None = None, bias: float = 0.0) -> torch.Tensor:
@@ -56,21 +110,41 @@ def positive_probability(logits: torch.Tensor, temperature: float | None = None,
 
 
 def fit_logistic(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> tuple[float, float]:
-    """The (temperature T, bias b) of least NLL on held-out data for P(PNEUMONIA) = sigmoid((z1 - z0) / T + b)."""
-    z = (logits[:, 1] - logits[:, 0]).detach().double()
+    """The (temperature T, bias b) of least NLL on held-out data for P(PNEUMONIA) = sigmoid((z1 - z0) / T + b).
+    T is kept within ``TEMPERATURE_BOUNDS`` (with a warning); where it had to be clamped, b is fitted again for
+    that T, so that the pair is the best one with it.
+
+    Raises:
+        ValueError: a logit is NaN or infinite.
+        TrainingError: the fit diverged.
+    """
+    logits = _finite_logits(logits)
+    z = logits[:, 1] - logits[:, 0]
     y = labels.detach().double()
     log_a = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_a, b], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def closure():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(z * log_a.exp() + b, y)
-        loss.backward()
-        return loss
+    def fit(params: list[torch.Tensor], slope) -> None:
+        opt = torch.optim.LBFGS(params, lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe",
+                                **_TOLERANCES)
 
-    opt.step(closure)
-    return min(max(float(1.0 / log_a.detach().exp()), 0.05), 20.0), float(b.detach())
+        def closure():
+            opt.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(z * slope() + b, y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+    fit([log_a, b], log_a.exp)
+    t, clamped = _within_bounds(float(1.0 / log_a.detach().exp()), "logistic calibration")
+    if clamped:
+        fit([b], lambda: 1.0 / t)
+    bias = float(b.detach())
+    if not math.isfinite(bias):
+        raise TrainingError(f"the logistic calibration fit diverged (bias {bias}); the logits it was given are "
+                            f"unusable")
+    return t, bias
 
 
 def fit_operating_point(logits: torch.Tensor, labels: torch.Tensor, target_sensitivity: float) -> tuple[float, float]:
