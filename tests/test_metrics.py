@@ -308,3 +308,16 @@ def test_a_logistic_calibration_at_its_temperature_bound_refits_the_intercept(ca
     best = minimize_scalar(lambda c: np.mean(np.logaddexp(0, z / t + c) - y * (z / t + c))).x
     assert b == pytest.approx(best, abs=1e-3)
     assert positive_probability(logits, t, b).mean() == pytest.approx(y.mean(), abs=0.01)
+
+
+def test_the_ece_refuses_scores_that_are_not_probabilities():
+    """A score above 1 or below 0 (a logit passed by mistake) has a confidence outside every bin: the film fell out
+    of the ECE silently (here 2 of 4 films counted, ECE 0.1)."""
+    y = np.array([1, 0, 1, 0])
+    for compute in (expected_calibration_error, reliability_bins):
+        with pytest.raises(ValueError, match="2 of 4 probabilities are outside"):
+            compute(y, np.array([1.3, -0.2, 0.9, 0.1]))
+    # 0 and 1 themselves are probabilities: each counted, in the top bin (confidence 1)
+    bins = reliability_bins(y, np.array([1.0, 0.0, 0.0, 1.0]))
+    assert bins[-1]["count"] == 4 and bins[-1]["accuracy"] == 0.5
+    assert expected_calibration_error(y, np.array([1.0, 0.0, 0.0, 1.0])) == pytest.approx(0.5)

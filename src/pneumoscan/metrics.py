@@ -179,9 +179,18 @@ def format_metrics_table(report: dict) -> str:
 
 
 def reliability_bins(y_true: np.ndarray, prob: np.ndarray, n_bins: int = 15) -> list[dict]:
-    """Per-bin confidence, accuracy and count, confidence being that of the predicted class at 0.5."""
+    """Per-bin confidence, accuracy and count, confidence being that of the predicted class at 0.5.
+
+    Raises:
+        ValueError: a probability is not finite or outside [0, 1] (a logit or a score given for a probability:
+            its confidence would fall outside every bin and the film out of the ECE).
+    """
     y = np.asarray(y_true).astype(int)
     p = finite_scores(prob, "probabilities")
+    outside = int(((p < 0.0) | (p > 1.0)).sum())
+    if outside:
+        raise ValueError(f"{outside} of {p.size} probabilities are outside [0, 1] (logits or scores?): calibration "
+                         f"is measured on probabilities")
     pred = (p >= 0.5).astype(int)
     conf = np.where(pred == 1, p, 1.0 - p)
     correct = (pred == y).astype(float)
