@@ -365,3 +365,32 @@ def test_training_on_films_the_model_separates_ships_no_temperature_and_says_unc
     save_checkpoint({**ckpt, "temperature": None, "threshold": final["threshold"]}, path)
     result = MedicalImageInference(str(path), device="cpu", backend="torch").predict_image(val.paths[0])
     assert result.calibrated is False and any("uncalibrated" in w for w in result.warnings)
+
+
+def test_out_of_fold_films_of_one_patient_in_two_folds_are_refused():
+    """Fold models of two partitions (another seed, another --cv_folds) pooled: a patient scored in two folds, so
+    the operating point cross-fitted for one fold was fitted on films of its own patients. It was accepted."""
+    from pneumoscan.cv import OutOfFold, cross_fitted
+    from pneumoscan.errors import CheckpointError
+
+    good = _oof(3.0)
+    cross_fitted(good)  # one patient per film, each in one fold
+    patients = list(good.patients)
+    patients[1] = patients[0]  # films 0 and 1 (folds 0 and 1) are one patient's
+    with pytest.raises(CheckpointError, match="1 patient\\(s\\) are scored in two folds"):
+        OutOfFold(good.logits, good.labels, patients, good.folds)
+    same_fold = list(good.patients)
+    same_fold[3] = same_fold[0]  # films 0 and 3 (both fold 0): one patient's two films in one fold is fine
+    OutOfFold(good.logits, good.labels, same_fold, good.folds)
+    with pytest.raises(ValueError, match="59 patients"):
+        OutOfFold(good.logits, good.labels, good.patients[:-1], good.folds)
+
+
+def test_two_models_of_one_fold_are_refused_when_pooling_out_of_fold(cv_run, smoke_data):
+    """The same fold given twice scored its films twice and counted them twice in every OOF number."""
+    from pneumoscan.cv import collect_oof
+    from pneumoscan.errors import CheckpointError
+
+    fold0 = cv_run / "fold0" / "medical_cnn_model.pth"
+    with pytest.raises(CheckpointError, match="are both fold 0"):
+        collect_oof([fold0, fold0], str(smoke_data), str(cv_run.parent / "cache"))

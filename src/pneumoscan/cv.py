@@ -53,6 +53,21 @@ class OutOfFold:
     patients: list[str]
     folds: np.ndarray
 
+    def __post_init__(self) -> None:
+        """Refuse a pooling in which one patient is scored in two folds: the cross-fitted operating point would
+        then be fitted on films of the patients it is counted on (fold models of different partitions, e.g.
+        of another seed or another --cv_folds, pooled together)."""
+        n = len(self.labels)
+        if not len(self.logits) == len(self.patients) == len(self.folds) == n:
+            raise ValueError(f"out-of-fold rows disagree: {len(self.logits)} logits, {n} labels, "
+                             f"{len(self.patients)} patients, {len(self.folds)} fold numbers")
+        fold_of: dict[str, int] = {}
+        shared = {pt for pt, f in zip(self.patients, np.asarray(self.folds).tolist()) if fold_of.setdefault(pt, f) != f}
+        if shared:  # not named: a patients CSV's identifiers are never shown
+            raise CheckpointError(f"{len(shared)} patient(s) are scored in two folds: the fold models do not come "
+                                  f"from one patient-level partition; pool the folds of one k-fold run (the same "
+                                  f"--cv_folds, --seed and data)")
+
 
 def fold_dir(out: Path, fold: int) -> Path:
     return out / f"fold{fold}"
@@ -147,12 +162,17 @@ def collect_oof(model_paths: list[Path], data_dir: str, cache_dir: str = ""
     and those validation folds (in the same order).
 
     Raises:
-        CheckpointError: a fold model was validated on other patients than its fold of ``data_dir`` holds
-            (``check_validated_on``).
+        CheckpointError: two models of one fold, a fold model validated on other patients than its fold of
+            ``data_dir`` holds (``check_validated_on``), or a patient in two folds (``OutOfFold``).
     """
     logits, labels, patients, folds, ckpts, vals = [], [], [], [], [], []
+    given: dict[int, Path] = {}
     for i, path in enumerate(model_paths):
         ckpt = load_checkpoint(path)
+        fold = ckpt["config"].get("cv_fold", i)
+        if fold in given:  # its films would be scored twice, by two models, and counted twice
+            raise CheckpointError(f"{path} and {given[fold]} are both fold {fold}: give each fold's model once")
+        given[fold] = Path(path)
         ckpts.append(ckpt)
         val = split_from_config(ckpt["config"], data_dir, input_spec(ckpt).image_size, cache_dir).val
         check_validated_on(ckpt["config"], val, f"{path} (fold {ckpt['config'].get('cv_fold', i)})", data_dir,
@@ -161,7 +181,7 @@ def collect_oof(model_paths: list[Path], data_dir: str, cache_dir: str = ""
         logits.append(Predictor.from_checkpoint(ckpt).logits(val.images))
         labels.append(val.labels)
         patients += list(val.patients)
-        folds.append(np.full(len(val), ckpt["config"].get("cv_fold", i)))
+        folds.append(np.full(len(val), fold))
     return OutOfFold(torch.cat(logits), torch.cat(labels), patients, np.concatenate(folds)), ckpts, vals
 
 
