@@ -76,6 +76,17 @@ def test_members_that_expect_other_inputs_cannot_be_combined(members):
         build_ensemble([nested])
 
 
+@pytest.mark.parametrize("names", [["PNEUMONIA", "NORMAL"], ["NORMAL", "VIRAL", "BACTERIAL"]])
+def test_a_member_with_other_classes_or_their_order_cannot_be_combined(members, names):
+    """A member whose first output is PNEUMONIA had its logits averaged as if it were NORMAL's, silently."""
+    other = {**members[1], "class_names": names}
+    with pytest.raises(CheckpointError, match=r"member 1 outputs the classes \[.*PNEUMONIA.*cannot be averaged"):
+        build_ensemble([members[0], other])
+    with pytest.raises(CheckpointError, match="member 0 outputs"):
+        ensemble_payload([other, members[0]], temperature=None, threshold=0.5)
+    assert build_ensemble([members[0], {**members[1], "class_names": ["NORMAL", "PNEUMONIA"]}])
+
+
 def test_gradcam_of_an_ensemble(members, images):
     model, spec = build_ensemble(members)
     cam = Predictor(model, spec).gradcam(images[2])

@@ -30,7 +30,7 @@ from .checkpoint import (
 from .data import ImageSet, check_validated_on, split_from_config
 from .errors import CheckpointError, DataError, PneumoscanError
 from .model import Ensemble
-from .predict import InputSpec, Predictor
+from .predict import CLASS_NAMES, InputSpec, Predictor
 from .scope import model_digest
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,18 @@ def build_ensemble(members: list[dict]) -> tuple[Ensemble, InputSpec]:
     """The ensemble module of loaded member checkpoints and its input contract.
 
     Raises:
-        CheckpointError: no members, or members that expect different inputs (size, channels,
-            preprocessing) and so cannot share one.
+        CheckpointError: no members, members that expect different inputs (size, channels,
+            preprocessing) and so cannot share one, or a member whose outputs are other classes, or in
+            another order, than ``CLASS_NAMES`` (averaged, its NORMAL logit would count as PNEUMONIA).
     """
     if not members:
         raise CheckpointError("an ensemble needs at least one member checkpoint")
+    for i, m in enumerate(members):
+        names = list(m.get("class_names", CLASS_NAMES))
+        if names != list(CLASS_NAMES):
+            raise CheckpointError(f"ensemble member {i} outputs the classes {names}, the ensemble "
+                                  f"{list(CLASS_NAMES)}: its logits cannot be averaged with the others'; combine "
+                                  f"only models trained by pneumoscan train")
     specs = [input_spec(m) for m in members]
     shape = {(s.image_size, s.in_channels, s.preprocess, s.intensity) for s in specs}
     if len(shape) > 1:
