@@ -227,6 +227,26 @@ def test_the_ensemble_is_calibrated_on_held_out_patients_and_predicts(cv_run, sm
     assert sum(result.probabilities.values()) == pytest.approx(1.0)
 
 
+def test_the_ensemble_s_held_out_operating_point_is_reported_in_and_out_of_sample(cv_run, smoke_data):
+    """The summary gave the ensemble's sensitivity and specificity at its threshold on the held-out films as if
+    they were those of new patients; that threshold was chosen on those very films. It says so now, and gives the
+    operating point cross-validated over groups of the held-out patients."""
+    from pneumoscan.cv import OutOfFold, cross_fitted, deal_patients, operating_point
+    from pneumoscan.predict import Predictor
+
+    held = json.loads((cv_run / "cv_results.json").read_text())["ensemble_holdout"]
+    ckpt = load_checkpoint(cv_run / "medical_cnn_model.pth")
+    val = split_from_config(ckpt["config"], str(smoke_data), 64, str(cv_run.parent / "cache")).val
+    oof = OutOfFold(Predictor.from_checkpoint(ckpt).logits(val.images), val.labels, list(val.patients),
+                    deal_patients(list(val.patients), 5))
+    by_hand = operating_point(val.labels.numpy(), *cross_fitted(oof, 0.95, if_separable=(None, 0.0))[:2])
+    assert held["cross_validated"] == pytest.approx({**by_hand, "folds": 5})
+    summary = (cv_run / "cv_summary.txt").read_text()
+    assert "(threshold chosen on these films); ECE" in summary
+    assert (f"cross-validated over 5 groups of the held-out patients (fitted on the others): sensitivity "
+            f"{by_hand['sensitivity']:.4f}, specificity {by_hand['specificity']:.4f}") in summary
+
+
 def test_kfold_eval_reports_shift_proxies_and_writes_the_same_ensemble(cv_run, smoke_data, tmp_path):
     report_path, ens_path = tmp_path / "cv.json", tmp_path / "ens.pth"
     done = subprocess.run([sys.executable, str(ROOT / "experiments" / "kfold_eval.py"), "--data_dir", str(smoke_data),

@@ -289,9 +289,14 @@ def summary_text(report: dict) -> str:
         lines += [f"ensemble of the fold models on {held['n']} held-out films (no member saw them): AUROC "
                   f"{m['auroc']['value']:.4f} [{m['auroc']['ci_low']:.4f}, {m['auroc']['ci_high']:.4f}]; "
                   f"at its threshold {held['threshold']:.4f}: sensitivity {m['sensitivity']['value']:.4f}, "
-                  f"specificity {m['specificity']['value']:.4f}; ECE {held['ece_after_cross_fitted']:.4f} "
-                  f"(temperature fitted on other held-out patients)",
-                  f"ensemble model: {held['model_path']}"]
+                  f"specificity {m['specificity']['value']:.4f} (threshold chosen on these films); ECE "
+                  f"{held['ece_after_cross_fitted']:.4f} (temperature fitted on other held-out patients)"]
+        hcv = held.get("cross_validated")
+        if hcv:
+            lines.append(f"the ensemble's operating point cross-validated over {hcv['folds']} groups of the held-out "
+                         f"patients (fitted on the others): sensitivity {hcv['sensitivity']:.4f}, specificity "
+                         f"{hcv['specificity']:.4f}, accuracy {hcv['accuracy']:.4f}, ECE {hcv['ece']:.4f}")
+        lines.append(f"ensemble model: {held['model_path']}")
     return "\n".join(lines) + "\n"
 
 
@@ -335,7 +340,8 @@ def run_cv(cfg: TrainConfig) -> dict:
         report["ensemble_holdout"] = {
             "model_path": str(out / MODEL_FILE), "n": final["validation"]["at_threshold"]["n"],
             **{k: final[k] for k in ("temperature", "threshold", "ece_before", "ece_after", "ece_after_cross_fitted",
-                                     "validation")}}
+                                     "validation")},
+            "cross_validated": final["held_out_cross_validated"]}
     write_json(report, out / CV_RESULTS)
     write_text(out / CV_SUMMARY, summary_text(report))
     log.info("\n%s", summary_text(report))

@@ -164,6 +164,20 @@ def _check_members_validated_on(configs: list[dict], usual_val: ImageSet, data_d
         check_validated_on(c, val, what, data_dir, "give the data folder the members were trained on")
 
 
+def held_out_cross_validated(logits: torch.Tensor, val: ImageSet, target_sensitivity: float,
+                             folds: int = 5) -> dict:
+    """What the ensemble's operating point does on held-out patients it was not fitted on: temperature and
+    threshold fitted, as ``finalize`` fits them (no temperature on films the ensemble separates), on 4 of
+    ``folds`` patient groups of the held-out films and counted on the fifth, pooled. The stored threshold is
+    fitted on all of them, so its own sensitivity and specificity there are in-sample (optimistic)."""
+    from .cv import OutOfFold, cross_fitted, deal_patients, operating_point
+
+    patients = list(val.patients)
+    oof = OutOfFold(logits, val.labels, patients, deal_patients(patients, folds))
+    prob, pred, _ = cross_fitted(oof, target_sensitivity, if_separable=(None, 0.0))
+    return {**operating_point(val.labels.numpy(), prob, pred), "folds": folds}
+
+
 def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, report: dict | None = None,
                    cache_dir: str = "", half: bool = True, exclusive: bool = False) -> dict:
     """Calibrate the ensemble of ``members`` on the patients none of them trained on and write it.
@@ -172,7 +186,8 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
     plain runs on the same usual split (``pneumoscan train`` without k-fold, e.g. fine-tunes of one
     model): the usual patient-level validation split of ``data_dir`` fits the temperature, the
     screening threshold and the out-of-scope gate exactly as ``pneumoscan train`` does for one model
-    (``train.finalize``). Returns finalize's results (validation metrics with CIs). With ``exclusive``
+    (``train.finalize``). Returns finalize's results (validation metrics with CIs, in-sample for the threshold)
+    and ``held_out_cross_validated`` (the operating point on held-out patients it was not fitted on). With ``exclusive``
     an existing file at ``path`` is never replaced (``FileExistsError``).
 
     Raises:
@@ -199,9 +214,12 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
     splits = split_from_config(own, data_dir, spec.image_size, cache_dir)
     _check_members_validated_on(configs, splits.val, data_dir, spec.image_size, cache_dir)
     cfg = TrainConfig(target_sensitivity=first.get("target_sensitivity", 0.95))
-    final = finalize(Predictor(model, spec), splits, cfg)
+    predictor = Predictor(model, spec)
+    final = finalize(predictor, splits, cfg)
     if final["gate_note"]:
         log.warning("%s", final["gate_note"])
+    final["held_out_cross_validated"] = held_out_cross_validated(predictor.logits(splits.val.images), splits.val,
+                                                                 cfg.target_sensitivity)
     payload = ensemble_payload(members, temperature=final["temperature"], threshold=final["threshold"],
                                metrics=final["metrics_summary"],
                                model_version=f"ensemble-{len(members)}x-{Path(path).stem}",
@@ -261,13 +279,15 @@ def ensemble_main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.error("could not write the ensemble %s (%s); nothing was written", args.output_path, exc)
         return EXIT_BAD_INPUT
-    m = final["metrics_summary"]
+    m, cv = final["metrics_summary"], final["held_out_cross_validated"]
     sys.stdout.write(
         f"wrote {args.output_path}: {len(members)} members; temperature {temperature_text(final['temperature'])}, "
         f"threshold "
         f"{final['threshold']:.4f} ({final['threshold_rule']}) on the validation split; there AUROC "
         f"{m['val_auroc']:.4f}, "
         f"sensitivity {m['val_sensitivity']:.4f}, specificity {m['val_specificity']:.4f} (in-sample: the same "
-        f"films fitted the threshold). It has a feature-distance gate but no scope classifier (adult, lateral, "
+        f"films fitted the threshold); cross-validated over {cv['folds']} groups of those patients (each counted "
+        f"at the point fitted on the others), what to expect on new patients: sensitivity {cv['sensitivity']:.4f}, "
+        f"specificity {cv['specificity']:.4f}. It has a feature-distance gate but no scope classifier (adult, lateral, "
         f"other-body checks): experiments/fit_scope.py --write adds one. Use it with --model_path.\n")
     return EXIT_OK
