@@ -414,3 +414,18 @@ def test_two_models_of_one_fold_are_refused_when_pooling_out_of_fold(cv_run, smo
     fold0 = cv_run / "fold0" / "medical_cnn_model.pth"
     with pytest.raises(CheckpointError, match="are both fold 0"):
         collect_oof([fold0, fold0], str(smoke_data), str(cv_run.parent / "cache"))
+
+
+def test_an_operating_point_without_films_of_a_class_has_no_value_for_it_not_0():
+    """A group of films without pneumonia read sensitivity 0 (a screen that misses every pneumonia), and one
+    without normal films specificity 0."""
+    from pneumoscan.cv import operating_point
+
+    y, prob = np.array([0, 0, 0]), np.array([0.1, 0.2, 0.7])
+    normal_only = operating_point(y, prob, prob >= 0.5)
+    assert np.isnan(normal_only["sensitivity"]) and normal_only["specificity"] == pytest.approx(2 / 3)
+    pneumonia_only = operating_point(1 - y, prob, prob >= 0.5)
+    assert np.isnan(pneumonia_only["specificity"]) and pneumonia_only["sensitivity"] == pytest.approx(1 / 3)
+    p = np.array([0.2, 0.9, 0.4, 0.6])
+    both = operating_point(np.array([0, 1, 1, 0]), p, p >= 0.5)
+    assert (both["sensitivity"], both["specificity"], both["accuracy"]) == (0.5, 0.5, 0.5)

@@ -220,11 +220,12 @@ def cross_fitted(oof: OutOfFold, target_sensitivity: float = 0.95, applied_to: t
 
 
 def operating_point(y: np.ndarray, prob: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """Sensitivity, specificity, accuracy of the calls ``pred`` and the 15-bin ECE of ``prob``."""
+    """Sensitivity, specificity, accuracy of the calls ``pred`` and the 15-bin ECE of ``prob``; a metric with
+    nothing to divide by (no pneumonia films: no sensitivity) is NaN, as in ``metrics``, never 0."""
     pos, neg = y == 1, y == 0
-    return {"sensitivity": float((pred & pos).sum() / max(pos.sum(), 1)),
-            "specificity": float((~pred & neg).sum() / max(neg.sum(), 1)),
-            "accuracy": float((pred == pos).mean()),
+    return {"sensitivity": float((pred & pos).sum() / pos.sum()) if pos.any() else float("nan"),
+            "specificity": float((~pred & neg).sum() / neg.sum()) if neg.any() else float("nan"),
+            "accuracy": float((pred == pos).mean()) if len(y) else float("nan"),
             "ece": expected_calibration_error(y, prob)}
 
 
