@@ -238,7 +238,7 @@ def test_the_ensemble_s_held_out_operating_point_is_reported_in_and_out_of_sampl
     ckpt = load_checkpoint(cv_run / "medical_cnn_model.pth")
     val = split_from_config(ckpt["config"], str(smoke_data), 64, str(cv_run.parent / "cache")).val
     oof = OutOfFold(Predictor.from_checkpoint(ckpt).logits(val.images), val.labels, list(val.patients),
-                    deal_patients(list(val.patients), 5))
+                    deal_patients(list(val.patients), 5, val.labels.numpy()))
     by_hand = operating_point(val.labels.numpy(), *cross_fitted(oof, 0.95, if_separable=(None, 0.0))[:2])
     assert held["cross_validated"] == pytest.approx({**by_hand, "folds": 5})
     summary = (cv_run / "cv_summary.txt").read_text()
@@ -429,3 +429,23 @@ def test_an_operating_point_without_films_of_a_class_has_no_value_for_it_not_0()
     p = np.array([0.2, 0.9, 0.4, 0.6])
     both = operating_point(np.array([0, 1, 1, 0]), p, p >= 0.5)
     assert (both["sensitivity"], both["specificity"], both["accuracy"]) == (0.5, 0.5, 0.5)
+
+
+def test_patient_groups_dealt_with_labels_hold_every_class():
+    """8 pneumonia patients among 68, dealt into 5 groups without regard to class: a group got none of them, so
+    its sensitivity was never measured. Stratified, every group gets one or two; patients stay whole, and the deal
+    without labels is the one earlier results were computed with."""
+    from pneumoscan.cv import deal_patients
+
+    patients = [f"pos{i}" for i in range(8)] + [f"neg{i}" for i in range(60)]
+    films = patients + patients[:5]  # some patients with a second film
+    y = np.array([int(p.startswith("pos")) for p in films])
+    plain, strat = deal_patients(films, 5), deal_patients(films, 5, y)
+    assert min(np.bincount(plain[y == 1], minlength=5)) == 0  # what the unstratified deal does here
+    first = slice(0, len(patients))  # one film per patient
+    pos_per_group = np.bincount(strat[first][y[first] == 1], minlength=5)
+    neg_per_group = np.bincount(strat[first][y[first] == 0], minlength=5)
+    assert set(pos_per_group) == {1, 2} and set(neg_per_group) == {12}
+    for group in (plain, strat):  # a patient's films share a group
+        assert all(len({g for f, g in zip(films, group) if f == p}) == 1 for p in patients)
+    assert np.array_equal(plain, deal_patients(films, 5))

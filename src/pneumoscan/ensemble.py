@@ -173,7 +173,7 @@ def held_out_cross_validated(logits: torch.Tensor, val: ImageSet, target_sensiti
     from .cv import OutOfFold, cross_fitted, deal_patients, operating_point
 
     patients = list(val.patients)
-    oof = OutOfFold(logits, val.labels, patients, deal_patients(patients, folds))
+    oof = OutOfFold(logits, val.labels, patients, deal_patients(patients, folds, val.labels.numpy()))
     prob, pred, _ = cross_fitted(oof, target_sensitivity, if_separable=(None, 0.0))
     return {**operating_point(val.labels.numpy(), prob, pred), "folds": folds}
 
