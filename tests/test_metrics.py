@@ -321,3 +321,15 @@ def test_the_ece_refuses_scores_that_are_not_probabilities():
     bins = reliability_bins(y, np.array([1.0, 0.0, 0.0, 1.0]))
     assert bins[-1]["count"] == 4 and bins[-1]["accuracy"] == 0.5
     assert expected_calibration_error(y, np.array([1.0, 0.0, 0.0, 1.0])) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("n_groups", [60, 101])
+def test_patient_bootstrap_refuses_groups_that_do_not_match_the_films(n_groups):
+    """60 patient ids for 100 films: only the first 60 films (mostly normal) were ever resampled, and the
+    sensitivity's CI came out [0, 0.33] around a point estimate of 0.83."""
+    y = np.r_[np.zeros(50), np.ones(50)].astype(int)
+    p = np.r_[np.linspace(0, 0.6, 50), np.linspace(0.4, 1, 50)]
+    with pytest.raises(ValueError, match=f"{n_groups} groups for 100 films"):
+        metrics_with_ci(y, p, 0.5, n_boot=20, groups=list(range(n_groups)))
+    lo, hi = bootstrap_ci(y, p, 0.5, n_boot=200, groups=list(range(100)))["sensitivity"]
+    assert lo <= binary_metrics(y, p, 0.5)["sensitivity"] <= hi

@@ -114,10 +114,15 @@ def bootstrap_ci(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5, n
 
     With ``groups`` (e.g. patient ids) whole groups are resampled, which keeps the
     correlation between images of one patient and gives honest, wider intervals.
+
+    Raises:
+        ValueError: ``groups`` does not give one group per film (the films without one were never resampled).
     """
     y = np.asarray(y_true)
     p = np.asarray(prob, dtype=np.float64)
     rng = np.random.default_rng(seed)
+    if groups is not None and len(groups) != len(y):
+        raise ValueError(f"{len(groups)} groups for {len(y)} films: give each film's patient")
     if groups is not None:
         _, inverse = np.unique(np.asarray(groups), return_inverse=True)
         members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
