@@ -192,6 +192,18 @@ def test_fine_tunes_on_the_usual_split_make_an_ensemble_calibrated_on_its_valida
     torch.testing.assert_close(Predictor.from_checkpoint(ckpt).logits(images), expected, rtol=0, atol=2e-2)
 
 
+def test_members_fitted_for_other_target_sensitivities_are_named(trained_run, trained_model, tmp_path, caplog):
+    """The ensemble's threshold is fitted for member 0's target sensitivity; another member's was ignored silently."""
+    from pneumoscan.ensemble import write_ensemble
+
+    first = load_checkpoint(trained_model)
+    second = {**_perturbed(first, 5), "config": {**first["config"], "target_sensitivity": 0.9}}
+    final = write_ensemble([first, second], tmp_path / "ens.pth", data_dir=str(trained_run.data),
+                           cache_dir=str(trained_run.cache))
+    assert "different target sensitivities (0.95, 0.9)" in caplog.text and "member 0's, 0.95" in caplog.text
+    assert final["validation"]["at_threshold"]["metrics"]["sensitivity"]["value"] >= 0.95
+
+
 @pytest.mark.parametrize("change, match", [({"seed": 7}, "different splits"),
                                            ({"val_fraction": 0.2}, "different splits"),
                                            ({"cv_folds": 5, "cv_fold": 1, "cv_holdout": False}, "member 1"),

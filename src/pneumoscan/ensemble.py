@@ -213,7 +213,11 @@ def write_ensemble(members: list[dict], path: str | Path, *, data_dir: str, repo
     own = {**first, "cv_folds": 0, "cv_fold": 0, "cv_holdout": False}
     splits = split_from_config(own, data_dir, spec.image_size, cache_dir)
     _check_members_validated_on(configs, splits.val, data_dir, spec.image_size, cache_dir)
-    cfg = TrainConfig(target_sensitivity=first.get("target_sensitivity", 0.95))
+    targets = [c.get("target_sensitivity", 0.95) for c in configs]
+    if len(set(targets)) > 1:
+        log.warning("the members were fitted for different target sensitivities (%s): the ensemble's threshold is "
+                    "fitted for member 0's, %s", ", ".join(map(str, targets)), targets[0])
+    cfg = TrainConfig(target_sensitivity=targets[0])
     predictor = Predictor(model, spec)
     final = finalize(predictor, splits, cfg)
     if final["gate_note"]:
