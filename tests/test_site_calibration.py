@@ -191,6 +191,8 @@ def test_films_the_model_already_separates_keep_the_stored_calibration(separated
     out, record = calibrate_on_site(ckpt, predictor, site, SiteCalibrationConfig(min_per_class=30, n_boot=50))
     assert out["temperature"] == ckpt["temperature"] and record["calibration_kept"]
     assert all(f["temperature"] == ckpt["temperature"] for f in record["refitted_cross_validated"]["per_fold"])
+    # patients dealt by class (cv.deal_patients with labels): every group measures both rates
+    assert all(f["pneumonia"] and f["normal"] for f in record["refitted_cross_validated"]["per_fold"])
     assert 0 < out["threshold"] < 0.99
     assert any("no finite optimum" in w for w in record["warnings"])
 

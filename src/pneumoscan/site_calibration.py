@@ -169,7 +169,7 @@ def calibrate_on_site(ckpt: dict, predictor: Predictor, data: ImageSet,
     patients = list(data.patients)
     old_t, old_thr, old_b = ckpt.get("temperature"), float(ckpt.get("threshold", 0.5)), predictor.bias
     stored = _at(y, positive_probability(logits, old_t, old_b), old_thr, patients, cfg.n_boot)
-    oof = OutOfFold(logits, labels, patients, deal_patients(patients, cfg.folds))
+    oof = OutOfFold(logits, labels, patients, deal_patients(patients, cfg.folds, y))  # stratified by class
     # films the model already separates give a temperature no finite optimum: keep the stored calibration
     kept = (float(old_t or 1.0), float(old_b))
     cv_prob, cv_pred, params = cross_fitted(oof, target, intercept=cfg.intercept, if_separable=kept)
