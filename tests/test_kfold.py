@@ -79,6 +79,45 @@ def test_a_finished_fold_is_reused_whatever_the_spelling_of_its_data_folder(cv_r
     assert (out / "training.log").read_text().count("finished earlier") == 4
 
 
+def test_resume_of_a_k_fold_run_keeps_its_own_recipe_for_the_flags_not_given_again(cv_run, smoke_data, tmp_path):
+    """``--resume --cv_folds 2`` alone (no --augment, --width, --cv_holdout, --image_size, --epochs...): the folds
+    are the run's, so they are reused, not refused as trained with other settings, and the report is the run's."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(cv_run, out)
+    (out / "cv_results.json").unlink()
+    (out / "medical_cnn_model.pth").unlink()
+    argv = ["--data_dir", str(smoke_data), "--output_dir", str(out), "--cache_dir", str(cv_run.parent / "cache"),
+            "--cv_folds", "2", "--device", "cpu", "--resume"]
+    assert train_main(argv) == 0
+    log = (out / "training.log").read_text()
+    assert log.count("finished earlier") == 4 and "recipe is read from" in log
+    config = json.loads((out / "cv_results.json").read_text())["config"]
+    before = json.loads((cv_run / "cv_results.json").read_text())["config"]
+    assert {k: config[k] for k in ("augment", "width", "cv_holdout", "image_size", "epochs", "batch_size")} == \
+        {k: before[k] for k in ("augment", "width", "cv_holdout", "image_size", "epochs", "batch_size")}
+    assert (out / "medical_cnn_model.pth").is_file()  # --cv_holdout, the run's own: the ensemble is written again
+    # a flag given again with another value is still refused
+    assert train_main([*argv, "--augment", "strong"]) == 2
+    assert "holds a fold trained with other settings" in (out / "training.log").read_text()
+
+
+def test_resume_of_a_k_fold_folder_without_cv_folds_or_of_one_with_no_fold_says_what_to_give(cv_run, smoke_data,
+                                                                                            tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(cv_run, out)
+    assert train_main(["--data_dir", str(smoke_data), "--output_dir", str(out), "--resume"]) == 2
+    assert "holds a k-fold run" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train_main(["--data_dir", str(smoke_data), "--output_dir", str(empty), "--cv_folds", "2",
+                       "--resume"]) == 2
+    assert "holds no started fold of a 2-fold run" in capsys.readouterr().err
+
+
 def test_fold_models_are_refused_on_a_data_folder_whose_folds_hold_other_patients(cv_run, fewer_films):
     from pneumoscan.cv import collect_oof
     from pneumoscan.errors import CheckpointError

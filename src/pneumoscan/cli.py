@@ -133,7 +133,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", default=None,
                    help="stop before training if any file cannot be decoded (default: skip and list them)")
     p.add_argument("--resume", action="store_true", default=None,
-                   help="continue from OUTPUT_DIR/checkpoint_last.pth")
+                   help="continue from OUTPUT_DIR/checkpoint_last.pth (with --cv_folds: the k-fold run's folds); "
+                        "the flags not given again are the run's own")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="start a new run in an OUTPUT_DIR that holds one, replacing its model (without it, and "
                         "without --resume, such a folder is refused)")
@@ -196,7 +197,7 @@ def train_main(argv: list[str] | None = None) -> int:
         if cfg.cv_folds and args.cv_fold is None:  # every fold, then the out-of-fold report (and ensemble)
             from .cv import run_cv
 
-            run_cv(cfg)
+            run_cv(cfg, given)
             log.info("cross-validation written to %s (cv_summary.txt, cv_results.json)", cfg.output_dir)
             return EXIT_OK
         results = run_training(cfg, given)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -73,25 +74,56 @@ def fold_dir(out: Path, fold: int) -> Path:
     return out / f"fold{fold}"
 
 
-def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | None = None) -> list[Path]:
-    """Train every fold of ``cfg.cv_folds`` (or those in ``only``) into ROOT/foldI (ROOT: OUTPUT_DIR);
-    returns the folds' model paths. A finished fold is checked (``_check_finished_fold``) and skipped, an
-    interrupted one resumed; with ``cfg.overwrite`` every fold trains anew.
+def continued_folds_config(out: Path, cfg: TrainConfig, given: Collection[str]) -> TrainConfig:
+    """``--resume`` of a k-fold run: ``cfg`` with the recipe of the run in ``out`` for every flag not in ``given``
+    (``TrainConfig.continued``), read from its first fold that finished (``training_results.json``) or started
+    (``checkpoint_last.pth``); the fold's own number is never taken.
 
     Raises:
-        CheckpointError: a finished fold was trained with other settings than ``cfg``.
+        CheckpointError: no fold of ``out`` has either file.
+    """
+    from .train import LAST_FILE
+
+    for fold in range(cfg.cv_folds):
+        run_dir = fold_dir(out, fold)
+        if (run_dir / "training_results.json").is_file():
+            stored = json.loads((run_dir / "training_results.json").read_text())["config"]
+        elif (run_dir / LAST_FILE).is_file():
+            stored = load_checkpoint(run_dir / LAST_FILE).get("config", {})
+        else:
+            continue
+        log.info("--resume: the k-fold run's recipe is read from %s (the flags not given again)", run_dir)
+        return cfg.continued(stored, {*given, "cv_fold"})
+    raise CheckpointError(f"--resume: {out} holds no started fold of a {cfg.cv_folds}-fold run (fold0/ ... with "
+                          f"training_results.json or {LAST_FILE}); start without --resume")
+
+
+def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | None = None,
+                given: Collection[str] | None = None) -> tuple[list[Path], TrainConfig]:
+    """Train every fold of ``cfg.cv_folds`` (or those in ``only``) into ROOT/foldI (ROOT: OUTPUT_DIR);
+    returns the folds' model paths and the config asked for (continued, before any fold's width was
+    chosen). A finished fold is checked (``_check_finished_fold``) and skipped, an interrupted one resumed;
+    with ``cfg.overwrite`` every fold trains anew. With ``cfg.resume`` and ``given`` (the flags given again)
+    the flags not given are the run's own (``continued_folds_config``).
+
+    Raises:
+        CheckpointError: a finished fold was trained with other settings than ``cfg``; ``--resume`` of a folder
+            with no started fold.
     """
     from .predict import resolve_device
     from .train import LAST_FILE, MODEL_FILE, pin_patients_csv, run_training
 
     out = Path(root or cfg.output_dir)
-    folds = list(range(cfg.cv_folds)) if only is None else only
-    cfg = pin_patients_csv(cfg)  # as each fold's run pins it: a finished fold is checked on it
-    widths = tuple(w for w in (cfg.width, cfg.fallback_width) if w)
     # under torchrun one process group serves every fold: a group left and joined again between folds hung the
     # ranks in the next fold's first collective (seen in the test suite); rank 0 decides what each fold needs.
     # It is left after the last fold, before rank 0 alone scores them (the others are done then).
     with joined_world(resolve_device(cfg.device).type) as world:
+        if cfg.resume and given is not None:  # rank 0 reads the recipe; every rank trains it
+            cfg = from_main(lambda: continued_folds_config(out, cfg, given), world)
+        asked = cfg
+        folds = list(range(cfg.cv_folds)) if only is None else only
+        cfg = pin_patients_csv(cfg)  # as each fold's run pins it: a finished fold is checked on it
+        widths = tuple(w for w in (cfg.width, cfg.fallback_width) if w)
         for fold in folds:
             run_dir = fold_dir(out, fold)
 
@@ -119,7 +151,7 @@ def train_folds(cfg: TrainConfig, only: list[int] | None = None, root: Path | No
                     log.info("the other folds train at width %s too, the width fold %d trained at", trained["width"],
                              fold)
                 cfg = dataclasses.replace(cfg, width=trained["width"], fallback_width=0.0)
-    return [fold_dir(out, f) / MODEL_FILE for f in folds]
+    return [fold_dir(out, f) / MODEL_FILE for f in folds], asked
 
 
 # What a finished fold must share with this run to be reused: its data, patients, network, input and recipe
@@ -334,14 +366,15 @@ def claim_folder(out: Path, overwrite: bool) -> None:
             (out / name).unlink(missing_ok=True)
 
 
-def run_cv(cfg: TrainConfig) -> dict:
-    """Train all folds, write the out-of-fold report and, with ``cv_holdout``, the ensemble model."""
+def run_cv(cfg: TrainConfig, given: Collection[str] | None = None) -> dict:
+    """Train all folds, write the out-of-fold report and, with ``cv_holdout``, the ensemble model; with
+    ``cfg.resume``, the flags not in ``given`` are the run's own (``train_folds``)."""
     from .ensemble import write_ensemble
     from .train import MODEL_FILE
 
     out = Path(cfg.output_dir)
     claim_folder(out, cfg.overwrite)
-    paths = train_folds(cfg)
+    paths, cfg = train_folds(cfg, given=given)
     if not env_world().is_main:  # under torchrun the folds trained together; rank 0 alone scores and writes
         return {"config": cfg.to_dict(), "folds": [str(p) for p in paths]}
     oof, ckpts, _ = collect_oof(paths, cfg.data_dir, cfg.cache_dir)

@@ -395,6 +395,9 @@ def read_last_checkpoint(out: Path, cfg: TrainConfig,
     """
     last_path = out / LAST_FILE
     if not last_path.exists():
+        if (out / "fold0").is_dir():  # cv.fold_dir: a k-fold run's folder
+            raise CheckpointError(f"--resume: {out} holds a k-fold run (fold0/ ...): give --cv_folds K with --resume "
+                                  f"(K: its number of folds)")
         raise CheckpointError(f"--resume: no {LAST_FILE} in {out}; start without --resume")
     state = load_checkpoint(last_path)
     if given is not None:
